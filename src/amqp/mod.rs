@@ -1,0 +1,59 @@
+//! The AMQP transport: connection, topology, confirmed publishing, and the consumer loop that
+//! turns pipeline outcomes into acks, dead-letters and returns.
+
+pub mod consumer;
+pub mod publisher;
+pub mod results;
+pub mod topology;
+
+use std::time::Duration;
+
+use lapin::types::{AMQPValue, FieldTable, LongString};
+use lapin::{Connection, ConnectionProperties};
+use secrecy::ExposeSecret;
+
+use crate::config::Settings;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AmqpError {
+    #[error("could not connect to the broker at {url}: {source}")]
+    Connect {
+        url: String,
+        #[source]
+        source: lapin::Error,
+    },
+    #[error("timed out after {0:?} connecting to the broker at {1}")]
+    ConnectTimeout(Duration, String),
+    #[error("broker: {0}")]
+    Protocol(#[from] lapin::Error),
+    #[error("the broker did not accept the publish to {target}: {reason}")]
+    NotConfirmed { target: String, reason: String },
+}
+
+/// Opens a connection, naming it in the management UI.
+pub async fn connect(settings: &Settings, role: &str) -> Result<Connection, AmqpError> {
+    crate::install_crypto_provider();
+    let url = settings.amqp.url.expose_secret();
+    let redacted = settings.amqp_url_redacted();
+    let name = format!("{} {role} pid={}", settings.amqp.connection_name, std::process::id());
+    let properties = ConnectionProperties::default().with_connection_name(LongString::from(name));
+    let timeout = Duration::from_secs(settings.amqp.connect_timeout_secs);
+    match tokio::time::timeout(timeout, Connection::connect(url, properties)).await {
+        Ok(Ok(connection)) => Ok(connection),
+        Ok(Err(source)) => Err(AmqpError::Connect { url: redacted, source }),
+        Err(_) => Err(AmqpError::ConnectTimeout(timeout, redacted)),
+    }
+}
+
+/// Builds an argument table from `(name, value)` pairs.
+pub(crate) fn table(entries: impl IntoIterator<Item = (&'static str, AMQPValue)>) -> FieldTable {
+    let mut t = FieldTable::default();
+    for (k, v) in entries {
+        t.insert(k.into(), v);
+    }
+    t
+}
+
+pub(crate) fn string(s: &str) -> AMQPValue {
+    AMQPValue::LongString(LongString::from(s))
+}

@@ -1,0 +1,108 @@
+//! Declares the broker topology: create what is missing, accept what exists.
+//!
+//! Queue arguments are fixed when a queue is created, and declaring an existing queue with other
+//! arguments fails (406 PRECONDITION_FAILED) and closes the channel. So each entity is first
+//! declared *passively* (does it exist?) and only created, with its arguments, when it does not.
+//! An existing queue is accepted as it is: arguments that operators may tune later (length limits,
+//! TTLs, delivery limits) belong in policies, which apply to existing queues.
+//!
+//! - jobs: durable quorum queue, dead-lettering at-least-once to the dead-letter queue
+//!   (`x-dead-letter-strategy=at-least-once` needs `x-overflow=reject-publish`; RabbitMQ >= 3.10);
+//! - dead-letter queue: durable quorum queue;
+//! - results: durable topic exchange, and a durable quorum queue bound with `#` so that events are
+//!   kept even when nobody listens.
+
+use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{Connection, ExchangeKind};
+use tracing::{debug, info};
+
+use super::{AmqpError, string, table};
+use crate::config::Settings;
+
+fn quorum() -> (&'static str, AMQPValue) {
+    ("x-queue-type", string("quorum"))
+}
+
+/// Arguments of the jobs queue at creation.
+pub fn jobs_queue_arguments(settings: &Settings) -> FieldTable {
+    table([
+        quorum(),
+        ("x-dead-letter-exchange", string("")),
+        ("x-dead-letter-routing-key", string(&settings.amqp.dead_letter_queue)),
+        ("x-dead-letter-strategy", string("at-least-once")),
+        ("x-overflow", string("reject-publish")),
+    ])
+}
+
+/// Declares everything the worker needs (when `amqp.declare_topology` is on).
+pub async fn declare(connection: &Connection, settings: &Settings) -> Result<(), AmqpError> {
+    let a = &settings.amqp;
+    ensure_queue(connection, &a.dead_letter_queue, table([quorum()])).await?;
+    ensure_queue(connection, &a.jobs_queue, jobs_queue_arguments(settings)).await?;
+    ensure_exchange(connection, &a.results_exchange).await?;
+    if !a.results_queue.is_empty() {
+        ensure_queue(connection, &a.results_queue, table([quorum()])).await?;
+        let channel = connection.create_channel().await?;
+        channel
+            .queue_bind(
+                a.results_queue.as_str().into(),
+                a.results_exchange.as_str().into(),
+                "#".into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        let _ = channel.close(200, "topology declared".into()).await;
+    }
+    Ok(())
+}
+
+/// Creates a durable queue with `arguments` unless it exists (then it is accepted as it is).
+pub async fn ensure_queue(connection: &Connection, name: &str, arguments: FieldTable) -> Result<(), AmqpError> {
+    // A failed passive declare closes its channel: use a throwaway one.
+    let probe = connection.create_channel().await?;
+    let passive = QueueDeclareOptions {
+        passive: true,
+        ..QueueDeclareOptions::default()
+    };
+    if probe.queue_declare(name.into(), passive, FieldTable::default()).await.is_ok() {
+        debug!(queue = name, "queue exists; accepted as it is");
+        let _ = probe.close(200, "ok".into()).await;
+        return Ok(());
+    }
+    let channel = connection.create_channel().await?;
+    channel
+        .queue_declare(name.into(), QueueDeclareOptions::durable(), arguments)
+        .await?;
+    info!(queue = name, "queue created");
+    let _ = channel.close(200, "ok".into()).await;
+    Ok(())
+}
+
+async fn ensure_exchange(connection: &Connection, name: &str) -> Result<(), AmqpError> {
+    let probe = connection.create_channel().await?;
+    let passive = ExchangeDeclareOptions {
+        passive: true,
+        ..ExchangeDeclareOptions::default()
+    };
+    if probe
+        .exchange_declare(name.into(), ExchangeKind::Topic, passive, FieldTable::default())
+        .await
+        .is_ok()
+    {
+        let _ = probe.close(200, "ok".into()).await;
+        return Ok(());
+    }
+    let channel = connection.create_channel().await?;
+    let options = ExchangeDeclareOptions {
+        durable: true,
+        ..ExchangeDeclareOptions::default()
+    };
+    channel
+        .exchange_declare(name.into(), ExchangeKind::Topic, options, FieldTable::default())
+        .await?;
+    info!(exchange = name, "exchange created");
+    let _ = channel.close(200, "ok".into()).await;
+    Ok(())
+}

@@ -1,0 +1,300 @@
+//! The command line. `main.rs` only calls [`main`].
+//!
+//! Exit codes: 0 success; 1 error (configuration, broker, storage); 2 usage error; 3 the command
+//! ran but some jobs or input lines failed.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info};
+
+use crate::amqp::results::ResultListener;
+use crate::amqp::{connect, consumer::Worker, topology};
+use crate::config::{Settings, Sources};
+use crate::enqueue::{self, InputFormat};
+use crate::event::Status;
+use crate::job::JobRules;
+
+#[derive(Parser, Debug)]
+#[command(name = "imagegen", version, about = "Turns queued text prompts into stored images.")]
+pub struct Cli {
+    /// An extra configuration file, layered over config/default.toml and config/$APP_ENV.toml.
+    #[arg(long, global = true, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Consume jobs and process them until SIGTERM/SIGINT.
+    #[command(after_help = "Example:\n  OPENAI_API_KEY=sk-... IMAGEGEN__PROVIDER__KIND=openai imagegen worker")]
+    Worker,
+    /// Publish jobs from a JSONL file (one job a line) or a text file (one prompt a line).
+    #[command(after_help = "Examples:\n  imagegen enqueue prompts.txt --batch posters\n  imagegen enqueue jobs.jsonl --dry-run")]
+    Enqueue {
+        file: PathBuf,
+        /// Batch name for jobs that do not name one (also part of their derived ids).
+        #[arg(long)]
+        batch: Option<String>,
+        #[arg(long, value_enum, default_value = "auto")]
+        format: InputFormat,
+        /// Print the jobs and their count without publishing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Process a file end to end in this process: start a worker, enqueue, wait for every
+    /// result event, print a summary, stop.
+    #[command(after_help = "Example (what `make run` does):\n  APP_ENV=local imagegen run examples/prompts.txt")]
+    Run {
+        file: PathBuf,
+        /// Batch name (default: the file's name without extension).
+        #[arg(long)]
+        batch: Option<String>,
+        #[arg(long, value_enum, default_value = "auto")]
+        format: InputFormat,
+        /// Give up waiting for results after this many seconds.
+        #[arg(long, default_value_t = 600)]
+        timeout: u64,
+    },
+    /// Serve the fake OpenAI Images API (for tests, benchmarks and demos; no real images).
+    FakeApi {
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: String,
+        /// Latency added to every answer, in milliseconds.
+        #[arg(long, default_value_t = 0)]
+        latency_ms: u64,
+        /// Approximate size of each generated image, in bytes.
+        #[arg(long, default_value_t = 2048)]
+        image_bytes: usize,
+    },
+}
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: could not start the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            error!("{e:#}");
+            eprintln!("error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn load_settings(cli_config: &Option<PathBuf>) -> anyhow::Result<Settings> {
+    let settings = Settings::load(&Sources::from_env(cli_config.clone()))?;
+    crate::telemetry::init(&settings.log);
+    Ok(settings)
+}
+
+async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Worker => {
+            let settings = load_settings(&cli.config)?;
+            let shutdown = CancellationToken::new();
+            tokio::spawn(cancel_on_signal(shutdown.clone()));
+            Worker::from_settings(settings).await?.run(shutdown).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Enqueue {
+            file,
+            batch,
+            format,
+            dry_run,
+        } => {
+            let settings = load_settings(&cli.config)?;
+            let prepared = read_jobs(&settings, &file, batch.as_deref(), format)?;
+            if dry_run {
+                for job in &prepared.jobs {
+                    println!("{}", serde_json::to_string(&job.body)?);
+                }
+                eprintln!("{} jobs would be published; {} invalid lines", prepared.jobs.len(), prepared.errors.len());
+            } else {
+                let published = enqueue::publish(&settings, &prepared.jobs, |_| {}).await?;
+                eprintln!(
+                    "published {published} jobs to {} with confirms; {} invalid lines not published",
+                    settings.amqp.jobs_queue,
+                    prepared.errors.len()
+                );
+            }
+            Ok(if prepared.errors.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(3) })
+        }
+        Command::Run {
+            file,
+            batch,
+            format,
+            timeout,
+        } => {
+            let settings = load_settings(&cli.config)?;
+            let batch = batch.or_else(|| file.file_stem().map(|s| s.to_string_lossy().into_owned()));
+            run_file(settings, &file, batch.as_deref(), format, Duration::from_secs(timeout)).await
+        }
+        Command::FakeApi {
+            listen,
+            latency_ms,
+            image_bytes,
+        } => {
+            crate::telemetry::init(&crate::config::LogSettings {
+                format: crate::config::LogFormat::Auto,
+                level: "info".into(),
+            });
+            let api = crate::fake_api::FakeApi::new(crate::fake_api::FakeOptions {
+                latency: Duration::from_millis(latency_ms),
+                image_bytes,
+                ..Default::default()
+            });
+            let listener = tokio::net::TcpListener::bind(&listen)
+                .await
+                .with_context(|| format!("cannot listen on {listen}"))?;
+            info!(address = %listener.local_addr()?, "fake image API listening; base URL http://{listen}/v1");
+            let shutdown = CancellationToken::new();
+            tokio::spawn(cancel_on_signal(shutdown.clone()));
+            tokio::select! {
+                served = crate::fake_api::serve(listener, api) => served?,
+                _ = shutdown.cancelled() => {}
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn read_jobs(
+    settings: &Settings,
+    file: &std::path::Path,
+    batch: Option<&str>,
+    format: InputFormat,
+) -> anyhow::Result<enqueue::Prepared> {
+    if let Some(b) = batch
+        && !crate::job::is_valid_name(b)
+    {
+        anyhow::bail!("--batch {b:?} must be 1-128 characters of [A-Za-z0-9._-]");
+    }
+    let text = std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?;
+    let format = match format {
+        InputFormat::Auto => enqueue::detect_format(file, &text),
+        f => f,
+    };
+    let prepared = enqueue::prepare(&text, format, batch, &JobRules::from_settings(settings));
+    for e in &prepared.errors {
+        eprintln!("{}:{}: {}", file.display(), e.line, e.message);
+    }
+    Ok(prepared)
+}
+
+/// `imagegen run`: a worker in this process, the file's jobs, every result event, a summary.
+async fn run_file(
+    settings: Settings,
+    file: &std::path::Path,
+    batch: Option<&str>,
+    format: InputFormat,
+    timeout: Duration,
+) -> anyhow::Result<ExitCode> {
+    let prepared = read_jobs(&settings, file, batch, format)?;
+    if prepared.jobs.is_empty() {
+        anyhow::bail!("{} has no valid job", file.display());
+    }
+    let started = Instant::now();
+    let connection = connect(&settings, "run").await?;
+    if settings.amqp.declare_topology {
+        topology::declare(&connection, &settings).await?;
+    }
+    // Listen before enqueueing, so that no event is missed.
+    let mut listener = ResultListener::open(&connection, &settings.amqp.results_exchange, "#").await?;
+    let worker = Worker::from_settings(settings.clone()).await?;
+    let stop = CancellationToken::new();
+    let worker_task = tokio::spawn(worker.run(stop.clone()));
+    enqueue::publish(&settings, &prepared.jobs, |_| {}).await?;
+    eprintln!("enqueued {} jobs; waiting for their results", prepared.jobs.len());
+
+    let mut pending: BTreeMap<&str, usize> = prepared.jobs.iter().map(|j| (j.id.as_str(), j.line)).collect();
+    let mut succeeded = Vec::new();
+    let mut failed = Vec::new();
+    let deadline = Instant::now() + timeout;
+    while !pending.is_empty() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let Some(event) = listener.next(left.min(Duration::from_secs(5))).await? else {
+            if Instant::now() >= deadline || worker_task.is_finished() {
+                break;
+            }
+            continue;
+        };
+        if pending.remove(event.data.job_id.as_str()).is_none() {
+            continue;
+        }
+        match event.data.status {
+            Status::Succeeded => succeeded.push(event),
+            Status::Failed => failed.push(event),
+        }
+    }
+    listener.close().await;
+    let _ = connection.close(200, "done".into()).await;
+    stop.cancel();
+    match worker_task.await {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => eprintln!("worker: {e:#}"),
+        Err(e) => eprintln!("worker task: {e}"),
+    }
+
+    let images: usize = succeeded.iter().map(|e| e.data.images.len()).sum();
+    println!(
+        "{} jobs in {:.1} s: {} succeeded ({} images), {} failed, {} without a result",
+        prepared.jobs.len(),
+        started.elapsed().as_secs_f64(),
+        succeeded.len(),
+        images,
+        failed.len(),
+        pending.len()
+    );
+    if let Some(first) = succeeded.first().and_then(|e| e.data.images.first()) {
+        let dir = first.uri.rsplit_once('/').map(|(d, _)| d).unwrap_or(&first.uri);
+        let dir = dir.rsplit_once('/').map(|(d, _)| d).unwrap_or(dir);
+        println!("images: {dir}/");
+    }
+    for event in &failed {
+        if let Some(error) = &event.data.error {
+            println!("failed {}: {} ({})", event.data.job_id, error.kind, error.message);
+        }
+    }
+    for (id, line) in &pending {
+        println!("no result for {id} (line {line})");
+    }
+    let ok = failed.is_empty() && pending.is_empty() && prepared.errors.is_empty();
+    Ok(if ok { ExitCode::SUCCESS } else { ExitCode::from(3) })
+}
+
+/// Cancels `token` on SIGTERM or SIGINT.
+pub async fn cancel_on_signal(token: CancellationToken) {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(_) => {
+                let _ = ctrl_c.await;
+                token.cancel();
+                return;
+            }
+        };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+    info!("stop requested");
+    token.cancel();
+}

@@ -1,0 +1,40 @@
+//! imagegen turns queued text prompts into stored images.
+//!
+//! Workers consume prompt jobs from RabbitMQ, call an image generation API with bounded
+//! concurrency and retries, upload the images to S3-compatible storage (or a directory), and
+//! publish one CloudEvents completion event per job to a results exchange.
+//!
+//! # Layout
+//! - [`config`]: typed settings, layered from `config/*.toml` and the environment, validated at start-up.
+//! - [`job`]: the job message contract: parsing, validation, deterministic ids.
+//! - [`event`]: the result event (CloudEvents 1.0) and the result record stored next to the images.
+//! - [`error`]: the one error taxonomy (permanent / retryable / stop everything) and its classifier.
+//! - [`retry`]: backoff with full jitter that honours server-given delays.
+//! - [`provider`]: image providers (`openai`, `placeholder`) behind the [`provider::ImageProvider`] trait.
+//! - [`storage`]: object stores (`s3`, `fs`) behind the [`storage::ObjectStore`] trait.
+//! - [`pipeline`]: processing of one job, knowing nothing of AMQP.
+//! - [`amqp`]: the transport: topology, the consumer loop that turns outcomes into acks, confirmed publishing.
+//! - [`enqueue`]: reading job files and publishing them with confirms.
+//! - [`fake_api`]: an in-process fake of the OpenAI Images API for tests, benchmarks and demos.
+//! - [`telemetry`]: logging set-up.
+//! - [`cli`]: the command line (the binary's `main` only calls [`cli::main`]).
+
+pub mod amqp;
+pub mod cli;
+pub mod config;
+pub mod enqueue;
+pub mod error;
+pub mod event;
+pub mod fake_api;
+pub mod job;
+pub mod pipeline;
+pub mod provider;
+pub mod retry;
+pub mod storage;
+pub mod telemetry;
+
+/// Makes ring the process's TLS crypto provider (reqwest, lapin and the S3 client all use rustls
+/// with ring; this avoids building a second crypto library). Idempotent.
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}

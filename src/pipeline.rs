@@ -1,0 +1,525 @@
+//! Processing of one job, from message body to result event. Knows nothing of AMQP: the
+//! consumer turns the [`Outcome`] into ack, dead-letter or return.
+//!
+//! validate -> result record already stored? (then its event again, no provider call) ->
+//! images already stored are reused -> call the provider for the missing ones (bounded
+//! concurrency, retries) -> upload each image -> store the result record -> event.
+
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use bytes::Bytes;
+use futures_util::future::BoxFuture;
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use crate::config::Settings;
+use crate::error::{ErrorKind, Failure, StopReason};
+use crate::event::{CloudEvent, EventError, ResultData, Status, StoredImage};
+use crate::job::{Job, JobRules};
+use crate::provider::{Generation, ImageProvider, ImageRequest, Journal};
+use crate::retry::RetryPolicy;
+use crate::storage::{META_JOB_ID, META_SHA256, ObjectStore, PutObject};
+
+/// Name of the result record, next to the job's images.
+pub const RECORD_NAME: &str = "result.json";
+
+/// A message as the pipeline sees it.
+#[derive(Debug, Clone, Copy)]
+pub struct Delivery<'a> {
+    pub body: &'a [u8],
+    /// The AMQP `message_id`, the job id when the body has none.
+    pub message_id: Option<&'a str>,
+}
+
+/// What to do with the message after processing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Settle {
+    Ack,
+    DeadLetter,
+}
+
+#[derive(Debug)]
+pub enum Outcome {
+    /// Publish the event (with confirm), then settle the message.
+    Finished { event: Box<CloudEvent>, settle: Settle },
+    /// Give the message back untouched: not a failed attempt.
+    Return { reason: ReturnReason },
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum ReturnReason {
+    /// The provider says nothing will work until an operator acts.
+    Stop { reason: StopReason, message: String },
+    /// The worker is stopping or pausing and the job had not reached the provider.
+    Halted,
+}
+
+pub struct Pipeline {
+    provider: Arc<dyn ImageProvider>,
+    store: Arc<dyn ObjectStore>,
+    rules: JobRules,
+    retry: RetryPolicy,
+    /// Bounds provider calls in flight (`worker.concurrency`).
+    slots: Arc<Semaphore>,
+    prefix: String,
+    source: String,
+}
+
+impl Pipeline {
+    pub fn new(settings: &Settings, provider: Arc<dyn ImageProvider>, store: Arc<dyn ObjectStore>) -> Self {
+        Self {
+            provider,
+            store,
+            rules: JobRules::from_settings(settings),
+            retry: RetryPolicy::from_settings(&settings.retry),
+            slots: Arc::new(Semaphore::new(settings.worker.concurrency)),
+            prefix: settings.storage.prefix.clone(),
+            source: settings.events.source.clone(),
+        }
+    }
+
+    pub fn store(&self) -> &Arc<dyn ObjectStore> {
+        &self.store
+    }
+
+    /// The key directory of a job's objects, prefix included.
+    pub fn job_dir(&self, job: &Job) -> String {
+        format!("{}{}", self.prefix, job.key_dir())
+    }
+
+    /// Processes one message. `halt` is cancelled when the worker stops taking jobs: a job that
+    /// has not reached the provider by then is returned untouched.
+    pub async fn process(&self, delivery: Delivery<'_>, halt: &CancellationToken) -> Outcome {
+        let started = Instant::now();
+        let job = match Job::parse(delivery.body, delivery.message_id, &self.rules) {
+            Ok(job) => job,
+            Err(invalid) => {
+                warn!(job_id = %invalid.job_id, error = %invalid.message, "invalid job");
+                let data = ResultData {
+                    error: Some(EventError::from_failure(ErrorKind::InvalidJob, &invalid.failure())),
+                    metadata: invalid.metadata.clone(),
+                    ..self.data(&invalid.job_id, invalid.batch.clone(), Status::Failed, started)
+                };
+                return self.finished(data, Settle::DeadLetter);
+            }
+        };
+        let span = info_span!("job", job_id = %job.id, batch = job.batch.as_deref().unwrap_or("_"));
+        self.process_job(&job, started, halt).instrument(span).await
+    }
+
+    async fn process_job(&self, job: &Job, started: Instant, halt: &CancellationToken) -> Outcome {
+        let dir = self.job_dir(job);
+        let record_key = format!("{dir}/{RECORD_NAME}");
+        match self.stored_event(&record_key).await {
+            Ok(Some(event)) => {
+                info!("result already stored: publishing it again without a provider call");
+                return Outcome::Finished {
+                    event: Box::new(event),
+                    settle: Settle::Ack,
+                };
+            }
+            Ok(None) => {}
+            Err(failure) => return self.failed(job, failure, Vec::new(), 0, started),
+        }
+        let mut work = Work::default();
+        match self.reuse_stored_images(job, &dir).await {
+            Ok(images) => work.images = images,
+            Err(failure) => return self.failed(job, failure, Vec::new(), 0, started),
+        }
+        if !work.images.is_empty() {
+            info!(reused = work.images.len(), of = job.n, "reusing images already stored");
+        }
+        let work = Mutex::new(work);
+        let journal = StoreJournal {
+            store: &*self.store,
+            dir: &dir,
+        };
+        let outcome = self
+            .retry
+            .run(
+                || self.generate_missing(job, &dir, &work, &journal, halt),
+                |failure, wait| {
+                    let billed = matches!(failure, Failure::Retryable { possibly_billed: true, .. });
+                    warn!(error = %failure, possibly_billed = billed, wait_ms = wait.as_millis() as u64,
+                        request_id = failure.detail().request_id.as_deref().unwrap_or(""), "retrying");
+                },
+            )
+            .await;
+        let mut work = work.into_inner().unwrap_or_else(|e| e.into_inner());
+        work.images.sort_by_key(|i| i.index);
+        match outcome.result {
+            Ok(()) => {}
+            Err(Failure::Stop { reason, message, .. }) => {
+                return Outcome::Return {
+                    reason: ReturnReason::Stop { reason, message },
+                };
+            }
+            Err(_) if work.halted => {
+                debug!("returned untouched: the worker stopped taking jobs before the provider call");
+                return Outcome::Return {
+                    reason: ReturnReason::Halted,
+                };
+            }
+            Err(failure) => {
+                let calls = work.calls;
+                return self.failed(job, failure, work.images, calls, started);
+            }
+        }
+        let mut data = ResultData {
+            images: work.images,
+            attempts: work.calls,
+            model: Some(job.model.clone()),
+            revised_prompt: work.revised_prompt,
+            usage: work.usage,
+            provider_request_id: work.request_id,
+            metadata: job.metadata.clone(),
+            ..self.data(&job.id, job.batch.clone(), Status::Succeeded, started)
+        };
+        if let Some(model) = work.model {
+            data.model = Some(model);
+        }
+        let event = CloudEvent::new(&self.source, data);
+        let record = match serde_json::to_vec(&event) {
+            Ok(r) => Bytes::from(r),
+            Err(e) => return self.failed(job, Failure::transient(e.to_string()), event.data.images, work.calls, started),
+        };
+        let put = self
+            .retry
+            .run(
+                || async {
+                    self.store
+                        .put(PutObject {
+                            key: &record_key,
+                            data: record.clone(),
+                            content_type: "application/json",
+                            metadata: &[(META_JOB_ID, job.id.clone())],
+                        })
+                        .await
+                        .map_err(Failure::from)
+                },
+                |failure, _| warn!(error = %failure, "retrying the result record upload"),
+            )
+            .await;
+        if let Err(failure) = put.result {
+            return self.failed(job, failure, event.data.images, event.data.attempts, started);
+        }
+        info!(images = event.data.images.len(), calls = event.data.attempts, "job succeeded");
+        Outcome::Finished {
+            event: Box::new(event),
+            settle: Settle::Ack,
+        }
+    }
+
+    /// One attempt: asks the provider for the images still missing and uploads what it returns.
+    /// Returns a retryable failure while images are missing.
+    fn generate_missing<'a>(
+        &'a self,
+        job: &'a Job,
+        dir: &'a str,
+        work: &'a Mutex<Work>,
+        journal: &'a StoreJournal<'a>,
+        halt: &'a CancellationToken,
+    ) -> BoxFuture<'a, Result<(), Failure>> {
+        Box::pin(async move {
+            let missing: Vec<u32> = {
+                let w = lock(work);
+                (0..job.n as u32).filter(|i| !w.images.iter().any(|s| s.index == *i)).collect()
+            };
+            if missing.is_empty() {
+                return Ok(());
+            }
+            let permit = tokio::select! {
+                permit = self.slots.acquire() => permit.map_err(|_| Failure::transient("provider slots closed"))?,
+                _ = halt.cancelled() => {
+                    // Not a failure: the worker stops taking jobs. Ends the retry loop.
+                    lock(work).halted = true;
+                    return Err(Failure::invalid_job("halted"));
+                }
+            };
+            if halt.is_cancelled() {
+                lock(work).halted = true;
+                return Err(Failure::invalid_job("halted"));
+            }
+            lock(work).calls += 1;
+            let call_started = Instant::now();
+            let generation = self
+                .provider
+                .generate(ImageRequest { job, indices: &missing }, journal)
+                .await;
+            drop(permit);
+            let generation: Generation = generation?;
+            info!(
+                provider = self.provider.name(),
+                images = generation.images.len(),
+                latency_ms = call_started.elapsed().as_millis() as u64,
+                request_id = generation.request_id.as_deref().unwrap_or(""),
+                "provider returned"
+            );
+            {
+                let mut w = lock(work);
+                w.usage = merge_usage(w.usage.take(), generation.usage.clone());
+                if generation.request_id.is_some() {
+                    w.request_id.clone_from(&generation.request_id);
+                }
+                if w.revised_prompt.is_none() {
+                    w.revised_prompt = generation.images.iter().find_map(|i| i.revised_prompt.clone());
+                }
+                if w.model.is_none() {
+                    w.model.clone_from(&generation.model);
+                }
+            }
+            let returned = generation.images.len();
+            for (index, image) in missing.iter().copied().zip(generation.images) {
+                let key = format!("{dir}/{index}.{}", image.extension);
+                let sha256 = hex::encode(Sha256::digest(&image.data));
+                let bytes = image.data.len() as u64;
+                let metadata = [(META_JOB_ID, job.id.clone()), (META_SHA256, sha256.clone())];
+                let upload = self
+                    .retry
+                    .run(
+                        || async {
+                            self.store
+                                .put(PutObject {
+                                    key: &key,
+                                    data: image.data.clone(),
+                                    content_type: image.content_type,
+                                    metadata: &metadata,
+                                })
+                                .await
+                                .map_err(Failure::from)
+                        },
+                        |e, _| warn!(error = %e, key = %key, "retrying upload"),
+                    )
+                    .await;
+                if let Err(e) = upload.result {
+                    // A generated image could not be stored: stop here rather than buy it again.
+                    return Err(Failure::Permanent {
+                        kind: ErrorKind::RetriesExhausted,
+                        message: format!("storage: {e}"),
+                        detail: Default::default(),
+                    });
+                }
+                lock(work).images.push(StoredImage {
+                    index,
+                    bucket: self.store.location().to_string(),
+                    uri: self.store.uri(&key),
+                    key,
+                    content_type: image.content_type.to_string(),
+                    bytes,
+                    sha256,
+                });
+            }
+            if returned < missing.len() {
+                return Err(Failure::transient(format!(
+                    "the provider returned {returned} of {} images",
+                    missing.len()
+                )));
+            }
+            Ok(())
+        })
+    }
+
+    async fn stored_event(&self, record_key: &str) -> Result<Option<CloudEvent>, Failure> {
+        let get = self
+            .retry
+            .run(
+                || async { self.store.get(record_key).await.map_err(Failure::from) },
+                |e, _| warn!(error = %e, "retrying the result record lookup"),
+            )
+            .await;
+        let Some(bytes) = get.result? else {
+            return Ok(None);
+        };
+        match serde_json::from_slice::<CloudEvent>(&bytes) {
+            Ok(event) => Ok(Some(event)),
+            Err(e) => {
+                warn!(error = %e, key = record_key, "stored result record is unreadable; processing the job again");
+                Ok(None)
+            }
+        }
+    }
+
+    /// Images of this job that an earlier delivery already stored.
+    async fn reuse_stored_images(&self, job: &Job, dir: &str) -> Result<Vec<StoredImage>, Failure> {
+        let listed = self
+            .retry
+            .run(
+                || async { self.store.list(&format!("{dir}/")).await.map_err(Failure::from) },
+                |e, _| warn!(error = %e, "retrying the image listing"),
+            )
+            .await
+            .result?;
+        let mut images: Vec<StoredImage> = Vec::new();
+        for key in listed {
+            let Some(name) = key.strip_prefix(dir).and_then(|k| k.strip_prefix('/')) else {
+                continue;
+            };
+            let Some((index, ext)) = name.split_once('.') else { continue };
+            let Ok(index) = index.parse::<u32>() else { continue };
+            if index >= job.n as u32 || images.iter().any(|i| i.index == index) {
+                continue;
+            }
+            let Some(info) = self.store.head(&key).await.map_err(Failure::from)? else {
+                continue;
+            };
+            let (sha256, content_type) = match info.sha256 {
+                Some(sha) => (sha, info.content_type),
+                None => {
+                    let Some(data) = self.store.get(&key).await.map_err(Failure::from)? else {
+                        continue;
+                    };
+                    (hex::encode(Sha256::digest(&data)), None)
+                }
+            };
+            let content_type = content_type.unwrap_or_else(|| crate::provider::sniff(&[], ext).0.to_string());
+            images.push(StoredImage {
+                index,
+                bucket: self.store.location().to_string(),
+                uri: self.store.uri(&key),
+                key,
+                content_type,
+                bytes: info.size,
+                sha256,
+            });
+        }
+        Ok(images)
+    }
+
+    fn data(&self, job_id: &str, batch: Option<String>, status: Status, started: Instant) -> ResultData {
+        ResultData {
+            schema_version: crate::event::EVENT_SCHEMA_VERSION,
+            job_id: job_id.to_string(),
+            batch,
+            status,
+            images: Vec::new(),
+            error: None,
+            attempts: 0,
+            model: None,
+            revised_prompt: None,
+            usage: None,
+            cost_usd: None,
+            duration_ms: started.elapsed().as_millis() as u64,
+            provider_request_id: None,
+            refusal: None,
+            metadata: Value::Null,
+        }
+    }
+
+    fn failed(&self, job: &Job, failure: Failure, images: Vec<StoredImage>, calls: u32, started: Instant) -> Outcome {
+        let kind = match &failure {
+            Failure::Permanent { kind, .. } => *kind,
+            _ => ErrorKind::RetriesExhausted,
+        };
+        warn!(error = %failure, kind = %kind, calls, "job failed");
+        let detail = failure.detail().clone();
+        let data = ResultData {
+            images,
+            error: Some(EventError::from_failure(kind, &failure)),
+            attempts: calls,
+            model: Some(job.model.clone()),
+            provider_request_id: detail.request_id,
+            refusal: detail.refusal,
+            metadata: job.metadata.clone(),
+            ..self.data(&job.id, job.batch.clone(), Status::Failed, started)
+        };
+        self.finished(data, Settle::DeadLetter)
+    }
+
+    fn finished(&self, data: ResultData, settle: Settle) -> Outcome {
+        Outcome::Finished {
+            event: Box::new(CloudEvent::new(&self.source, data)),
+            settle,
+        }
+    }
+}
+
+/// Progress of one job across attempts.
+#[derive(Default)]
+struct Work {
+    images: Vec<StoredImage>,
+    calls: u32,
+    usage: Option<Value>,
+    request_id: Option<String>,
+    revised_prompt: Option<String>,
+    model: Option<String>,
+    /// The worker stopped taking jobs before this job's next provider call.
+    halted: bool,
+}
+
+fn lock(work: &Mutex<Work>) -> std::sync::MutexGuard<'_, Work> {
+    work.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Sums the numbers of two usage objects, field by field (several calls made one job's images).
+fn merge_usage(a: Option<Value>, b: Option<Value>) -> Option<Value> {
+    match (a, b) {
+        (None, b) => b,
+        (a, None) => a,
+        (Some(Value::Object(mut a)), Some(Value::Object(b))) => {
+            for (k, v) in b {
+                let merged = merge_usage(a.remove(&k), Some(v));
+                if let Some(m) = merged {
+                    a.insert(k, m);
+                }
+            }
+            Some(Value::Object(a))
+        }
+        (Some(Value::Number(x)), Some(Value::Number(y))) => match (x.as_u64(), y.as_u64()) {
+            (Some(x), Some(y)) => Some(Value::from(x + y)),
+            _ => Some(Value::from(x.as_f64().unwrap_or(0.0) + y.as_f64().unwrap_or(0.0))),
+        },
+        (_, b) => b,
+    }
+}
+
+/// The job's journal: small objects under `{job dir}/journal/`.
+struct StoreJournal<'a> {
+    store: &'a dyn ObjectStore,
+    dir: &'a str,
+}
+
+impl Journal for StoreJournal<'_> {
+    fn get<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<Option<Bytes>, Failure>> {
+        Box::pin(async move {
+            let key = format!("{}/journal/{name}", self.dir);
+            self.store.get(&key).await.map_err(Failure::from)
+        })
+    }
+
+    fn put<'a>(&'a self, name: &'a str, value: Bytes) -> BoxFuture<'a, Result<(), Failure>> {
+        Box::pin(async move {
+            let key = format!("{}/journal/{name}", self.dir);
+            self.store
+                .put(PutObject {
+                    key: &key,
+                    data: value,
+                    content_type: "application/json",
+                    metadata: &[],
+                })
+                .await
+                .map_err(Failure::from)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn usage_of_several_calls_is_summed() {
+        let a = json!({"input_tokens": 10, "output_tokens": 1056, "input_tokens_details": {"text_tokens": 10}});
+        let b = json!({"input_tokens": 10, "output_tokens": 2112, "input_tokens_details": {"text_tokens": 10}, "total_tokens": 5});
+        let m = merge_usage(Some(a), Some(b)).unwrap();
+        assert_eq!(m["input_tokens"], 20);
+        assert_eq!(m["output_tokens"], 3168);
+        assert_eq!(m["input_tokens_details"]["text_tokens"], 20);
+        assert_eq!(m["total_tokens"], 5);
+        assert_eq!(merge_usage(None, None), None);
+    }
+}

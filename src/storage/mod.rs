@@ -1,0 +1,76 @@
+//! Object stores: where images and result records go.
+//!
+//! `s3` talks to AWS S3 or any S3-compatible store; `fs` writes to a local directory. Keys are
+//! full keys (the configured prefix included); the pipeline builds them.
+
+pub mod fs;
+pub mod s3;
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures_util::future::BoxFuture;
+
+use crate::config::{Settings, StorageKind};
+use crate::error::Failure;
+
+/// Object metadata key holding the job id.
+pub const META_JOB_ID: &str = "job-id";
+/// Object metadata key holding the hex SHA-256 of the object's bytes.
+pub const META_SHA256: &str = "sha256";
+
+#[derive(Debug, thiserror::Error)]
+#[error("storage {op} of `{key}` failed: {message}")]
+pub struct StorageError {
+    pub op: &'static str,
+    pub key: String,
+    pub message: String,
+}
+
+impl From<StorageError> for Failure {
+    fn from(e: StorageError) -> Self {
+        Failure::transient(e.to_string())
+    }
+}
+
+/// What a HEAD tells of an object.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ObjectInfo {
+    pub size: u64,
+    pub content_type: Option<String>,
+    /// From the object's metadata, when it was written by imagegen.
+    pub sha256: Option<String>,
+}
+
+/// An object to write.
+#[derive(Debug, Clone)]
+pub struct PutObject<'a> {
+    pub key: &'a str,
+    pub data: Bytes,
+    pub content_type: &'a str,
+    pub metadata: &'a [(&'static str, String)],
+}
+
+pub trait ObjectStore: Send + Sync {
+    /// Writes an object whole; readers never see a partial object.
+    fn put<'a>(&'a self, object: PutObject<'a>) -> BoxFuture<'a, Result<(), StorageError>>;
+    /// Reads an object; `None` when it does not exist.
+    fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<Bytes>, StorageError>>;
+    fn head<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<ObjectInfo>, StorageError>>;
+    /// Keys that start with `prefix` (at most 1000).
+    fn list<'a>(&'a self, prefix: &'a str) -> BoxFuture<'a, Result<Vec<String>, StorageError>>;
+    /// Checks that the store is reachable and writable enough to start (bucket exists, root exists).
+    fn check(&self) -> BoxFuture<'_, Result<(), StorageError>>;
+    /// The bucket, or for `fs` the root directory.
+    fn location(&self) -> &str;
+    /// A URI for an object: `s3://bucket/key` or `file:///root/key`.
+    fn uri(&self, key: &str) -> String;
+}
+
+/// Builds the configured store.
+pub async fn from_settings(settings: &Settings) -> anyhow::Result<Arc<dyn ObjectStore>> {
+    Ok(match settings.storage.kind {
+        StorageKind::S3 => Arc::new(s3::S3Store::new(&settings.storage).await?),
+        StorageKind::Fs => Arc::new(fs::FsStore::new(&settings.storage.root)?),
+    })
+}

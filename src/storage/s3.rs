@@ -1,0 +1,171 @@
+//! `s3` storage: AWS S3 and S3-compatible stores (Garage, MinIO, Ceph, R2) through aws-sdk-s3.
+//!
+//! Credentials and region come from the AWS SDK's own chain unless set in config. Checksums are
+//! only computed when an operation requires them (`WhenRequired`): many S3-compatible stores
+//! reject the streaming CRC32 trailers that the SDK sends by default since 1.69.
+
+use std::time::Duration;
+
+use aws_config::BehaviorVersion;
+use aws_sdk_s3::Client;
+use aws_sdk_s3::config::http::HttpResponse;
+use aws_sdk_s3::config::{Region, RequestChecksumCalculation, ResponseChecksumValidation, timeout::TimeoutConfig};
+use aws_sdk_s3::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use aws_sdk_s3::primitives::ByteStream;
+use aws_smithy_http_client::tls;
+use bytes::Bytes;
+use futures_util::future::BoxFuture;
+use secrecy::ExposeSecret;
+
+use super::{META_SHA256, ObjectInfo, ObjectStore, PutObject, StorageError};
+use crate::config::StorageSettings;
+
+pub struct S3Store {
+    client: Client,
+    bucket: String,
+}
+
+impl S3Store {
+    pub async fn new(settings: &StorageSettings) -> anyhow::Result<Self> {
+        crate::install_crypto_provider();
+        let http = aws_smithy_http_client::Builder::new()
+            .tls_provider(tls::Provider::Rustls(tls::rustls_provider::CryptoMode::Ring))
+            .build_https();
+        let mut loader = aws_config::defaults(BehaviorVersion::latest()).http_client(http);
+        if !settings.region.is_empty() {
+            loader = loader.region(Region::new(settings.region.clone()));
+        }
+        if !settings.endpoint_url.is_empty() {
+            loader = loader.endpoint_url(&settings.endpoint_url);
+        }
+        if !settings.access_key_id.is_empty() {
+            loader = loader.credentials_provider(aws_credential_types::Credentials::new(
+                settings.access_key_id.clone(),
+                settings.secret_access_key.expose_secret().to_string(),
+                None,
+                None,
+                "imagegen-config",
+            ));
+        }
+        let shared = loader.load().await;
+        let mut config = aws_sdk_s3::config::Builder::from(&shared)
+            .force_path_style(settings.force_path_style)
+            .request_checksum_calculation(RequestChecksumCalculation::WhenRequired)
+            .response_checksum_validation(ResponseChecksumValidation::WhenRequired)
+            .timeout_config(
+                TimeoutConfig::builder()
+                    .connect_timeout(Duration::from_secs(10))
+                    .operation_attempt_timeout(Duration::from_secs(settings.request_timeout_secs))
+                    .build(),
+            );
+        if shared.region().is_none() {
+            config = config.region(Region::new("us-east-1"));
+        }
+        Ok(Self {
+            client: Client::from_conf(config.build()),
+            bucket: settings.bucket.clone(),
+        })
+    }
+}
+
+fn error<E, R>(op: &'static str, key: &str, e: SdkError<E, R>) -> StorageError
+where
+    E: std::error::Error + Send + Sync + 'static,
+    R: std::fmt::Debug + Send + Sync + 'static,
+{
+    StorageError {
+        op,
+        key: key.into(),
+        message: DisplayErrorContext(e).to_string(),
+    }
+}
+
+fn is_not_found<E: ProvideErrorMetadata>(e: &SdkError<E, HttpResponse>) -> bool {
+    e.raw_response().is_some_and(|r| r.status().as_u16() == 404)
+        || matches!(e.code(), Some("NoSuchKey" | "NotFound"))
+}
+
+impl ObjectStore for S3Store {
+    fn put<'a>(&'a self, object: PutObject<'a>) -> BoxFuture<'a, Result<(), StorageError>> {
+        Box::pin(async move {
+            let mut request = self
+                .client
+                .put_object()
+                .bucket(&self.bucket)
+                .key(object.key)
+                .content_type(object.content_type)
+                .content_length(object.data.len() as i64)
+                .body(ByteStream::from(object.data));
+            for (k, v) in object.metadata {
+                request = request.metadata(*k, v);
+            }
+            request.send().await.map_err(|e| error("put", object.key, e))?;
+            Ok(())
+        })
+    }
+
+    fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<Bytes>, StorageError>> {
+        Box::pin(async move {
+            match self.client.get_object().bucket(&self.bucket).key(key).send().await {
+                Ok(out) => {
+                    let data = out.body.collect().await.map_err(|e| StorageError {
+                        op: "get",
+                        key: key.into(),
+                        message: e.to_string(),
+                    })?;
+                    Ok(Some(data.into_bytes()))
+                }
+                Err(e) if is_not_found(&e) => Ok(None),
+                Err(e) => Err(error("get", key, e)),
+            }
+        })
+    }
+
+    fn head<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<ObjectInfo>, StorageError>> {
+        Box::pin(async move {
+            match self.client.head_object().bucket(&self.bucket).key(key).send().await {
+                Ok(out) => Ok(Some(ObjectInfo {
+                    size: out.content_length().unwrap_or(0).max(0) as u64,
+                    content_type: out.content_type().map(str::to_string),
+                    sha256: out.metadata().and_then(|m| m.get(META_SHA256)).cloned(),
+                })),
+                Err(e) if is_not_found(&e) => Ok(None),
+                Err(e) => Err(error("head", key, e)),
+            }
+        })
+    }
+
+    fn list<'a>(&'a self, prefix: &'a str) -> BoxFuture<'a, Result<Vec<String>, StorageError>> {
+        Box::pin(async move {
+            let out = self
+                .client
+                .list_objects_v2()
+                .bucket(&self.bucket)
+                .prefix(prefix)
+                .send()
+                .await
+                .map_err(|e| error("list", prefix, e))?;
+            Ok(out.contents().iter().filter_map(|o| o.key().map(str::to_string)).collect())
+        })
+    }
+
+    fn check(&self) -> BoxFuture<'_, Result<(), StorageError>> {
+        Box::pin(async move {
+            self.client
+                .head_bucket()
+                .bucket(&self.bucket)
+                .send()
+                .await
+                .map_err(|e| error("check", &self.bucket, e))?;
+            Ok(())
+        })
+    }
+
+    fn location(&self) -> &str {
+        &self.bucket
+    }
+
+    fn uri(&self, key: &str) -> String {
+        format!("s3://{}/{key}", self.bucket)
+    }
+}
