@@ -21,7 +21,11 @@ use crate::event::Status;
 use crate::job::JobRules;
 
 #[derive(Parser, Debug)]
-#[command(name = "imagegen", version, about = "Turns queued text prompts into stored images.")]
+#[command(
+    name = "imagegen",
+    version,
+    about = "Turns queued text prompts into stored images."
+)]
 pub struct Cli {
     /// An extra configuration file, layered over config/default.toml and config/$APP_ENV.toml.
     #[arg(long, global = true, value_name = "FILE")]
@@ -33,10 +37,14 @@ pub struct Cli {
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Consume jobs and process them until SIGTERM/SIGINT.
-    #[command(after_help = "Example:\n  OPENAI_API_KEY=sk-... IMAGEGEN__PROVIDER__KIND=openai imagegen worker")]
+    #[command(
+        after_help = "Example:\n  OPENAI_API_KEY=sk-... IMAGEGEN__PROVIDER__KIND=openai imagegen worker"
+    )]
     Worker,
     /// Publish jobs from a JSONL file (one job a line) or a text file (one prompt a line).
-    #[command(after_help = "Examples:\n  imagegen enqueue prompts.txt --batch posters\n  imagegen enqueue jobs.jsonl --dry-run")]
+    #[command(
+        after_help = "Examples:\n  imagegen enqueue prompts.txt --batch posters\n  imagegen enqueue jobs.jsonl --dry-run"
+    )]
     Enqueue {
         file: PathBuf,
         /// Batch name for jobs that do not name one (also part of their derived ids).
@@ -50,7 +58,9 @@ pub enum Command {
     },
     /// Process a file end to end in this process: start a worker, enqueue, wait for every
     /// result event, print a summary, stop.
-    #[command(after_help = "Example (what `make run` does):\n  APP_ENV=local imagegen run examples/prompts.txt")]
+    #[command(
+        after_help = "Example (what `make run` does):\n  APP_ENV=local imagegen run examples/prompts.txt"
+    )]
     Run {
         file: PathBuf,
         /// Batch name (default: the file's name without extension).
@@ -77,7 +87,10 @@ pub enum Command {
 
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: could not start the async runtime: {e}");
@@ -121,7 +134,11 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 for job in &prepared.jobs {
                     println!("{}", serde_json::to_string(&job.body)?);
                 }
-                eprintln!("{} jobs would be published; {} invalid lines", prepared.jobs.len(), prepared.errors.len());
+                eprintln!(
+                    "{} jobs would be published; {} invalid lines",
+                    prepared.jobs.len(),
+                    prepared.errors.len()
+                );
             } else {
                 let published = enqueue::publish(&settings, &prepared.jobs, |_| {}).await?;
                 eprintln!(
@@ -130,7 +147,11 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     prepared.errors.len()
                 );
             }
-            Ok(if prepared.errors.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(3) })
+            Ok(if prepared.errors.is_empty() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(3)
+            })
         }
         Command::Run {
             file,
@@ -139,8 +160,16 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             timeout,
         } => {
             let settings = load_settings(&cli.config)?;
-            let batch = batch.or_else(|| file.file_stem().map(|s| s.to_string_lossy().into_owned()));
-            run_file(settings, &file, batch.as_deref(), format, Duration::from_secs(timeout)).await
+            let batch =
+                batch.or_else(|| file.file_stem().map(|s| s.to_string_lossy().into_owned()));
+            run_file(
+                settings,
+                &file,
+                batch.as_deref(),
+                format,
+                Duration::from_secs(timeout),
+            )
+            .await
         }
         Command::FakeApi {
             listen,
@@ -182,7 +211,8 @@ fn read_jobs(
     {
         anyhow::bail!("--batch {b:?} must be 1-128 characters of [A-Za-z0-9._-]");
     }
-    let text = std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?;
+    let text =
+        std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?;
     let format = match format {
         InputFormat::Auto => enqueue::detect_format(file, &text),
         f => f,
@@ -212,14 +242,22 @@ async fn run_file(
         topology::declare(&connection, &settings).await?;
     }
     // Listen before enqueueing, so that no event is missed.
-    let mut listener = ResultListener::open(&connection, &settings.amqp.results_exchange, "#").await?;
+    let mut listener =
+        ResultListener::open(&connection, &settings.amqp.results_exchange, "#").await?;
     let worker = Worker::from_settings(settings.clone()).await?;
     let stop = CancellationToken::new();
     let worker_task = tokio::spawn(worker.run(stop.clone()));
     enqueue::publish(&settings, &prepared.jobs, |_| {}).await?;
-    eprintln!("enqueued {} jobs; waiting for their results", prepared.jobs.len());
+    eprintln!(
+        "enqueued {} jobs; waiting for their results",
+        prepared.jobs.len()
+    );
 
-    let mut pending: BTreeMap<&str, usize> = prepared.jobs.iter().map(|j| (j.id.as_str(), j.line)).collect();
+    let mut pending: BTreeMap<&str, usize> = prepared
+        .jobs
+        .iter()
+        .map(|j| (j.id.as_str(), j.line))
+        .collect();
     let mut succeeded = Vec::new();
     let mut failed = Vec::new();
     let deadline = Instant::now() + timeout;
@@ -259,20 +297,31 @@ async fn run_file(
         pending.len()
     );
     if let Some(first) = succeeded.first().and_then(|e| e.data.images.first()) {
-        let dir = first.uri.rsplit_once('/').map(|(d, _)| d).unwrap_or(&first.uri);
+        let dir = first
+            .uri
+            .rsplit_once('/')
+            .map(|(d, _)| d)
+            .unwrap_or(&first.uri);
         let dir = dir.rsplit_once('/').map(|(d, _)| d).unwrap_or(dir);
         println!("images: {dir}/");
     }
     for event in &failed {
         if let Some(error) = &event.data.error {
-            println!("failed {}: {} ({})", event.data.job_id, error.kind, error.message);
+            println!(
+                "failed {}: {} ({})",
+                event.data.job_id, error.kind, error.message
+            );
         }
     }
     for (id, line) in &pending {
         println!("no result for {id} (line {line})");
     }
     let ok = failed.is_empty() && pending.is_empty() && prepared.errors.is_empty();
-    Ok(if ok { ExitCode::SUCCESS } else { ExitCode::from(3) })
+    Ok(if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(3)
+    })
 }
 
 /// Cancels `token` on SIGTERM or SIGINT.
@@ -280,14 +329,15 @@ pub async fn cancel_on_signal(token: CancellationToken) {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(s) => s,
-            Err(_) => {
-                let _ = ctrl_c.await;
-                token.cancel();
-                return;
-            }
-        };
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    token.cancel();
+                    return;
+                }
+            };
         tokio::select! {
             _ = ctrl_c => {}
             _ = term.recv() => {}

@@ -203,7 +203,8 @@ impl Settings {
             .clone()
             .unwrap_or_else(|| PathBuf::from("config"));
         if let Some(env) = &sources.app_env {
-            builder = builder.add_source(config::File::from(dir.join(format!("{env}.toml"))).required(false));
+            builder = builder
+                .add_source(config::File::from(dir.join(format!("{env}.toml"))).required(false));
         }
         if let Some(file) = &sources.file {
             builder = builder.add_source(config::File::from(file.as_path()).required(true));
@@ -250,9 +251,17 @@ impl Settings {
         }
         check_amqp_name("amqp.results_queue", &self.amqp.results_queue, true)?;
         if self.amqp.jobs_queue == self.amqp.dead_letter_queue {
-            return Err(invalid("amqp.dead_letter_queue", "must differ from amqp.jobs_queue"));
+            return Err(invalid(
+                "amqp.dead_letter_queue",
+                "must differ from amqp.jobs_queue",
+            ));
         }
-        in_range("amqp.connect_timeout_secs", self.amqp.connect_timeout_secs, 1, 600)?;
+        in_range(
+            "amqp.connect_timeout_secs",
+            self.amqp.connect_timeout_secs,
+            1,
+            600,
+        )?;
 
         let w = &self.worker;
         in_range("worker.concurrency", w.concurrency as u64, 1, 1024)?;
@@ -269,14 +278,32 @@ impl Settings {
             }
         }
         in_range("worker.shutdown_grace_secs", w.shutdown_grace_secs, 0, 3600)?;
-        in_range("worker.max_message_bytes", w.max_message_bytes as u64, 1024, 16 << 20)?;
-        in_range("worker.max_prompt_chars", w.max_prompt_chars as u64, 1, 1_000_000)?;
-        in_range("worker.max_metadata_bytes", w.max_metadata_bytes as u64, 2, 1 << 20)?;
+        in_range(
+            "worker.max_message_bytes",
+            w.max_message_bytes as u64,
+            1024,
+            16 << 20,
+        )?;
+        in_range(
+            "worker.max_prompt_chars",
+            w.max_prompt_chars as u64,
+            1,
+            1_000_000,
+        )?;
+        in_range(
+            "worker.max_metadata_bytes",
+            w.max_metadata_bytes as u64,
+            2,
+            1 << 20,
+        )?;
 
         let p = &self.provider;
         if p.kind == ProviderKind::Openai {
             if !(p.base_url.starts_with("http://") || p.base_url.starts_with("https://")) {
-                return Err(invalid("provider.base_url", "must be an http:// or https:// URL"));
+                return Err(invalid(
+                    "provider.base_url",
+                    "must be an http:// or https:// URL",
+                ));
             }
             if reqwest::Url::parse(&p.base_url).is_err() {
                 return Err(invalid("provider.base_url", "is not a valid URL"));
@@ -292,24 +319,60 @@ impl Settings {
             return Err(invalid("provider.model", "must not be empty"));
         }
         if !matches!(p.response_format.as_str(), "" | "url" | "b64_json") {
-            return Err(invalid("provider.response_format", "must be \"\", \"url\" or \"b64_json\""));
+            return Err(invalid(
+                "provider.response_format",
+                "must be \"\", \"url\" or \"b64_json\"",
+            ));
         }
-        in_range("provider.request_timeout_secs", p.request_timeout_secs, 1, 3600)?;
-        in_range("provider.connect_timeout_secs", p.connect_timeout_secs, 1, 600)?;
-        in_range("provider.max_response_bytes", p.max_response_bytes as u64, 1024, 1 << 32)?;
+        in_range(
+            "provider.request_timeout_secs",
+            p.request_timeout_secs,
+            1,
+            3600,
+        )?;
+        in_range(
+            "provider.connect_timeout_secs",
+            p.connect_timeout_secs,
+            1,
+            600,
+        )?;
+        in_range(
+            "provider.max_response_bytes",
+            p.max_response_bytes as u64,
+            1024,
+            1 << 32,
+        )?;
 
         let r = &self.retry;
         in_range("retry.max_attempts", r.max_attempts as u64, 1, 100)?;
         in_range("retry.initial_delay_ms", r.initial_delay_ms, 1, 600_000)?;
-        in_range("retry.max_delay_ms", r.max_delay_ms, r.initial_delay_ms, 3_600_000)?;
-        in_range("retry.max_total_delay_secs", r.max_total_delay_secs, 0, 86_400)?;
-        in_range("retry.max_retry_after_secs", r.max_retry_after_secs, 0, 86_400)?;
+        in_range(
+            "retry.max_delay_ms",
+            r.max_delay_ms,
+            r.initial_delay_ms,
+            3_600_000,
+        )?;
+        in_range(
+            "retry.max_total_delay_secs",
+            r.max_total_delay_secs,
+            0,
+            86_400,
+        )?;
+        in_range(
+            "retry.max_retry_after_secs",
+            r.max_retry_after_secs,
+            0,
+            86_400,
+        )?;
 
         let s = &self.storage;
         match s.kind {
             StorageKind::Fs => {
                 if s.root.as_os_str().is_empty() {
-                    return Err(invalid("storage.root", "must not be empty when storage.kind = \"fs\""));
+                    return Err(invalid(
+                        "storage.root",
+                        "must not be empty when storage.kind = \"fs\"",
+                    ));
                 }
             }
             StorageKind::S3 => {
@@ -326,9 +389,17 @@ impl Settings {
             }
         }
         if s.prefix.starts_with('/') || s.prefix.split('/').any(|part| part == "..") {
-            return Err(invalid("storage.prefix", "must be relative and must not contain `..`"));
+            return Err(invalid(
+                "storage.prefix",
+                "must be relative and must not contain `..`",
+            ));
         }
-        in_range("storage.request_timeout_secs", s.request_timeout_secs, 1, 3600)?;
+        in_range(
+            "storage.request_timeout_secs",
+            s.request_timeout_secs,
+            1,
+            3600,
+        )?;
         if self.events.source.trim().is_empty() {
             return Err(invalid("events.source", "must not be empty"));
         }
@@ -358,7 +429,10 @@ impl Settings {
 
 fn in_range(key: &'static str, value: u64, min: u64, max: u64) -> Result<(), ConfigError> {
     if value < min || value > max {
-        return Err(invalid(key, format!("is {value}, must be between {min} and {max}")));
+        return Err(invalid(
+            key,
+            format!("is {value}, must be between {min} and {max}"),
+        ));
     }
     Ok(())
 }
@@ -368,7 +442,10 @@ fn check_amqp_name(key: &'static str, name: &str, may_be_empty: bool) -> Result<
         return Err(invalid(key, "must not be empty"));
     }
     if name.len() > 255 || name.starts_with("amq.") {
-        return Err(invalid(key, "must be at most 255 bytes and must not start with `amq.`"));
+        return Err(invalid(
+            key,
+            "must be at most 255 bytes and must not start with `amq.`",
+        ));
     }
     Ok(())
 }
@@ -436,7 +513,10 @@ mod tests {
     fn overrides_apply_and_are_typed() {
         let s = Settings::load_with_overrides(
             &Sources::default(),
-            &[("worker.concurrency", "32".into()), ("worker.prefetch", "40".into())],
+            &[
+                ("worker.concurrency", "32".into()),
+                ("worker.prefetch", "40".into()),
+            ],
         )
         .unwrap();
         assert_eq!(s.worker.concurrency, 32);
@@ -454,13 +534,19 @@ mod tests {
         assert!(error_of(&[("worker.concurrency", "0".into())]).contains("worker.concurrency"));
         assert!(error_of(&[("amqp.url", "http://x".into())]).contains("amqp.url"));
         assert!(
-            error_of(&[("worker.concurrency", "16".into()), ("worker.prefetch", "4".into())])
-                .contains("worker.prefetch")
+            error_of(&[
+                ("worker.concurrency", "16".into()),
+                ("worker.prefetch", "4".into())
+            ])
+            .contains("worker.prefetch")
         );
         assert!(error_of(&[("provider.kind", "openai".into())]).contains("provider.api_key"));
         assert!(
-            error_of(&[("storage.kind", "s3".into()), ("storage.bucket", "Bad_Bucket".into())])
-                .contains("storage.bucket")
+            error_of(&[
+                ("storage.kind", "s3".into()),
+                ("storage.bucket", "Bad_Bucket".into())
+            ])
+            .contains("storage.bucket")
         );
         assert!(error_of(&[("storage.prefix", "../up".into())]).contains("storage.prefix"));
         assert!(error_of(&[("provider.kind", "dalle".into())]).contains("kind"));
@@ -478,7 +564,11 @@ mod tests {
     #[test]
     fn environment_file_layers_over_defaults() {
         let dir = tempfile::tempdir().unwrap();
-        std::fs::write(dir.path().join("staging.toml"), "[worker]\nconcurrency = 3\n").unwrap();
+        std::fs::write(
+            dir.path().join("staging.toml"),
+            "[worker]\nconcurrency = 3\n",
+        )
+        .unwrap();
         let s = Settings::load(&Sources {
             app_env: Some("staging".into()),
             config_dir: Some(dir.path().to_path_buf()),

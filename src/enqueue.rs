@@ -54,7 +54,11 @@ pub fn detect_format(path: &std::path::Path, text: &str) -> InputFormat {
         Some("jsonl" | "ndjson") => InputFormat::Jsonl,
         Some("txt") => InputFormat::Text,
         _ => {
-            let first = text.lines().map(str::trim).find(|l| !l.is_empty()).unwrap_or("");
+            let first = text
+                .lines()
+                .map(str::trim)
+                .find(|l| !l.is_empty())
+                .unwrap_or("");
             if first.starts_with('{') {
                 InputFormat::Jsonl
             } else {
@@ -96,7 +100,9 @@ pub fn prepare(text: &str, format: InputFormat, batch: Option<&str>, rules: &Job
         };
         match (object.get("batch"), batch) {
             (Some(Value::String(own)), Some(given)) if own != given => {
-                error(format!("the job's batch {own:?} differs from --batch {given:?}"));
+                error(format!(
+                    "the job's batch {own:?} differs from --batch {given:?}"
+                ));
                 continue;
             }
             (None, Some(given)) => {
@@ -104,10 +110,15 @@ pub fn prepare(text: &str, format: InputFormat, batch: Option<&str>, rules: &Job
             }
             _ => {}
         }
-        let job_batch = object.get("batch").and_then(Value::as_str).map(str::to_string);
+        let job_batch = object
+            .get("batch")
+            .and_then(Value::as_str)
+            .map(str::to_string);
         if !object.contains_key("id") {
             let canonical = Value::Object(object.clone());
-            let occurrence = seen.entry(derive_id(job_batch.as_deref(), &canonical, 0)).or_insert(0);
+            let occurrence = seen
+                .entry(derive_id(job_batch.as_deref(), &canonical, 0))
+                .or_insert(0);
             let id = derive_id(job_batch.as_deref(), &canonical, *occurrence);
             *occurrence += 1;
             object.insert("id".into(), Value::String(id));
@@ -115,7 +126,11 @@ pub fn prepare(text: &str, format: InputFormat, batch: Option<&str>, rules: &Job
         let body = Value::Object(object);
         let bytes = serde_json::to_vec(&body).unwrap_or_default();
         match Job::parse(&bytes, None, rules) {
-            Ok(job) => out.jobs.push(PreparedJob { line, id: job.id, body }),
+            Ok(job) => out.jobs.push(PreparedJob {
+                line,
+                id: job.id,
+                body,
+            }),
             Err(invalid) => error(invalid.message),
         }
     }
@@ -168,7 +183,10 @@ pub async fn publish(
     publisher.close().await;
     let _ = connection.close(200, "enqueued".into()).await;
     match failure {
-        Some(e) => Err(e.context(format!("{confirmed} of {} jobs were confirmed before the failure", jobs.len()))),
+        Some(e) => Err(e.context(format!(
+            "{confirmed} of {} jobs were confirmed before the failure",
+            jobs.len()
+        ))),
         None => Ok(confirmed),
     }
 }
@@ -197,7 +215,10 @@ mod tests {
         let ids = |p: &Prepared| p.jobs.iter().map(|j| j.id.clone()).collect::<Vec<_>>();
         assert_eq!(ids(&a), ids(&b));
         // Another batch, other ids.
-        assert_ne!(ids(&a), ids(&prepare(text, InputFormat::Text, Some("b2"), &rules())));
+        assert_ne!(
+            ids(&a),
+            ids(&prepare(text, InputFormat::Text, Some("b2"), &rules()))
+        );
     }
 
     #[test]
@@ -224,8 +245,18 @@ not json
 
     #[test]
     fn key_order_does_not_change_the_id() {
-        let a = prepare(r#"{"prompt":"p","size":"1024x1536"}"#, InputFormat::Jsonl, None, &rules());
-        let b = prepare(r#"{"size":"1024x1536","prompt":"p"}"#, InputFormat::Jsonl, None, &rules());
+        let a = prepare(
+            r#"{"prompt":"p","size":"1024x1536"}"#,
+            InputFormat::Jsonl,
+            None,
+            &rules(),
+        );
+        let b = prepare(
+            r#"{"size":"1024x1536","prompt":"p"}"#,
+            InputFormat::Jsonl,
+            None,
+            &rules(),
+        );
         assert_eq!(a.jobs[0].id, b.jobs[0].id);
     }
 
@@ -234,7 +265,10 @@ not json
         use std::path::Path;
         assert_eq!(detect_format(Path::new("x.jsonl"), "a"), InputFormat::Jsonl);
         assert_eq!(detect_format(Path::new("x.txt"), "{"), InputFormat::Text);
-        assert_eq!(detect_format(Path::new("x"), "\n {\"prompt\":1}"), InputFormat::Jsonl);
+        assert_eq!(
+            detect_format(Path::new("x"), "\n {\"prompt\":1}"),
+            InputFormat::Jsonl
+        );
         assert_eq!(detect_format(Path::new("x"), "a cat"), InputFormat::Text);
     }
 }

@@ -73,13 +73,13 @@ pub struct ProviderDetail {
     pub refusal: Option<serde_json::Value>,
 }
 
-/// A classified failure.
+/// A classified failure. (The provider's detail is boxed to keep `Result<_, Failure>` small.)
 #[derive(Debug, Clone, PartialEq)]
 pub enum Failure {
     Permanent {
         kind: ErrorKind,
         message: String,
-        detail: ProviderDetail,
+        detail: Box<ProviderDetail>,
     },
     Retryable {
         message: String,
@@ -87,12 +87,12 @@ pub enum Failure {
         after: Option<Duration>,
         /// The request may have reached the provider and been billed (timeout or reset after sending).
         possibly_billed: bool,
-        detail: ProviderDetail,
+        detail: Box<ProviderDetail>,
     },
     Stop {
         reason: StopReason,
         message: String,
-        detail: ProviderDetail,
+        detail: Box<ProviderDetail>,
     },
 }
 
@@ -101,7 +101,7 @@ impl Failure {
         Failure::Permanent {
             kind: ErrorKind::InvalidJob,
             message: message.into(),
-            detail: ProviderDetail::default(),
+            detail: Box::default(),
         }
     }
 
@@ -110,7 +110,7 @@ impl Failure {
             message: message.into(),
             after: None,
             possibly_billed: false,
-            detail: ProviderDetail::default(),
+            detail: Box::default(),
         }
     }
 
@@ -140,7 +140,9 @@ impl fmt::Display for Failure {
         match self {
             Failure::Permanent { kind, message, .. } => write!(f, "{kind}: {message}"),
             Failure::Retryable { message, .. } => write!(f, "transient: {message}"),
-            Failure::Stop { reason, message, .. } => write!(f, "{reason}: {message}"),
+            Failure::Stop {
+                reason, message, ..
+            } => write!(f, "{reason}: {message}"),
         }
     }
 }
@@ -207,7 +209,8 @@ const REFUSAL_CODES: &[&str] = &[
 ];
 
 /// 403 codes that concern one request (a model this account may not use), not the whole account.
-const PER_JOB_FORBIDDEN_CODES: &[&str] = &["model_not_found", "model_not_allowed", "unsupported_model"];
+const PER_JOB_FORBIDDEN_CODES: &[&str] =
+    &["model_not_found", "model_not_allowed", "unsupported_model"];
 
 /// Classifies an HTTP error answer of an image API. `should_retry` is the `x-should-retry` header,
 /// which overrides the status-based decision as in the official SDKs (but never turns a refusal,
@@ -226,12 +229,15 @@ pub fn classify_http(
         .clone()
         .filter(|m| !m.is_empty())
         .unwrap_or_else(|| format!("HTTP {status}"));
-    let detail = ProviderDetail {
+    let detail = Box::new(ProviderDetail {
         status: Some(status),
         code: code.clone().or_else(|| kind.clone()),
         request_id,
-        refusal: body.moderation_details.clone().or_else(|| body.inner_error.clone()),
-    };
+        refusal: body
+            .moderation_details
+            .clone()
+            .or_else(|| body.inner_error.clone()),
+    });
     let is = |list: &[&str], v: &Option<String>| v.as_deref().is_some_and(|v| list.contains(&v));
     let inner_code = body
         .inner_error
@@ -254,9 +260,12 @@ pub fn classify_http(
             detail,
         };
     }
-    if status == 401 || (status == 403 && !is(PER_JOB_FORBIDDEN_CODES, &code)) {
-        // A 403 without a per-request code (IP not allowed, organisation not verified, region)
-        // concerns the account: stop. A model the account may not use fails only that job.
+    // A 403 about a model the account may not use ("must be verified to use the model X",
+    // model_not_found) fails only the jobs that ask for it; any other 403 (IP not allowed,
+    // region, organisation) concerns the whole account: stop.
+    let forbidden_model = status == 403
+        && (is(PER_JOB_FORBIDDEN_CODES, &code) || message.to_ascii_lowercase().contains("model"));
+    if status == 401 || (status == 403 && !forbidden_model) {
         return Failure::Stop {
             reason: StopReason::Unauthorized,
             message,
@@ -314,14 +323,22 @@ mod tests {
             400,
             r#"{"error":{"code":"content_policy_violation","message":"filtered","inner_error":{"code":"ResponsibleAIPolicyViolation"}}}"#,
         );
-        assert!(matches!(azure, Failure::Permanent { kind: ErrorKind::ContentPolicy, .. }));
+        assert!(matches!(
+            azure,
+            Failure::Permanent {
+                kind: ErrorKind::ContentPolicy,
+                ..
+            }
+        ));
     }
 
     #[test]
     fn rate_limits_and_server_errors_retry_with_the_server_delay() {
         let f = classify_http(
             429,
-            &body(r#"{"error":{"message":"Rate limit reached","type":"requests","code":"rate_limit_exceeded"}}"#),
+            &body(
+                r#"{"error":{"message":"Rate limit reached","type":"requests","code":"rate_limit_exceeded"}}"#,
+            ),
             Some(Duration::from_millis(1500)),
             None,
             Some("req_1".into()),
@@ -346,7 +363,13 @@ mod tests {
             r#"{"error":{"message":"x","type":"invalid_request_error","code":"organization_spend_limit_exceeded"}}"#,
         ] {
             assert!(
-                matches!(classify(429, json), Failure::Stop { reason: StopReason::QuotaExhausted, .. }),
+                matches!(
+                    classify(429, json),
+                    Failure::Stop {
+                        reason: StopReason::QuotaExhausted,
+                        ..
+                    }
+                ),
                 "{json}"
             );
         }
@@ -355,16 +378,44 @@ mod tests {
     #[test]
     fn credentials_stop_but_a_forbidden_model_fails_one_job() {
         assert!(matches!(
-            classify(401, r#"{"error":{"code":"invalid_api_key","message":"bad key"}}"#),
-            Failure::Stop { reason: StopReason::Unauthorized, .. }
+            classify(
+                401,
+                r#"{"error":{"code":"invalid_api_key","message":"bad key"}}"#
+            ),
+            Failure::Stop {
+                reason: StopReason::Unauthorized,
+                ..
+            }
         ));
         assert!(matches!(
-            classify(403, r#"{"error":{"code":"unsupported_country_region_territory"}}"#),
-            Failure::Stop { reason: StopReason::Unauthorized, .. }
+            classify(
+                403,
+                r#"{"error":{"code":"unsupported_country_region_territory"}}"#
+            ),
+            Failure::Stop {
+                reason: StopReason::Unauthorized,
+                ..
+            }
         ));
         assert!(matches!(
-            classify(403, r#"{"error":{"code":"model_not_found","message":"no access"}}"#),
-            Failure::Permanent { kind: ErrorKind::InvalidRequest, .. }
+            classify(
+                403,
+                r#"{"error":{"code":"model_not_found","message":"no access"}}"#
+            ),
+            Failure::Permanent {
+                kind: ErrorKind::InvalidRequest,
+                ..
+            }
+        ));
+        assert!(matches!(
+            classify(
+                403,
+                r#"{"error":{"type":"invalid_request_error","code":null,"message":"Your organization must be verified to use the model `gpt-image-2`."}}"#
+            ),
+            Failure::Permanent {
+                kind: ErrorKind::InvalidRequest,
+                ..
+            }
         ));
     }
 
@@ -372,14 +423,28 @@ mod tests {
     fn other_client_errors_are_permanent_and_x_should_retry_overrides() {
         for status in [400, 404, 413, 422] {
             assert!(
-                matches!(classify(status, "{}"), Failure::Permanent { kind: ErrorKind::InvalidRequest, .. }),
+                matches!(
+                    classify(status, "{}"),
+                    Failure::Permanent {
+                        kind: ErrorKind::InvalidRequest,
+                        ..
+                    }
+                ),
                 "{status}"
             );
         }
         assert!(classify_http(400, &body("{}"), None, Some(true), None).is_retryable());
         assert!(!classify_http(503, &body("{}"), None, Some(false), None).is_retryable());
         // x-should-retry never makes a refusal retryable.
-        assert!(!classify_http(400, &body(r#"{"error":{"code":"moderation_blocked"}}"#), None, Some(true), None)
-            .is_retryable());
+        assert!(
+            !classify_http(
+                400,
+                &body(r#"{"error":{"code":"moderation_blocked"}}"#),
+                None,
+                Some(true),
+                None
+            )
+            .is_retryable()
+        );
     }
 }

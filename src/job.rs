@@ -115,21 +115,30 @@ impl InvalidJob {
 pub fn is_valid_name(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= MAX_ID_LEN
-        && s.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
         && !s.bytes().all(|b| b == b'.')
 }
 
 impl Job {
     /// Parses and validates a message body. `message_id` is the AMQP `message_id`, used when the
     /// body has no `id`.
-    pub fn parse(body: &[u8], message_id: Option<&str>, rules: &JobRules) -> Result<Job, InvalidJob> {
+    pub fn parse(
+        body: &[u8],
+        message_id: Option<&str>,
+        rules: &JobRules,
+    ) -> Result<Job, InvalidJob> {
         let fallback_id = || format!("invalid-{}", &hex::encode(Sha256::digest(body))[..24]);
-        let reject = |id: Option<&str>, batch: Option<&str>, metadata: Value, message: String| InvalidJob {
-            job_id: id.filter(|i| is_valid_name(i)).map(str::to_string).unwrap_or_else(fallback_id),
-            batch: batch.filter(|b| is_valid_name(b)).map(str::to_string),
-            metadata,
-            message,
-        };
+        let reject =
+            |id: Option<&str>, batch: Option<&str>, metadata: Value, message: String| InvalidJob {
+                job_id: id
+                    .filter(|i| is_valid_name(i))
+                    .map(str::to_string)
+                    .unwrap_or_else(fallback_id),
+                batch: batch.filter(|b| is_valid_name(b)).map(str::to_string),
+                metadata,
+                message,
+            };
         if body.len() > rules.max_message_bytes {
             return Err(reject(
                 message_id,
@@ -144,29 +153,62 @@ impl Job {
         }
         let text = match std::str::from_utf8(body) {
             Ok(t) => t,
-            Err(e) => return Err(reject(message_id, None, Value::Null, format!("message is not UTF-8: {e}"))),
+            Err(e) => {
+                return Err(reject(
+                    message_id,
+                    None,
+                    Value::Null,
+                    format!("message is not UTF-8: {e}"),
+                ));
+            }
         };
         let value: Value = match serde_json::from_str(text) {
             Ok(v) => v,
-            Err(e) => return Err(reject(message_id, None, Value::Null, format!("message is not JSON: {e}"))),
+            Err(e) => {
+                return Err(reject(
+                    message_id,
+                    None,
+                    Value::Null,
+                    format!("message is not JSON: {e}"),
+                ));
+            }
         };
         // Best-effort id, batch and metadata for the failure report, before strict parsing.
-        let loose_id = value.get("id").and_then(Value::as_str).or(message_id).map(str::to_string);
-        let loose_batch = value.get("batch").and_then(Value::as_str).map(str::to_string);
-        let loose_metadata = value.get("metadata").filter(|m| m.is_object()).cloned().unwrap_or(Value::Null);
+        let loose_id = value
+            .get("id")
+            .and_then(Value::as_str)
+            .or(message_id)
+            .map(str::to_string);
+        let loose_batch = value
+            .get("batch")
+            .and_then(Value::as_str)
+            .map(str::to_string);
+        let loose_metadata = value
+            .get("metadata")
+            .filter(|m| m.is_object())
+            .cloned()
+            .unwrap_or(Value::Null);
         let fail = |message: String| {
             // Only echo metadata that respects its own size limit.
-            let metadata = if serde_json::to_vec(&loose_metadata).map_or(0, |v| v.len()) <= rules.max_metadata_bytes {
+            let metadata = if serde_json::to_vec(&loose_metadata).map_or(0, |v| v.len())
+                <= rules.max_metadata_bytes
+            {
                 loose_metadata.clone()
             } else {
                 Value::Null
             };
-            reject(loose_id.as_deref(), loose_batch.as_deref(), metadata, message)
+            reject(
+                loose_id.as_deref(),
+                loose_batch.as_deref(),
+                metadata,
+                message,
+            )
         };
         if !value.is_object() {
             return Err(fail("message must be a JSON object".into()));
         }
-        let wire: WireJob = serde_json::from_value(value).map_err(|e| fail(format!("invalid job: {e}")))?;
+        let wire: WireJob =
+            serde_json::from_value(value).map_err(|e| fail(format!("invalid job: {e}")))?;
 
         if let Some(v) = wire.version
             && v > JOB_SCHEMA_VERSION
@@ -184,7 +226,11 @@ impl Job {
                     truncate(id, 140)
                 )));
             }
-            None => return Err(fail("job has no `id` and the message has no message_id".into())),
+            None => {
+                return Err(fail(
+                    "job has no `id` and the message has no message_id".into(),
+                ));
+            }
         };
         if let Some(b) = &wire.batch
             && !is_valid_name(b)
@@ -229,7 +275,10 @@ impl Job {
             Some(b) => Some(option("background", Some(b), "")?),
         };
         let params = wire.params.unwrap_or_default();
-        if let Some(key) = params.keys().find(|k| RESERVED_PARAMS.contains(&k.as_str())) {
+        if let Some(key) = params
+            .keys()
+            .find(|k| RESERVED_PARAMS.contains(&k.as_str()))
+        {
             return Err(fail(format!(
                 "`params.{key}` is controlled by the worker; use the top-level field or leave it out"
             )));
@@ -270,7 +319,11 @@ impl Job {
 
     /// The object key directory of this job, below the storage prefix.
     pub fn key_dir(&self) -> String {
-        format!("images/{}/{}", self.batch.as_deref().unwrap_or("_"), self.id)
+        format!(
+            "images/{}/{}",
+            self.batch.as_deref().unwrap_or("_"),
+            self.id
+        )
     }
 }
 
@@ -392,21 +445,41 @@ mod tests {
             (br#"{"id":"a","prompt":5}"#.to_vec(), "invalid type"),
             (br#"{"id":"a"}"#.to_vec(), "`prompt` is required"),
             (br#"{"id":"a","prompt":"   "}"#.to_vec(), "empty"),
-            (br#"{"id":"a","prompt":"p","sise":"1x1"}"#.to_vec(), "unknown field `sise`"),
+            (
+                br#"{"id":"a","prompt":"p","sise":"1x1"}"#.to_vec(),
+                "unknown field `sise`",
+            ),
             (br#"{"id":"a","prompt":"p","n":0}"#.to_vec(), "`n` is 0"),
             (br#"{"id":"a","prompt":"p","n":11}"#.to_vec(), "`n` is 11"),
             (br#"{"id":"a/b","prompt":"p"}"#.to_vec(), "must be 1-128"),
             (br#"{"id":"..","prompt":"p"}"#.to_vec(), "must be 1-128"),
             (br#"{"id":"a b","prompt":"p"}"#.to_vec(), "must be 1-128"),
-            (br#"{"id":"a","batch":"../x","prompt":"p"}"#.to_vec(), "batch"),
-            (br#"{"id":"a","prompt":"p","params":{"model":"x"}}"#.to_vec(), "params.model"),
-            (br#"{"id":"a","prompt":"p","params":{"stream":true}}"#.to_vec(), "params.stream"),
-            (br#"{"id":"a","prompt":"p","version":2}"#.to_vec(), "version 2"),
+            (
+                br#"{"id":"a","batch":"../x","prompt":"p"}"#.to_vec(),
+                "batch",
+            ),
+            (
+                br#"{"id":"a","prompt":"p","params":{"model":"x"}}"#.to_vec(),
+                "params.model",
+            ),
+            (
+                br#"{"id":"a","prompt":"p","params":{"stream":true}}"#.to_vec(),
+                "params.stream",
+            ),
+            (
+                br#"{"id":"a","prompt":"p","version":2}"#.to_vec(),
+                "version 2",
+            ),
             (br#"{"id":"a","prompt":"p","size":""}"#.to_vec(), "`size`"),
         ];
         for (body, expected) in cases {
             let err = Job::parse(&body, None, &rules()).expect_err(&String::from_utf8_lossy(&body));
-            assert!(err.message.contains(expected), "{:?}: {}", String::from_utf8_lossy(&body), err.message);
+            assert!(
+                err.message.contains(expected),
+                "{:?}: {}",
+                String::from_utf8_lossy(&body),
+                err.message
+            );
             assert!(is_valid_name(&err.job_id), "{}", err.job_id);
         }
     }
@@ -416,7 +489,8 @@ mod tests {
         let long = "x".repeat(101);
         let err = parse(json!({"id": "a", "prompt": long})).unwrap_err();
         assert!(err.message.contains("max_prompt_chars"));
-        let err = parse(json!({"id": "a", "prompt": "p", "metadata": {"k": "v".repeat(100)}})).unwrap_err();
+        let err = parse(json!({"id": "a", "prompt": "p", "metadata": {"k": "v".repeat(100)}}))
+            .unwrap_err();
         assert!(err.message.contains("max_metadata_bytes"));
         assert_eq!(err.job_id, "a");
         let big = vec![b' '; 5000];

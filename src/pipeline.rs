@@ -45,7 +45,10 @@ pub enum Settle {
 #[derive(Debug)]
 pub enum Outcome {
     /// Publish the event (with confirm), then settle the message.
-    Finished { event: Box<CloudEvent>, settle: Settle },
+    Finished {
+        event: Box<CloudEvent>,
+        settle: Settle,
+    },
     /// Give the message back untouched: not a failed attempt.
     Return { reason: ReturnReason },
 }
@@ -70,7 +73,11 @@ pub struct Pipeline {
 }
 
 impl Pipeline {
-    pub fn new(settings: &Settings, provider: Arc<dyn ImageProvider>, store: Arc<dyn ObjectStore>) -> Self {
+    pub fn new(
+        settings: &Settings,
+        provider: Arc<dyn ImageProvider>,
+        store: Arc<dyn ObjectStore>,
+    ) -> Self {
         Self {
             provider,
             store,
@@ -100,9 +107,17 @@ impl Pipeline {
             Err(invalid) => {
                 warn!(job_id = %invalid.job_id, error = %invalid.message, "invalid job");
                 let data = ResultData {
-                    error: Some(EventError::from_failure(ErrorKind::InvalidJob, &invalid.failure())),
+                    error: Some(EventError::from_failure(
+                        ErrorKind::InvalidJob,
+                        &invalid.failure(),
+                    )),
                     metadata: invalid.metadata.clone(),
-                    ..self.data(&invalid.job_id, invalid.batch.clone(), Status::Failed, started)
+                    ..self.data(
+                        &invalid.job_id,
+                        invalid.batch.clone(),
+                        Status::Failed,
+                        started,
+                    )
                 };
                 return self.finished(data, Settle::DeadLetter);
             }
@@ -131,7 +146,11 @@ impl Pipeline {
             Err(failure) => return self.failed(job, failure, Vec::new(), 0, started),
         }
         if !work.images.is_empty() {
-            info!(reused = work.images.len(), of = job.n, "reusing images already stored");
+            info!(
+                reused = work.images.len(),
+                of = job.n,
+                "reusing images already stored"
+            );
         }
         let work = Mutex::new(work);
         let journal = StoreJournal {
@@ -153,13 +172,17 @@ impl Pipeline {
         work.images.sort_by_key(|i| i.index);
         match outcome.result {
             Ok(()) => {}
-            Err(Failure::Stop { reason, message, .. }) => {
+            Err(Failure::Stop {
+                reason, message, ..
+            }) => {
                 return Outcome::Return {
                     reason: ReturnReason::Stop { reason, message },
                 };
             }
             Err(_) if work.halted => {
-                debug!("returned untouched: the worker stopped taking jobs before the provider call");
+                debug!(
+                    "returned untouched: the worker stopped taking jobs before the provider call"
+                );
                 return Outcome::Return {
                     reason: ReturnReason::Halted,
                 };
@@ -185,7 +208,15 @@ impl Pipeline {
         let event = CloudEvent::new(&self.source, data);
         let record = match serde_json::to_vec(&event) {
             Ok(r) => Bytes::from(r),
-            Err(e) => return self.failed(job, Failure::transient(e.to_string()), event.data.images, work.calls, started),
+            Err(e) => {
+                return self.failed(
+                    job,
+                    Failure::transient(e.to_string()),
+                    event.data.images,
+                    work.calls,
+                    started,
+                );
+            }
         };
         let put = self
             .retry
@@ -205,9 +236,19 @@ impl Pipeline {
             )
             .await;
         if let Err(failure) = put.result {
-            return self.failed(job, failure, event.data.images, event.data.attempts, started);
+            return self.failed(
+                job,
+                failure,
+                event.data.images,
+                event.data.attempts,
+                started,
+            );
         }
-        info!(images = event.data.images.len(), calls = event.data.attempts, "job succeeded");
+        info!(
+            images = event.data.images.len(),
+            calls = event.data.attempts,
+            "job succeeded"
+        );
         Outcome::Finished {
             event: Box::new(event),
             settle: Settle::Ack,
@@ -227,7 +268,9 @@ impl Pipeline {
         Box::pin(async move {
             let missing: Vec<u32> = {
                 let w = lock(work);
-                (0..job.n as u32).filter(|i| !w.images.iter().any(|s| s.index == *i)).collect()
+                (0..job.n as u32)
+                    .filter(|i| !w.images.iter().any(|s| s.index == *i))
+                    .collect()
             };
             if missing.is_empty() {
                 return Ok(());
@@ -248,8 +291,18 @@ impl Pipeline {
             let call_started = Instant::now();
             let generation = self
                 .provider
-                .generate(ImageRequest { job, indices: &missing }, journal)
+                .generate(
+                    ImageRequest {
+                        job,
+                        indices: &missing,
+                    },
+                    journal,
+                )
                 .await;
+            if let Err(Failure::Stop { .. }) = &generation {
+                // Before the slot is free for the next job: nothing will work until an operator acts.
+                halt.cancel();
+            }
             drop(permit);
             let generation: Generation = generation?;
             info!(
@@ -266,7 +319,10 @@ impl Pipeline {
                     w.request_id.clone_from(&generation.request_id);
                 }
                 if w.revised_prompt.is_none() {
-                    w.revised_prompt = generation.images.iter().find_map(|i| i.revised_prompt.clone());
+                    w.revised_prompt = generation
+                        .images
+                        .iter()
+                        .find_map(|i| i.revised_prompt.clone());
                 }
                 if w.model.is_none() {
                     w.model.clone_from(&generation.model);
@@ -348,7 +404,12 @@ impl Pipeline {
         let listed = self
             .retry
             .run(
-                || async { self.store.list(&format!("{dir}/")).await.map_err(Failure::from) },
+                || async {
+                    self.store
+                        .list(&format!("{dir}/"))
+                        .await
+                        .map_err(Failure::from)
+                },
                 |e, _| warn!(error = %e, "retrying the image listing"),
             )
             .await
@@ -358,8 +419,12 @@ impl Pipeline {
             let Some(name) = key.strip_prefix(dir).and_then(|k| k.strip_prefix('/')) else {
                 continue;
             };
-            let Some((index, ext)) = name.split_once('.') else { continue };
-            let Ok(index) = index.parse::<u32>() else { continue };
+            let Some((index, ext)) = name.split_once('.') else {
+                continue;
+            };
+            let Ok(index) = index.parse::<u32>() else {
+                continue;
+            };
             if index >= job.n as u32 || images.iter().any(|i| i.index == index) {
                 continue;
             }
@@ -375,7 +440,8 @@ impl Pipeline {
                     (hex::encode(Sha256::digest(&data)), None)
                 }
             };
-            let content_type = content_type.unwrap_or_else(|| crate::provider::sniff(&[], ext).0.to_string());
+            let content_type =
+                content_type.unwrap_or_else(|| crate::provider::sniff(&[], ext).0.to_string());
             images.push(StoredImage {
                 index,
                 bucket: self.store.location().to_string(),
@@ -389,7 +455,13 @@ impl Pipeline {
         Ok(images)
     }
 
-    fn data(&self, job_id: &str, batch: Option<String>, status: Status, started: Instant) -> ResultData {
+    fn data(
+        &self,
+        job_id: &str,
+        batch: Option<String>,
+        status: Status,
+        started: Instant,
+    ) -> ResultData {
         ResultData {
             schema_version: crate::event::EVENT_SCHEMA_VERSION,
             job_id: job_id.to_string(),
@@ -409,7 +481,14 @@ impl Pipeline {
         }
     }
 
-    fn failed(&self, job: &Job, failure: Failure, images: Vec<StoredImage>, calls: u32, started: Instant) -> Outcome {
+    fn failed(
+        &self,
+        job: &Job,
+        failure: Failure,
+        images: Vec<StoredImage>,
+        calls: u32,
+        started: Instant,
+    ) -> Outcome {
         let kind = match &failure {
             Failure::Permanent { kind, .. } => *kind,
             _ => ErrorKind::RetriesExhausted,
@@ -470,7 +549,9 @@ fn merge_usage(a: Option<Value>, b: Option<Value>) -> Option<Value> {
         }
         (Some(Value::Number(x)), Some(Value::Number(y))) => match (x.as_u64(), y.as_u64()) {
             (Some(x), Some(y)) => Some(Value::from(x + y)),
-            _ => Some(Value::from(x.as_f64().unwrap_or(0.0) + y.as_f64().unwrap_or(0.0))),
+            _ => Some(Value::from(
+                x.as_f64().unwrap_or(0.0) + y.as_f64().unwrap_or(0.0),
+            )),
         },
         (_, b) => b,
     }

@@ -53,10 +53,17 @@ impl RetryPolicy {
 
     /// The wait before the next attempt, or `None` to give up. `computed` is the exponential
     /// delay (None once the attempts are used up); `waited` is what was already waited.
-    fn next_wait(&self, failure: &Failure, computed: Option<Duration>, waited: Duration) -> Option<Duration> {
+    fn next_wait(
+        &self,
+        failure: &Failure,
+        computed: Option<Duration>,
+        waited: Duration,
+    ) -> Option<Duration> {
         let computed = computed?;
         let wait = match failure {
-            Failure::Retryable { after: Some(after), .. } => {
+            Failure::Retryable {
+                after: Some(after), ..
+            } => {
                 if *after > self.max_retry_after {
                     return None;
                 }
@@ -69,7 +76,11 @@ impl RetryPolicy {
 
     /// Runs `op` until it succeeds, fails for good, or the attempts or total delay run out.
     /// `on_retry` sees each retryable failure and the wait before the next attempt.
-    pub async fn run<T, F, Fut>(&self, op: F, mut on_retry: impl FnMut(&Failure, Duration)) -> RetryOutcome<T>
+    pub async fn run<T, F, Fut>(
+        &self,
+        op: F,
+        mut on_retry: impl FnMut(&Failure, Duration),
+    ) -> RetryOutcome<T>
     where
         F: FnMut() -> Fut,
         Fut: Future<Output = Result<T, Failure>>,
@@ -103,7 +114,7 @@ impl RetryPolicy {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::error::{ErrorKind, ProviderDetail};
+    use crate::error::ErrorKind;
 
     fn policy(max_attempts: u32) -> RetryPolicy {
         RetryPolicy {
@@ -120,7 +131,7 @@ mod tests {
             message: "429".into(),
             after: Some(Duration::from_secs(secs)),
             possibly_billed: false,
-            detail: ProviderDetail::default(),
+            detail: Box::default(),
         }
     }
 
@@ -147,7 +158,10 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn stops_after_max_attempts_with_the_last_failure() {
         let out = policy(4)
-            .run(|| async { Err::<(), _>(Failure::transient("503")) }, |_, _| {})
+            .run(
+                || async { Err::<(), _>(Failure::transient("503")) },
+                |_, _| {},
+            )
             .await;
         assert_eq!(out.attempts, 4);
         assert!(out.result.unwrap_err().is_retryable());
@@ -158,16 +172,27 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn permanent_failures_are_not_retried() {
         let out = policy(5)
-            .run(|| async { Err::<(), _>(Failure::invalid_job("bad")) }, |_, _| {})
+            .run(
+                || async { Err::<(), _>(Failure::invalid_job("bad")) },
+                |_, _| {},
+            )
             .await;
         assert_eq!(out.attempts, 1);
-        assert!(matches!(out.result, Err(Failure::Permanent { kind: ErrorKind::InvalidJob, .. })));
+        assert!(matches!(
+            out.result,
+            Err(Failure::Permanent {
+                kind: ErrorKind::InvalidJob,
+                ..
+            })
+        ));
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_server_delay_beyond_the_limit_gives_up_at_once() {
         let mut notified = 0;
-        let out = policy(5).run(|| async { Err::<(), _>(after(60)) }, |_, _| notified += 1).await;
+        let out = policy(5)
+            .run(|| async { Err::<(), _>(after(60)) }, |_, _| notified += 1)
+            .await;
         assert_eq!(out.attempts, 1);
         assert_eq!(notified, 0);
         assert_eq!(out.waited, Duration::ZERO);

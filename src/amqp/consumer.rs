@@ -15,7 +15,10 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use lapin::message::Delivery as AmqpDelivery;
-use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions, BasicRejectOptions};
+use lapin::options::{
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
+    BasicRejectOptions,
+};
 use lapin::types::FieldTable;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -52,7 +55,11 @@ impl Worker {
         Ok(Self::new(settings, provider, store))
     }
 
-    pub fn new(settings: Settings, provider: Arc<dyn ImageProvider>, store: Arc<dyn ObjectStore>) -> Self {
+    pub fn new(
+        settings: Settings,
+        provider: Arc<dyn ImageProvider>,
+        store: Arc<dyn ObjectStore>,
+    ) -> Self {
         let provider_name = provider.name();
         let pipeline = Arc::new(Pipeline::new(&settings, provider, store));
         Self {
@@ -73,7 +80,9 @@ impl Worker {
         let publisher = Arc::new(Publisher::new(connection.clone()));
         let channel = connection.create_channel().await?;
         let prefetch = s.prefetch();
-        channel.basic_qos(prefetch, BasicQosOptions::default()).await?;
+        channel
+            .basic_qos(prefetch, BasicQosOptions::default())
+            .await?;
         let tag = format!("imagegen-{}-{:08x}", std::process::id(), fastrand::u32(..));
         let mut consumer = channel
             .basic_consume(
@@ -151,10 +160,15 @@ impl Worker {
             }
         }
 
-        info!(in_flight = tracker.len(), "stopping: no new jobs; waiting for in-flight jobs");
+        info!(
+            in_flight = tracker.len(),
+            "stopping: no new jobs; waiting for in-flight jobs"
+        );
         halt.cancel();
         if consuming && paused.is_none() && failure.is_none() {
-            let _ = channel.basic_cancel(tag.as_str().into(), BasicCancelOptions::default()).await;
+            let _ = channel
+                .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
+                .await;
         }
         tracker.close();
         let grace = s.shutdown_grace();
@@ -187,7 +201,11 @@ async fn handle(
     halt: CancellationToken,
     stop: mpsc::Sender<(StopReason, String)>,
 ) {
-    let message_id = delivery.properties.message_id().as_ref().map(|m| m.as_str().to_string());
+    let message_id = delivery
+        .properties
+        .message_id()
+        .as_ref()
+        .map(|m| m.as_str().to_string());
     let outcome = pipeline
         .process(
             Delivery {
@@ -198,27 +216,34 @@ async fn handle(
         )
         .await;
     match outcome {
-        Outcome::Finished { event, settle } => match publisher.publish_event(&exchange, &event).await {
-            Ok(()) => {
-                let settled = match settle {
-                    Settle::Ack => delivery.acker.ack(BasicAckOptions::default()).await,
-                    Settle::DeadLetter => delivery.acker.reject(BasicRejectOptions { requeue: false }).await,
-                };
-                match settled {
-                    Ok(true) => {}
-                    Ok(false) => warn!(job_id = %event.data.job_id,
+        Outcome::Finished { event, settle } => {
+            match publisher.publish_event(&exchange, &event).await {
+                Ok(()) => {
+                    let settled = match settle {
+                        Settle::Ack => delivery.acker.ack(BasicAckOptions::default()).await,
+                        Settle::DeadLetter => {
+                            delivery
+                                .acker
+                                .reject(BasicRejectOptions { requeue: false })
+                                .await
+                        }
+                    };
+                    match settled {
+                        Ok(true) => {}
+                        Ok(false) => warn!(job_id = %event.data.job_id,
                         "the channel that delivered the job is gone: it will be redelivered (its result is stored)"),
-                    Err(e) => warn!(job_id = %event.data.job_id, error = %e,
+                        Err(e) => warn!(job_id = %event.data.job_id, error = %e,
                         "settling the job failed: it will be redelivered (its result is stored)"),
+                    }
+                }
+                Err(e) => {
+                    error!(job_id = %event.data.job_id, error = %e, "result event not confirmed: returning the job to the queue");
+                    // Do not spin on a broker that refuses events.
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    nack(&delivery, "event not confirmed").await;
                 }
             }
-            Err(e) => {
-                error!(job_id = %event.data.job_id, error = %e, "result event not confirmed: returning the job to the queue");
-                // Do not spin on a broker that refuses events.
-                tokio::time::sleep(Duration::from_secs(1)).await;
-                nack(&delivery, "event not confirmed").await;
-            }
-        },
+        }
         Outcome::Return { reason } => {
             if let ReturnReason::Stop { reason, message } = reason {
                 let _ = stop.try_send((reason, message));

@@ -35,12 +35,19 @@ pub async fn connect(settings: &Settings, role: &str) -> Result<Connection, Amqp
     crate::install_crypto_provider();
     let url = settings.amqp.url.expose_secret();
     let redacted = settings.amqp_url_redacted();
-    let name = format!("{} {role} pid={}", settings.amqp.connection_name, std::process::id());
+    let name = format!(
+        "{} {role} pid={}",
+        settings.amqp.connection_name,
+        std::process::id()
+    );
     let properties = ConnectionProperties::default().with_connection_name(LongString::from(name));
     let timeout = Duration::from_secs(settings.amqp.connect_timeout_secs);
     match tokio::time::timeout(timeout, Connection::connect(url, properties)).await {
         Ok(Ok(connection)) => Ok(connection),
-        Ok(Err(source)) => Err(AmqpError::Connect { url: redacted, source }),
+        Ok(Err(source)) => Err(AmqpError::Connect {
+            url: redacted,
+            source,
+        }),
         Err(_) => Err(AmqpError::ConnectTimeout(timeout, redacted)),
     }
 }

@@ -35,7 +35,9 @@ impl Publisher {
             return Ok(channel.clone());
         }
         let channel = self.connection.create_channel().await?;
-        channel.confirm_select(ConfirmSelectOptions::default()).await?;
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await?;
         *slot = Some(channel.clone());
         Ok(channel)
     }
@@ -60,15 +62,23 @@ impl Publisher {
             format!("exchange {exchange} ({routing_key})")
         };
         let confirm = channel
-            .basic_publish(exchange.into(), routing_key.into(), options, payload, properties)
+            .basic_publish(
+                exchange.into(),
+                routing_key.into(),
+                options,
+                payload,
+                properties,
+            )
             .await?
             .await?;
         match confirm {
             Confirmation::Ack(None) => Ok(()),
-            Confirmation::Ack(Some(returned)) | Confirmation::Nack(Some(returned)) => Err(AmqpError::NotConfirmed {
-                target,
-                reason: format!("returned {} {}", returned.reply_code, returned.reply_text),
-            }),
+            Confirmation::Ack(Some(returned)) | Confirmation::Nack(Some(returned)) => {
+                Err(AmqpError::NotConfirmed {
+                    target,
+                    reason: format!("returned {} {}", returned.reply_code, returned.reply_text),
+                })
+            }
             Confirmation::Nack(None) => Err(AmqpError::NotConfirmed {
                 target,
                 reason: "nacked by the broker".into(),
@@ -92,7 +102,8 @@ impl Publisher {
             .with_type(event.kind.as_str().into())
             .with_app_id("imagegen".into())
             .with_timestamp(unix_now());
-        self.publish(exchange, event.routing_key(), &payload, properties).await
+        self.publish(exchange, event.routing_key(), &payload, properties)
+            .await
     }
 
     pub async fn close(&self) {

@@ -19,14 +19,20 @@ pub struct ResultListener {
 impl ResultListener {
     /// Binds an exclusive, server-named queue to `exchange` with `binding` (`#` for every event).
     /// It goes away with the connection.
-    pub async fn open(connection: &Connection, exchange: &str, binding: &str) -> Result<Self, AmqpError> {
+    pub async fn open(
+        connection: &Connection,
+        exchange: &str,
+        binding: &str,
+    ) -> Result<Self, AmqpError> {
         let channel = connection.create_channel().await?;
         let options = QueueDeclareOptions {
             exclusive: true,
             auto_delete: true,
             ..QueueDeclareOptions::default()
         };
-        let queue = channel.queue_declare("".into(), options, FieldTable::default()).await?;
+        let queue = channel
+            .queue_declare("".into(), options, FieldTable::default())
+            .await?;
         let name = queue.name().clone();
         channel
             .queue_bind(
@@ -38,7 +44,12 @@ impl ResultListener {
             )
             .await?;
         let consumer = channel
-            .basic_consume(name, "".into(), BasicConsumeOptions::default(), FieldTable::default())
+            .basic_consume(
+                name,
+                "".into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
             .await?;
         Ok(Self { channel, consumer })
     }

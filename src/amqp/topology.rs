@@ -29,7 +29,10 @@ pub fn jobs_queue_arguments(settings: &Settings) -> FieldTable {
     table([
         quorum(),
         ("x-dead-letter-exchange", string("")),
-        ("x-dead-letter-routing-key", string(&settings.amqp.dead_letter_queue)),
+        (
+            "x-dead-letter-routing-key",
+            string(&settings.amqp.dead_letter_queue),
+        ),
         ("x-dead-letter-strategy", string("at-least-once")),
         ("x-overflow", string("reject-publish")),
     ])
@@ -59,14 +62,22 @@ pub async fn declare(connection: &Connection, settings: &Settings) -> Result<(),
 }
 
 /// Creates a durable queue with `arguments` unless it exists (then it is accepted as it is).
-pub async fn ensure_queue(connection: &Connection, name: &str, arguments: FieldTable) -> Result<(), AmqpError> {
+pub async fn ensure_queue(
+    connection: &Connection,
+    name: &str,
+    arguments: FieldTable,
+) -> Result<(), AmqpError> {
     // A failed passive declare closes its channel: use a throwaway one.
     let probe = connection.create_channel().await?;
     let passive = QueueDeclareOptions {
         passive: true,
         ..QueueDeclareOptions::default()
     };
-    if probe.queue_declare(name.into(), passive, FieldTable::default()).await.is_ok() {
+    if probe
+        .queue_declare(name.into(), passive, FieldTable::default())
+        .await
+        .is_ok()
+    {
         debug!(queue = name, "queue exists; accepted as it is");
         let _ = probe.close(200, "ok".into()).await;
         return Ok(());
@@ -87,7 +98,12 @@ async fn ensure_exchange(connection: &Connection, name: &str) -> Result<(), Amqp
         ..ExchangeDeclareOptions::default()
     };
     if probe
-        .exchange_declare(name.into(), ExchangeKind::Topic, passive, FieldTable::default())
+        .exchange_declare(
+            name.into(),
+            ExchangeKind::Topic,
+            passive,
+            FieldTable::default(),
+        )
         .await
         .is_ok()
     {
@@ -100,7 +116,12 @@ async fn ensure_exchange(connection: &Connection, name: &str) -> Result<(), Amqp
         ..ExchangeDeclareOptions::default()
     };
     channel
-        .exchange_declare(name.into(), ExchangeKind::Topic, options, FieldTable::default())
+        .exchange_declare(
+            name.into(),
+            ExchangeKind::Topic,
+            options,
+            FieldTable::default(),
+        )
         .await?;
     info!(exchange = name, "exchange created");
     let _ = channel.close(200, "ok".into()).await;

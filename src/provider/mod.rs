@@ -108,9 +108,18 @@ mod tests {
 
     #[test]
     fn sniffing_trusts_bytes_over_the_declared_format() {
-        assert_eq!(sniff(b"\x89PNG\r\n\x1a\nrest", "jpeg"), ("image/png", "png"));
-        assert_eq!(sniff(&[0xff, 0xd8, 0xff, 0xe0], "png"), ("image/jpeg", "jpeg"));
-        assert_eq!(sniff(b"RIFF\0\0\0\0WEBPVP8 ", "png"), ("image/webp", "webp"));
+        assert_eq!(
+            sniff(b"\x89PNG\r\n\x1a\nrest", "jpeg"),
+            ("image/png", "png")
+        );
+        assert_eq!(
+            sniff(&[0xff, 0xd8, 0xff, 0xe0], "png"),
+            ("image/jpeg", "jpeg")
+        );
+        assert_eq!(
+            sniff(b"RIFF\0\0\0\0WEBPVP8 ", "png"),
+            ("image/webp", "webp")
+        );
         assert_eq!(sniff(b"????", "webp"), ("image/webp", "webp"));
         assert_eq!(sniff(b"????", "tiff"), ("application/octet-stream", "bin"));
     }

@@ -17,7 +17,7 @@ use serde_json::{Map, Value};
 
 use super::{GeneratedImage, Generation, ImageProvider, ImageRequest, Journal, sniff};
 use crate::config::{AuthScheme, ProviderSettings};
-use crate::error::{ApiErrorBody, Failure, ProviderDetail, classify_http};
+use crate::error::{ApiErrorBody, Failure, classify_http};
 
 /// Error bodies are small; never read more than this of one.
 const MAX_ERROR_BODY: usize = 64 * 1024;
@@ -38,8 +38,9 @@ impl OpenAi {
             AuthScheme::Bearer => ("authorization", format!("Bearer {key}")),
             AuthScheme::ApiKey => ("api-key", key.to_string()),
         };
-        let mut value = HeaderValue::from_str(&value)
-            .map_err(|_| anyhow::anyhow!("provider.api_key contains characters not allowed in an HTTP header"))?;
+        let mut value = HeaderValue::from_str(&value).map_err(|_| {
+            anyhow::anyhow!("provider.api_key contains characters not allowed in an HTTP header")
+        })?;
         value.set_sensitive(true);
         headers.insert(name, value);
         let client = reqwest::Client::builder()
@@ -51,7 +52,10 @@ impl OpenAi {
             .build()?;
         Ok(Self {
             client,
-            endpoint: format!("{}/images/generations", settings.base_url.trim_end_matches('/')),
+            endpoint: format!(
+                "{}/images/generations",
+                settings.base_url.trim_end_matches('/')
+            ),
             response_format: Some(settings.response_format.clone()).filter(|f| !f.is_empty()),
             max_response_bytes: settings.max_response_bytes,
         })
@@ -87,28 +91,43 @@ impl OpenAi {
         let request_id = header_str(response.headers(), "x-request-id");
         if !(200..300).contains(&status) {
             let after = retry_after(response.headers());
-            let should_retry = header_str(response.headers(), "x-should-retry").map(|v| v == "true");
-            let body = read_limited(response, MAX_ERROR_BODY).await.unwrap_or_default();
-            return Err(classify_http(status, &ApiErrorBody::parse(&body), after, should_retry, request_id));
+            let should_retry =
+                header_str(response.headers(), "x-should-retry").map(|v| v == "true");
+            let body = read_limited(response, MAX_ERROR_BODY)
+                .await
+                .unwrap_or_default();
+            return Err(classify_http(
+                status,
+                &ApiErrorBody::parse(&body),
+                after,
+                should_retry,
+                request_id,
+            ));
         }
         let body = read_limited(response, self.max_response_bytes)
             .await
             .map_err(|f| with_request_id(f, &request_id))?;
         let parsed: ImagesResponse<'_> = serde_json::from_slice(&body).map_err(|e| {
             with_request_id(
-                billed_failure(format!("the provider's 200 response could not be read: {e}")),
+                billed_failure(format!(
+                    "the provider's 200 response could not be read: {e}"
+                )),
                 &request_id,
             )
         })?;
         let usage = parsed.usage;
-        let declared = parsed.output_format.unwrap_or_else(|| request.job.output_format.clone());
+        let declared = parsed
+            .output_format
+            .unwrap_or_else(|| request.job.output_format.clone());
         let mut images = Vec::with_capacity(parsed.data.len());
         for item in parsed.data {
             let data = match (item.b64_json, item.url) {
                 (Some(Borrowed(b64)), _) => base64::engine::general_purpose::STANDARD
                     .decode(b64.as_bytes())
                     .map(Bytes::from)
-                    .map_err(|e| billed_failure(format!("the provider returned invalid base64: {e}")))?,
+                    .map_err(|e| {
+                        billed_failure(format!("the provider returned invalid base64: {e}"))
+                    })?,
                 (None, Some(url)) => self.download(&url).await?,
                 (None, None) => continue,
             };
@@ -188,13 +207,17 @@ struct ImageData<'a> {
 struct Borrowed<'a>(#[serde(borrow)] Cow<'a, str>);
 
 fn header_str(headers: &HeaderMap, name: &str) -> Option<String> {
-    headers.get(name).and_then(|v| v.to_str().ok()).map(str::to_string)
+    headers
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
 }
 
 /// The server's requested delay: `retry-after-ms` (float milliseconds), else `retry-after`
 /// (seconds, or an HTTP date).
 pub fn retry_after(headers: &HeaderMap) -> Option<Duration> {
-    if let Some(ms) = header_str(headers, "retry-after-ms").and_then(|v| v.trim().parse::<f64>().ok())
+    if let Some(ms) =
+        header_str(headers, "retry-after-ms").and_then(|v| v.trim().parse::<f64>().ok())
         && ms.is_finite()
         && ms >= 0.0
     {
@@ -205,7 +228,10 @@ pub fn retry_after(headers: &HeaderMap) -> Option<Duration> {
         return (secs.is_finite() && secs >= 0.0).then(|| Duration::from_secs_f64(secs));
     }
     let when = httpdate::parse_http_date(value.trim()).ok()?;
-    Some(when.duration_since(std::time::SystemTime::now()).unwrap_or(Duration::ZERO))
+    Some(
+        when.duration_since(std::time::SystemTime::now())
+            .unwrap_or(Duration::ZERO),
+    )
 }
 
 /// Reads a body, refusing more than `limit` bytes.
@@ -234,7 +260,7 @@ fn billed_failure(message: String) -> Failure {
         message,
         after: None,
         possibly_billed: true,
-        detail: ProviderDetail::default(),
+        detail: Box::default(),
     }
 }
 
@@ -260,7 +286,7 @@ fn transport_failure(error: reqwest::Error) -> Failure {
         message,
         after: None,
         possibly_billed,
-        detail: ProviderDetail::default(),
+        detail: Box::default(),
     }
 }
 
@@ -279,13 +305,26 @@ mod tests {
     #[test]
     fn retry_after_prefers_milliseconds_then_seconds_then_dates() {
         assert_eq!(
-            retry_after(&headers(&[("retry-after-ms", "1500.5"), ("retry-after", "9")])),
+            retry_after(&headers(&[
+                ("retry-after-ms", "1500.5"),
+                ("retry-after", "9")
+            ])),
             Some(Duration::from_secs_f64(1.5005))
         );
-        assert_eq!(retry_after(&headers(&[("retry-after", "2")])), Some(Duration::from_secs(2)));
+        assert_eq!(
+            retry_after(&headers(&[("retry-after", "2")])),
+            Some(Duration::from_secs(2))
+        );
         let later = std::time::SystemTime::now() + Duration::from_secs(30);
-        let d = retry_after(&headers(&[("retry-after", &httpdate::fmt_http_date(later))])).unwrap();
-        assert!(d > Duration::from_secs(25) && d <= Duration::from_secs(30), "{d:?}");
+        let d = retry_after(&headers(&[(
+            "retry-after",
+            &httpdate::fmt_http_date(later),
+        )]))
+        .unwrap();
+        assert!(
+            d > Duration::from_secs(25) && d <= Duration::from_secs(30),
+            "{d:?}"
+        );
         assert_eq!(retry_after(&headers(&[("retry-after", "soon")])), None);
         assert_eq!(retry_after(&headers(&[])), None);
     }
@@ -296,7 +335,10 @@ mod tests {
             "quality":"ultra","output_format":"avif","usage":{"input_tokens":3,"new":{"x":1}},"extra":[]}"#;
         let parsed: ImagesResponse<'_> = serde_json::from_slice(body).unwrap();
         assert_eq!(parsed.data.len(), 1);
-        assert!(matches!(parsed.data[0].b64_json, Some(Borrowed(Cow::Borrowed("aGk=")))));
+        assert!(matches!(
+            parsed.data[0].b64_json,
+            Some(Borrowed(Cow::Borrowed("aGk=")))
+        ));
         assert_eq!(parsed.usage.unwrap()["input_tokens"], 3);
     }
 
@@ -304,7 +346,10 @@ mod tests {
     fn params_pass_through_and_worker_fields_win() {
         let settings = crate::config::Settings::load_with_overrides(
             &crate::config::Sources::default(),
-            &[("provider.kind", "openai".into()), ("provider.api_key", "sk-test".into())],
+            &[
+                ("provider.kind", "openai".into()),
+                ("provider.api_key", "sk-test".into()),
+            ],
         )
         .unwrap();
         let provider = OpenAi::new(&settings.provider).unwrap();
@@ -315,7 +360,10 @@ mod tests {
             &rules,
         )
         .unwrap();
-        let body = provider.body(ImageRequest { job: &job, indices: &[1, 2] });
+        let body = provider.body(ImageRequest {
+            job: &job,
+            indices: &[1, 2],
+        });
         assert_eq!(body["n"], 2);
         assert_eq!(body["model"], "gpt-image-2");
         assert_eq!(body["user"], "u-1");

@@ -64,13 +64,19 @@ fn dimensions(size: &str) -> (u32, u32) {
         .filter(|(w, h)| *w > 0 && *h > 0);
     let (w, h) = parsed.unwrap_or((DEFAULT_SIDE, DEFAULT_SIDE));
     let scale = (MAX_SIDE as f64 / w.max(h) as f64).min(1.0);
-    (((w as f64 * scale) as u32).max(1), ((h as f64 * scale) as u32).max(1))
+    (
+        ((w as f64 * scale) as u32).max(1),
+        ((h as f64 * scale) as u32).max(1),
+    )
 }
 
 /// A diagonal gradient between two colours taken from the prompt's digest, with an 8x8 pattern
 /// of lighter cells (mirrored, like an identicon), so different prompts look different.
 fn render(prompt: &str, index: u32, w: u32, h: u32) -> Result<Vec<u8>, Failure> {
-    let digest = Sha256::new().chain_update(prompt).chain_update(index.to_be_bytes()).finalize();
+    let digest = Sha256::new()
+        .chain_update(prompt)
+        .chain_update(index.to_be_bytes())
+        .finalize();
     let c1 = [digest[0], digest[1], digest[2]];
     let c2 = [digest[3], digest[4], digest[5]];
     let pattern = u64::from_be_bytes(digest[8..16].try_into().unwrap_or_default());
@@ -83,7 +89,11 @@ fn render(prompt: &str, index: u32, w: u32, h: u32) -> Result<Vec<u8>, Failure> 
             let lit = pattern >> bit & 1 == 1;
             for c in 0..3 {
                 let v = c1[c] as f32 * (1.0 - t) + c2[c] as f32 * t;
-                pixels.push(if lit { (v * 0.5 + 127.0) as u8 } else { v as u8 });
+                pixels.push(if lit {
+                    (v * 0.5 + 127.0) as u8
+                } else {
+                    v as u8
+                });
             }
         }
     }
@@ -92,7 +102,8 @@ fn render(prompt: &str, index: u32, w: u32, h: u32) -> Result<Vec<u8>, Failure> 
     encoder.set_color(png::ColorType::Rgb);
     encoder.set_depth(png::BitDepth::Eight);
     encoder.set_compression(png::Compression::Fast);
-    let fail = |e: png::EncodingError| Failure::transient(format!("placeholder PNG encoding failed: {e}"));
+    let fail =
+        |e: png::EncodingError| Failure::transient(format!("placeholder PNG encoding failed: {e}"));
     encoder
         .add_text_chunk("Description".into(), prompt.chars().take(1000).collect())
         .map_err(fail)?;

@@ -26,7 +26,11 @@ impl FsStore {
 
     fn path(&self, op: &'static str, key: &str) -> Result<PathBuf, StorageError> {
         let relative = Path::new(key);
-        if key.is_empty() || !relative.components().all(|c| matches!(c, Component::Normal(_))) {
+        if key.is_empty()
+            || !relative
+                .components()
+                .all(|c| matches!(c, Component::Normal(_)))
+        {
             return Err(StorageError {
                 op,
                 key: key.into(),
@@ -45,7 +49,10 @@ impl FsStore {
         };
         let dir = path.parent().unwrap_or(&self.root);
         tokio::fs::create_dir_all(dir).await.map_err(err)?;
-        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("object");
+        let name = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("object");
         let tmp = dir.join(format!(".{name}.tmp-{:016x}", fastrand::u64(..)));
         if let Err(e) = tokio::fs::write(&tmp, &object.data).await {
             let _ = tokio::fs::remove_file(&tmp).await;
@@ -124,7 +131,9 @@ impl ObjectStore for FsStore {
 
     fn check(&self) -> BoxFuture<'_, Result<(), StorageError>> {
         Box::pin(async move {
-            let probe = self.root.join(format!(".imagegen-check-{:016x}", fastrand::u64(..)));
+            let probe = self
+                .root
+                .join(format!(".imagegen-check-{:016x}", fastrand::u64(..)));
             let result = tokio::fs::write(&probe, b"ok").await;
             let _ = tokio::fs::remove_file(&probe).await;
             result.map_err(|e| StorageError {
@@ -161,12 +170,21 @@ mod tests {
         };
         store.put(put("images/_/j1/0.png")).await.unwrap();
         store.put(put("images/_/j1/1.png")).await.unwrap();
-        assert_eq!(store.get("images/_/j1/0.png").await.unwrap().unwrap(), Bytes::from_static(b"png"));
+        assert_eq!(
+            store.get("images/_/j1/0.png").await.unwrap().unwrap(),
+            Bytes::from_static(b"png")
+        );
         assert_eq!(store.get("images/_/j1/9.png").await.unwrap(), None);
-        assert_eq!(store.head("images/_/j1/1.png").await.unwrap().unwrap().size, 3);
+        assert_eq!(
+            store.head("images/_/j1/1.png").await.unwrap().unwrap().size,
+            3
+        );
         assert_eq!(
             store.list("images/_/j1/").await.unwrap(),
-            vec!["images/_/j1/0.png".to_string(), "images/_/j1/1.png".to_string()]
+            vec![
+                "images/_/j1/0.png".to_string(),
+                "images/_/j1/1.png".to_string()
+            ]
         );
         assert!(store.list("images/_/none/").await.unwrap().is_empty());
         assert!(store.put(put("../escape.png")).await.is_err());

@@ -9,7 +9,9 @@ use std::time::Duration;
 use aws_config::BehaviorVersion;
 use aws_sdk_s3::Client;
 use aws_sdk_s3::config::http::HttpResponse;
-use aws_sdk_s3::config::{Region, RequestChecksumCalculation, ResponseChecksumValidation, timeout::TimeoutConfig};
+use aws_sdk_s3::config::{
+    Region, RequestChecksumCalculation, ResponseChecksumValidation, timeout::TimeoutConfig,
+};
 use aws_sdk_s3::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::primitives::ByteStream;
 use aws_smithy_http_client::tls;
@@ -29,7 +31,9 @@ impl S3Store {
     pub async fn new(settings: &StorageSettings) -> anyhow::Result<Self> {
         crate::install_crypto_provider();
         let http = aws_smithy_http_client::Builder::new()
-            .tls_provider(tls::Provider::Rustls(tls::rustls_provider::CryptoMode::Ring))
+            .tls_provider(tls::Provider::Rustls(
+                tls::rustls_provider::CryptoMode::Ring,
+            ))
             .build_https();
         let mut loader = aws_config::defaults(BehaviorVersion::latest()).http_client(http);
         if !settings.region.is_empty() {
@@ -99,14 +103,24 @@ impl ObjectStore for S3Store {
             for (k, v) in object.metadata {
                 request = request.metadata(*k, v);
             }
-            request.send().await.map_err(|e| error("put", object.key, e))?;
+            request
+                .send()
+                .await
+                .map_err(|e| error("put", object.key, e))?;
             Ok(())
         })
     }
 
     fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<Bytes>, StorageError>> {
         Box::pin(async move {
-            match self.client.get_object().bucket(&self.bucket).key(key).send().await {
+            match self
+                .client
+                .get_object()
+                .bucket(&self.bucket)
+                .key(key)
+                .send()
+                .await
+            {
                 Ok(out) => {
                     let data = out.body.collect().await.map_err(|e| StorageError {
                         op: "get",
@@ -123,7 +137,14 @@ impl ObjectStore for S3Store {
 
     fn head<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<ObjectInfo>, StorageError>> {
         Box::pin(async move {
-            match self.client.head_object().bucket(&self.bucket).key(key).send().await {
+            match self
+                .client
+                .head_object()
+                .bucket(&self.bucket)
+                .key(key)
+                .send()
+                .await
+            {
                 Ok(out) => Ok(Some(ObjectInfo {
                     size: out.content_length().unwrap_or(0).max(0) as u64,
                     content_type: out.content_type().map(str::to_string),
@@ -145,7 +166,11 @@ impl ObjectStore for S3Store {
                 .send()
                 .await
                 .map_err(|e| error("list", prefix, e))?;
-            Ok(out.contents().iter().filter_map(|o| o.key().map(str::to_string)).collect())
+            Ok(out
+                .contents()
+                .iter()
+                .filter_map(|o| o.key().map(str::to_string))
+                .collect())
         })
     }
 

@@ -1,0 +1,205 @@
+//! The binary: `enqueue` against the real broker, `run` end to end, `worker` stopping on SIGTERM.
+
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use crate::helpers::{Store, TestEnv};
+
+fn imagegen(env: &TestEnv) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_imagegen"));
+    let a = &env.settings.amqp;
+    cmd.env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("IMAGEGEN__AMQP__URL", crate::helpers::amqp_url())
+        .env("IMAGEGEN__AMQP__JOBS_QUEUE", &a.jobs_queue)
+        .env("IMAGEGEN__AMQP__DEAD_LETTER_QUEUE", &a.dead_letter_queue)
+        .env("IMAGEGEN__AMQP__RESULTS_EXCHANGE", &a.results_exchange)
+        .env("IMAGEGEN__AMQP__RESULTS_QUEUE", &a.results_queue)
+        .env("IMAGEGEN__LOG__FORMAT", "json")
+        .current_dir(env!("CARGO_MANIFEST_DIR"));
+    cmd
+}
+
+#[tokio::test]
+async fn enqueue_publishes_good_lines_reports_bad_ones_and_ids_are_stable() {
+    let env = TestEnv::new(Store::Fs).await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("jobs.jsonl");
+    std::fs::write(
+        &file,
+        "{\"prompt\":\"a castle\"}\n{\"prompt\":\"a moat\",\"sise\":\"1x1\"}\n\n{\"id\":\"own\",\"prompt\":\"a bridge\",\"n\":2}\nnot json\n",
+    )
+    .unwrap();
+    let out = imagegen(&env)
+        .args(["enqueue", file.to_str().unwrap(), "--batch", "castles"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "bad lines make exit code 3: {stderr}"
+    );
+    assert!(
+        stderr.contains("jobs.jsonl:2:") && stderr.contains("sise"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("jobs.jsonl:5:"), "{stderr}");
+    assert!(stderr.contains("published 2 jobs"), "{stderr}");
+    assert_eq!(env.ready(&env.settings.amqp.jobs_queue).await, 2);
+
+    // --dry-run prints the same ids as the real run, and publishes nothing.
+    let dry = imagegen(&env)
+        .args([
+            "enqueue",
+            file.to_str().unwrap(),
+            "--batch",
+            "castles",
+            "--dry-run",
+        ])
+        .output()
+        .unwrap();
+    let jobs: Vec<serde_json::Value> = String::from_utf8_lossy(&dry.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(jobs.len(), 2);
+    assert_eq!(jobs[1]["id"], "own");
+    assert!(jobs[0]["id"].as_str().unwrap().starts_with("j-"));
+    assert_eq!(jobs[0]["batch"], "castles");
+    assert_eq!(env.ready(&env.settings.amqp.jobs_queue).await, 2);
+    let channel = env.connection.create_channel().await.unwrap();
+    let first = channel
+        .basic_get(
+            env.settings.amqp.jobs_queue.as_str().into(),
+            Default::default(),
+        )
+        .await
+        .unwrap()
+        .unwrap();
+    let published: serde_json::Value = serde_json::from_slice(&first.delivery.data).unwrap();
+    assert_eq!(published["id"], jobs[0]["id"], "the same id on every run");
+    assert_eq!(
+        first
+            .delivery
+            .properties
+            .message_id()
+            .as_ref()
+            .unwrap()
+            .as_str(),
+        jobs[0]["id"]
+    );
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn run_processes_a_text_file_end_to_end_with_placeholder_and_fs() {
+    let env = TestEnv::new(Store::Fs).await;
+    let dir = tempfile::tempdir().unwrap();
+    let prompts = dir.path().join("few.txt");
+    std::fs::write(
+        &prompts,
+        "a small red square\na small blue circle\n\na green triangle\n",
+    )
+    .unwrap();
+    let data = dir.path().join("data");
+    let run = || {
+        imagegen(&env)
+            .env("IMAGEGEN__PROVIDER__KIND", "placeholder")
+            .env("IMAGEGEN__PROVIDER__SIZE", "64x64")
+            .env("IMAGEGEN__STORAGE__KIND", "fs")
+            .env("IMAGEGEN__STORAGE__ROOT", &data)
+            .args(["run", prompts.to_str().unwrap(), "--timeout", "60"])
+            .output()
+            .unwrap()
+    };
+    let out = run();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("3 jobs") && stdout.contains("3 succeeded"),
+        "{stdout}"
+    );
+    let pngs = std::fs::read_dir(data.join("images/few")).unwrap().count();
+    assert_eq!(pngs, 3);
+    // Again: the stored results are found, nothing new is made.
+    let again = run();
+    assert!(again.status.success());
+    assert!(String::from_utf8_lossy(&again.stdout).contains("3 succeeded"));
+    assert_eq!(
+        std::fs::read_dir(data.join("images/few")).unwrap().count(),
+        3
+    );
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn worker_stops_on_sigterm_and_exits_zero() {
+    let env = TestEnv::new(Store::Fs).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = imagegen(&env)
+        .env("IMAGEGEN__PROVIDER__KIND", "placeholder")
+        .env("IMAGEGEN__STORAGE__ROOT", dir.path())
+        .arg("worker")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait for the consumer to be registered.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let channel = env.connection.create_channel().await.unwrap();
+        let q = channel
+            .queue_declare(
+                env.settings.amqp.jobs_queue.as_str().into(),
+                lapin::options::QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                Default::default(),
+            )
+            .await
+            .unwrap();
+        if q.consumer_count() == 1 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "worker never consumed"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let code = tokio::task::spawn_blocking(move || child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(code.code(), Some(0));
+    env.cleanup().await;
+}
+
+#[test]
+fn invalid_configuration_names_the_key_and_exits_1() {
+    let out = Command::new(env!("CARGO_BIN_EXE_imagegen"))
+        .env("IMAGEGEN__WORKER__CONCURRENCY", "0")
+        .arg("worker")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("worker.concurrency"), "{stderr}");
+    let out = Command::new(env!("CARGO_BIN_EXE_imagegen"))
+        .env("IMAGEGEN__PROVIDER__KIND", "openai")
+        .env_remove("OPENAI_API_KEY")
+        .arg("worker")
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("provider.api_key"));
+}

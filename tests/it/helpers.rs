@@ -1,0 +1,330 @@
+//! `TestEnv`: settings with unique names, a fake image API, and handles on the real services.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use imagegen::amqp::consumer::Worker;
+use imagegen::amqp::publisher::Publisher;
+use imagegen::amqp::results::ResultListener;
+use imagegen::amqp::{connect, topology};
+use imagegen::config::{Settings, Sources};
+use imagegen::event::CloudEvent;
+use imagegen::fake_api::{FakeApi, FakeOptions, FakeServer};
+use imagegen::storage::ObjectStore;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicGetOptions, ExchangeDeleteOptions,
+    QueueDeclareOptions, QueueDeleteOptions,
+};
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Connection};
+use serde_json::Value;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+/// The dev services that `scripts/services.sh` starts (overridable by environment).
+pub fn amqp_url() -> String {
+    std::env::var("IMAGEGEN_TEST_AMQP_URL")
+        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
+}
+pub const S3_ENDPOINT: &str = "http://127.0.0.1:3900";
+pub const S3_BUCKET: &str = "imagegen-dev";
+pub const S3_KEY_ID: &str = "GK1d3a9e0c5b7f2a4e6c8d0b1f";
+pub const S3_SECRET: &str = "9f8e7d6c5b4a39281706f5e4d3c2b1a09f8e7d6c5b4a39281706f5e4d3c2b1a0";
+
+#[derive(Clone, Copy, PartialEq)]
+pub enum Store {
+    S3,
+    Fs,
+}
+
+pub struct TestEnv {
+    pub id: String,
+    pub settings: Settings,
+    pub fake: FakeServer,
+    pub connection: Connection,
+    _dir: Option<tempfile::TempDir>,
+}
+
+pub struct RunningWorker {
+    pub stop: CancellationToken,
+    pub task: JoinHandle<anyhow::Result<imagegen::amqp::consumer::WorkerExit>>,
+}
+
+impl RunningWorker {
+    pub async fn shutdown(self) -> anyhow::Result<imagegen::amqp::consumer::WorkerExit> {
+        self.stop.cancel();
+        tokio::time::timeout(Duration::from_secs(60), self.task)
+            .await
+            .expect("worker stops within 60 s")
+            .expect("worker task")
+    }
+}
+
+impl TestEnv {
+    pub async fn new(store: Store) -> Self {
+        Self::with(store, &[]).await
+    }
+
+    /// Settings: the real defaults, then unique names, the fake API, fast retries, then `extra`.
+    pub async fn with(store: Store, extra: &[(&str, String)]) -> Self {
+        imagegen::install_crypto_provider();
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter("imagegen=debug")
+            .with_test_writer()
+            .try_init();
+        let id = format!("{:016x}", fastrand::u64(..));
+        let fake = FakeApi::new(FakeOptions::default())
+            .start()
+            .await
+            .expect("fake API starts");
+        let dir = (store == Store::Fs).then(|| tempfile::tempdir().expect("temp dir"));
+        let mut overrides: Vec<(&str, String)> = vec![
+            ("amqp.url", amqp_url()),
+            ("amqp.jobs_queue", format!("it.{id}.jobs")),
+            ("amqp.dead_letter_queue", format!("it.{id}.dead")),
+            ("amqp.results_exchange", format!("it.{id}.results")),
+            ("amqp.results_queue", format!("it.{id}.results")),
+            ("provider.kind", "openai".into()),
+            ("provider.base_url", fake.base_url()),
+            ("provider.api_key", "sk-test-key".into()),
+            ("worker.concurrency", "4".into()),
+            ("retry.initial_delay_ms", "20".into()),
+            ("retry.max_delay_ms", "200".into()),
+            ("storage.prefix", format!("it/{id}/")),
+        ];
+        match store {
+            Store::S3 => overrides.extend([
+                ("storage.kind", "s3".into()),
+                ("storage.bucket", S3_BUCKET.into()),
+                ("storage.endpoint_url", S3_ENDPOINT.into()),
+                ("storage.region", "garage".into()),
+                ("storage.access_key_id", S3_KEY_ID.into()),
+                ("storage.secret_access_key", S3_SECRET.into()),
+            ]),
+            Store::Fs => overrides.extend([
+                ("storage.kind", "fs".into()),
+                (
+                    "storage.root",
+                    dir.as_ref().unwrap().path().display().to_string(),
+                ),
+            ]),
+        }
+        overrides.extend(extra.iter().cloned());
+        let settings = Settings::load_with_overrides(&Sources::default(), &overrides)
+            .expect("test settings are valid");
+        let connection = connect(&settings, "test")
+            .await
+            .expect("RabbitMQ on 127.0.0.1:5672 (run `make services`)");
+        topology::declare(&connection, &settings)
+            .await
+            .expect("topology");
+        TestEnv {
+            id,
+            settings,
+            fake,
+            connection,
+            _dir: dir,
+        }
+    }
+
+    pub fn fake(&self) -> &FakeApi {
+        &self.fake.api
+    }
+
+    pub async fn store(&self) -> Arc<dyn ObjectStore> {
+        imagegen::storage::from_settings(&self.settings)
+            .await
+            .expect("store")
+    }
+
+    pub async fn start_worker(&self) -> RunningWorker {
+        self.start_worker_with(self.settings.clone()).await
+    }
+
+    pub async fn start_worker_with(&self, settings: Settings) -> RunningWorker {
+        let worker = Worker::from_settings(settings)
+            .await
+            .expect("worker builds");
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(worker.run(stop.clone()));
+        RunningWorker { stop, task }
+    }
+
+    /// Listens to every event of this test's results exchange. Open it before publishing.
+    pub async fn listen(&self) -> ResultListener {
+        ResultListener::open(&self.connection, &self.settings.amqp.results_exchange, "#")
+            .await
+            .expect("listener")
+    }
+
+    /// Publishes a raw body to the jobs queue, as any AMQP client would, with a confirm.
+    pub async fn publish_raw(&self, body: &[u8], message_id: Option<&str>) {
+        let publisher = Publisher::new(Arc::new(
+            connect(&self.settings, "test-publisher").await.unwrap(),
+        ));
+        let mut props = BasicProperties::default().with_content_type("application/json".into());
+        if let Some(id) = message_id {
+            props = props.with_message_id(id.into());
+        }
+        publisher
+            .publish("", &self.settings.amqp.jobs_queue, body, props)
+            .await
+            .expect("job published");
+        publisher.close().await;
+    }
+
+    pub async fn publish(&self, job: Value) {
+        self.publish_raw(&serde_json::to_vec(&job).unwrap(), None)
+            .await;
+    }
+
+    /// Waits for `n` events (fails the test after `wait`).
+    pub async fn events(
+        &self,
+        listener: &mut ResultListener,
+        n: usize,
+        wait: Duration,
+    ) -> Vec<CloudEvent> {
+        let deadline = tokio::time::Instant::now() + wait;
+        let mut out = Vec::new();
+        while out.len() < n {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            match listener.next(left).await.expect("listener") {
+                Some(e) => out.push(e),
+                None => panic!(
+                    "only {} of {n} events arrived within {wait:?}: {out:#?}",
+                    out.len()
+                ),
+            }
+        }
+        out
+    }
+
+    /// Messages ready in a queue (a passive declare).
+    pub async fn ready(&self, queue: &str) -> u32 {
+        let channel = self.connection.create_channel().await.unwrap();
+        let q = channel
+            .queue_declare(
+                queue.into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .expect("queue exists");
+        let _ = channel.close(200, "ok".into()).await;
+        q.message_count()
+    }
+
+    /// Takes every message in the dead-letter queue (bodies and headers).
+    pub async fn drain_dead_letters(&self) -> Vec<(Vec<u8>, BasicProperties)> {
+        let channel = self.connection.create_channel().await.unwrap();
+        let mut out = Vec::new();
+        while let Some(message) = channel
+            .basic_get(
+                self.settings.amqp.dead_letter_queue.as_str().into(),
+                BasicGetOptions::default(),
+            )
+            .await
+            .unwrap()
+        {
+            message
+                .delivery
+                .acker
+                .ack(BasicAckOptions::default())
+                .await
+                .unwrap();
+            out.push((
+                message.delivery.data.clone(),
+                message.delivery.properties.clone(),
+            ));
+        }
+        let _ = channel.close(200, "ok".into()).await;
+        out
+    }
+
+    /// Waits until the dead-letter queue holds `n` messages.
+    pub async fn wait_dead_letters(&self, n: u32, wait: Duration) {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let have = self.ready(&self.settings.amqp.dead_letter_queue).await;
+            if have >= n {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{have} of {n} dead letters after {wait:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Reads every message of the results queue without removing... (it consumes and acks).
+    pub async fn take_results_queue(&self, n: usize) -> Vec<CloudEvent> {
+        let channel = self.connection.create_channel().await.unwrap();
+        let mut consumer = channel
+            .basic_consume(
+                self.settings.amqp.results_queue.as_str().into(),
+                "".into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        let mut out = Vec::new();
+        while out.len() < n {
+            let d = tokio::time::timeout(Duration::from_secs(10), consumer.next())
+                .await
+                .expect("results queue message")
+                .unwrap()
+                .unwrap();
+            d.acker.ack(BasicAckOptions::default()).await.unwrap();
+            out.push(serde_json::from_slice(&d.data).unwrap());
+        }
+        let _ = channel.close(200, "ok".into()).await;
+        out
+    }
+
+    /// Deletes this test's queues and exchange.
+    pub async fn cleanup(self) {
+        let channel = self.connection.create_channel().await.unwrap();
+        let a = &self.settings.amqp;
+        for q in [&a.jobs_queue, &a.dead_letter_queue, &a.results_queue] {
+            let _ = channel
+                .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
+                .await;
+        }
+        let _ = channel
+            .exchange_delete(
+                a.results_exchange.as_str().into(),
+                ExchangeDeleteOptions::default(),
+            )
+            .await;
+        let _ = self.connection.close(200, "test done".into()).await;
+    }
+}
+
+/// Validates an instance against a schema of `schemas/`.
+pub fn assert_valid(schema_file: &str, instance: &Value) {
+    let path = format!("{}/schemas/{schema_file}", env!("CARGO_MANIFEST_DIR"));
+    let schema: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let validator = jsonschema::options()
+        .should_validate_formats(true)
+        .build(&schema)
+        .expect("schema compiles");
+    let errors: Vec<String> = validator
+        .iter_errors(instance)
+        .map(|e| format!("{} at {}", e, e.instance_path))
+        .collect();
+    assert!(
+        errors.is_empty(),
+        "{schema_file}: {errors:#?}\n{instance:#}"
+    );
+}
+
+pub fn event_json(event: &CloudEvent) -> Value {
+    serde_json::to_value(event).unwrap()
+}

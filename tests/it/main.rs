@@ -1,0 +1,10 @@
+//! Integration tests: one binary, real RabbitMQ (127.0.0.1:5672), real Garage (127.0.0.1:3900),
+//! and the in-project fake image API. `make test` starts the services.
+//!
+//! Each test gets its own queues, exchange and storage prefix, so tests run in parallel without
+//! seeing each other's messages.
+
+mod cli;
+mod helpers;
+mod pipeline;
+mod topology;
