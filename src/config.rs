@@ -51,6 +51,7 @@ pub struct AmqpSettings {
     pub dead_letter_queue: String,
     pub results_exchange: String,
     pub results_queue: String,
+    pub delivery_limit: u32,
     pub connection_name: String,
     pub connect_timeout_secs: u64,
 }

@@ -7,7 +7,8 @@
 //! TTLs, delivery limits) belong in policies, which apply to existing queues.
 //!
 //! - jobs: durable quorum queue, dead-lettering at-least-once to the dead-letter queue
-//!   (`x-dead-letter-strategy=at-least-once` needs `x-overflow=reject-publish`; RabbitMQ >= 3.10);
+//!   (`x-dead-letter-strategy=at-least-once` needs `x-overflow=reject-publish`; RabbitMQ >= 3.10),
+//!   with an explicit `x-delivery-limit` so that a poison message ends in the dead-letter queue;
 //! - dead-letter queue: durable quorum queue;
 //! - results: durable topic exchange, and a durable quorum queue bound with `#` so that events are
 //!   kept even when nobody listens.
@@ -35,6 +36,10 @@ pub fn jobs_queue_arguments(settings: &Settings) -> FieldTable {
         ),
         ("x-dead-letter-strategy", string("at-least-once")),
         ("x-overflow", string("reject-publish")),
+        (
+            "x-delivery-limit",
+            AMQPValue::LongInt(settings.amqp.delivery_limit.min(i32::MAX as u32) as i32),
+        ),
     ])
 }
 

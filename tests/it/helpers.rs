@@ -5,7 +5,6 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use imagegen::amqp::consumer::Worker;
-use imagegen::amqp::publisher::Publisher;
 use imagegen::amqp::results::ResultListener;
 use imagegen::amqp::{connect, topology};
 use imagegen::config::{Settings, Sources};
@@ -158,20 +157,31 @@ impl TestEnv {
             .expect("listener")
     }
 
-    /// Publishes a raw body to the jobs queue, as any AMQP client would, with a confirm.
+    /// Publishes a raw body to the jobs queue with plain lapin calls, as any AMQP client would
+    /// (no imagegen code involved), and waits for the broker's confirm.
     pub async fn publish_raw(&self, body: &[u8], message_id: Option<&str>) {
-        let publisher = Publisher::new(Arc::new(
-            connect(&self.settings, "test-publisher").await.unwrap(),
-        ));
-        let mut props = BasicProperties::default().with_content_type("application/json".into());
+        let channel = self.connection.create_channel().await.unwrap();
+        channel.confirm_select(Default::default()).await.unwrap();
+        let mut props = BasicProperties::default()
+            .with_content_type("application/json".into())
+            .with_delivery_mode(2);
         if let Some(id) = message_id {
             props = props.with_message_id(id.into());
         }
-        publisher
-            .publish("", &self.settings.amqp.jobs_queue, body, props)
+        let confirm = channel
+            .basic_publish(
+                "".into(),
+                self.settings.amqp.jobs_queue.as_str().into(),
+                Default::default(),
+                body,
+                props,
+            )
             .await
-            .expect("job published");
-        publisher.close().await;
+            .unwrap()
+            .await
+            .unwrap();
+        assert!(confirm.is_ack(), "job published");
+        let _ = channel.close(200, "ok".into()).await;
     }
 
     pub async fn publish(&self, job: Value) {
