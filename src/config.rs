@@ -52,6 +52,7 @@ pub struct AmqpSettings {
     pub results_exchange: String,
     pub results_queue: String,
     pub delivery_limit: u32,
+    pub delay_tiers_secs: Vec<u64>,
     pub connection_name: String,
     pub connect_timeout_secs: u64,
 }
@@ -62,6 +63,7 @@ pub struct WorkerSettings {
     pub concurrency: usize,
     pub prefetch: u16,
     pub shutdown_grace_secs: u64,
+    pub pause_probe_secs: u64,
     pub max_message_bytes: usize,
     pub max_prompt_chars: usize,
     pub max_metadata_bytes: usize,
@@ -106,7 +108,8 @@ pub struct RetrySettings {
     pub initial_delay_ms: u64,
     pub max_delay_ms: u64,
     pub max_total_delay_secs: u64,
-    pub max_retry_after_secs: u64,
+    pub max_in_process_wait_secs: u64,
+    pub max_possibly_billed_retries: u32,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -279,6 +282,7 @@ impl Settings {
             }
         }
         in_range("worker.shutdown_grace_secs", w.shutdown_grace_secs, 0, 3600)?;
+        in_range("worker.pause_probe_secs", w.pause_probe_secs, 1, 86_400)?;
         in_range(
             "worker.max_message_bytes",
             w.max_message_bytes as u64,
@@ -360,10 +364,29 @@ impl Settings {
             86_400,
         )?;
         in_range(
-            "retry.max_retry_after_secs",
-            r.max_retry_after_secs,
+            "retry.max_in_process_wait_secs",
+            r.max_in_process_wait_secs,
             0,
-            86_400,
+            600,
+        )?;
+        in_range(
+            "retry.max_possibly_billed_retries",
+            r.max_possibly_billed_retries as u64,
+            0,
+            10,
+        )?;
+        let tiers = &self.amqp.delay_tiers_secs;
+        if tiers.is_empty() || tiers.windows(2).any(|w| w[0] >= w[1]) || tiers[0] == 0 {
+            return Err(invalid(
+                "amqp.delay_tiers_secs",
+                "must be a non-empty, strictly increasing list of seconds above 0",
+            ));
+        }
+        in_range(
+            "amqp.delay_tiers_secs",
+            *tiers.last().unwrap_or(&1),
+            1,
+            86_400 * 7,
         )?;
 
         let s = &self.storage;
@@ -420,6 +443,21 @@ impl Settings {
 
     pub fn shutdown_grace(&self) -> Duration {
         Duration::from_secs(self.worker.shutdown_grace_secs)
+    }
+
+    /// The delay queue for a wait: the shortest tier that covers it, else the longest.
+    pub fn delay_queue(&self, wait: Duration) -> (String, Duration) {
+        let tiers = &self.amqp.delay_tiers_secs;
+        let secs = tiers
+            .iter()
+            .copied()
+            .find(|t| Duration::from_secs(*t) >= wait)
+            .unwrap_or_else(|| tiers.last().copied().unwrap_or(60));
+        (self.delay_queue_name(secs), Duration::from_secs(secs))
+    }
+
+    pub fn delay_queue_name(&self, secs: u64) -> String {
+        format!("{}.delay.{secs}s", self.amqp.jobs_queue)
     }
 
     /// The AMQP URL with its password masked, for logs.
@@ -551,6 +589,28 @@ mod tests {
         );
         assert!(error_of(&[("storage.prefix", "../up".into())]).contains("storage.prefix"));
         assert!(error_of(&[("provider.kind", "dalle".into())]).contains("kind"));
+    }
+
+    #[test]
+    fn delay_tiers_pick_the_shortest_that_covers_the_wait() {
+        let s = defaults();
+        assert_eq!(
+            s.delay_queue(Duration::from_secs(3)),
+            ("imagegen.jobs.delay.5s".into(), Duration::from_secs(5))
+        );
+        assert_eq!(
+            s.delay_queue(Duration::from_secs(31)).1,
+            Duration::from_secs(120)
+        );
+        assert_eq!(
+            s.delay_queue(Duration::from_secs(99_999)).1,
+            Duration::from_secs(1800)
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("x.toml");
+        std::fs::write(&file, "[amqp]\ndelay_tiers_secs = [30, 10]\n").unwrap();
+        let err = load_file(&file).unwrap_err().to_string();
+        assert!(err.contains("amqp.delay_tiers_secs"), "{err}");
     }
 
     #[test]

@@ -45,8 +45,10 @@ pub struct ResultData {
     pub status: Status,
     pub images: Vec<StoredImage>,
     pub error: Option<EventError>,
-    /// Provider calls made for this job by the worker that finished it.
+    /// Provider calls made for this job, earlier deliveries' failed attempts included.
     pub attempts: u32,
+    /// Failed requests that may have been billed all the same (a timeout or reset after sending).
+    pub possibly_billed: u32,
     pub model: Option<String>,
     pub revised_prompt: Option<String>,
     /// Token usage as the provider reported it (summed when several calls produced the images).

@@ -5,8 +5,9 @@
 //! images already stored are reused -> call the provider for the missing ones (bounded
 //! concurrency, retries) -> upload each image -> store the result record -> event.
 
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures_util::future::BoxFuture;
@@ -33,6 +34,8 @@ pub struct Delivery<'a> {
     pub body: &'a [u8],
     /// The AMQP `message_id`, the job id when the body has none.
     pub message_id: Option<&'a str>,
+    /// Provider attempts that failed on earlier deliveries (the `x-imagegen-attempts` header).
+    pub attempts: u32,
 }
 
 /// What to do with the message after processing.
@@ -51,6 +54,9 @@ pub enum Outcome {
     },
     /// Give the message back untouched: not a failed attempt.
     Return { reason: ReturnReason },
+    /// Retry later, after `after`: too long to hold the message. `attempts` is the new count of
+    /// failed attempts to carry with the job.
+    Defer { after: Duration, attempts: u32 },
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -70,6 +76,10 @@ pub struct Pipeline {
     slots: Arc<Semaphore>,
     prefix: String,
     source: String,
+    /// One lock per job being processed: a second delivery of the same job (a duplicate publish,
+    /// a redelivery after a reconnect) waits for the first and then finds its stored result, so
+    /// one process never calls the provider twice for one job at once.
+    active: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 impl Pipeline {
@@ -86,6 +96,7 @@ impl Pipeline {
             slots: Arc::new(Semaphore::new(settings.worker.concurrency)),
             prefix: settings.storage.prefix.clone(),
             source: settings.events.source.clone(),
+            active: Mutex::new(HashMap::new()),
         }
     }
 
@@ -98,8 +109,9 @@ impl Pipeline {
         format!("{}{}", self.prefix, job.key_dir())
     }
 
-    /// Processes one message. `halt` is cancelled when the worker stops taking jobs: a job that
-    /// has not reached the provider by then is returned untouched.
+    /// Processes one message. `halt` is cancelled when the worker stops taking jobs (the pipeline
+    /// cancels it itself when the provider refuses all requests): a job that has not reached the
+    /// provider by then is returned untouched.
     pub async fn process(&self, delivery: Delivery<'_>, halt: &CancellationToken) -> Outcome {
         let started = Instant::now();
         let job = match Job::parse(delivery.body, delivery.message_id, &self.rules) {
@@ -123,11 +135,33 @@ impl Pipeline {
             }
         };
         let span = info_span!("job", job_id = %job.id, batch = job.batch.as_deref().unwrap_or("_"));
-        self.process_job(&job, started, halt).instrument(span).await
+        let dir = self.job_dir(&job);
+        let lock = {
+            let mut active = self.active.lock().unwrap_or_else(|e| e.into_inner());
+            active.entry(dir.clone()).or_default().clone()
+        };
+        let outcome = {
+            let _guard = lock.lock().await;
+            self.process_job(&job, &dir, delivery.attempts, started, halt)
+                .instrument(span)
+                .await
+        };
+        let mut active = self.active.lock().unwrap_or_else(|e| e.into_inner());
+        // The map's reference and ours: nobody else waits for this job.
+        if Arc::strong_count(&lock) == 2 {
+            active.remove(&dir);
+        }
+        outcome
     }
 
-    async fn process_job(&self, job: &Job, started: Instant, halt: &CancellationToken) -> Outcome {
-        let dir = self.job_dir(job);
+    async fn process_job(
+        &self,
+        job: &Job,
+        dir: &str,
+        prior: u32,
+        started: Instant,
+        halt: &CancellationToken,
+    ) -> Outcome {
         let record_key = format!("{dir}/{RECORD_NAME}");
         match self.stored_event(&record_key).await {
             Ok(Some(event)) => {
@@ -138,12 +172,16 @@ impl Pipeline {
                 };
             }
             Ok(None) => {}
-            Err(failure) => return self.failed(job, failure, Vec::new(), 0, started),
+            Err(failure) => return self.failed(job, failure, Work::default(), prior, started),
         }
         let mut work = Work::default();
-        match self.reuse_stored_images(job, &dir).await {
+        match self.reuse_stored_images(job, dir).await {
             Ok(images) => work.images = images,
-            Err(failure) => return self.failed(job, failure, Vec::new(), 0, started),
+            Err(failure) => return self.failed(job, failure, work, prior, started),
+        }
+        if prior >= self.retry.max_attempts {
+            let failure = Failure::transient(format!("{prior} attempts already failed"));
+            return self.failed(job, failure, work, prior, started);
         }
         if !work.images.is_empty() {
             info!(
@@ -155,12 +193,13 @@ impl Pipeline {
         let work = Mutex::new(work);
         let journal = StoreJournal {
             store: &*self.store,
-            dir: &dir,
+            dir,
         };
         let outcome = self
             .retry
-            .run(
-                || self.generate_missing(job, &dir, &work, &journal, halt),
+            .run_from(
+                prior,
+                || self.generate_missing(job, dir, &work, &journal, halt),
                 |failure, wait| {
                     let billed = matches!(failure, Failure::Retryable { possibly_billed: true, .. });
                     warn!(error = %failure, possibly_billed = billed, wait_ms = wait.as_millis() as u64,
@@ -170,6 +209,13 @@ impl Pipeline {
             .await;
         let mut work = work.into_inner().unwrap_or_else(|e| e.into_inner());
         work.images.sort_by_key(|i| i.index);
+        work.possibly_billed = outcome.possibly_billed;
+        if outcome.possibly_billed > 0 {
+            warn!(
+                possibly_billed = outcome.possibly_billed,
+                "requests that may have been billed without an image"
+            );
+        }
         match outcome.result {
             Ok(()) => {}
             Err(Failure::Stop {
@@ -187,14 +233,19 @@ impl Pipeline {
                     reason: ReturnReason::Halted,
                 };
             }
-            Err(failure) => {
-                let calls = work.calls;
-                return self.failed(job, failure, work.images, calls, started);
+            Err(failure) if outcome.deferred.is_some() && !work.halted => {
+                let after = outcome.deferred.unwrap_or_default();
+                let attempts = prior + work.calls;
+                info!(error = %failure, after_secs = after.as_secs(), attempts,
+                    "long wait: the job goes to a delay queue instead of holding its message");
+                return Outcome::Defer { after, attempts };
             }
+            Err(failure) => return self.failed(job, failure, work, prior, started),
         }
         let mut data = ResultData {
             images: work.images,
-            attempts: work.calls,
+            attempts: prior + work.calls,
+            possibly_billed: work.possibly_billed,
             model: Some(job.model.clone()),
             revised_prompt: work.revised_prompt,
             usage: work.usage,
@@ -208,15 +259,7 @@ impl Pipeline {
         let event = CloudEvent::new(&self.source, data);
         let record = match serde_json::to_vec(&event) {
             Ok(r) => Bytes::from(r),
-            Err(e) => {
-                return self.failed(
-                    job,
-                    Failure::transient(e.to_string()),
-                    event.data.images,
-                    work.calls,
-                    started,
-                );
-            }
+            Err(e) => return self.failed_event(event, Failure::transient(e.to_string())),
         };
         let put = self
             .retry
@@ -236,13 +279,7 @@ impl Pipeline {
             )
             .await;
         if let Err(failure) = put.result {
-            return self.failed(
-                job,
-                failure,
-                event.data.images,
-                event.data.attempts,
-                started,
-            );
+            return self.failed_event(event, failure);
         }
         info!(
             images = event.data.images.len(),
@@ -470,6 +507,7 @@ impl Pipeline {
             images: Vec::new(),
             error: None,
             attempts: 0,
+            possibly_billed: 0,
             model: None,
             revised_prompt: None,
             usage: None,
@@ -485,26 +523,38 @@ impl Pipeline {
         &self,
         job: &Job,
         failure: Failure,
-        images: Vec<StoredImage>,
-        calls: u32,
+        work: Work,
+        prior: u32,
         started: Instant,
     ) -> Outcome {
+        let data = ResultData {
+            images: work.images,
+            attempts: prior + work.calls,
+            possibly_billed: work.possibly_billed,
+            model: Some(job.model.clone()),
+            metadata: job.metadata.clone(),
+            ..self.data(&job.id, job.batch.clone(), Status::Failed, started)
+        };
+        self.fail(data, failure)
+    }
+
+    /// Turns a success that could not be recorded into a failure, keeping what it had.
+    fn failed_event(&self, event: CloudEvent, failure: Failure) -> Outcome {
+        let mut data = event.data;
+        data.status = Status::Failed;
+        self.fail(data, failure)
+    }
+
+    fn fail(&self, mut data: ResultData, failure: Failure) -> Outcome {
         let kind = match &failure {
             Failure::Permanent { kind, .. } => *kind,
             _ => ErrorKind::RetriesExhausted,
         };
-        warn!(error = %failure, kind = %kind, calls, "job failed");
+        warn!(error = %failure, kind = %kind, attempts = data.attempts, "job failed");
         let detail = failure.detail().clone();
-        let data = ResultData {
-            images,
-            error: Some(EventError::from_failure(kind, &failure)),
-            attempts: calls,
-            model: Some(job.model.clone()),
-            provider_request_id: detail.request_id,
-            refusal: detail.refusal,
-            metadata: job.metadata.clone(),
-            ..self.data(&job.id, job.batch.clone(), Status::Failed, started)
-        };
+        data.error = Some(EventError::from_failure(kind, &failure));
+        data.provider_request_id = detail.request_id.or(data.provider_request_id);
+        data.refusal = detail.refusal;
         self.finished(data, Settle::DeadLetter)
     }
 
@@ -521,6 +571,7 @@ impl Pipeline {
 struct Work {
     images: Vec<StoredImage>,
     calls: u32,
+    possibly_billed: u32,
     usage: Option<Value>,
     request_id: Option<String>,
     revised_prompt: Option<String>,

@@ -1,5 +1,10 @@
 //! Retries of transient failures: exponential backoff with full jitter and a cap (backon), a
 //! bound on attempts and on the total wait, and the server's own delay honoured when it gives one.
+//!
+//! A wait longer than `max_in_process_wait` is not slept in-process (a message must never be held
+//! near the broker's consumer timeout): the outcome says `deferred`, and the caller republishes
+//! the job to a delay queue. Failures after which the request may have been billed (a timeout or
+//! reset after sending) are retried at most `max_possibly_billed_retries` times.
 
 use std::future::Future;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
@@ -16,7 +21,8 @@ pub struct RetryPolicy {
     pub initial_delay: Duration,
     pub max_delay: Duration,
     pub max_total_delay: Duration,
-    pub max_retry_after: Duration,
+    pub max_in_process_wait: Duration,
+    pub max_possibly_billed_retries: u32,
 }
 
 /// What a retried operation came to.
@@ -28,6 +34,10 @@ pub struct RetryOutcome<T> {
     pub attempts: u32,
     /// The sum of the waits between attempts.
     pub waited: Duration,
+    /// The next attempt should come after this wait, which is too long to hold the message.
+    pub deferred: Option<Duration>,
+    /// Failures after which the request may have been billed.
+    pub possibly_billed: u32,
 }
 
 impl RetryPolicy {
@@ -37,41 +47,31 @@ impl RetryPolicy {
             initial_delay: Duration::from_millis(s.initial_delay_ms),
             max_delay: Duration::from_millis(s.max_delay_ms),
             max_total_delay: Duration::from_secs(s.max_total_delay_secs),
-            max_retry_after: Duration::from_secs(s.max_retry_after_secs),
+            max_in_process_wait: Duration::from_secs(s.max_in_process_wait_secs),
+            max_possibly_billed_retries: s.max_possibly_billed_retries,
         }
     }
 
-    fn backoff(&self) -> impl BackoffBuilder {
+    fn backoff(&self, attempts: u32) -> impl BackoffBuilder {
         // Jitter is applied below as full jitter (uniform in [0, delay]); backon's own jitter only
         // adds to the delay.
         ExponentialBuilder::default()
             .with_min_delay(self.initial_delay)
             .with_max_delay(self.max_delay)
             .with_factor(2.0)
-            .with_max_times(self.max_attempts.saturating_sub(1) as usize)
+            .with_max_times(attempts.saturating_sub(1) as usize)
     }
 
-    /// The wait before the next attempt, or `None` to give up. `computed` is the exponential
-    /// delay (None once the attempts are used up); `waited` is what was already waited.
-    fn next_wait(
-        &self,
-        failure: &Failure,
-        computed: Option<Duration>,
-        waited: Duration,
-    ) -> Option<Duration> {
+    /// The wait before the next attempt. `computed` is the exponential delay (None once the
+    /// attempts are used up).
+    fn next_wait(&self, failure: &Failure, computed: Option<Duration>) -> Option<Duration> {
         let computed = computed?;
-        let wait = match failure {
+        Some(match failure {
             Failure::Retryable {
                 after: Some(after), ..
-            } => {
-                if *after > self.max_retry_after {
-                    return None;
-                }
-                *after
-            }
+            } => *after,
             _ => computed.mul_f64(fastrand::f64()),
-        };
-        (waited + wait <= self.max_total_delay).then_some(wait)
+        })
     }
 
     /// Runs `op` until it succeeds, fails for good, or the attempts or total delay run out.
@@ -79,34 +79,67 @@ impl RetryPolicy {
     pub async fn run<T, F, Fut>(
         &self,
         op: F,
+        on_retry: impl FnMut(&Failure, Duration),
+    ) -> RetryOutcome<T>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, Failure>>,
+    {
+        self.run_from(0, op, on_retry).await
+    }
+
+    /// Like [`run`](Self::run), with `used` attempts already spent (on earlier deliveries).
+    pub async fn run_from<T, F, Fut>(
+        &self,
+        used: u32,
+        op: F,
         mut on_retry: impl FnMut(&Failure, Duration),
     ) -> RetryOutcome<T>
     where
         F: FnMut() -> Fut,
         Fut: Future<Output = Result<T, Failure>>,
     {
+        let allowed = self.max_attempts.saturating_sub(used).max(1);
         let attempts = AtomicU32::new(0);
+        let billed = AtomicU32::new(0);
         let waited_ns = AtomicU64::new(0);
+        let deferred_ns = AtomicU64::new(0);
         let mut op = op;
         let result = (|| {
             attempts.fetch_add(1, Ordering::Relaxed);
             op()
         })
-        .retry(self.backoff())
+        .retry(self.backoff(allowed))
         .sleep(tokio::time::sleep)
-        .when(Failure::is_retryable)
+        .when(|failure| match failure {
+            Failure::Retryable {
+                possibly_billed: true,
+                ..
+            } => billed.fetch_add(1, Ordering::Relaxed) < self.max_possibly_billed_retries,
+            other => other.is_retryable(),
+        })
         .adjust(|failure, computed| {
+            let wait = self.next_wait(failure, computed)?;
+            if wait > self.max_in_process_wait {
+                deferred_ns.store(wait.as_nanos().max(1) as u64, Ordering::Relaxed);
+                return None;
+            }
             let waited = Duration::from_nanos(waited_ns.load(Ordering::Relaxed));
-            let wait = self.next_wait(failure, computed, waited)?;
+            if waited + wait > self.max_total_delay {
+                return None;
+            }
             waited_ns.fetch_add(wait.as_nanos() as u64, Ordering::Relaxed);
             Some(wait)
         })
         .notify(|failure, wait| on_retry(failure, wait))
         .await;
+        let deferred = deferred_ns.load(Ordering::Relaxed);
         RetryOutcome {
             result,
             attempts: attempts.load(Ordering::Relaxed),
             waited: Duration::from_nanos(waited_ns.load(Ordering::Relaxed)),
+            deferred: (deferred > 0).then(|| Duration::from_nanos(deferred)),
+            possibly_billed: billed.load(Ordering::Relaxed),
         }
     }
 }
@@ -122,7 +155,8 @@ mod tests {
             initial_delay: Duration::from_millis(100),
             max_delay: Duration::from_secs(2),
             max_total_delay: Duration::from_secs(30),
-            max_retry_after: Duration::from_secs(10),
+            max_in_process_wait: Duration::from_secs(10),
+            max_possibly_billed_retries: 1,
         }
     }
 
@@ -188,7 +222,7 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn a_server_delay_beyond_the_limit_gives_up_at_once() {
+    async fn a_server_delay_beyond_the_limit_is_deferred_not_slept() {
         let mut notified = 0;
         let out = policy(5)
             .run(|| async { Err::<(), _>(after(60)) }, |_, _| notified += 1)
@@ -196,6 +230,39 @@ mod tests {
         assert_eq!(out.attempts, 1);
         assert_eq!(notified, 0);
         assert_eq!(out.waited, Duration::ZERO);
+        assert_eq!(out.deferred, Some(Duration::from_secs(60)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn attempts_spent_on_earlier_deliveries_count() {
+        let out = policy(5)
+            .run_from(
+                3,
+                || async { Err::<(), _>(Failure::transient("503")) },
+                |_, _| {},
+            )
+            .await;
+        assert_eq!(out.attempts, 2);
+        assert_eq!(out.deferred, None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn possibly_billed_failures_are_retried_at_most_the_configured_times() {
+        let ambiguous = || async {
+            Err::<(), _>(Failure::Retryable {
+                message: "timed out after sending".into(),
+                after: None,
+                possibly_billed: true,
+                detail: Box::default(),
+            })
+        };
+        let out = policy(10).run(ambiguous, |_, _| {}).await;
+        // The first ambiguous failure is retried once; the second ends it.
+        assert_eq!(out.attempts, 2);
+        assert_eq!(out.possibly_billed, 2);
+        let mut none = policy(10);
+        none.max_possibly_billed_retries = 0;
+        assert_eq!(none.run(ambiguous, |_, _| {}).await.attempts, 1);
     }
 
     #[tokio::test(start_paused = true)]

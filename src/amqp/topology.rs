@@ -10,6 +10,8 @@
 //!   (`x-dead-letter-strategy=at-least-once` needs `x-overflow=reject-publish`; RabbitMQ >= 3.10),
 //!   with an explicit `x-delivery-limit` so that a poison message ends in the dead-letter queue;
 //! - dead-letter queue: durable quorum queue;
+//! - delay queues `{jobs}.delay.{secs}s`, one per tier: quorum queues with a message TTL that
+//!   dead-letter (at-least-once) back to the jobs queue: delayed retries without plugins;
 //! - results: durable topic exchange, and a durable quorum queue bound with `#` so that events are
 //!   kept even when nobody listens.
 
@@ -43,11 +45,34 @@ pub fn jobs_queue_arguments(settings: &Settings) -> FieldTable {
     ])
 }
 
+/// Arguments of a delay queue: messages wait `secs`, then are dead-lettered back to the jobs
+/// queue. One queue per delay: messages only expire at the head of a queue.
+pub fn delay_queue_arguments(settings: &Settings, secs: u64) -> FieldTable {
+    table([
+        quorum(),
+        (
+            "x-message-ttl",
+            AMQPValue::LongLongInt((secs * 1000).min(i64::MAX as u64) as i64),
+        ),
+        ("x-dead-letter-exchange", string("")),
+        (
+            "x-dead-letter-routing-key",
+            string(&settings.amqp.jobs_queue),
+        ),
+        ("x-dead-letter-strategy", string("at-least-once")),
+        ("x-overflow", string("reject-publish")),
+    ])
+}
+
 /// Declares everything the worker needs (when `amqp.declare_topology` is on).
 pub async fn declare(connection: &Connection, settings: &Settings) -> Result<(), AmqpError> {
     let a = &settings.amqp;
     ensure_queue(connection, &a.dead_letter_queue, table([quorum()])).await?;
     ensure_queue(connection, &a.jobs_queue, jobs_queue_arguments(settings)).await?;
+    for secs in &a.delay_tiers_secs {
+        let name = settings.delay_queue_name(*secs);
+        ensure_queue(connection, &name, delay_queue_arguments(settings, *secs)).await?;
+    }
     ensure_exchange(connection, &a.results_exchange).await?;
     if !a.results_queue.is_empty() {
         ensure_queue(connection, &a.results_queue, table([quorum()])).await?;
