@@ -226,7 +226,10 @@ impl Settings {
                 config::Environment::with_prefix(ENV_PREFIX)
                     .prefix_separator("__")
                     .separator("__")
-                    .try_parsing(true),
+                    .try_parsing(true)
+                    // IMAGEGEN__AMQP__DELAY_TIERS_SECS=5,30,120
+                    .list_separator(",")
+                    .with_list_parse_key("amqp.delay_tiers_secs"),
             );
         }
         for (key, value) in overrides {

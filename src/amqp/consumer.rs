@@ -168,6 +168,7 @@ impl Worker {
         }
         let mut broker_events = connection.events_listener();
         let publisher = Arc::new(Publisher::new(connection.clone()));
+        publisher.open().await?;
         let channel = connection.create_channel().await?;
         let prefetch = s.prefetch();
         channel

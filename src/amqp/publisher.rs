@@ -29,6 +29,11 @@ impl Publisher {
         }
     }
 
+    /// Opens the publishing channel now rather than at the first publish.
+    pub async fn open(&self) -> Result<(), AmqpError> {
+        self.channel().await.map(|_| ())
+    }
+
     async fn channel(&self) -> Result<Channel, AmqpError> {
         let mut slot = self.channel.lock().await;
         if let Some(channel) = slot.as_ref().filter(|c| c.status().connected()) {
@@ -61,7 +66,7 @@ impl Publisher {
         } else {
             format!("exchange {exchange} ({routing_key})")
         };
-        let confirm = channel
+        let pending = channel
             .basic_publish(
                 exchange.into(),
                 routing_key.into(),
@@ -69,8 +74,8 @@ impl Publisher {
                 payload,
                 properties,
             )
-            .await?
             .await?;
+        let confirm = pending.await?;
         match confirm {
             Confirmation::Ack(None) => Ok(()),
             Confirmation::Ack(Some(returned)) | Confirmation::Nack(Some(returned)) => {

@@ -6,18 +6,7 @@ use std::time::Duration;
 use crate::helpers::{Store, TestEnv};
 
 fn imagegen(env: &TestEnv) -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_imagegen"));
-    let a = &env.settings.amqp;
-    cmd.env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .env("IMAGEGEN__AMQP__URL", crate::helpers::amqp_url())
-        .env("IMAGEGEN__AMQP__JOBS_QUEUE", &a.jobs_queue)
-        .env("IMAGEGEN__AMQP__DEAD_LETTER_QUEUE", &a.dead_letter_queue)
-        .env("IMAGEGEN__AMQP__RESULTS_EXCHANGE", &a.results_exchange)
-        .env("IMAGEGEN__AMQP__RESULTS_QUEUE", &a.results_queue)
-        .env("IMAGEGEN__LOG__FORMAT", "json")
-        .current_dir(env!("CARGO_MANIFEST_DIR"));
-    cmd
+    env.command()
 }
 
 #[tokio::test]

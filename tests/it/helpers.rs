@@ -69,7 +69,7 @@ impl TestEnv {
     pub async fn with(store: Store, extra: &[(&str, String)]) -> Self {
         imagegen::install_crypto_provider();
         let _ = tracing_subscriber::fmt()
-            .with_env_filter("imagegen=debug")
+            .with_env_filter(std::env::var("TEST_LOG").unwrap_or_else(|_| "imagegen=debug".into()))
             .with_test_writer()
             .try_init();
         let id = format!("{:016x}", fastrand::u64(..));
@@ -110,8 +110,12 @@ impl TestEnv {
             ]),
         }
         overrides.extend(extra.iter().cloned());
-        let settings = Settings::load_with_overrides(&Sources::default(), &overrides)
+        let mut settings = Settings::load_with_overrides(&Sources::default(), &overrides)
             .expect("test settings are valid");
+        // Short delay tiers keep delayed-retry tests quick (and fewer queues per test).
+        settings.amqp.delay_tiers_secs = vec![1, 3];
+        settings.amqp.connection_name = format!("it-{id}");
+        settings.validate().expect("test settings are valid");
         let connection = connect(&settings, "test")
             .await
             .expect("RabbitMQ on 127.0.0.1:5672 (run `make services`)");
@@ -296,6 +300,25 @@ impl TestEnv {
         }
         let _ = channel.close(200, "ok".into()).await;
         out
+    }
+
+    /// The `imagegen` binary with this test's broker names in its environment (and nothing else).
+    pub fn command(&self) -> std::process::Command {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_imagegen"));
+        let a = &self.settings.amqp;
+        let tiers: Vec<String> = a.delay_tiers_secs.iter().map(u64::to_string).collect();
+        cmd.env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("IMAGEGEN__AMQP__URL", amqp_url())
+            .env("IMAGEGEN__AMQP__JOBS_QUEUE", &a.jobs_queue)
+            .env("IMAGEGEN__AMQP__DEAD_LETTER_QUEUE", &a.dead_letter_queue)
+            .env("IMAGEGEN__AMQP__RESULTS_EXCHANGE", &a.results_exchange)
+            .env("IMAGEGEN__AMQP__RESULTS_QUEUE", &a.results_queue)
+            .env("IMAGEGEN__AMQP__DELAY_TIERS_SECS", tiers.join(","))
+            .env("IMAGEGEN__AMQP__CONNECTION_NAME", &a.connection_name)
+            .env("IMAGEGEN__LOG__FORMAT", "json")
+            .current_dir(env!("CARGO_MANIFEST_DIR"));
+        cmd
     }
 
     /// Deletes this test's queues and exchange.

@@ -7,4 +7,6 @@
 mod cli;
 mod helpers;
 mod pipeline;
+mod proxy;
+mod reliability;
 mod topology;

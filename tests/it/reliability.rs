@@ -1,0 +1,299 @@
+//! Faults: lost connections, paused providers, long waits, duplicates, ambiguous timeouts,
+//! workers killed mid-run. Every fault here is local to the test (its own proxy, its own fake
+//! API, its own queues and worker processes), so these tests run beside the others.
+
+use std::collections::HashMap;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use imagegen::event::{CloudEvent, Status};
+use imagegen::fake_api::{Fault, Rule};
+use lapin::types::AMQPValue;
+use serde_json::json;
+
+use crate::helpers::{Store, TestEnv, assert_valid, event_json};
+use crate::proxy::Proxy;
+
+const WAIT: Duration = Duration::from_secs(60);
+
+fn rule(prompt: Option<&str>, fault: Fault, times: Option<u32>) -> Rule {
+    Rule {
+        prompt_contains: prompt.map(str::to_string),
+        fault,
+        times,
+    }
+}
+
+/// Collects events until `n` distinct jobs have one; checks that duplicates are identical.
+async fn distinct_events(
+    listener: &mut imagegen::amqp::results::ResultListener,
+    n: usize,
+    already: Vec<CloudEvent>,
+) -> HashMap<String, CloudEvent> {
+    let deadline = Instant::now() + WAIT;
+    let mut seen: HashMap<String, CloudEvent> = already
+        .into_iter()
+        .map(|e| (e.data.job_id.clone(), e))
+        .collect();
+    while seen.len() < n {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let Some(event) = listener.next(left).await.unwrap() else {
+            panic!("{} of {n} jobs finished within {WAIT:?}", seen.len());
+        };
+        match seen.get(&event.data.job_id) {
+            Some(earlier) => assert_eq!(earlier, &event, "a republished event is identical"),
+            None => {
+                seen.insert(event.data.job_id.clone(), event);
+            }
+        }
+    }
+    seen
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cut_broker_connection_is_reopened_and_nothing_is_paid_twice() {
+    let env = TestEnv::new(Store::Fs).await;
+    env.fake().set_latency(Duration::from_millis(200));
+    let proxy = Proxy::start("127.0.0.1:5672".parse().unwrap()).await;
+    let mut settings = env.settings.clone();
+    settings.amqp.url = format!("amqp://guest:guest@{}/%2f", proxy.addr).into();
+    let mut listener = env.listen().await;
+    for i in 0..30 {
+        env.publish(json!({"id": format!("cut-{i}"), "prompt": format!("cut job {i}")}))
+            .await;
+    }
+    let worker = env.start_worker_with(settings).await;
+    // Cut twice while jobs are in flight.
+    let first = env.events(&mut listener, 5, WAIT).await;
+    proxy.cut();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    proxy.cut();
+    let events = distinct_events(&mut listener, 30, first).await;
+    assert!(events.values().all(|e| e.data.status == Status::Succeeded));
+    // Jobs in flight at a cut finish in the old task; their redeliveries wait for them and find
+    // the stored result: each job is bought once.
+    assert_eq!(env.fake().stats().billed, 30, "{:?}", env.fake().stats());
+    worker.shutdown().await.unwrap();
+    assert_eq!(env.ready(&env.settings.amqp.jobs_queue).await, 0);
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_paused_worker_probes_with_one_real_job_and_resumes_by_itself() {
+    let env = TestEnv::with(Store::Fs, &[("worker.pause_probe_secs", "1".into())]).await;
+    env.fake()
+        .push_rule(rule(None, Fault::QuotaExhausted, Some(3)));
+    let mut listener = env.listen().await;
+    for i in 0..8 {
+        env.publish(json!({"id": format!("p{i}"), "prompt": format!("paused job {i}")}))
+            .await;
+    }
+    let worker = env.start_worker().await;
+    let events = distinct_events(&mut listener, 8, Vec::new()).await;
+    assert!(events.values().all(|e| e.data.status == Status::Succeeded));
+    let stats = env.fake().stats();
+    assert_eq!(stats.billed, 8);
+    assert_eq!(stats.errors_by_status.get(&429), Some(&3));
+    assert_eq!(env.ready(&env.settings.amqp.dead_letter_queue).await, 0);
+    worker.shutdown().await.unwrap();
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_long_retry_after_goes_through_the_delay_queue() {
+    let env = TestEnv::with(Store::Fs, &[("retry.max_in_process_wait_secs", "1".into())]).await;
+    env.fake().push_rule(rule(
+        Some("patient"),
+        Fault::RateLimited {
+            retry_after_secs: Some(2.0),
+            retry_after_ms: None,
+        },
+        Some(1),
+    ));
+    let mut listener = env.listen().await;
+    let worker = env.start_worker().await;
+    let started = Instant::now();
+    env.publish(json!({"id": "patient", "prompt": "a patient job"}))
+        .await;
+    // While it waits, the message is in the 3 s delay queue, not held by the worker.
+    let delay_queue = env.settings.delay_queue_name(3);
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while env.ready(&delay_queue).await == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the job never reached {delay_queue}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let event = env.events(&mut listener, 1, WAIT).await.remove(0);
+    assert_eq!(event.data.status, Status::Succeeded);
+    assert_eq!(
+        event.data.attempts, 2,
+        "the failed attempt travelled with the job"
+    );
+    assert!(started.elapsed() >= Duration::from_millis(2500));
+    assert_eq!(env.fake().calls_for("patient"), 2);
+    worker.shutdown().await.unwrap();
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn attempts_are_counted_across_deliveries_until_retries_are_exhausted() {
+    let env = TestEnv::with(
+        Store::Fs,
+        &[
+            ("retry.max_in_process_wait_secs", "1".into()),
+            ("retry.max_attempts", "3".into()),
+        ],
+    )
+    .await;
+    env.fake().push_rule(rule(
+        Some("never"),
+        Fault::RateLimited {
+            retry_after_secs: Some(2.0),
+            retry_after_ms: None,
+        },
+        None,
+    ));
+    let mut listener = env.listen().await;
+    let worker = env.start_worker().await;
+    env.publish(json!({"id": "never", "prompt": "this never gets through"}))
+        .await;
+    let event = env.events(&mut listener, 1, WAIT).await.remove(0);
+    assert_valid("result-event.schema.json", &event_json(&event));
+    let error = event.data.error.as_ref().unwrap();
+    assert_eq!(error.kind.as_str(), "retries_exhausted");
+    assert_eq!(event.data.attempts, 3);
+    assert_eq!(env.fake().calls_for("never"), 3);
+    env.wait_dead_letters(1, WAIT).await;
+    let dead = env.drain_dead_letters().await;
+    let headers = dead[0].1.headers().clone().unwrap();
+    let header = |k: &str| headers.inner().get(k).cloned();
+    assert_eq!(
+        header("x-imagegen-error-kind"),
+        Some(AMQPValue::LongString("retries_exhausted".into()))
+    );
+    assert_eq!(header("x-imagegen-attempts"), Some(AMQPValue::LongInt(3)));
+    worker.shutdown().await.unwrap();
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn the_same_job_delivered_twice_at_once_is_bought_once() {
+    let env = TestEnv::new(Store::S3).await;
+    env.fake().set_latency(Duration::from_millis(500));
+    let mut listener = env.listen().await;
+    let worker = env.start_worker().await;
+    let job = json!({"id": "twin", "prompt": "a job published twice", "n": 2});
+    env.publish(job.clone()).await;
+    env.publish(job).await;
+    let events = env.events(&mut listener, 2, WAIT).await;
+    assert_eq!(events[0], events[1]);
+    assert_eq!(env.fake().stats().requests, 1);
+    worker.shutdown().await.unwrap();
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn timeouts_after_sending_count_as_possibly_billed_and_are_retried_once() {
+    let env = TestEnv::with(Store::Fs, &[("provider.request_timeout_secs", "1".into())]).await;
+    env.fake()
+        .push_rule(rule(Some("hangs once"), Fault::Hang { secs: 2.0 }, Some(1)));
+    env.fake()
+        .push_rule(rule(Some("hangs always"), Fault::Hang { secs: 2.0 }, None));
+    let mut listener = env.listen().await;
+    let worker = env.start_worker().await;
+    env.publish(json!({"id": "once", "prompt": "it hangs once"}))
+        .await;
+    env.publish(json!({"id": "always", "prompt": "it hangs always"}))
+        .await;
+    let events = env.events(&mut listener, 2, WAIT).await;
+    let by_id = |id: &str| events.iter().find(|e| e.data.job_id == id).unwrap();
+    let once = by_id("once");
+    assert_eq!(once.data.status, Status::Succeeded);
+    assert_eq!((once.data.attempts, once.data.possibly_billed), (2, 1));
+    let always = by_id("always");
+    assert_eq!(
+        always.data.error.as_ref().unwrap().kind.as_str(),
+        "retries_exhausted"
+    );
+    // One retry after an ambiguous failure (retry.max_possibly_billed_retries = 1), no more.
+    assert_eq!((always.data.attempts, always.data.possibly_billed), (2, 2));
+    assert_eq!(env.fake().calls_for("hangs always"), 2);
+    worker.shutdown().await.unwrap();
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn workers_killed_mid_run_lose_no_job_and_pay_twice_only_for_calls_in_flight() {
+    let env = TestEnv::new(Store::Fs).await;
+    env.fake().set_latency(Duration::from_millis(150));
+    let data = tempfile::tempdir().unwrap();
+    let jobs = 120;
+    let concurrency = 4;
+    let spawn = || {
+        env.command()
+            .env("IMAGEGEN__PROVIDER__KIND", "openai")
+            .env("IMAGEGEN__PROVIDER__BASE_URL", env.fake.base_url())
+            .env("IMAGEGEN__PROVIDER__API_KEY", "sk-test")
+            .env("IMAGEGEN__STORAGE__KIND", "fs")
+            .env("IMAGEGEN__STORAGE__ROOT", data.path())
+            .env("IMAGEGEN__WORKER__CONCURRENCY", concurrency.to_string())
+            .arg("worker")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    let mut listener = env.listen().await;
+    for i in 0..jobs {
+        env.publish(json!({"id": format!("k{i}"), "prompt": format!("kill test {i}")}))
+            .await;
+    }
+    let mut workers = vec![spawn(), spawn()];
+    let mut kills = 0;
+    let mut seen: HashMap<String, CloudEvent> = HashMap::new();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while seen.len() < jobs {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let event = listener
+            .next(left)
+            .await
+            .unwrap()
+            .unwrap_or_else(|| panic!("{} of {jobs} jobs finished", seen.len()));
+        if let Some(earlier) = seen.get(&event.data.job_id) {
+            assert_eq!(earlier, &event, "a republished event is identical");
+            continue;
+        }
+        seen.insert(event.data.job_id.clone(), event);
+        // Kill a worker (SIGKILL) three times along the way, and start a fresh one.
+        if kills < 3 && seen.len() >= 20 * (kills + 1) {
+            let mut victim = workers.remove(0);
+            victim.kill().unwrap();
+            victim.wait().unwrap();
+            kills += 1;
+            workers.push(spawn());
+        }
+    }
+    for mut w in workers {
+        let _ = std::process::Command::new("kill")
+            .args(["-TERM", &w.id().to_string()])
+            .status();
+        let _ = tokio::task::spawn_blocking(move || w.wait()).await;
+    }
+    assert!(seen.values().all(|e| e.data.status == Status::Succeeded));
+    for event in seen.values() {
+        for image in &event.data.images {
+            assert!(std::path::Path::new(image.uri.strip_prefix("file://").unwrap()).exists());
+        }
+    }
+    let billed = env.fake().stats().billed as usize;
+    // A response lost with its process is the one unavoidable double payment: at most the
+    // provider calls in flight in each killed worker.
+    assert!(billed >= jobs, "{billed}");
+    assert!(
+        billed <= jobs + kills * concurrency,
+        "{billed} billed for {jobs} jobs after {kills} kills"
+    );
+    env.cleanup().await;
+}
