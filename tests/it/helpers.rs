@@ -323,19 +323,33 @@ impl TestEnv {
 
     /// Deletes this test's queues and exchange.
     pub async fn cleanup(self) {
-        let channel = self.connection.create_channel().await.unwrap();
         let a = &self.settings.amqp;
-        for q in [&a.jobs_queue, &a.dead_letter_queue, &a.results_queue] {
+        let mut queues = vec![
+            a.jobs_queue.clone(),
+            a.dead_letter_queue.clone(),
+            a.results_queue.clone(),
+        ];
+        queues.extend(
+            a.delay_tiers_secs
+                .iter()
+                .map(|t| self.settings.delay_queue_name(*t)),
+        );
+        // A channel per delete: deleting a queue that is not there closes the channel.
+        for q in queues {
+            if let Ok(channel) = self.connection.create_channel().await {
+                let _ = channel
+                    .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
+                    .await;
+            }
+        }
+        if let Ok(channel) = self.connection.create_channel().await {
             let _ = channel
-                .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
+                .exchange_delete(
+                    a.results_exchange.as_str().into(),
+                    ExchangeDeleteOptions::default(),
+                )
                 .await;
         }
-        let _ = channel
-            .exchange_delete(
-                a.results_exchange.as_str().into(),
-                ExchangeDeleteOptions::default(),
-            )
-            .await;
         let _ = self.connection.close(200, "test done".into()).await;
     }
 }

@@ -41,9 +41,16 @@ async fn declaring_twice_is_harmless_and_existing_queues_are_accepted_as_they_ar
     topology::declare(&env.connection, &settings)
         .await
         .expect("existing queue accepted");
-    let _ = channel
-        .queue_delete(settings.amqp.jobs_queue.as_str().into(), Default::default())
-        .await;
+    for q in [
+        settings.amqp.jobs_queue.clone(),
+        settings.delay_queue_name(1),
+        settings.delay_queue_name(3),
+    ] {
+        let channel = env.connection.create_channel().await.unwrap();
+        let _ = channel
+            .queue_delete(q.as_str().into(), Default::default())
+            .await;
+    }
     env.cleanup().await;
 }
 
