@@ -72,6 +72,9 @@ pub enum Command {
         #[arg(long, default_value_t = 600)]
         timeout: u64,
     },
+    /// Inspect and replay the dead-letter queue.
+    #[command(subcommand)]
+    Dlq(DlqCommand),
     /// Serve the fake OpenAI Images API (for tests, benchmarks and demos; no real images).
     FakeApi {
         #[arg(long, default_value = "127.0.0.1:8080")]
@@ -82,6 +85,35 @@ pub enum Command {
         /// Approximate size of each generated image, in bytes.
         #[arg(long, default_value_t = 2048)]
         image_bytes: usize,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum DlqCommand {
+    /// Show dead-lettered jobs and why they are there (they stay in the queue).
+    #[command(after_help = "Example:\n  imagegen dlq list --limit 20")]
+    List {
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+        /// One JSON object a line instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Move dead-lettered jobs back to the jobs queue (with confirms), resetting their attempts.
+    #[command(
+        after_help = "Examples:\n  imagegen dlq replay --batch posters\n  imagegen dlq replay --limit 10 --include-invalid"
+    )]
+    Replay {
+        /// Replay at most this many jobs.
+        #[arg(long)]
+        limit: Option<usize>,
+        /// Only jobs of this batch.
+        #[arg(long)]
+        batch: Option<String>,
+        /// Also replay jobs that failed as invalid_job (they will fail again unless fixed upstream
+        /// or the workers were upgraded for a newer job version).
+        #[arg(long)]
+        include_invalid: bool,
     },
 }
 
@@ -170,6 +202,57 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 Duration::from_secs(timeout),
             )
             .await
+        }
+        Command::Dlq(DlqCommand::List { limit, json }) => {
+            let settings = load_settings(&cli.config)?;
+            let letters = crate::dlq::list(&settings, limit).await?;
+            if json {
+                for l in &letters {
+                    println!("{}", serde_json::to_string(l)?);
+                }
+            } else {
+                println!(
+                    "{:<40} {:<16} {:<18} {:>8}  message",
+                    "job", "batch", "reason", "attempts"
+                );
+                for l in &letters {
+                    println!(
+                        "{:<40} {:<16} {:<18} {:>8}  {}",
+                        l.job_id.as_deref().unwrap_or("-"),
+                        l.batch.as_deref().unwrap_or("-"),
+                        l.reason,
+                        l.attempts,
+                        l.message.as_deref().unwrap_or("")
+                    );
+                }
+                eprintln!(
+                    "{} dead-lettered jobs shown (of the first {limit})",
+                    letters.len()
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Dlq(DlqCommand::Replay {
+            limit,
+            batch,
+            include_invalid,
+        }) => {
+            let settings = load_settings(&cli.config)?;
+            let filter = crate::dlq::ReplayFilter {
+                limit,
+                batch,
+                include_invalid,
+            };
+            let report = crate::dlq::replay(&settings, &filter).await?;
+            println!("{}", serde_json::to_string(&report)?);
+            eprintln!(
+                "replayed {} jobs to {}; {} left in {}",
+                report.replayed,
+                settings.amqp.jobs_queue,
+                report.skipped,
+                settings.amqp.dead_letter_queue
+            );
+            Ok(ExitCode::SUCCESS)
         }
         Command::FakeApi {
             listen,

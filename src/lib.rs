@@ -15,6 +15,7 @@
 //! - [`pipeline`]: processing of one job, knowing nothing of AMQP.
 //! - [`amqp`]: the transport: topology, the consumer loop that turns outcomes into acks, confirmed publishing.
 //! - [`enqueue`]: reading job files and publishing them with confirms.
+//! - [`dlq`]: listing the dead-letter queue and replaying jobs from it.
 //! - [`fake_api`]: an in-process fake of the OpenAI Images API for tests, benchmarks and demos.
 //! - [`telemetry`]: logging set-up.
 //! - [`cli`]: the command line (the binary's `main` only calls [`cli::main`]).
@@ -22,6 +23,7 @@
 pub mod amqp;
 pub mod cli;
 pub mod config;
+pub mod dlq;
 pub mod enqueue;
 pub mod error;
 pub mod event;

@@ -5,6 +5,7 @@
 //! seeing each other's messages.
 
 mod cli;
+mod dlq;
 mod helpers;
 mod pipeline;
 mod proxy;

@@ -1,0 +1,158 @@
+//! `imagegen dlq list` and `imagegen dlq replay`, and poison messages ending in the dead-letter
+//! queue through the broker's delivery limit.
+
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use imagegen::event::Status;
+use imagegen::fake_api::{Fault, Rule};
+use serde_json::{Value, json};
+
+use crate::helpers::{Store, TestEnv};
+
+const WAIT: Duration = Duration::from_secs(30);
+
+fn dlq_list(env: &TestEnv) -> Vec<Value> {
+    let out = env
+        .command()
+        .args(["dlq", "list", "--json"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+fn dlq_replay(env: &TestEnv, args: &[&str]) -> Value {
+    let out = env
+        .command()
+        .args(["dlq", "replay"])
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[tokio::test]
+async fn dead_letters_are_listed_with_their_reason_and_replayed_on_demand() {
+    let env = TestEnv::new(Store::Fs).await;
+    env.fake().push_rule(Rule {
+        prompt_contains: Some("refused once".into()),
+        fault: Fault::Moderation,
+        times: Some(1),
+    });
+    let mut listener = env.listen().await;
+    let worker = env.start_worker().await;
+    env.publish(json!({"id": "refused", "batch": "b", "prompt": "refused once"}))
+        .await;
+    env.publish(json!({"id": "typo", "batch": "b", "prompt": "p", "sise": "1x1"}))
+        .await;
+    env.events(&mut listener, 2, WAIT).await;
+    env.wait_dead_letters(2, WAIT).await;
+    worker.shutdown().await.unwrap();
+
+    let mut listed = dlq_list(&env);
+    listed.sort_by_key(|l| l["job_id"].as_str().unwrap().to_string());
+    assert_eq!(listed.len(), 2);
+    assert_eq!(listed[0]["job_id"], "refused");
+    assert_eq!(listed[0]["reason"], "content_policy");
+    assert_eq!(listed[0]["attempts"], 1);
+    assert_eq!(listed[1]["job_id"], "typo");
+    assert_eq!(listed[1]["reason"], "invalid_job");
+    assert!(listed[1]["message"].as_str().unwrap().contains("sise"));
+    // Listing leaves them where they are.
+    assert_eq!(env.ready(&env.settings.amqp.dead_letter_queue).await, 2);
+
+    // Replay skips invalid jobs unless asked.
+    let report = dlq_replay(&env, &[]);
+    assert_eq!(
+        (report["replayed"].as_u64(), report["skipped"].as_u64()),
+        (Some(1), Some(1))
+    );
+    assert_eq!(env.ready(&env.settings.amqp.dead_letter_queue).await, 1);
+    assert_eq!(env.ready(&env.settings.amqp.jobs_queue).await, 1);
+    let worker = env.start_worker().await;
+    let event = env.events(&mut listener, 1, WAIT).await.remove(0);
+    assert_eq!(event.data.job_id, "refused");
+    assert_eq!(
+        event.data.status,
+        Status::Succeeded,
+        "the refusal rule is used up"
+    );
+    assert_eq!(
+        event.data.attempts, 1,
+        "a replayed job starts with a fresh attempt count"
+    );
+
+    let report = dlq_replay(&env, &["--include-invalid"]);
+    assert_eq!(report["replayed"].as_u64(), Some(1));
+    let again = env.events(&mut listener, 1, WAIT).await.remove(0);
+    assert_eq!(again.data.job_id, "typo");
+    assert_eq!(again.data.status, Status::Failed);
+    env.wait_dead_letters(1, WAIT).await;
+    worker.shutdown().await.unwrap();
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_poison_message_that_kills_its_worker_ends_in_the_dead_letter_queue() {
+    let env = TestEnv::with(Store::Fs, &[("amqp.delivery_limit", "2".into())]).await;
+    // The job hangs its worker, which is killed each time (as an OOM kill or a crash would).
+    env.fake().push_rule(Rule {
+        prompt_contains: Some("poison".into()),
+        fault: Fault::Hang { secs: 60.0 },
+        times: None,
+    });
+    let data = tempfile::tempdir().unwrap();
+    env.publish(json!({"id": "poison", "prompt": "a poison job"}))
+        .await;
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let mut kills = 0;
+    while env.ready(&env.settings.amqp.dead_letter_queue).await == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "never dead-lettered after {kills} kills"
+        );
+        let calls = env.fake().calls_for("poison");
+        let mut worker = env
+            .command()
+            .env("IMAGEGEN__PROVIDER__KIND", "openai")
+            .env("IMAGEGEN__PROVIDER__BASE_URL", env.fake.base_url())
+            .env("IMAGEGEN__PROVIDER__API_KEY", "sk-test")
+            .env("IMAGEGEN__STORAGE__ROOT", data.path())
+            .arg("worker")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        // Kill it once it holds the job, or after a while if the broker already let the job go.
+        let wait_until = Instant::now() + Duration::from_secs(5);
+        while env.fake().calls_for("poison") == calls && Instant::now() < wait_until {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        worker.kill().unwrap();
+        worker.wait().unwrap();
+        kills += 1;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    assert!(kills >= 2, "{kills}");
+    let listed = dlq_list(&env);
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0]["job_id"], "poison");
+    // The broker dead-lettered it: its reason, not a worker's failure kind.
+    let reason = listed[0]["reason"].as_str().unwrap();
+    assert!(["delivery_limit", "rejected"].contains(&reason), "{reason}");
+    assert_eq!(listed[0]["broker_reason"].as_str(), Some(reason));
+    env.cleanup().await;
+}
