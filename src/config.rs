@@ -38,6 +38,7 @@ pub struct Settings {
     pub provider: ProviderSettings,
     pub retry: RetrySettings,
     pub storage: StorageSettings,
+    pub spool: SpoolSettings,
     pub events: EventSettings,
     pub log: LogSettings,
 }
@@ -132,6 +133,13 @@ pub struct StorageSettings {
     pub access_key_id: String,
     pub secret_access_key: SecretString,
     pub request_timeout_secs: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SpoolSettings {
+    pub dir: PathBuf,
+    pub max_bytes: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -427,6 +435,7 @@ impl Settings {
             1,
             3600,
         )?;
+        in_range("spool.max_bytes", self.spool.max_bytes, 0, 1 << 50)?;
         if self.events.source.trim().is_empty() {
             return Err(invalid("events.source", "must not be empty"));
         }

@@ -52,6 +52,8 @@ pub enum StopReason {
     QuotaExhausted,
     /// The credentials are wrong or not allowed (401, and 403 that concern the whole account).
     Unauthorized,
+    /// The object store keeps failing: buying images that cannot be stored must stop.
+    StorageUnavailable,
 }
 
 impl fmt::Display for StopReason {
@@ -59,6 +61,7 @@ impl fmt::Display for StopReason {
         f.write_str(match self {
             StopReason::QuotaExhausted => "quota_exhausted",
             StopReason::Unauthorized => "unauthorized",
+            StopReason::StorageUnavailable => "storage_unavailable",
         })
     }
 }
@@ -127,6 +130,20 @@ impl Failure {
             Failure::Permanent { detail, .. }
             | Failure::Retryable { detail, .. }
             | Failure::Stop { detail, .. } => detail,
+        }
+    }
+
+    /// A storage failure that outlived its retries: stop taking jobs until storage is back.
+    pub fn storage_down(self) -> Failure {
+        match self {
+            Failure::Retryable {
+                message, detail, ..
+            } => Failure::Stop {
+                reason: StopReason::StorageUnavailable,
+                message,
+                detail,
+            },
+            other => other,
         }
     }
 

@@ -11,6 +11,7 @@
 //! - [`error`]: the one error taxonomy (permanent / retryable / stop everything) and its classifier.
 //! - [`retry`]: backoff with full jitter that honours server-given delays.
 //! - [`provider`]: image providers (`openai`, `placeholder`) behind the [`provider::ImageProvider`] trait.
+//! - [`spool`]: local disk for generated images that could not be uploaded yet.
 //! - [`storage`]: object stores (`s3`, `fs`) behind the [`storage::ObjectStore`] trait.
 //! - [`pipeline`]: processing of one job, knowing nothing of AMQP.
 //! - [`amqp`]: the transport: topology, the consumer loop that turns outcomes into acks, confirmed publishing.
@@ -32,6 +33,7 @@ pub mod job;
 pub mod pipeline;
 pub mod provider;
 pub mod retry;
+pub mod spool;
 pub mod storage;
 pub mod telemetry;
 

@@ -23,6 +23,7 @@ use crate::event::{CloudEvent, EventError, ResultData, Status, StoredImage};
 use crate::job::{Job, JobRules};
 use crate::provider::{Generation, ImageProvider, ImageRequest, Journal};
 use crate::retry::RetryPolicy;
+use crate::spool::Spool;
 use crate::storage::{META_JOB_ID, META_SHA256, ObjectStore, PutObject};
 
 /// Name of the result record, next to the job's images.
@@ -80,6 +81,7 @@ pub struct Pipeline {
     /// a redelivery after a reconnect) waits for the first and then finds its stored result, so
     /// one process never calls the provider twice for one job at once.
     active: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    spool: Option<Spool>,
 }
 
 impl Pipeline {
@@ -97,7 +99,14 @@ impl Pipeline {
             prefix: settings.storage.prefix.clone(),
             source: settings.events.source.clone(),
             active: Mutex::new(HashMap::new()),
+            spool: None,
         }
+    }
+
+    /// Keeps images that cannot be uploaded in `spool` instead of losing them.
+    pub fn with_spool(mut self, spool: Spool) -> Self {
+        self.spool = Some(spool);
+        self
     }
 
     pub fn store(&self) -> &Arc<dyn ObjectStore> {
@@ -172,12 +181,15 @@ impl Pipeline {
                 };
             }
             Ok(None) => {}
-            Err(failure) => return self.failed(job, failure, Work::default(), prior, started),
+            Err(failure) => return self.storage_down(failure, halt),
         }
         let mut work = Work::default();
         match self.reuse_stored_images(job, dir).await {
             Ok(images) => work.images = images,
-            Err(failure) => return self.failed(job, failure, work, prior, started),
+            Err(failure) => return self.storage_down(failure, halt),
+        }
+        if let Err(failure) = self.unspool(job, dir, &mut work.images).await {
+            return self.storage_down(failure, halt);
         }
         if prior >= self.retry.max_attempts {
             let failure = Failure::transient(format!("{prior} attempts already failed"));
@@ -279,7 +291,7 @@ impl Pipeline {
             )
             .await;
         if let Err(failure) = put.result {
-            return self.failed_event(event, failure);
+            return self.storage_down(failure, halt);
         }
         info!(
             images = event.data.images.len(),
@@ -366,7 +378,9 @@ impl Pipeline {
                 }
             }
             let returned = generation.images.len();
-            for (index, image) in missing.iter().copied().zip(generation.images) {
+            let mut answers = missing.iter().copied().zip(generation.images);
+            while let Some((index, image)) = answers.next() {
+                let rest = &mut answers;
                 let key = format!("{dir}/{index}.{}", image.extension);
                 let sha256 = hex::encode(Sha256::digest(&image.data));
                 let bytes = image.data.len() as u64;
@@ -389,12 +403,18 @@ impl Pipeline {
                     )
                     .await;
                 if let Err(e) = upload.result {
-                    // A generated image could not be stored: stop here rather than buy it again.
-                    return Err(Failure::Permanent {
-                        kind: ErrorKind::RetriesExhausted,
-                        message: format!("storage: {e}"),
-                        detail: Default::default(),
-                    });
+                    // A generated image could not be stored: keep it (and the rest of this
+                    // answer) in the spool, and stop buying images that cannot be stored.
+                    halt.cancel();
+                    self.keep_in_spool(&key, image.data).await;
+                    for (index, image) in rest {
+                        self.keep_in_spool(
+                            &format!("{dir}/{index}.{}", image.extension),
+                            image.data,
+                        )
+                        .await;
+                    }
+                    return Err(e.storage_down());
                 }
                 lock(work).images.push(StoredImage {
                     index,
@@ -414,6 +434,102 @@ impl Pipeline {
             }
             Ok(())
         })
+    }
+
+    /// Stops taking jobs after a storage failure (retries exhausted): the job goes back untouched.
+    fn storage_down(&self, failure: Failure, halt: &CancellationToken) -> Outcome {
+        match failure.storage_down() {
+            Failure::Stop {
+                reason, message, ..
+            } => {
+                warn!(error = %message, "storage keeps failing: the job goes back to the queue");
+                halt.cancel();
+                Outcome::Return {
+                    reason: ReturnReason::Stop { reason, message },
+                }
+            }
+            other => {
+                // Not a transient storage failure (a bug or a refused key): give it back too,
+                // it costs nothing to try again later.
+                warn!(error = %other, "storage failed: the job goes back to the queue");
+                Outcome::Return {
+                    reason: ReturnReason::Halted,
+                }
+            }
+        }
+    }
+
+    async fn keep_in_spool(&self, key: &str, data: Bytes) {
+        let kept = match &self.spool {
+            Some(spool) => spool.keep(key, data).await,
+            None => false,
+        };
+        if kept {
+            info!(key, "image spooled until storage is back");
+        } else {
+            warn!(
+                key,
+                "image could not be spooled (no spool, or full): it will be generated again"
+            );
+        }
+    }
+
+    /// Uploads images of this job that an earlier delivery spooled on this host.
+    async fn unspool(
+        &self,
+        job: &Job,
+        dir: &str,
+        images: &mut Vec<StoredImage>,
+    ) -> Result<(), Failure> {
+        let Some(spool) = &self.spool else {
+            return Ok(());
+        };
+        for spooled in spool.take_list(dir).await.map_err(Failure::from)? {
+            let name = spooled.key.rsplit('/').next().unwrap_or("");
+            let Some((index, ext)) = name.split_once('.') else {
+                continue;
+            };
+            let Ok(index) = index.parse::<u32>() else {
+                continue;
+            };
+            let size = spooled.data.len() as u64;
+            if index >= job.n as u32 || images.iter().any(|i| i.index == index) {
+                spool.remove(&spooled.key, size).await;
+                continue;
+            }
+            let (content_type, _) = crate::provider::sniff(&spooled.data, ext);
+            let sha256 = hex::encode(Sha256::digest(&spooled.data));
+            let metadata = [(META_JOB_ID, job.id.clone()), (META_SHA256, sha256.clone())];
+            self.retry
+                .run(
+                    || async {
+                        self.store
+                            .put(PutObject {
+                                key: &spooled.key,
+                                data: spooled.data.clone(),
+                                content_type,
+                                metadata: &metadata,
+                            })
+                            .await
+                            .map_err(Failure::from)
+                    },
+                    |e, _| warn!(error = %e, "retrying the upload of a spooled image"),
+                )
+                .await
+                .result?;
+            info!(key = %spooled.key, "spooled image uploaded: not bought again");
+            spool.remove(&spooled.key, size).await;
+            images.push(StoredImage {
+                index,
+                bucket: self.store.location().to_string(),
+                uri: self.store.uri(&spooled.key),
+                key: spooled.key,
+                content_type: content_type.to_string(),
+                bytes: size,
+                sha256,
+            });
+        }
+        Ok(())
     }
 
     async fn stored_event(&self, record_key: &str) -> Result<Option<CloudEvent>, Failure> {

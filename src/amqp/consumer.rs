@@ -93,21 +93,38 @@ impl Worker {
         let provider = crate::provider::from_settings(&settings)?;
         let store = crate::storage::from_settings(&settings).await?;
         store.check().await?;
-        Ok(Self::new(settings, provider, store))
+        Self::new(settings, provider, store)
     }
 
+    /// Builds a worker around a provider and a store; opens the spool (`spool.dir`).
     pub fn new(
         settings: Settings,
         provider: Arc<dyn ImageProvider>,
         store: Arc<dyn ObjectStore>,
-    ) -> Self {
+    ) -> anyhow::Result<Self> {
         let provider_name = provider.name();
-        let pipeline = Arc::new(Pipeline::new(&settings, provider, store));
-        Self {
-            settings,
-            pipeline,
-            provider_name,
+        let mut pipeline = Pipeline::new(&settings, provider, store);
+        if !settings.spool.dir.as_os_str().is_empty() {
+            let spool = crate::spool::Spool::open(&settings.spool.dir, settings.spool.max_bytes)
+                .map_err(|e| {
+                    anyhow::anyhow!(
+                        "spool.dir {} cannot be used: {e}",
+                        settings.spool.dir.display()
+                    )
+                })?;
+            if spool.used_bytes() > 0 {
+                info!(
+                    bytes = spool.used_bytes(),
+                    "spooled images from an earlier run wait for upload"
+                );
+            }
+            pipeline = pipeline.with_spool(spool);
         }
+        Ok(Self {
+            settings,
+            pipeline: Arc::new(pipeline),
+            provider_name,
+        })
     }
 
     /// Consumes jobs until `shutdown` is cancelled, then stops taking jobs, lets in-flight jobs
@@ -205,9 +222,13 @@ impl Worker {
                 _ = shutdown.cancelled() => break None,
                 Some((reason, message)) = stop_rx.recv() => {
                     if pause.is_none() {
+                        let what = match reason {
+                            StopReason::StorageUnavailable => "STORAGE KEEPS FAILING",
+                            _ => "PROVIDER REFUSES ALL REQUESTS (quota, billing or credentials)",
+                        };
                         error!(%reason, error = %message,
-                            "PROVIDER REFUSES ALL REQUESTS: the worker stops taking jobs and returns them untouched; \
-                             it will retry with one job every {} s. Fix the account (quota, billing, credentials).",
+                            "{what}: the worker stops taking jobs and returns them untouched; \
+                             it tries one job every {} s and resumes by itself when it gets through",
                             s.worker.pause_probe_secs);
                         pause = Some(Pause::Provider(reason));
                         halt.cancel();

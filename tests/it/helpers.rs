@@ -42,6 +42,7 @@ pub struct TestEnv {
     pub settings: Settings,
     pub fake: FakeServer,
     pub connection: Connection,
+    pub spool: tempfile::TempDir,
     _dir: Option<tempfile::TempDir>,
 }
 
@@ -78,6 +79,7 @@ impl TestEnv {
             .await
             .expect("fake API starts");
         let dir = (store == Store::Fs).then(|| tempfile::tempdir().expect("temp dir"));
+        let spool = tempfile::tempdir().expect("temp dir");
         let mut overrides: Vec<(&str, String)> = vec![
             ("amqp.url", amqp_url()),
             ("amqp.jobs_queue", format!("it.{id}.jobs")),
@@ -91,6 +93,7 @@ impl TestEnv {
             ("retry.initial_delay_ms", "20".into()),
             ("retry.max_delay_ms", "200".into()),
             ("storage.prefix", format!("it/{id}/")),
+            ("spool.dir", spool.path().display().to_string()),
         ];
         match store {
             Store::S3 => overrides.extend([
@@ -127,6 +130,7 @@ impl TestEnv {
             settings,
             fake,
             connection,
+            spool,
             _dir: dir,
         }
     }

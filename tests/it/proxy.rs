@@ -3,7 +3,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
@@ -12,6 +12,7 @@ pub struct Proxy {
     pub addr: SocketAddr,
     cut: watch::Sender<u64>,
     generation: Arc<AtomicU64>,
+    down: Arc<AtomicBool>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -22,8 +23,14 @@ impl Proxy {
         let (cut, _) = watch::channel(0u64);
         let generation = Arc::new(AtomicU64::new(0));
         let cuts = cut.clone();
+        let down = Arc::new(AtomicBool::new(false));
+        let is_down = down.clone();
         let task = tokio::spawn(async move {
             while let Ok((mut inbound, _)) = listener.accept().await {
+                if is_down.load(Ordering::SeqCst) {
+                    drop(inbound);
+                    continue;
+                }
                 let mut cut_rx = cuts.subscribe();
                 tokio::spawn(async move {
                     let Ok(mut outbound) = TcpStream::connect(target).await else {
@@ -41,7 +48,16 @@ impl Proxy {
             addr,
             cut,
             generation,
+            down,
             task,
+        }
+    }
+
+    /// While down, connections are refused (accepted and dropped at once) and open ones are cut.
+    pub fn set_down(&self, down: bool) {
+        self.down.store(down, Ordering::SeqCst);
+        if down {
+            self.cut();
         }
     }
 

@@ -297,3 +297,110 @@ async fn workers_killed_mid_run_lose_no_job_and_pay_twice_only_for_calls_in_flig
     );
     env.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_storage_outage_pauses_the_worker_and_spooled_images_are_not_bought_again() {
+    let env = TestEnv::with(
+        Store::S3,
+        &[
+            ("worker.pause_probe_secs", "1".into()),
+            ("retry.max_attempts", "2".into()),
+            ("storage.request_timeout_secs", "2".into()),
+        ],
+    )
+    .await;
+    let proxy = Proxy::start("127.0.0.1:3900".parse().unwrap()).await;
+    let mut settings = env.settings.clone();
+    settings.storage.endpoint_url = format!("http://{}", proxy.addr);
+    let mut listener = env.listen().await;
+    let worker = env.start_worker_with(settings.clone()).await;
+    // Storage goes away while images are being generated: the images already bought wait in
+    // the spool, and the worker stops buying.
+    env.fake().set_latency(Duration::from_millis(800));
+    for i in 0..6 {
+        env.publish(json!({"id": format!("s{i}"), "batch": "out", "prompt": format!("outage job {i}"), "n": 2}))
+            .await;
+    }
+    let deadline = Instant::now() + WAIT;
+    while env.fake().stats().requests < 4 {
+        assert!(Instant::now() < deadline, "jobs never reached the provider");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    proxy.set_down(true);
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let bought = env.fake().stats().billed;
+    // Only jobs the worker held (prefetch) before it knew storage was down can have been bought,
+    // and once paused it buys nothing more (its probes fail at the result lookup, before any
+    // provider call).
+    assert!(
+        bought >= 4 && bought <= env.settings.prefetch() as u64,
+        "{bought}"
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        env.fake().stats().billed,
+        bought,
+        "a paused worker buys nothing"
+    );
+    assert!(
+        listener
+            .next(Duration::from_millis(200))
+            .await
+            .unwrap()
+            .is_none(),
+        "no event yet"
+    );
+    let spooled = walk(env.spool.path());
+    assert_eq!(
+        spooled,
+        bought as usize * 2,
+        "every bought image is in the spool"
+    );
+    // The worker is restarted on the same host (storage is back by then: a worker checks its
+    // store at start-up); the spool survived it.
+    worker.shutdown().await.unwrap();
+    proxy.set_down(false);
+    let worker = env.start_worker_with(settings).await;
+    let events = distinct_events(&mut listener, 6, Vec::new()).await;
+    assert!(
+        events
+            .values()
+            .all(|e| e.data.status == Status::Succeeded && e.data.images.len() == 2)
+    );
+    assert_eq!(
+        env.fake().stats().billed,
+        6,
+        "spooled images were uploaded, not bought again"
+    );
+    assert_eq!(walk(env.spool.path()), 0, "the spool is empty again");
+    let store = env.store().await;
+    for e in events.values() {
+        for image in &e.data.images {
+            assert!(
+                store.head(&image.key).await.unwrap().is_some(),
+                "{} stored",
+                image.key
+            );
+        }
+    }
+    worker.shutdown().await.unwrap();
+    env.cleanup().await;
+}
+
+/// Files below `dir`.
+fn walk(dir: &std::path::Path) -> usize {
+    std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .flatten()
+                .map(|e| {
+                    if e.path().is_dir() {
+                        walk(&e.path())
+                    } else {
+                        1
+                    }
+                })
+                .sum()
+        })
+        .unwrap_or(0)
+}
