@@ -65,6 +65,8 @@ pub struct WorkerSettings {
     pub prefetch: u16,
     pub shutdown_grace_secs: u64,
     pub pause_probe_secs: u64,
+    pub lease_secs: u64,
+    pub max_lease_takeovers: u32,
     pub max_message_bytes: usize,
     pub max_prompt_chars: usize,
     pub max_metadata_bytes: usize,
@@ -294,6 +296,13 @@ impl Settings {
         }
         in_range("worker.shutdown_grace_secs", w.shutdown_grace_secs, 0, 3600)?;
         in_range("worker.pause_probe_secs", w.pause_probe_secs, 1, 86_400)?;
+        in_range("worker.lease_secs", w.lease_secs, 2, 3600)?;
+        in_range(
+            "worker.max_lease_takeovers",
+            w.max_lease_takeovers as u64,
+            0,
+            1000,
+        )?;
         in_range(
             "worker.max_message_bytes",
             w.max_message_bytes as u64,

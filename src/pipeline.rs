@@ -82,6 +82,43 @@ pub struct Pipeline {
     /// one process never calls the provider twice for one job at once.
     active: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     spool: Option<Spool>,
+    /// Cross-process leases (when the store honours conditional writes): who holds a job.
+    leases: Option<Leases>,
+}
+
+/// A job's lease: `{job dir}/lease.json`, written with `If-None-Match: *`, renewed before each
+/// provider call, deleted when the job is done. A worker that finds another's live lease defers
+/// the job (through a delay queue) instead of buying it too.
+struct Leases {
+    owner: String,
+    ttl: Duration,
+    max_takeovers: u32,
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct LeaseBody {
+    owner: String,
+    expires_unix_ms: u64,
+    /// Times a worker found this lease expired under another owner (a worker died on the job).
+    #[serde(default)]
+    takeovers: u32,
+}
+
+enum LeaseState {
+    Acquired {
+        key: String,
+        takeovers: u32,
+    },
+    HeldElsewhere(Duration),
+    /// Workers died on this job this many times: a poison job.
+    Abandoned(u32),
+}
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 impl Pipeline {
@@ -100,6 +137,7 @@ impl Pipeline {
             source: settings.events.source.clone(),
             active: Mutex::new(HashMap::new()),
             spool: None,
+            leases: None,
         }
     }
 
@@ -107,6 +145,20 @@ impl Pipeline {
     pub fn with_spool(mut self, spool: Spool) -> Self {
         self.spool = Some(spool);
         self
+    }
+
+    /// Turns on cross-process job leases (only for stores that honour conditional writes).
+    pub fn with_leases(mut self, owner: String, ttl: Duration, max_takeovers: u32) -> Self {
+        self.leases = Some(Leases {
+            owner,
+            ttl,
+            max_takeovers,
+        });
+        self
+    }
+
+    pub fn provider_name(&self) -> &'static str {
+        self.provider.name()
     }
 
     pub fn store(&self) -> &Arc<dyn ObjectStore> {
@@ -191,6 +243,135 @@ impl Pipeline {
         if let Err(failure) = self.unspool(job, dir, &mut work.images).await {
             return self.storage_down(failure, halt);
         }
+        if work.images.len() < job.n as usize && self.leases.is_some() {
+            match self.acquire_lease(dir).await {
+                Ok(LeaseState::Acquired { key, takeovers }) => work.lease = Some((key, takeovers)),
+                Ok(LeaseState::HeldElsewhere(left)) => {
+                    info!(
+                        left_ms = left.as_millis() as u64,
+                        "another worker holds this job: deferring it"
+                    );
+                    return Outcome::Defer {
+                        after: left.max(Duration::from_secs(1)),
+                        attempts: prior,
+                    };
+                }
+                Ok(LeaseState::Abandoned(deaths)) => {
+                    let _ = self.store.delete(&format!("{dir}/lease.json")).await;
+                    let failure = Failure::Permanent {
+                        kind: ErrorKind::RetriesExhausted,
+                        message: format!(
+                            "workers died {deaths} times while processing this job: it is treated as poison"
+                        ),
+                        detail: Default::default(),
+                    };
+                    return self.failed(job, failure, work, prior, started);
+                }
+                Err(failure) => return self.storage_down(failure, halt),
+            }
+        }
+        let lease = work.lease.clone();
+        let outcome = self.run_job(job, dir, prior, started, halt, work).await;
+        if let Some((key, _)) = lease
+            && let Err(e) = self.store.delete(&key).await
+        {
+            warn!(error = %e, "could not delete the job's lease: it expires by itself");
+        }
+        outcome
+    }
+
+    /// Writes this worker's lease on a job unless another worker holds a live one.
+    async fn acquire_lease(&self, dir: &str) -> Result<LeaseState, Failure> {
+        let Some(leases) = &self.leases else {
+            return Ok(LeaseState::HeldElsewhere(Duration::ZERO));
+        };
+        let key = format!("{dir}/lease.json");
+        if self.write_lease(&key, true, 0).await? {
+            return Ok(LeaseState::Acquired { key, takeovers: 0 });
+        }
+        let current = self
+            .store
+            .get(&key)
+            .await
+            .map_err(Failure::from)?
+            .and_then(|b| serde_json::from_slice::<LeaseBody>(&b).ok());
+        let now = unix_ms();
+        let takeovers = match current {
+            Some(l) if l.owner != leases.owner && l.expires_unix_ms > now => {
+                return Ok(LeaseState::HeldElsewhere(Duration::from_millis(
+                    l.expires_unix_ms - now,
+                )));
+            }
+            // Expired under another owner: that worker died (or stalled) on this job.
+            Some(l) if l.owner != leases.owner => l.takeovers + 1,
+            Some(l) => l.takeovers,
+            None => 0,
+        };
+        if takeovers > leases.max_takeovers {
+            return Ok(LeaseState::Abandoned(takeovers));
+        }
+        if takeovers > 0 {
+            warn!(
+                takeovers,
+                "taking over the lease of a worker that died on this job"
+            );
+        }
+        self.write_lease(&key, false, takeovers).await?;
+        Ok(LeaseState::Acquired { key, takeovers })
+    }
+
+    /// Writes (`only_if_absent`) or renews the lease; false when another lease exists.
+    async fn write_lease(
+        &self,
+        key: &str,
+        only_if_absent: bool,
+        takeovers: u32,
+    ) -> Result<bool, Failure> {
+        let Some(leases) = &self.leases else {
+            return Ok(true);
+        };
+        let body = LeaseBody {
+            owner: leases.owner.clone(),
+            expires_unix_ms: unix_ms() + leases.ttl.as_millis() as u64,
+            takeovers,
+        };
+        let object = PutObject {
+            key,
+            data: Bytes::from(serde_json::to_vec(&body).unwrap_or_default()),
+            content_type: "application/json",
+            metadata: &[],
+        };
+        let written = if only_if_absent {
+            self.store.put_if_absent(object).await
+        } else {
+            self.store.put(object).await.map(|()| true)
+        };
+        written.map_err(Failure::from)
+    }
+
+    /// Renews the lease every third of its lifetime, for as long as it is polled.
+    async fn keep_lease(&self, lease: Option<(String, u32)>) {
+        let (Some(leases), Some((key, takeovers))) = (&self.leases, lease) else {
+            return std::future::pending().await;
+        };
+        loop {
+            tokio::time::sleep(leases.ttl / 3).await;
+            if let Err(e) = self.write_lease(&key, false, takeovers).await {
+                warn!(error = %e, "could not renew the job's lease");
+            }
+        }
+    }
+
+    async fn run_job(
+        &self,
+        job: &Job,
+        dir: &str,
+        prior: u32,
+        started: Instant,
+        halt: &CancellationToken,
+        work: Work,
+    ) -> Outcome {
+        let record_key = format!("{dir}/{RECORD_NAME}");
         if prior >= self.retry.max_attempts {
             let failure = Failure::transient(format!("{prior} attempts already failed"));
             return self.failed(job, failure, work, prior, started);
@@ -336,18 +517,19 @@ impl Pipeline {
                 lock(work).halted = true;
                 return Err(Failure::invalid_job("halted"));
             }
+            let lease = lock(work).lease.clone();
             lock(work).calls += 1;
             let call_started = Instant::now();
-            let generation = self
-                .provider
-                .generate(
-                    ImageRequest {
-                        job,
-                        indices: &missing,
-                    },
-                    journal,
-                )
-                .await;
+            // The lease is renewed while the provider works, so it outlives a long call but not a
+            // dead worker.
+            let request = ImageRequest {
+                job,
+                indices: &missing,
+            };
+            let generation = tokio::select! {
+                generation = self.provider.generate(request, journal) => generation,
+                _ = self.keep_lease(lease) => unreachable!("keep_lease never returns"),
+            };
             if let Err(Failure::Stop { .. }) = &generation {
                 // Before the slot is free for the next job: nothing will work until an operator acts.
                 halt.cancel();
@@ -694,6 +876,8 @@ struct Work {
     model: Option<String>,
     /// The worker stopped taking jobs before this job's next provider call.
     halted: bool,
+    /// This worker's lease on the job (key, takeovers), when leases are on.
+    lease: Option<(String, u32)>,
 }
 
 fn lock(work: &Mutex<Work>) -> std::sync::MutexGuard<'_, Work> {

@@ -38,8 +38,6 @@ use crate::config::Settings;
 use crate::error::StopReason;
 use crate::event::EventError;
 use crate::pipeline::{Delivery, Outcome, Pipeline, ReturnReason, Settle};
-use crate::provider::ImageProvider;
-use crate::storage::ObjectStore;
 
 /// Header carrying the count of provider attempts that really failed, across deliveries.
 pub const ATTEMPTS_HEADER: &str = "x-imagegen-attempts";
@@ -88,21 +86,14 @@ struct Context {
 }
 
 impl Worker {
-    /// Builds the configured provider and store, and checks that the store is usable.
+    /// Builds the configured provider and store, checks that the store is usable, opens the
+    /// spool, and turns on cross-process job leases when the store honours conditional writes.
     pub async fn from_settings(settings: Settings) -> anyhow::Result<Self> {
         let provider = crate::provider::from_settings(&settings)?;
         let store = crate::storage::from_settings(&settings).await?;
         store.check().await?;
-        Self::new(settings, provider, store)
-    }
-
-    /// Builds a worker around a provider and a store; opens the spool (`spool.dir`).
-    pub fn new(
-        settings: Settings,
-        provider: Arc<dyn ImageProvider>,
-        store: Arc<dyn ObjectStore>,
-    ) -> anyhow::Result<Self> {
-        let provider_name = provider.name();
+        let conditional =
+            crate::storage::probe_conditional_put(&*store, &settings.storage.prefix).await?;
         let mut pipeline = Pipeline::new(&settings, provider, store);
         if !settings.spool.dir.as_os_str().is_empty() {
             let spool = crate::spool::Spool::open(&settings.spool.dir, settings.spool.max_bytes)
@@ -120,11 +111,31 @@ impl Worker {
             }
             pipeline = pipeline.with_spool(spool);
         }
-        Ok(Self {
+        if conditional {
+            let owner = format!(
+                "{}-{}-{:08x}",
+                std::env::var("HOSTNAME").unwrap_or_else(|_| "worker".into()),
+                std::process::id(),
+                fastrand::u32(..)
+            );
+            let ttl = Duration::from_secs(settings.worker.lease_secs);
+            pipeline = pipeline.with_leases(owner, ttl, settings.worker.max_lease_takeovers);
+            info!("cross-process job leases on: the store honours conditional writes");
+        } else {
+            warn!(
+                "the store ignores conditional writes (If-None-Match): no cross-process job leases; \
+                 two workers given the same job at the same moment may both pay for it"
+            );
+        }
+        Ok(Self::new(settings, pipeline))
+    }
+
+    pub fn new(settings: Settings, pipeline: Pipeline) -> Self {
+        Self {
+            provider_name: pipeline.provider_name(),
             settings,
             pipeline: Arc::new(pipeline),
-            provider_name,
-        })
+        }
     }
 
     /// Consumes jobs until `shutdown` is cancelled, then stops taking jobs, lets in-flight jobs

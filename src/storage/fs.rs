@@ -77,6 +77,54 @@ impl ObjectStore for FsStore {
         Box::pin(self.write(object))
     }
 
+    fn put_if_absent<'a>(
+        &'a self,
+        object: PutObject<'a>,
+    ) -> BoxFuture<'a, Result<bool, StorageError>> {
+        Box::pin(async move {
+            let path = self.path("put", object.key)?;
+            let err = |e: std::io::Error| StorageError {
+                op: "put",
+                key: object.key.into(),
+                message: e.to_string(),
+            };
+            if let Some(dir) = path.parent() {
+                tokio::fs::create_dir_all(dir).await.map_err(err)?;
+            }
+            // create_new is atomic: exactly one writer creates the file.
+            let file = tokio::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&path)
+                .await;
+            match file {
+                Ok(mut f) => {
+                    use tokio::io::AsyncWriteExt;
+                    f.write_all(&object.data).await.map_err(err)?;
+                    f.flush().await.map_err(err)?;
+                    Ok(true)
+                }
+                Err(e) if e.kind() == ErrorKind::AlreadyExists => Ok(false),
+                Err(e) => Err(err(e)),
+            }
+        })
+    }
+
+    fn delete<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<(), StorageError>> {
+        Box::pin(async move {
+            let path = self.path("delete", key)?;
+            match tokio::fs::remove_file(path).await {
+                Ok(()) => Ok(()),
+                Err(e) if e.kind() == ErrorKind::NotFound => Ok(()),
+                Err(e) => Err(StorageError {
+                    op: "delete",
+                    key: key.into(),
+                    message: e.to_string(),
+                }),
+            }
+        })
+    }
+
     fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<Bytes>, StorageError>> {
         Box::pin(async move {
             let path = self.path("get", key)?;

@@ -54,6 +54,13 @@ pub struct PutObject<'a> {
 pub trait ObjectStore: Send + Sync {
     /// Writes an object whole; readers never see a partial object.
     fn put<'a>(&'a self, object: PutObject<'a>) -> BoxFuture<'a, Result<(), StorageError>>;
+    /// Writes an object only if no object has that key; `Ok(false)` when one exists. Stores that
+    /// ignore conditional writes (Garage) report `true` every time: see [`probe_conditional_put`].
+    fn put_if_absent<'a>(
+        &'a self,
+        object: PutObject<'a>,
+    ) -> BoxFuture<'a, Result<bool, StorageError>>;
+    fn delete<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<(), StorageError>>;
     /// Reads an object; `None` when it does not exist.
     fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<Bytes>, StorageError>>;
     fn head<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<ObjectInfo>, StorageError>>;
@@ -65,6 +72,25 @@ pub trait ObjectStore: Send + Sync {
     fn location(&self) -> &str;
     /// A URI for an object: `s3://bucket/key` or `file:///root/key`.
     fn uri(&self, key: &str) -> String;
+}
+
+/// Whether the store honours `If-None-Match: *` (AWS S3, MinIO, R2, the `fs` store do; Garage
+/// does not): writes a probe object twice and checks that the second write is refused.
+pub async fn probe_conditional_put(
+    store: &dyn ObjectStore,
+    prefix: &str,
+) -> Result<bool, StorageError> {
+    let key = format!("{prefix}.imagegen/probe-{:016x}", fastrand::u64(..));
+    let object = || PutObject {
+        key: &key,
+        data: Bytes::from_static(b"probe"),
+        content_type: "text/plain",
+        metadata: &[],
+    };
+    store.put_if_absent(object()).await?;
+    let second = store.put_if_absent(object()).await;
+    let _ = store.delete(&key).await;
+    Ok(!second?)
 }
 
 /// Builds the configured store.

@@ -111,6 +111,49 @@ impl ObjectStore for S3Store {
         })
     }
 
+    fn put_if_absent<'a>(
+        &'a self,
+        object: PutObject<'a>,
+    ) -> BoxFuture<'a, Result<bool, StorageError>> {
+        Box::pin(async move {
+            let mut request = self
+                .client
+                .put_object()
+                .bucket(&self.bucket)
+                .key(object.key)
+                .if_none_match("*")
+                .content_type(object.content_type)
+                .body(ByteStream::from(object.data));
+            for (k, v) in object.metadata {
+                request = request.metadata(*k, v);
+            }
+            match request.send().await {
+                Ok(_) => Ok(true),
+                // 412 Precondition Failed: it exists. 409: a concurrent conditional write won.
+                Err(e)
+                    if e.raw_response()
+                        .is_some_and(|r| matches!(r.status().as_u16(), 412 | 409)) =>
+                {
+                    Ok(false)
+                }
+                Err(e) => Err(error("put", object.key, e)),
+            }
+        })
+    }
+
+    fn delete<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<(), StorageError>> {
+        Box::pin(async move {
+            self.client
+                .delete_object()
+                .bucket(&self.bucket)
+                .key(key)
+                .send()
+                .await
+                .map_err(|e| error("delete", key, e))?;
+            Ok(())
+        })
+    }
+
     fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<Bytes>, StorageError>> {
         Box::pin(async move {
             match self

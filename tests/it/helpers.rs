@@ -94,6 +94,8 @@ impl TestEnv {
             ("retry.max_delay_ms", "200".into()),
             ("storage.prefix", format!("it/{id}/")),
             ("spool.dir", spool.path().display().to_string()),
+            // Short leases: a killed worker's jobs are taken over within seconds.
+            ("worker.lease_secs", "2".into()),
         ];
         match store {
             Store::S3 => overrides.extend([
@@ -321,6 +323,10 @@ impl TestEnv {
             .env("IMAGEGEN__AMQP__DELAY_TIERS_SECS", tiers.join(","))
             .env("IMAGEGEN__AMQP__CONNECTION_NAME", &a.connection_name)
             .env("IMAGEGEN__LOG__FORMAT", "json")
+            .env(
+                "IMAGEGEN__WORKER__LEASE_SECS",
+                self.settings.worker.lease_secs.to_string(),
+            )
             .current_dir(env!("CARGO_MANIFEST_DIR"));
         cmd
     }

@@ -404,3 +404,93 @@ fn walk(dir: &std::path::Path) -> usize {
         })
         .unwrap_or(0)
 }
+
+#[tokio::test]
+async fn the_conditional_write_probe_tells_the_truth_on_both_stores() {
+    for store_kind in [Store::S3, Store::Fs] {
+        let env = TestEnv::new(store_kind).await;
+        let store = env.store().await;
+        let honoured =
+            imagegen::storage::probe_conditional_put(&*store, &env.settings.storage.prefix)
+                .await
+                .unwrap();
+        let key = format!("it/{}/cond", env.id);
+        let object = || imagegen::storage::PutObject {
+            key: &key,
+            data: bytes::Bytes::from_static(b"x"),
+            content_type: "text/plain",
+            metadata: &[],
+        };
+        assert!(store.put_if_absent(object()).await.unwrap());
+        let second = store.put_if_absent(object()).await.unwrap();
+        assert_eq!(second, !honoured, "the probe matches the store's behaviour");
+        if store_kind == Store::Fs {
+            assert!(honoured, "the fs store creates files atomically");
+        }
+        store.delete(&key).await.unwrap();
+        env.cleanup().await;
+    }
+}
+
+#[tokio::test]
+async fn two_processes_given_the_same_job_at_once_buy_it_once_when_the_store_has_leases() {
+    let env = TestEnv::new(Store::Fs).await;
+    env.fake().set_latency(Duration::from_millis(1500));
+    let data = tempfile::tempdir().unwrap();
+    let spawn = || {
+        env.command()
+            .env("IMAGEGEN__PROVIDER__KIND", "openai")
+            .env("IMAGEGEN__PROVIDER__BASE_URL", env.fake.base_url())
+            .env("IMAGEGEN__PROVIDER__API_KEY", "sk-test")
+            .env("IMAGEGEN__STORAGE__ROOT", data.path())
+            .env("IMAGEGEN__WORKER__PREFETCH", "1")
+            .env("IMAGEGEN__WORKER__CONCURRENCY", "1")
+            .arg("worker")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    let mut workers = vec![spawn(), spawn()];
+    // Both consumers registered, so that each gets one copy.
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let channel = env.connection.create_channel().await.unwrap();
+        let q = channel
+            .queue_declare(
+                env.settings.amqp.jobs_queue.as_str().into(),
+                lapin::options::QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                Default::default(),
+            )
+            .await
+            .unwrap();
+        if q.consumer_count() == 2 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "workers never consumed");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut listener = env.listen().await;
+    let job = json!({"id": "dup", "prompt": "one job, two copies, two processes"});
+    env.publish(job.clone()).await;
+    env.publish(job).await;
+    let events = env.events(&mut listener, 2, WAIT).await;
+    assert_eq!(events[0], events[1]);
+    assert_eq!(
+        env.fake().stats().requests,
+        1,
+        "one process bought it; the other deferred and found it"
+    );
+    for w in &mut workers {
+        let _ = std::process::Command::new("kill")
+            .args(["-TERM", &w.id().to_string()])
+            .status();
+    }
+    for mut w in workers {
+        let _ = tokio::task::spawn_blocking(move || w.wait()).await;
+    }
+    env.cleanup().await;
+}
