@@ -13,7 +13,9 @@ run: services-rabbitmq
 ## test: install and start RabbitMQ and Garage if needed, then run every check and test
 test: services lint
 	@command -v cargo-nextest >/dev/null || $(CARGO) install cargo-nextest --locked
-	$(CARGO) nextest run --all-targets --no-fail-fast
+	$(CARGO) nextest run --all-targets --no-fail-fast -E 'not test(/^serial::/)'
+	@# Faults that hit every test running at the time (a broker restart) run on their own.
+	$(CARGO) nextest run --test it --no-fail-fast -E 'test(/^serial::/)'
 
 services:
 	bash scripts/services.sh

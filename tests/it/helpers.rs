@@ -331,6 +331,13 @@ impl TestEnv {
         cmd
     }
 
+    /// Opens a new connection (after the broker was restarted).
+    pub async fn reconnect(&mut self) {
+        self.connection = connect(&self.settings, "test")
+            .await
+            .expect("RabbitMQ is back");
+    }
+
     /// Deletes this test's queues and exchange.
     pub async fn cleanup(self) {
         let a = &self.settings.amqp;

@@ -10,4 +10,5 @@ mod helpers;
 mod pipeline;
 mod proxy;
 mod reliability;
+mod serial;
 mod topology;

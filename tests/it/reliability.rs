@@ -494,3 +494,72 @@ async fn two_processes_given_the_same_job_at_once_buy_it_once_when_the_store_has
     }
     env.cleanup().await;
 }
+
+#[tokio::test]
+async fn sigterm_during_a_run_lets_in_flight_jobs_finish_and_loses_nothing() {
+    let env = TestEnv::new(Store::Fs).await;
+    env.fake().set_latency(Duration::from_millis(1500));
+    let data = tempfile::tempdir().unwrap();
+    let spawn = || {
+        env.command()
+            .env("IMAGEGEN__PROVIDER__KIND", "openai")
+            .env("IMAGEGEN__PROVIDER__BASE_URL", env.fake.base_url())
+            .env("IMAGEGEN__PROVIDER__API_KEY", "sk-test")
+            .env("IMAGEGEN__STORAGE__ROOT", data.path())
+            .env("IMAGEGEN__WORKER__CONCURRENCY", "4")
+            .env("IMAGEGEN__WORKER__SHUTDOWN_GRACE_SECS", "10")
+            .arg("worker")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    let mut listener = env.listen().await;
+    let jobs = 16;
+    for i in 0..jobs {
+        env.publish(json!({"id": format!("t{i}"), "prompt": format!("sigterm job {i}")}))
+            .await;
+    }
+    let mut first = spawn();
+    // Once the first worker has calls in flight, ask it to stop.
+    let deadline = Instant::now() + WAIT;
+    while env.fake().stats().requests < 4 {
+        assert!(Instant::now() < deadline, "no provider call");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let stopped_at = Instant::now();
+    std::process::Command::new("kill")
+        .args(["-TERM", &first.id().to_string()])
+        .status()
+        .unwrap();
+    let status = tokio::task::spawn_blocking(move || first.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(status.code(), Some(0));
+    // It waited for its calls in flight (1.5 s each) rather than dropping them.
+    assert!(
+        stopped_at.elapsed() >= Duration::from_millis(800),
+        "{:?}",
+        stopped_at.elapsed()
+    );
+    let finished_before_second = env.fake().stats().billed;
+    assert!(
+        finished_before_second >= 4,
+        "in-flight jobs finished: {finished_before_second}"
+    );
+    let mut second = spawn();
+    let events = distinct_events(&mut listener, jobs, Vec::new()).await;
+    assert!(events.values().all(|e| e.data.status == Status::Succeeded));
+    assert_eq!(
+        env.fake().stats().billed as usize,
+        jobs,
+        "nothing was paid twice"
+    );
+    std::process::Command::new("kill")
+        .args(["-TERM", &second.id().to_string()])
+        .status()
+        .unwrap();
+    let _ = tokio::task::spawn_blocking(move || second.wait()).await;
+    env.cleanup().await;
+}

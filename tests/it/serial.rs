@@ -1,0 +1,88 @@
+//! Faults that hit every test running at the time (restarting the broker). `make test` runs
+//! these on their own, after the rest of the suite.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use imagegen::amqp::connect;
+use imagegen::event::{CloudEvent, Status};
+use lapin::options::{BasicAckOptions, BasicConsumeOptions};
+use serde_json::json;
+
+use crate::helpers::{Store, TestEnv};
+
+fn rabbitmqctl(args: &[&str]) {
+    let status = std::process::Command::new("rabbitmqctl")
+        .args(args)
+        .stdout(std::process::Stdio::null())
+        .status()
+        .expect("rabbitmqctl runs");
+    assert!(status.success(), "rabbitmqctl {args:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_restart_mid_run_loses_no_job() {
+    let mut env = TestEnv::new(Store::Fs).await;
+    env.fake().set_latency(Duration::from_millis(200));
+    let jobs = 40;
+    for i in 0..jobs {
+        env.publish(json!({"id": format!("r{i}"), "prompt": format!("restart job {i}")}))
+            .await;
+    }
+    let worker = env.start_worker().await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while env.fake().stats().billed < 8 {
+        assert!(Instant::now() < deadline, "the run never started");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Restart the broker application: every connection drops, durable queues come back.
+    rabbitmqctl(&["stop_app"]);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    rabbitmqctl(&["start_app"]);
+    rabbitmqctl(&["await_startup"]);
+
+    // Read the durable results queue on a fresh connection until every job has its event.
+    let connection = connect(&env.settings, "test-after-restart").await.unwrap();
+    let channel = connection.create_channel().await.unwrap();
+    let mut consumer = channel
+        .basic_consume(
+            env.settings.amqp.results_queue.as_str().into(),
+            "".into(),
+            BasicConsumeOptions::default(),
+            Default::default(),
+        )
+        .await
+        .unwrap();
+    let mut seen: HashMap<String, CloudEvent> = HashMap::new();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while seen.len() < jobs {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let delivery = tokio::time::timeout(left, consumer.next())
+            .await
+            .unwrap_or_else(|_| panic!("{} of {jobs} jobs have an event", seen.len()))
+            .unwrap()
+            .unwrap();
+        delivery
+            .acker
+            .ack(BasicAckOptions::default())
+            .await
+            .unwrap();
+        let event: CloudEvent = serde_json::from_slice(&delivery.data).unwrap();
+        if let Some(earlier) = seen.get(&event.data.job_id) {
+            assert_eq!(earlier, &event, "a republished event is identical");
+        } else {
+            seen.insert(event.data.job_id.clone(), event);
+        }
+    }
+    assert!(seen.values().all(|e| e.data.status == Status::Succeeded));
+    let billed = env.fake().stats().billed as usize;
+    // Calls in flight when the broker went away finish and are stored; their redeliveries find
+    // the result: nothing is bought twice.
+    assert_eq!(billed, jobs, "{billed} billed for {jobs} jobs");
+    worker.shutdown().await.unwrap();
+    let _ = channel.close(200, "ok".into()).await;
+    let _ = connection.close(200, "ok".into()).await;
+    env.reconnect().await;
+    env.cleanup().await;
+}
