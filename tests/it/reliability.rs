@@ -563,3 +563,75 @@ async fn sigterm_during_a_run_lets_in_flight_jobs_finish_and_loses_nothing() {
     let _ = tokio::task::spawn_blocking(move || second.wait()).await;
     env.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_provider_storm_across_two_processes_ends_with_every_job_done_and_bought_once() {
+    let env = TestEnv::new(Store::Fs).await;
+    env.fake().set_latency(Duration::from_millis(20));
+    let any = |fault: Fault, times: u32| rule(None, fault, Some(times));
+    let limited = |secs: f64| Fault::RateLimited {
+        retry_after_secs: Some(secs),
+        retry_after_ms: None,
+    };
+    // First-match rules, used up in order: a burst of 429s, then 503s, then long retry-afters
+    // for some prompts (through the delay queue), then a quota-exhausted period.
+    env.fake().push_rule(any(limited(0.2), 40));
+    env.fake()
+        .push_rule(any(Fault::ServerError { status: 503 }, 30));
+    env.fake()
+        .push_rule(rule(Some("storm 7"), limited(4.0), Some(6)));
+    env.fake().push_rule(any(Fault::QuotaExhausted, 6));
+    let data = tempfile::tempdir().unwrap();
+    let spawn = || {
+        env.command()
+            .env("IMAGEGEN__PROVIDER__KIND", "openai")
+            .env("IMAGEGEN__PROVIDER__BASE_URL", env.fake.base_url())
+            .env("IMAGEGEN__PROVIDER__API_KEY", "sk-test")
+            .env("IMAGEGEN__STORAGE__ROOT", data.path())
+            .env("IMAGEGEN__WORKER__CONCURRENCY", "8")
+            .env("IMAGEGEN__WORKER__PAUSE_PROBE_SECS", "1")
+            .env("IMAGEGEN__RETRY__MAX_ATTEMPTS", "10")
+            .env("IMAGEGEN__RETRY__INITIAL_DELAY_MS", "50")
+            .env("IMAGEGEN__RETRY__MAX_DELAY_MS", "400")
+            .env("IMAGEGEN__RETRY__MAX_IN_PROCESS_WAIT_SECS", "1")
+            .arg("worker")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    let mut listener = env.listen().await;
+    let jobs = 300;
+    for i in 0..jobs {
+        env.publish(json!({"id": format!("st{i}"), "prompt": format!("storm {i}")}))
+            .await;
+    }
+    let workers = vec![spawn(), spawn()];
+    let events = distinct_events(&mut listener, jobs, Vec::new()).await;
+    for mut w in workers {
+        let _ = std::process::Command::new("kill")
+            .args(["-TERM", &w.id().to_string()])
+            .status();
+        let _ = tokio::task::spawn_blocking(move || w.wait()).await;
+    }
+    let failed: Vec<_> = events
+        .values()
+        .filter(|e| e.data.status != Status::Succeeded)
+        .collect();
+    assert!(failed.is_empty(), "{failed:#?}");
+    let stats = env.fake().stats();
+    assert_eq!(
+        stats.billed as usize, jobs,
+        "every job bought exactly once: {stats:?}"
+    );
+    assert_eq!(stats.errors_by_status.get(&503), Some(&30));
+    // Every fault was served: 40 + 6 429s for rate limits, 6 for quota.
+    assert_eq!(stats.errors_by_status.get(&429), Some(&52));
+    // Jobs that met a long retry-after carried their failed attempt through the delay queue.
+    assert!(
+        events
+            .values()
+            .any(|e| e.data.job_id.starts_with("st7") && e.data.attempts > 1)
+    );
+    env.cleanup().await;
+}
