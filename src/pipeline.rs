@@ -271,7 +271,12 @@ impl Pipeline {
             }
         }
         let lease = work.lease.clone();
-        let outcome = self.run_job(job, dir, prior, started, halt, work).await;
+        // The lease is renewed for as long as this worker has the job (waiting for a provider
+        // slot, retrying, uploading), so it outlives a live worker but not a dead one.
+        let outcome = tokio::select! {
+            outcome = self.run_job(job, dir, prior, started, halt, work) => outcome,
+            _ = self.keep_lease(lease.clone()) => unreachable!("keep_lease never returns"),
+        };
         if let Some((key, _)) = lease
             && let Err(e) = self.store.delete(&key).await
         {
@@ -517,19 +522,13 @@ impl Pipeline {
                 lock(work).halted = true;
                 return Err(Failure::invalid_job("halted"));
             }
-            let lease = lock(work).lease.clone();
             lock(work).calls += 1;
             let call_started = Instant::now();
-            // The lease is renewed while the provider works, so it outlives a long call but not a
-            // dead worker.
             let request = ImageRequest {
                 job,
                 indices: &missing,
             };
-            let generation = tokio::select! {
-                generation = self.provider.generate(request, journal) => generation,
-                _ = self.keep_lease(lease) => unreachable!("keep_lease never returns"),
-            };
+            let generation = self.provider.generate(request, journal).await;
             if let Err(Failure::Stop { .. }) = &generation {
                 // Before the slot is free for the next job: nothing will work until an operator acts.
                 halt.cancel();

@@ -91,19 +91,15 @@ impl ObjectStore for FsStore {
             if let Some(dir) = path.parent() {
                 tokio::fs::create_dir_all(dir).await.map_err(err)?;
             }
-            // create_new is atomic: exactly one writer creates the file.
-            let file = tokio::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .open(&path)
-                .await;
-            match file {
-                Ok(mut f) => {
-                    use tokio::io::AsyncWriteExt;
-                    f.write_all(&object.data).await.map_err(err)?;
-                    f.flush().await.map_err(err)?;
-                    Ok(true)
-                }
+            // Written whole to a temporary file, then hard-linked into place: the link fails if
+            // the name exists, so exactly one writer wins and no reader sees a partial file.
+            let dir = path.parent().unwrap_or(&self.root);
+            let tmp = dir.join(format!(".put-if-absent.tmp-{:016x}", fastrand::u64(..)));
+            tokio::fs::write(&tmp, &object.data).await.map_err(err)?;
+            let linked = tokio::fs::hard_link(&tmp, &path).await;
+            let _ = tokio::fs::remove_file(&tmp).await;
+            match linked {
+                Ok(()) => Ok(true),
                 Err(e) if e.kind() == ErrorKind::AlreadyExists => Ok(false),
                 Err(e) => Err(err(e)),
             }
