@@ -331,6 +331,59 @@ impl TestEnv {
         cmd
     }
 
+    /// A worker process on this test's queues, calling the fake API, with an `fs` store at `root`;
+    /// `vars` are extra environment variables.
+    pub fn spawn_worker(
+        &self,
+        root: &std::path::Path,
+        vars: &[(&str, &str)],
+    ) -> std::process::Child {
+        let mut cmd = self.command();
+        cmd.env("IMAGEGEN__PROVIDER__KIND", "openai")
+            .env("IMAGEGEN__PROVIDER__BASE_URL", self.fake.base_url())
+            .env("IMAGEGEN__PROVIDER__API_KEY", "sk-test")
+            .env("IMAGEGEN__STORAGE__KIND", "fs")
+            .env("IMAGEGEN__STORAGE__ROOT", root)
+            .env("IMAGEGEN__SPOOL__DIR", root.join(".spool"));
+        for (k, v) in vars {
+            cmd.env(k, v);
+        }
+        cmd.arg("worker")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("worker process starts")
+    }
+
+    /// Waits until `n` consumers are registered on the jobs queue.
+    pub async fn wait_consumers(&self, n: u32) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let channel = self.connection.create_channel().await.unwrap();
+            let q = channel
+                .queue_declare(
+                    self.settings.amqp.jobs_queue.as_str().into(),
+                    QueueDeclareOptions {
+                        passive: true,
+                        ..Default::default()
+                    },
+                    FieldTable::default(),
+                )
+                .await
+                .unwrap();
+            let _ = channel.close(200, "ok".into()).await;
+            if q.consumer_count() == n {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{} of {n} consumers",
+                q.consumer_count()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     /// Opens a new connection (after the broker was restarted).
     pub async fn reconnect(&mut self) {
         self.connection = connect(&self.settings, "test")
@@ -369,6 +422,17 @@ impl TestEnv {
         }
         let _ = self.connection.close(200, "test done".into()).await;
     }
+}
+
+/// Sends SIGTERM to a worker process and waits for it to exit.
+pub async fn stop_process(mut child: std::process::Child) -> std::process::ExitStatus {
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    tokio::task::spawn_blocking(move || child.wait())
+        .await
+        .expect("wait task")
+        .expect("worker exits")
 }
 
 /// Validates an instance against a schema of `schemas/`.

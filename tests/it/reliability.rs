@@ -3,7 +3,6 @@
 //! API, its own queues and worker processes), so these tests run beside the others.
 
 use std::collections::HashMap;
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use imagegen::event::{CloudEvent, Status};
@@ -11,7 +10,7 @@ use imagegen::fake_api::{Fault, Rule};
 use lapin::types::AMQPValue;
 use serde_json::json;
 
-use crate::helpers::{Store, TestEnv, assert_valid, event_json};
+use crate::helpers::{Store, TestEnv, assert_valid, event_json, stop_process};
 use crate::proxy::Proxy;
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -51,29 +50,46 @@ async fn distinct_events(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_cut_broker_connection_is_reopened_and_nothing_is_paid_twice() {
+async fn cut_broker_connections_are_reopened_and_nothing_is_paid_twice() {
     let env = TestEnv::new(Store::Fs).await;
-    env.fake().set_latency(Duration::from_millis(200));
+    env.fake().set_latency(Duration::from_millis(150));
     let proxy = Proxy::start("127.0.0.1:5672".parse().unwrap()).await;
-    let mut settings = env.settings.clone();
-    settings.amqp.url = format!("amqp://guest:guest@{}/%2f", proxy.addr).into();
+    let url = format!("amqp://guest:guest@{}/%2f", proxy.addr);
+    let data = tempfile::tempdir().unwrap();
+    let vars = [
+        ("IMAGEGEN__AMQP__URL", url.as_str()),
+        ("IMAGEGEN__WORKER__CONCURRENCY", "8"),
+    ];
     let mut listener = env.listen().await;
-    for i in 0..30 {
+    let jobs = 300;
+    for i in 0..jobs {
         env.publish(json!({"id": format!("cut-{i}"), "prompt": format!("cut job {i}")}))
             .await;
     }
-    let worker = env.start_worker_with(settings).await;
-    // Cut twice while jobs are in flight.
-    let first = env.events(&mut listener, 5, WAIT).await;
-    proxy.cut();
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    proxy.cut();
-    let events = distinct_events(&mut listener, 30, first).await;
+    let workers = [
+        env.spawn_worker(data.path(), &vars),
+        env.spawn_worker(data.path(), &vars),
+    ];
+    // Cut every broker connection of both workers three times while jobs are in flight.
+    let mut first = env.events(&mut listener, 30, WAIT).await;
+    for _ in 0..3 {
+        proxy.cut();
+        first.extend(env.events(&mut listener, 30, WAIT).await);
+    }
+    let events = distinct_events(&mut listener, jobs, first).await;
     assert!(events.values().all(|e| e.data.status == Status::Succeeded));
-    // Jobs in flight at a cut finish in the old task; their redeliveries wait for them and find
-    // the stored result: each job is bought once.
-    assert_eq!(env.fake().stats().billed, 30, "{:?}", env.fake().stats());
-    worker.shutdown().await.unwrap();
+    // Jobs in flight at a cut finish in their old task and store their result; their
+    // redeliveries wait for them (same process) or meet the lease (other process) and find the
+    // stored result: each job is bought once.
+    assert_eq!(
+        env.fake().stats().billed as usize,
+        jobs,
+        "{:?}",
+        env.fake().stats()
+    );
+    for w in workers {
+        assert_eq!(stop_process(w).await.code(), Some(0));
+    }
     assert_eq!(env.ready(&env.settings.amqp.jobs_queue).await, 0);
     env.cleanup().await;
 }
@@ -227,24 +243,11 @@ async fn timeouts_after_sending_count_as_possibly_billed_and_are_retried_once() 
 #[tokio::test]
 async fn workers_killed_mid_run_lose_no_job_and_pay_twice_only_for_calls_in_flight() {
     let env = TestEnv::new(Store::Fs).await;
-    env.fake().set_latency(Duration::from_millis(150));
+    env.fake().set_latency(Duration::from_millis(100));
     let data = tempfile::tempdir().unwrap();
-    let jobs = 120;
-    let concurrency = 4;
-    let spawn = || {
-        env.command()
-            .env("IMAGEGEN__PROVIDER__KIND", "openai")
-            .env("IMAGEGEN__PROVIDER__BASE_URL", env.fake.base_url())
-            .env("IMAGEGEN__PROVIDER__API_KEY", "sk-test")
-            .env("IMAGEGEN__STORAGE__KIND", "fs")
-            .env("IMAGEGEN__STORAGE__ROOT", data.path())
-            .env("IMAGEGEN__WORKER__CONCURRENCY", concurrency.to_string())
-            .arg("worker")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap()
-    };
+    let jobs = 300;
+    let concurrency = 8;
+    let spawn = || env.spawn_worker(data.path(), &[("IMAGEGEN__WORKER__CONCURRENCY", "8")]);
     let mut listener = env.listen().await;
     for i in 0..jobs {
         env.publish(json!({"id": format!("k{i}"), "prompt": format!("kill test {i}")}))
@@ -267,7 +270,7 @@ async fn workers_killed_mid_run_lose_no_job_and_pay_twice_only_for_calls_in_flig
         }
         seen.insert(event.data.job_id.clone(), event);
         // Kill a worker (SIGKILL) three times along the way, and start a fresh one.
-        if kills < 3 && seen.len() >= 20 * (kills + 1) {
+        if kills < 3 && seen.len() >= 60 * (kills + 1) {
             let mut victim = workers.remove(0);
             victim.kill().unwrap();
             victim.wait().unwrap();
@@ -275,11 +278,8 @@ async fn workers_killed_mid_run_lose_no_job_and_pay_twice_only_for_calls_in_flig
             workers.push(spawn());
         }
     }
-    for mut w in workers {
-        let _ = std::process::Command::new("kill")
-            .args(["-TERM", &w.id().to_string()])
-            .status();
-        let _ = tokio::task::spawn_blocking(move || w.wait()).await;
+    for w in workers {
+        stop_process(w).await;
     }
     assert!(seen.values().all(|e| e.data.status == Status::Succeeded));
     for event in seen.values() {
@@ -438,65 +438,37 @@ async fn the_conditional_write_probe_tells_the_truth_on_both_stores() {
     }
 }
 
-#[tokio::test]
-async fn two_processes_given_the_same_job_at_once_buy_it_once_when_the_store_has_leases() {
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_processes_given_the_same_jobs_at_once_buy_each_once_when_the_store_has_leases() {
     let env = TestEnv::new(Store::Fs).await;
-    env.fake().set_latency(Duration::from_millis(1500));
+    env.fake().set_latency(Duration::from_millis(300));
     let data = tempfile::tempdir().unwrap();
-    let spawn = || {
-        env.command()
-            .env("IMAGEGEN__PROVIDER__KIND", "openai")
-            .env("IMAGEGEN__PROVIDER__BASE_URL", env.fake.base_url())
-            .env("IMAGEGEN__PROVIDER__API_KEY", "sk-test")
-            .env("IMAGEGEN__STORAGE__ROOT", data.path())
-            .env("IMAGEGEN__WORKER__PREFETCH", "1")
-            .env("IMAGEGEN__WORKER__CONCURRENCY", "1")
-            .arg("worker")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap()
-    };
-    let mut workers = vec![spawn(), spawn()];
-    // Both consumers registered, so that each gets one copy.
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let channel = env.connection.create_channel().await.unwrap();
-        let q = channel
-            .queue_declare(
-                env.settings.amqp.jobs_queue.as_str().into(),
-                lapin::options::QueueDeclareOptions {
-                    passive: true,
-                    ..Default::default()
-                },
-                Default::default(),
-            )
-            .await
-            .unwrap();
-        if q.consumer_count() == 2 {
-            break;
-        }
-        assert!(Instant::now() < deadline, "workers never consumed");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let vars = [("IMAGEGEN__WORKER__CONCURRENCY", "8")];
+    let workers = [
+        env.spawn_worker(data.path(), &vars),
+        env.spawn_worker(data.path(), &vars),
+    ];
+    env.wait_consumers(2).await;
     let mut listener = env.listen().await;
-    let job = json!({"id": "dup", "prompt": "one job, two copies, two processes"});
-    env.publish(job.clone()).await;
-    env.publish(job).await;
-    let events = env.events(&mut listener, 2, WAIT).await;
-    assert_eq!(events[0], events[1]);
-    assert_eq!(
-        env.fake().stats().requests,
-        1,
-        "one process bought it; the other deferred and found it"
-    );
-    for w in &mut workers {
-        let _ = std::process::Command::new("kill")
-            .args(["-TERM", &w.id().to_string()])
-            .status();
+    // Every job is published twice, back to back: both processes get copies of the same jobs.
+    let jobs = 150;
+    for i in 0..jobs {
+        let job = json!({"id": format!("d{i}"), "prompt": format!("duplicate {i}")});
+        env.publish(job.clone()).await;
+        env.publish(job).await;
     }
-    for mut w in workers {
-        let _ = tokio::task::spawn_blocking(move || w.wait()).await;
+    let events = distinct_events(&mut listener, jobs, Vec::new()).await;
+    assert!(events.values().all(|e| e.data.status == Status::Succeeded));
+    // One process bought each job; the copy that met a live lease was deferred and then found
+    // the stored result.
+    assert_eq!(
+        env.fake().stats().billed as usize,
+        jobs,
+        "{:?}",
+        env.fake().stats()
+    );
+    for w in workers {
+        assert_eq!(stop_process(w).await.code(), Some(0));
     }
     env.cleanup().await;
 }
@@ -504,57 +476,35 @@ async fn two_processes_given_the_same_job_at_once_buy_it_once_when_the_store_has
 #[tokio::test]
 async fn sigterm_during_a_run_lets_in_flight_jobs_finish_and_loses_nothing() {
     let env = TestEnv::new(Store::Fs).await;
-    env.fake().set_latency(Duration::from_millis(1500));
+    env.fake().set_latency(Duration::from_millis(600));
     let data = tempfile::tempdir().unwrap();
-    let spawn = || {
-        env.command()
-            .env("IMAGEGEN__PROVIDER__KIND", "openai")
-            .env("IMAGEGEN__PROVIDER__BASE_URL", env.fake.base_url())
-            .env("IMAGEGEN__PROVIDER__API_KEY", "sk-test")
-            .env("IMAGEGEN__STORAGE__ROOT", data.path())
-            .env("IMAGEGEN__WORKER__CONCURRENCY", "4")
-            .env("IMAGEGEN__WORKER__SHUTDOWN_GRACE_SECS", "10")
-            .arg("worker")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap()
-    };
+    let vars = [
+        ("IMAGEGEN__WORKER__CONCURRENCY", "8"),
+        ("IMAGEGEN__WORKER__SHUTDOWN_GRACE_SECS", "10"),
+    ];
     let mut listener = env.listen().await;
-    let jobs = 16;
+    let jobs = 300;
     for i in 0..jobs {
         env.publish(json!({"id": format!("t{i}"), "prompt": format!("sigterm job {i}")}))
             .await;
     }
-    let mut first = spawn();
-    // Once the first worker has calls in flight, ask it to stop.
+    let first = env.spawn_worker(data.path(), &vars);
+    let second = env.spawn_worker(data.path(), &vars);
+    // Once the run is well under way, ask the first worker to stop, mid-call.
     let deadline = Instant::now() + WAIT;
-    while env.fake().stats().requests < 4 {
-        assert!(Instant::now() < deadline, "no provider call");
+    while env.fake().stats().billed < 40 {
+        assert!(Instant::now() < deadline, "the run never got going");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let stopped_at = Instant::now();
-    std::process::Command::new("kill")
-        .args(["-TERM", &first.id().to_string()])
-        .status()
-        .unwrap();
-    let status = tokio::task::spawn_blocking(move || first.wait())
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(status.code(), Some(0));
-    // It waited for its calls in flight (1.5 s each) rather than dropping them.
+    assert_eq!(stop_process(first).await.code(), Some(0));
+    // It waited for its calls in flight (600 ms each) rather than dropping them.
     assert!(
-        stopped_at.elapsed() >= Duration::from_millis(800),
+        stopped_at.elapsed() >= Duration::from_millis(200),
         "{:?}",
         stopped_at.elapsed()
     );
-    let finished_before_second = env.fake().stats().billed;
-    assert!(
-        finished_before_second >= 4,
-        "in-flight jobs finished: {finished_before_second}"
-    );
-    let mut second = spawn();
+    let replacement = env.spawn_worker(data.path(), &vars);
     let events = distinct_events(&mut listener, jobs, Vec::new()).await;
     assert!(events.values().all(|e| e.data.status == Status::Succeeded));
     assert_eq!(
@@ -562,11 +512,9 @@ async fn sigterm_during_a_run_lets_in_flight_jobs_finish_and_loses_nothing() {
         jobs,
         "nothing was paid twice"
     );
-    std::process::Command::new("kill")
-        .args(["-TERM", &second.id().to_string()])
-        .status()
-        .unwrap();
-    let _ = tokio::task::spawn_blocking(move || second.wait()).await;
+    for w in [second, replacement] {
+        assert_eq!(stop_process(w).await.code(), Some(0));
+    }
     env.cleanup().await;
 }
 
@@ -589,24 +537,15 @@ async fn a_provider_storm_across_two_processes_ends_with_every_job_done_and_boug
         .push_rule(rule(Some("storm 7"), limited(4.0), Some(6)));
     env.fake().push_rule(any(Fault::QuotaExhausted, 6));
     let data = tempfile::tempdir().unwrap();
-    let spawn = || {
-        env.command()
-            .env("IMAGEGEN__PROVIDER__KIND", "openai")
-            .env("IMAGEGEN__PROVIDER__BASE_URL", env.fake.base_url())
-            .env("IMAGEGEN__PROVIDER__API_KEY", "sk-test")
-            .env("IMAGEGEN__STORAGE__ROOT", data.path())
-            .env("IMAGEGEN__WORKER__CONCURRENCY", "8")
-            .env("IMAGEGEN__WORKER__PAUSE_PROBE_SECS", "1")
-            .env("IMAGEGEN__RETRY__MAX_ATTEMPTS", "25")
-            .env("IMAGEGEN__RETRY__INITIAL_DELAY_MS", "50")
-            .env("IMAGEGEN__RETRY__MAX_DELAY_MS", "400")
-            .env("IMAGEGEN__RETRY__MAX_IN_PROCESS_WAIT_SECS", "1")
-            .arg("worker")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap()
-    };
+    let vars = [
+        ("IMAGEGEN__WORKER__CONCURRENCY", "8"),
+        ("IMAGEGEN__WORKER__PAUSE_PROBE_SECS", "1"),
+        ("IMAGEGEN__RETRY__MAX_ATTEMPTS", "25"),
+        ("IMAGEGEN__RETRY__INITIAL_DELAY_MS", "50"),
+        ("IMAGEGEN__RETRY__MAX_DELAY_MS", "400"),
+        ("IMAGEGEN__RETRY__MAX_IN_PROCESS_WAIT_SECS", "1"),
+    ];
+    let spawn = || env.spawn_worker(data.path(), &vars);
     let mut listener = env.listen().await;
     let jobs = 300;
     for i in 0..jobs {
@@ -615,11 +554,8 @@ async fn a_provider_storm_across_two_processes_ends_with_every_job_done_and_boug
     }
     let workers = vec![spawn(), spawn()];
     let events = distinct_events(&mut listener, jobs, Vec::new()).await;
-    for mut w in workers {
-        let _ = std::process::Command::new("kill")
-            .args(["-TERM", &w.id().to_string()])
-            .status();
-        let _ = tokio::task::spawn_blocking(move || w.wait()).await;
+    for w in workers {
+        assert_eq!(stop_process(w).await.code(), Some(0));
     }
     let failed: Vec<_> = events
         .values()
