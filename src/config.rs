@@ -39,6 +39,7 @@ pub struct Settings {
     pub retry: RetrySettings,
     pub storage: StorageSettings,
     pub spool: SpoolSettings,
+    pub pricing: crate::cost::PriceTable,
     pub events: EventSettings,
     pub log: LogSettings,
 }
@@ -445,6 +446,7 @@ impl Settings {
             3600,
         )?;
         in_range("spool.max_bytes", self.spool.max_bytes, 0, 1 << 50)?;
+        self.pricing.validate().map_err(|e| invalid("pricing", e))?;
         if self.events.source.trim().is_empty() {
             return Err(invalid("events.source", "must not be empty"));
         }

@@ -54,6 +54,8 @@ pub struct ResultData {
     /// Token usage as the provider reported it (summed when several calls produced the images).
     pub usage: Option<Value>,
     pub cost_usd: Option<f64>,
+    /// True when `cost_usd` is an estimate (the provider reported no usage).
+    pub cost_estimated: bool,
     pub duration_ms: u64,
     pub provider_request_id: Option<String>,
     /// The provider's refusal details (moderation categories) when it gave them.

@@ -6,6 +6,7 @@
 //!
 //! # Layout
 //! - [`config`]: typed settings, layered from `config/*.toml` and the environment, validated at start-up.
+//! - [`cost`]: what a job cost, from reported usage and the configured prices.
 //! - [`job`]: the job message contract: parsing, validation, deterministic ids.
 //! - [`event`]: the result event (CloudEvents 1.0) and the result record stored next to the images.
 //! - [`error`]: the one error taxonomy (permanent / retryable / stop everything) and its classifier.
@@ -24,6 +25,7 @@
 pub mod amqp;
 pub mod cli;
 pub mod config;
+pub mod cost;
 pub mod dlq;
 pub mod enqueue;
 pub mod error;

@@ -77,6 +77,7 @@ pub struct Pipeline {
     slots: Arc<Semaphore>,
     prefix: String,
     source: String,
+    prices: crate::cost::PriceTable,
     /// One lock per job being processed: a second delivery of the same job (a duplicate publish,
     /// a redelivery after a reconnect) waits for the first and then finds its stored result, so
     /// one process never calls the provider twice for one job at once.
@@ -135,6 +136,7 @@ impl Pipeline {
             slots: Arc::new(Semaphore::new(settings.worker.concurrency)),
             prefix: settings.storage.prefix.clone(),
             source: settings.events.source.clone(),
+            prices: settings.pricing.clone(),
             active: Mutex::new(HashMap::new()),
             spool: None,
             leases: None,
@@ -245,7 +247,24 @@ impl Pipeline {
         }
         if work.images.len() < job.n as usize && self.leases.is_some() {
             match self.acquire_lease(dir).await {
-                Ok(LeaseState::Acquired { key, takeovers }) => work.lease = Some((key, takeovers)),
+                Ok(LeaseState::Acquired { key, takeovers }) => {
+                    // Another worker may have finished the job (and released its lease) between
+                    // our first look for the result and the lease: look again, now that no one
+                    // else can start buying.
+                    if let Ok(Some(event)) =
+                        self.stored_event(&format!("{dir}/{RECORD_NAME}")).await
+                    {
+                        let _ = self.store.delete(&key).await;
+                        info!(
+                            "result stored by another worker meanwhile: publishing it again without a provider call"
+                        );
+                        return Outcome::Finished {
+                            event: Box::new(event),
+                            settle: Settle::Ack,
+                        };
+                    }
+                    work.lease = Some((key, takeovers));
+                }
                 Ok(LeaseState::HeldElsewhere(left)) => {
                     info!(
                         left_ms = left.as_millis() as u64,
@@ -454,6 +473,7 @@ impl Pipeline {
         if let Some(model) = work.model {
             data.model = Some(model);
         }
+        self.price(job, work.bought, &mut data);
         let event = CloudEvent::new(&self.source, data);
         let record = match serde_json::to_vec(&event) {
             Ok(r) => Bytes::from(r),
@@ -545,6 +565,7 @@ impl Pipeline {
             {
                 let mut w = lock(work);
                 w.usage = merge_usage(w.usage.take(), generation.usage.clone());
+                w.bought += generation.images.len() as u32;
                 if generation.request_id.is_some() {
                     w.request_id.clone_from(&generation.request_id);
                 }
@@ -809,10 +830,32 @@ impl Pipeline {
             revised_prompt: None,
             usage: None,
             cost_usd: None,
+            cost_estimated: false,
             duration_ms: started.elapsed().as_millis() as u64,
             provider_request_id: None,
             refusal: None,
             metadata: Value::Null,
+        }
+    }
+
+    /// Fills in what this processing of the job cost.
+    fn price(&self, job: &Job, bought: u32, data: &mut ResultData) {
+        if bought == 0 {
+            // Nothing was bought here (stored images reused, or no provider call).
+            data.cost_usd = Some(0.0);
+            return;
+        }
+        let purchase = crate::cost::Purchase {
+            model: data.model.as_deref().unwrap_or(&job.model),
+            size: &job.size,
+            quality: &job.quality,
+            prompt: &job.prompt,
+            images: bought,
+            usage: data.usage.as_ref(),
+        };
+        if let Some(cost) = self.prices.cost(purchase) {
+            data.cost_usd = Some(cost.usd);
+            data.cost_estimated = cost.estimated;
         }
     }
 
@@ -824,14 +867,18 @@ impl Pipeline {
         prior: u32,
         started: Instant,
     ) -> Outcome {
-        let data = ResultData {
+        let mut data = ResultData {
             images: work.images,
             attempts: prior + work.calls,
             possibly_billed: work.possibly_billed,
             model: Some(job.model.clone()),
+            usage: work.usage,
             metadata: job.metadata.clone(),
             ..self.data(&job.id, job.batch.clone(), Status::Failed, started)
         };
+        if work.bought > 0 {
+            self.price(job, work.bought, &mut data);
+        }
         self.fail(data, failure)
     }
 
@@ -868,6 +915,8 @@ impl Pipeline {
 struct Work {
     images: Vec<StoredImage>,
     calls: u32,
+    /// Images the provider returned to this worker for this job.
+    bought: u32,
     possibly_billed: u32,
     usage: Option<Value>,
     request_id: Option<String>,

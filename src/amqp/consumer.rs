@@ -171,11 +171,13 @@ impl Worker {
         }
     }
 
-    async fn consume(&self, channel: &Channel, tag: &str) -> Result<Consumer, lapin::Error> {
+    /// Registers a consumer, with a tag of its own (a tag is not reused after a cancel).
+    async fn consume(&self, channel: &Channel) -> Result<Consumer, lapin::Error> {
+        let tag = format!("imagegen-{}-{:08x}", std::process::id(), fastrand::u32(..));
         channel
             .basic_consume(
                 self.settings.amqp.jobs_queue.as_str().into(),
-                tag.into(),
+                tag.as_str().into(),
                 BasicConsumeOptions::default(),
                 FieldTable::default(),
             )
@@ -202,8 +204,7 @@ impl Worker {
         channel
             .basic_qos(prefetch, BasicQosOptions::default())
             .await?;
-        let tag = format!("imagegen-{}-{:08x}", std::process::id(), fastrand::u32(..));
-        let mut consumer = Some(self.consume(&channel, &tag).await?);
+        let mut consumer = Some(self.consume(&channel).await?);
         *consuming = true;
         info!(
             broker = %s.amqp_url_redacted(),
@@ -243,7 +244,7 @@ impl Worker {
                             s.worker.pause_probe_secs);
                         pause = Some(Pause::Provider(reason));
                         halt.cancel();
-                        cancel_consumer(&channel, &tag, &mut consumer).await;
+                        cancel_consumer(&channel, &mut consumer).await;
                         probe.reset();
                         reminder.reset();
                     }
@@ -254,7 +255,7 @@ impl Worker {
                         if pause.is_none() {
                             pause = Some(Pause::BrokerBlocked(why));
                             halt.cancel();
-                            cancel_consumer(&channel, &tag, &mut consumer).await;
+                            cancel_consumer(&channel, &mut consumer).await;
                         }
                     }
                     Event::ConnectionUnblocked => {
@@ -262,7 +263,7 @@ impl Worker {
                             info!("the broker accepts publishes again: resuming");
                             pause = None;
                             halt = CancellationToken::new();
-                            consumer = Some(self.consume(&channel, &tag).await?);
+                            consumer = Some(self.consume(&channel).await?);
                         }
                     }
                     Event::Error(e) => break Some(anyhow::anyhow!("connection error: {e}")),
@@ -275,13 +276,19 @@ impl Worker {
                     else {
                         continue;
                     };
-                    info!("paused: probing the provider with one real job");
+                    info!("paused: probing with one real job");
                     let fresh = CancellationToken::new();
-                    if handle(message.delivery, context.clone(), fresh.clone()).await != Handled::Stopped {
-                        info!("the provider accepts requests again: resuming");
+                    // A stop request does not wait for the probe: the unsettled job goes back to
+                    // the queue when the channel closes.
+                    let handled = tokio::select! {
+                        handled = handle(message.delivery, context.clone(), fresh.clone()) => handled,
+                        _ = shutdown.cancelled() => break None,
+                    };
+                    if handled != Handled::Stopped {
+                        info!("the probe job got through: resuming");
                         pause = None;
                         halt = fresh;
-                        consumer = Some(self.consume(&channel, &tag).await?);
+                        consumer = Some(self.consume(&channel).await?);
                     }
                 }
                 _ = reminder.tick(), if pause.is_some() => {
@@ -316,7 +323,7 @@ impl Worker {
             "stopping: no new jobs; waiting for in-flight jobs"
         );
         halt.cancel();
-        cancel_consumer(&channel, &tag, &mut consumer).await;
+        cancel_consumer(&channel, &mut consumer).await;
         wait_for_tasks(tracker, s.shutdown_grace()).await;
         // Closing the channel returns every unacknowledged message to the queue.
         let _ = channel.close(200, "worker stopping".into()).await;
@@ -343,13 +350,21 @@ async fn next_delivery(consumer: &mut Option<Consumer>) -> Option<lapin::Result<
     }
 }
 
-async fn cancel_consumer(channel: &Channel, tag: &str, consumer: &mut Option<Consumer>) {
-    if consumer.take().is_some()
-        && let Err(e) = channel
-            .basic_cancel(tag.into(), BasicCancelOptions::default())
-            .await
+/// Cancels the consumer, then gives back the messages the broker had already sent it: they sit
+/// in the client's buffer and would otherwise stay unacknowledged for as long as the channel
+/// lives.
+async fn cancel_consumer(channel: &Channel, consumer: &mut Option<Consumer>) {
+    let Some(mut c) = consumer.take() else { return };
+    if let Err(e) = channel
+        .basic_cancel(c.tag(), BasicCancelOptions::default())
+        .await
     {
         warn!(error = %e, "cancelling the consumer failed");
+        return;
+    }
+    while let Ok(Some(Ok(delivery))) = tokio::time::timeout(Duration::from_secs(2), c.next()).await
+    {
+        nack(&delivery, "consumer cancelled").await;
     }
 }
 

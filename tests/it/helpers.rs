@@ -42,7 +42,7 @@ pub struct TestEnv {
     pub settings: Settings,
     pub fake: FakeServer,
     pub connection: Connection,
-    pub spool: tempfile::TempDir,
+    _spool: tempfile::TempDir,
     _dir: Option<tempfile::TempDir>,
 }
 
@@ -95,7 +95,7 @@ impl TestEnv {
             ("storage.prefix", format!("it/{id}/")),
             ("spool.dir", spool.path().display().to_string()),
             // Short leases: a killed worker's jobs are taken over within seconds.
-            ("worker.lease_secs", "2".into()),
+            ("worker.lease_secs", "3".into()),
         ];
         match store {
             Store::S3 => overrides.extend([
@@ -132,7 +132,7 @@ impl TestEnv {
             settings,
             fake,
             connection,
-            spool,
+            _spool: spool,
             _dir: dir,
         }
     }
@@ -348,9 +348,16 @@ impl TestEnv {
         for (k, v) in vars {
             cmd.env(k, v);
         }
+        // IMAGEGEN_TEST_WORKER_LOGS=1 shows the workers' logs.
+        let logs = std::env::var_os("IMAGEGEN_TEST_WORKER_LOGS").is_some();
+        let stderr = if logs {
+            std::process::Stdio::inherit()
+        } else {
+            std::process::Stdio::null()
+        };
         cmd.arg("worker")
             .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
+            .stderr(stderr)
             .spawn()
             .expect("worker process starts")
     }

@@ -79,6 +79,23 @@ async fn happy_path_n1_and_n3_on_s3() {
         assert_eq!(&stored, event);
     }
     assert_eq!(events[0].data.metadata, json!({"row": 1}));
+    // Priced from the reported usage and config's gpt-image-2 token prices.
+    for e in &events {
+        let usage = e.data.usage.as_ref().unwrap();
+        let text_in = usage["input_tokens_details"]["text_tokens"]
+            .as_f64()
+            .unwrap();
+        let image_out = usage["output_tokens_details"]["image_tokens"]
+            .as_f64()
+            .unwrap();
+        let expected = text_in * 5.0 / 1e6 + image_out * 30.0 / 1e6;
+        assert!(
+            (e.data.cost_usd.unwrap() - expected).abs() < 1e-9,
+            "{:?}",
+            e.data.cost_usd
+        );
+        assert!(!e.data.cost_estimated);
+    }
     assert_eq!(env.fake().stats().billed, 2);
     assert_eq!(env.fake().stats().images, 4);
     // The durable results queue kept the events too, and the jobs are all acked.
@@ -447,6 +464,7 @@ async fn fs_storage_with_the_placeholder_provider() {
         assert!(path.ends_with(&format!("images/local/ph/{}.png", image.index)));
     }
     assert_ne!(event.data.images[0].sha256, event.data.images[1].sha256);
+    assert_eq!(event.data.cost_usd, Some(0.0), "the placeholder is free");
     worker.shutdown().await.unwrap();
     env.cleanup().await;
 }

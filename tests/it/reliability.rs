@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use imagegen::event::{CloudEvent, Status};
-use imagegen::fake_api::{Fault, Rule};
+use imagegen::fake_api::{FakeApi, FakeOptions, Fault, Rule};
 use lapin::types::AMQPValue;
 use serde_json::json;
 
@@ -303,86 +303,79 @@ async fn workers_killed_mid_run_lose_no_job_and_pay_twice_only_for_calls_in_flig
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_storage_outage_pauses_the_worker_and_spooled_images_are_not_bought_again() {
-    let env = TestEnv::with(
-        Store::S3,
-        &[
-            ("worker.pause_probe_secs", "1".into()),
-            ("retry.max_attempts", "2".into()),
-            ("storage.request_timeout_secs", "2".into()),
-        ],
-    )
-    .await;
+async fn a_storage_outage_pauses_the_workers_and_spooled_images_are_not_bought_again() {
+    let env = TestEnv::new(Store::S3).await;
+    env.fake().set_latency(Duration::from_millis(100));
     let proxy = Proxy::start("127.0.0.1:3900".parse().unwrap()).await;
-    let mut settings = env.settings.clone();
-    settings.storage.endpoint_url = format!("http://{}", proxy.addr);
+    let endpoint = format!("http://{}", proxy.addr);
+    let data = tempfile::tempdir().unwrap();
+    let s = &env.settings.storage;
+    let vars = [
+        ("IMAGEGEN__STORAGE__KIND", "s3"),
+        ("IMAGEGEN__STORAGE__ENDPOINT_URL", endpoint.as_str()),
+        ("IMAGEGEN__STORAGE__BUCKET", s.bucket.as_str()),
+        ("IMAGEGEN__STORAGE__REGION", s.region.as_str()),
+        ("IMAGEGEN__STORAGE__PREFIX", s.prefix.as_str()),
+        (
+            "IMAGEGEN__STORAGE__ACCESS_KEY_ID",
+            crate::helpers::S3_KEY_ID,
+        ),
+        (
+            "IMAGEGEN__STORAGE__SECRET_ACCESS_KEY",
+            crate::helpers::S3_SECRET,
+        ),
+        ("IMAGEGEN__STORAGE__REQUEST_TIMEOUT_SECS", "2"),
+        ("IMAGEGEN__RETRY__MAX_ATTEMPTS", "2"),
+        ("IMAGEGEN__WORKER__PAUSE_PROBE_SECS", "1"),
+        ("IMAGEGEN__WORKER__CONCURRENCY", "4"),
+    ];
     let mut listener = env.listen().await;
-    let worker = env.start_worker_with(settings.clone()).await;
-    // Storage goes away while images are being generated: the images already bought wait in
-    // the spool, and the worker stops buying.
-    env.fake().set_latency(Duration::from_millis(800));
-    for i in 0..6 {
-        env.publish(json!({"id": format!("s{i}"), "batch": "out", "prompt": format!("outage job {i}"), "n": 2}))
-            .await;
+    let jobs = 300;
+    for i in 0..jobs {
+        env.publish(
+            json!({"id": format!("s{i}"), "batch": "out", "prompt": format!("outage job {i}")}),
+        )
+        .await;
     }
+    let workers = [
+        env.spawn_worker(data.path(), &vars),
+        env.spawn_worker(data.path(), &vars),
+    ];
     let deadline = Instant::now() + WAIT;
-    while env.fake().stats().requests < 4 {
-        assert!(Instant::now() < deadline, "jobs never reached the provider");
+    while env.fake().stats().billed < 60 {
+        assert!(Instant::now() < deadline, "the run never got going");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    // Storage goes away mid-run: images already bought wait in the (shared, host-local) spool,
+    // and both workers pause and stop buying.
     proxy.set_down(true);
-    tokio::time::sleep(Duration::from_secs(4)).await;
+    tokio::time::sleep(Duration::from_secs(6)).await;
     let bought = env.fake().stats().billed;
-    // Only jobs the worker held (prefetch) before it knew storage was down can have been bought,
-    // and once paused it buys nothing more (its probes fail at the result lookup, before any
-    // provider call).
-    assert!(
-        bought >= 4 && bought <= env.settings.prefetch() as u64,
-        "{bought}"
-    );
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(
         env.fake().stats().billed,
         bought,
-        "a paused worker buys nothing"
+        "paused workers buy nothing"
     );
     assert!(
-        listener
-            .next(Duration::from_millis(200))
-            .await
-            .unwrap()
-            .is_none(),
-        "no event yet"
+        walk(&data.path().join(".spool")) > 0,
+        "bought images wait in the spool"
     );
-    // Every bought image ends up in the spool (uploads still being retried get there last).
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while walk(env.spool.path()) < bought as usize * 2 {
-        assert!(
-            Instant::now() < deadline,
-            "{} of {} bought images spooled",
-            walk(env.spool.path()),
-            bought * 2
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert_eq!(walk(env.spool.path()), bought as usize * 2);
-    // The worker is restarted on the same host (storage is back by then: a worker checks its
-    // store at start-up); the spool survived it.
-    worker.shutdown().await.unwrap();
+    // Storage comes back: the workers' probes get through, they resume by themselves, upload the
+    // spooled images, and finish the run.
     proxy.set_down(false);
-    let worker = env.start_worker_with(settings).await;
-    let events = distinct_events(&mut listener, 6, Vec::new()).await;
-    assert!(
-        events
-            .values()
-            .all(|e| e.data.status == Status::Succeeded && e.data.images.len() == 2)
-    );
+    let events = distinct_events(&mut listener, jobs, Vec::new()).await;
+    assert!(events.values().all(|e| e.data.status == Status::Succeeded));
     assert_eq!(
-        env.fake().stats().billed,
-        6,
+        env.fake().stats().billed as usize,
+        jobs,
         "spooled images were uploaded, not bought again"
     );
-    assert_eq!(walk(env.spool.path()), 0, "the spool is empty again");
+    assert_eq!(
+        walk(&data.path().join(".spool")),
+        0,
+        "the spool is empty again"
+    );
     let store = env.store().await;
     for e in events.values() {
         for image in &e.data.images {
@@ -393,26 +386,10 @@ async fn a_storage_outage_pauses_the_worker_and_spooled_images_are_not_bought_ag
             );
         }
     }
-    worker.shutdown().await.unwrap();
+    for w in workers {
+        assert_eq!(stop_process(w).await.code(), Some(0));
+    }
     env.cleanup().await;
-}
-
-/// Files below `dir`.
-fn walk(dir: &std::path::Path) -> usize {
-    std::fs::read_dir(dir)
-        .map(|entries| {
-            entries
-                .flatten()
-                .map(|e| {
-                    if e.path().is_dir() {
-                        walk(&e.path())
-                    } else {
-                        1
-                    }
-                })
-                .sum()
-        })
-        .unwrap_or(0)
 }
 
 #[tokio::test]
@@ -581,4 +558,114 @@ async fn a_provider_storm_across_two_processes_ends_with_every_job_done_and_boug
             .any(|e| e.data.job_id.starts_with("st7") && e.data.attempts > 1)
     );
     env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_poison_job_mixed_into_a_run_ends_dead_lettered_and_the_run_completes() {
+    let env = TestEnv::new(Store::Fs).await;
+    // Each worker process talks to a fake API of its own, so the test knows which one took the
+    // poison job: it hangs that worker, which is then killed (as an out-of-memory kill would).
+    let other = FakeApi::new(FakeOptions::default()).start().await.unwrap();
+    let fakes = [env.fake(), &other.api];
+    for fake in fakes {
+        fake.set_latency(Duration::from_millis(50));
+        fake.push_rule(rule(Some("poison"), Fault::Hang { secs: 120.0 }, None));
+    }
+    let urls = [env.fake.base_url(), other.base_url()];
+    let data = tempfile::tempdir().unwrap();
+    let spawn = |i: usize| {
+        let vars = [
+            ("IMAGEGEN__WORKER__CONCURRENCY", "4"),
+            ("IMAGEGEN__PROVIDER__BASE_URL", urls[i].as_str()),
+        ];
+        env.spawn_worker(data.path(), &vars)
+    };
+    let mut listener = env.listen().await;
+    let jobs = 300;
+    for i in 0..jobs {
+        if i == 50 {
+            env.publish(json!({"id": "poison", "prompt": "the poison job"}))
+                .await;
+        }
+        env.publish(json!({"id": format!("m{i}"), "prompt": format!("mixed job {i}")}))
+            .await;
+    }
+    let mut workers = vec![spawn(0), spawn(1)];
+    let mut poison_calls = [0, 0];
+    let mut seen: HashMap<String, CloudEvent> = HashMap::new();
+    let mut kills = 0;
+    let deadline = Instant::now() + Duration::from_secs(150);
+    while seen.len() < jobs + 1 {
+        assert!(
+            Instant::now() < deadline,
+            "{} of {} jobs ended after {kills} kills",
+            seen.len(),
+            jobs + 1
+        );
+        for i in 0..2 {
+            let calls = fakes[i].calls_for("poison");
+            if calls > poison_calls[i] {
+                poison_calls[i] = calls;
+                workers[i].kill().unwrap();
+                workers[i].wait().unwrap();
+                kills += 1;
+                workers[i] = spawn(i);
+            }
+        }
+        if let Some(event) = listener.next(Duration::from_millis(200)).await.unwrap() {
+            if let Some(earlier) = seen.get(&event.data.job_id) {
+                assert_eq!(earlier, &event, "a republished event is identical");
+            }
+            seen.insert(event.data.job_id.clone(), event);
+        }
+    }
+    for w in workers {
+        stop_process(w).await;
+    }
+    let poison = &seen["poison"];
+    assert_eq!(poison.data.status, Status::Failed);
+    assert!(
+        poison
+            .data
+            .error
+            .as_ref()
+            .unwrap()
+            .message
+            .contains("poison"),
+        "{poison:?}"
+    );
+    assert!(kills >= 2, "{kills}");
+    env.wait_dead_letters(1, WAIT).await;
+    let failed: Vec<_> = seen
+        .values()
+        .filter(|e| e.data.job_id != "poison" && e.data.status != Status::Succeeded)
+        .collect();
+    assert!(failed.is_empty(), "{failed:#?}");
+    let billed = (env.fake().stats().billed + other.api.stats().billed) as usize;
+    let mut worker_settings = env.settings.clone();
+    worker_settings.worker.concurrency = 4;
+    let held = worker_settings.prefetch() as usize;
+    assert!(
+        billed >= jobs && billed <= jobs + kills * held,
+        "{billed} billed for {jobs} jobs after {kills} kills"
+    );
+    env.cleanup().await;
+}
+
+/// Files below `dir`.
+fn walk(dir: &std::path::Path) -> usize {
+    std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .flatten()
+                .map(|e| {
+                    if e.path().is_dir() {
+                        walk(&e.path())
+                    } else {
+                        1
+                    }
+                })
+                .sum()
+        })
+        .unwrap_or(0)
 }
