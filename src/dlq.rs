@@ -210,6 +210,7 @@ pub async fn replay(settings: &Settings, filter: &ReplayFilter) -> anyhow::Resul
             )
             .await?;
         let mut seen = 0u32;
+        let mut skipped = Vec::new();
         while seen < count && report.replayed < limit {
             let delivery = match tokio::time::timeout(IDLE, consumer.next()).await {
                 Ok(Some(Ok(d))) => d,
@@ -219,8 +220,9 @@ pub async fn replay(settings: &Settings, filter: &ReplayFilter) -> anyhow::Resul
             let letter = describe(&delivery.data, &delivery.properties);
             let wrong_batch = filter.batch.is_some() && letter.batch != filter.batch;
             if wrong_batch || (letter.reason == "invalid_job" && !filter.include_invalid) {
-                // Held unacknowledged: it goes back to the dead-letter queue when we close.
+                // Held unacknowledged until the end (so it is not read again), then given back.
                 report.skipped += 1;
+                skipped.push(delivery);
                 continue;
             }
             publisher
@@ -233,6 +235,13 @@ pub async fn replay(settings: &Settings, filter: &ReplayFilter) -> anyhow::Resul
                 .await?;
             delivery.acker.ack(BasicAckOptions::default()).await?;
             report.replayed += 1;
+        }
+        for delivery in skipped {
+            let options = lapin::options::BasicNackOptions {
+                multiple: false,
+                requeue: true,
+            };
+            let _ = delivery.acker.nack(options).await;
         }
     }
     let _ = channel.close(200, "replayed".into()).await;

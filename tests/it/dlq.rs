@@ -71,7 +71,8 @@ async fn dead_letters_are_listed_with_their_reason_and_replayed_on_demand() {
     assert_eq!(listed[1]["job_id"], "typo");
     assert_eq!(listed[1]["reason"], "invalid_job");
     assert!(listed[1]["message"].as_str().unwrap().contains("sise"));
-    // Listing leaves them where they are.
+    // Listing leaves them where they are (returned when the listing's channel closes).
+    env.wait_dead_letters(2, WAIT).await;
     assert_eq!(env.ready(&env.settings.amqp.dead_letter_queue).await, 2);
 
     // Replay skips invalid jobs unless asked.
@@ -80,6 +81,8 @@ async fn dead_letters_are_listed_with_their_reason_and_replayed_on_demand() {
         (report["replayed"].as_u64(), report["skipped"].as_u64()),
         (Some(1), Some(1))
     );
+    // The skipped one is back in the dead-letter queue (the broker requeues it asynchronously).
+    env.wait_dead_letters(1, WAIT).await;
     assert_eq!(env.ready(&env.settings.amqp.dead_letter_queue).await, 1);
     assert_eq!(env.ready(&env.settings.amqp.jobs_queue).await, 1);
     let worker = env.start_worker().await;
