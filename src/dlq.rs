@@ -163,6 +163,17 @@ async fn reader(connection: &Connection, settings: &Settings) -> Result<(Channel
     Ok((channel, queue.message_count()))
 }
 
+async fn consume(channel: &Channel, settings: &Settings) -> Result<lapin::Consumer, AmqpError> {
+    Ok(channel
+        .basic_consume(
+            settings.amqp.dead_letter_queue.as_str().into(),
+            "".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?)
+}
+
 /// Lists up to `limit` dead letters, leaving them in the queue.
 pub async fn list(settings: &Settings, limit: usize) -> anyhow::Result<Vec<DeadLetter>> {
     let connection = connect(settings, "dlq-list").await?;
@@ -170,14 +181,7 @@ pub async fn list(settings: &Settings, limit: usize) -> anyhow::Result<Vec<DeadL
     let want = limit.min(count as usize).min(WINDOW as usize);
     let mut out = Vec::with_capacity(want);
     if want > 0 {
-        let mut consumer = channel
-            .basic_consume(
-                settings.amqp.dead_letter_queue.as_str().into(),
-                "".into(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await?;
+        let mut consumer = consume(&channel, settings).await?;
         while out.len() < want {
             match tokio::time::timeout(IDLE, consumer.next()).await {
                 Ok(Some(Ok(d))) => out.push(describe(&d.data, &d.properties)),
@@ -201,14 +205,7 @@ pub async fn replay(settings: &Settings, filter: &ReplayFilter) -> anyhow::Resul
     let mut report = ReplayReport::default();
     let limit = filter.limit.unwrap_or(usize::MAX);
     if count > 0 && limit > 0 {
-        let mut consumer = channel
-            .basic_consume(
-                settings.amqp.dead_letter_queue.as_str().into(),
-                "".into(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await?;
+        let mut consumer = consume(&channel, settings).await?;
         let mut seen = 0u32;
         let mut skipped = Vec::new();
         while seen < count && report.replayed < limit {

@@ -89,24 +89,34 @@ fn is_not_found<E: ProvideErrorMetadata>(e: &SdkError<E, HttpResponse>) -> bool 
         || matches!(e.code(), Some("NoSuchKey" | "NotFound"))
 }
 
+impl S3Store {
+    fn put_request(
+        &self,
+        object: PutObject<'_>,
+    ) -> aws_sdk_s3::operation::put_object::builders::PutObjectFluentBuilder {
+        let mut request = self
+            .client
+            .put_object()
+            .bucket(&self.bucket)
+            .key(object.key)
+            .content_type(object.content_type)
+            .content_length(object.data.len() as i64)
+            .body(ByteStream::from(object.data));
+        for (k, v) in object.metadata {
+            request = request.metadata(*k, v);
+        }
+        request
+    }
+}
+
 impl ObjectStore for S3Store {
     fn put<'a>(&'a self, object: PutObject<'a>) -> BoxFuture<'a, Result<(), StorageError>> {
         Box::pin(async move {
-            let mut request = self
-                .client
-                .put_object()
-                .bucket(&self.bucket)
-                .key(object.key)
-                .content_type(object.content_type)
-                .content_length(object.data.len() as i64)
-                .body(ByteStream::from(object.data));
-            for (k, v) in object.metadata {
-                request = request.metadata(*k, v);
-            }
-            request
+            let key = object.key;
+            self.put_request(object)
                 .send()
                 .await
-                .map_err(|e| error("put", object.key, e))?;
+                .map_err(|e| error("put", key, e))?;
             Ok(())
         })
     }
@@ -116,18 +126,8 @@ impl ObjectStore for S3Store {
         object: PutObject<'a>,
     ) -> BoxFuture<'a, Result<bool, StorageError>> {
         Box::pin(async move {
-            let mut request = self
-                .client
-                .put_object()
-                .bucket(&self.bucket)
-                .key(object.key)
-                .if_none_match("*")
-                .content_type(object.content_type)
-                .body(ByteStream::from(object.data));
-            for (k, v) in object.metadata {
-                request = request.metadata(*k, v);
-            }
-            match request.send().await {
+            let key = object.key;
+            match self.put_request(object).if_none_match("*").send().await {
                 Ok(_) => Ok(true),
                 // 412 Precondition Failed: it exists. 409: a concurrent conditional write won.
                 Err(e)
@@ -136,7 +136,7 @@ impl ObjectStore for S3Store {
                 {
                     Ok(false)
                 }
-                Err(e) => Err(error("put", object.key, e)),
+                Err(e) => Err(error("put", key, e)),
             }
         })
     }
