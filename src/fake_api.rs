@@ -924,7 +924,7 @@ impl PngTemplate {
                 b'?'
             }
         }));
-        while data.len() % 3 != 0 {
+        while !data.len().is_multiple_of(3) {
             data.push(b' ');
         }
         let mut head = self.head.clone();

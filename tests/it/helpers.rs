@@ -15,7 +15,7 @@ use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicGetOptions, ExchangeDeleteOptions,
     QueueDeclareOptions, QueueDeleteOptions,
 };
-use lapin::types::FieldTable;
+use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Connection};
 use serde_json::Value;
 use tokio::task::JoinHandle;
@@ -124,6 +124,41 @@ impl TestEnv {
         let connection = connect(&settings, "test")
             .await
             .expect("RabbitMQ on 127.0.0.1:5672 (run `make services`)");
+        // The test's queues expire when unused for 15 minutes, so that a test that fails midway
+        // (and never reaches its cleanup) leaves nothing behind for long. Created here with the
+        // worker's own arguments plus x-expires; the worker's declaration accepts them as they are.
+        let expires = |mut args: FieldTable| {
+            args.insert("x-expires".into(), AMQPValue::LongInt(15 * 60 * 1000));
+            args
+        };
+        let quorum = || {
+            let mut t = FieldTable::default();
+            t.insert(
+                "x-queue-type".into(),
+                AMQPValue::LongString("quorum".into()),
+            );
+            t
+        };
+        let a = &settings.amqp;
+        let mut queues = vec![
+            (a.dead_letter_queue.clone(), quorum()),
+            (
+                a.jobs_queue.clone(),
+                topology::jobs_queue_arguments(&settings),
+            ),
+            (a.results_queue.clone(), quorum()),
+        ];
+        for secs in &a.delay_tiers_secs {
+            queues.push((
+                settings.delay_queue_name(*secs),
+                topology::delay_queue_arguments(&settings, *secs),
+            ));
+        }
+        for (name, args) in queues {
+            topology::ensure_queue(&connection, &name, expires(args))
+                .await
+                .expect("test queue");
+        }
         topology::declare(&connection, &settings)
             .await
             .expect("topology");
