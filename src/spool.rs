@@ -71,7 +71,7 @@ impl Spool {
 
     /// Forgets an image once it is stored.
     pub async fn remove(&self, key: &str, size: u64) {
-        if self.files.remove(key).await {
+        if self.files.delete(key).await.is_ok() {
             self.used
                 .fetch_sub(size.min(self.used.load(Ordering::SeqCst)), Ordering::SeqCst);
         }

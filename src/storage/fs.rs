@@ -62,16 +62,6 @@ impl FsStore {
     }
 }
 
-impl FsStore {
-    /// Deletes an object; true when it existed.
-    pub async fn remove(&self, key: &str) -> bool {
-        match self.path("remove", key) {
-            Ok(path) => tokio::fs::remove_file(path).await.is_ok(),
-            Err(_) => false,
-        }
-    }
-}
-
 impl ObjectStore for FsStore {
     fn put<'a>(&'a self, object: PutObject<'a>) -> BoxFuture<'a, Result<(), StorageError>> {
         Box::pin(self.write(object))

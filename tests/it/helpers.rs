@@ -477,6 +477,13 @@ pub async fn stop_process(mut child: std::process::Child) -> std::process::ExitS
         .expect("worker exits")
 }
 
+/// Stops worker processes with SIGTERM and checks that each exits 0.
+pub async fn stop_cleanly(workers: impl IntoIterator<Item = std::process::Child>) {
+    for w in workers {
+        assert_eq!(stop_process(w).await.code(), Some(0));
+    }
+}
+
 /// Validates an instance against a schema of `schemas/`.
 pub fn assert_valid(schema_file: &str, instance: &Value) {
     let path = format!("{}/schemas/{schema_file}", env!("CARGO_MANIFEST_DIR"));

@@ -10,7 +10,7 @@ use imagegen::fake_api::{FakeApi, FakeOptions, Fault, Rule};
 use lapin::types::AMQPValue;
 use serde_json::json;
 
-use crate::helpers::{Store, TestEnv, assert_valid, event_json, stop_process};
+use crate::helpers::{Store, TestEnv, assert_valid, event_json, stop_cleanly, stop_process};
 use crate::proxy::Proxy;
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -87,9 +87,7 @@ async fn cut_broker_connections_are_reopened_and_nothing_is_paid_twice() {
         "{:?}",
         env.fake().stats()
     );
-    for w in workers {
-        assert_eq!(stop_process(w).await.code(), Some(0));
-    }
+    stop_cleanly(workers).await;
     assert_eq!(env.ready(&env.settings.amqp.jobs_queue).await, 0);
     env.cleanup().await;
 }
@@ -386,9 +384,7 @@ async fn a_storage_outage_pauses_the_workers_and_spooled_images_are_not_bought_a
             );
         }
     }
-    for w in workers {
-        assert_eq!(stop_process(w).await.code(), Some(0));
-    }
+    stop_cleanly(workers).await;
     env.cleanup().await;
 }
 
@@ -448,9 +444,7 @@ async fn two_processes_given_the_same_jobs_at_once_buy_each_once_when_the_store_
         "{:?}",
         env.fake().stats()
     );
-    for w in workers {
-        assert_eq!(stop_process(w).await.code(), Some(0));
-    }
+    stop_cleanly(workers).await;
     env.cleanup().await;
 }
 
@@ -535,9 +529,7 @@ async fn a_provider_storm_across_two_processes_ends_with_every_job_done_and_boug
     }
     let workers = vec![spawn(), spawn()];
     let events = distinct_events(&mut listener, jobs, Vec::new()).await;
-    for w in workers {
-        assert_eq!(stop_process(w).await.code(), Some(0));
-    }
+    stop_cleanly(workers).await;
     let failed: Vec<_> = events
         .values()
         .filter(|e| e.data.status != Status::Succeeded)

@@ -10,7 +10,7 @@ use imagegen::event::{CloudEvent, Status};
 use lapin::options::{BasicAckOptions, BasicConsumeOptions};
 use serde_json::json;
 
-use crate::helpers::{Store, TestEnv, stop_process};
+use crate::helpers::{Store, TestEnv, stop_cleanly};
 
 fn rabbitmqctl(args: &[&str]) {
     let status = std::process::Command::new("rabbitmqctl")
@@ -85,9 +85,7 @@ async fn a_broker_restart_mid_run_loses_no_job() {
     // Calls in flight when the broker went away finish and are stored; their redeliveries find
     // the result (or the lease of the other process): nothing is bought twice.
     assert_eq!(billed, jobs, "{billed} billed for {jobs} jobs");
-    for w in workers {
-        assert_eq!(stop_process(w).await.code(), Some(0));
-    }
+    stop_cleanly(workers).await;
     let _ = channel.close(200, "ok".into()).await;
     let _ = connection.close(200, "ok".into()).await;
     env.reconnect().await;
