@@ -85,6 +85,12 @@ pub enum Command {
         /// Approximate size of each generated image, in bytes.
         #[arg(long, default_value_t = 2048)]
         image_bytes: usize,
+        /// Enforce this many requests per minute (429 beyond it), like an account's RPM limit.
+        #[arg(long)]
+        rpm: Option<u64>,
+        /// Enforce this many tokens per minute (a request costs its usage), like a TPM limit.
+        #[arg(long)]
+        tpm: Option<u64>,
     },
 }
 
@@ -258,6 +264,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             listen,
             latency_ms,
             image_bytes,
+            rpm,
+            tpm,
         } => {
             crate::telemetry::init(&crate::config::LogSettings {
                 format: crate::config::LogFormat::Auto,
@@ -266,6 +274,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let api = crate::fake_api::FakeApi::new(crate::fake_api::FakeOptions {
                 latency: Duration::from_millis(latency_ms),
                 image_bytes,
+                requests_per_minute: rpm,
+                tokens_per_minute: tpm,
                 ..Default::default()
             });
             let listener = tokio::net::TcpListener::bind(&listen)

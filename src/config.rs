@@ -37,6 +37,8 @@ pub struct Settings {
     pub worker: WorkerSettings,
     pub provider: ProviderSettings,
     pub retry: RetrySettings,
+    pub limits: LimitsSettings,
+    pub budget: BudgetSettings,
     pub storage: StorageSettings,
     pub spool: SpoolSettings,
     pub pricing: crate::cost::PriceTable,
@@ -121,6 +123,31 @@ pub struct RetrySettings {
 pub enum StorageKind {
     S3,
     Fs,
+}
+
+/// `[budget]`: spend caps (see [`crate::budget`]).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BudgetSettings {
+    pub max_worker_usd: f64,
+    pub max_batch_usd: f64,
+    pub refresh_secs: f64,
+}
+
+/// `[limits]`: how fast the provider is called (see [`crate::throttle`]).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsSettings {
+    pub requests_per_minute: u64,
+    pub images_per_minute: u64,
+    pub burst_secs: u64,
+    pub adaptive: bool,
+    pub min_concurrency: usize,
+    pub initial_concurrency: usize,
+    pub decrease_ratio: f64,
+    pub latency_threshold: f64,
+    pub pacing_reserve: f64,
+    pub log_every_secs: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -323,6 +350,72 @@ impl Settings {
             1 << 20,
         )?;
 
+        let l = &self.limits;
+        in_range(
+            "limits.requests_per_minute",
+            l.requests_per_minute,
+            0,
+            10_000_000,
+        )?;
+        in_range(
+            "limits.images_per_minute",
+            l.images_per_minute,
+            0,
+            10_000_000,
+        )?;
+        in_range("limits.burst_secs", l.burst_secs, 1, 3600)?;
+        in_range(
+            "limits.min_concurrency",
+            l.min_concurrency as u64,
+            1,
+            w.concurrency as u64,
+        )?;
+        if l.initial_concurrency != 0 {
+            in_range(
+                "limits.initial_concurrency",
+                l.initial_concurrency as u64,
+                l.min_concurrency as u64,
+                w.concurrency as u64,
+            )?;
+        }
+        in_unit("limits.decrease_ratio", l.decrease_ratio, false)?;
+        in_unit("limits.pacing_reserve", l.pacing_reserve, true)?;
+        if !(l.latency_threshold.is_finite() && l.latency_threshold > 0.0) {
+            return Err(invalid(
+                "limits.latency_threshold",
+                format!("is {}, must be above 0", l.latency_threshold),
+            ));
+        }
+        in_range("limits.log_every_secs", l.log_every_secs, 1, 86_400)?;
+
+        let b = &self.budget;
+        for (key, value) in [
+            ("budget.max_worker_usd", b.max_worker_usd),
+            ("budget.max_batch_usd", b.max_batch_usd),
+        ] {
+            if !(value.is_finite() && value >= 0.0) {
+                return Err(invalid(
+                    key,
+                    format!("is {value}, must be 0 (no cap) or more"),
+                ));
+            }
+        }
+        if !(b.refresh_secs.is_finite() && (0.0..=3600.0).contains(&b.refresh_secs)) {
+            return Err(invalid(
+                "budget.refresh_secs",
+                format!("is {}, must be between 0 and 3600", b.refresh_secs),
+            ));
+        }
+        if (b.max_worker_usd > 0.0 || b.max_batch_usd > 0.0)
+            && self.pricing.models.is_empty()
+            && self.pricing.per_image.is_empty()
+        {
+            return Err(invalid(
+                "budget.max_worker_usd",
+                "a spend cap needs prices: [[pricing.models]] or [[pricing.per_image]] is empty",
+            ));
+        }
+
         let p = &self.provider;
         if p.kind == ProviderKind::Openai {
             if !(p.base_url.starts_with("http://") || p.base_url.starts_with("https://")) {
@@ -495,6 +588,16 @@ fn in_range(key: &'static str, value: u64, min: u64, max: u64) -> Result<(), Con
             key,
             format!("is {value}, must be between {min} and {max}"),
         ));
+    }
+    Ok(())
+}
+
+/// A fraction: above 0 (or 0 itself when `zero_ok`) and below 1.
+fn in_unit(key: &'static str, value: f64, zero_ok: bool) -> Result<(), ConfigError> {
+    let low_ok = if zero_ok { value >= 0.0 } else { value > 0.0 };
+    if !(value.is_finite() && low_ok && value < 1.0) {
+        let low = if zero_ok { "0 <=" } else { "0 <" };
+        return Err(invalid(key, format!("is {value}, must be {low} x < 1")));
     }
     Ok(())
 }

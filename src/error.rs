@@ -25,6 +25,8 @@ pub enum ErrorKind {
     InvalidJob,
     /// Transient failures persisted past the configured attempts or total delay.
     RetriesExhausted,
+    /// The job's batch reached its spend cap (`budget.max_batch_usd`); no provider call was made.
+    BudgetExceeded,
 }
 
 impl ErrorKind {
@@ -34,6 +36,7 @@ impl ErrorKind {
             ErrorKind::InvalidRequest => "invalid_request",
             ErrorKind::InvalidJob => "invalid_job",
             ErrorKind::RetriesExhausted => "retries_exhausted",
+            ErrorKind::BudgetExceeded => "budget_exceeded",
         }
     }
 }
@@ -54,6 +57,8 @@ pub enum StopReason {
     Unauthorized,
     /// The object store keeps failing: buying images that cannot be stored must stop.
     StorageUnavailable,
+    /// This worker reached its spend cap (`budget.max_worker_usd`).
+    BudgetExhausted,
 }
 
 impl fmt::Display for StopReason {
@@ -62,6 +67,7 @@ impl fmt::Display for StopReason {
             StopReason::QuotaExhausted => "quota_exhausted",
             StopReason::Unauthorized => "unauthorized",
             StopReason::StorageUnavailable => "storage_unavailable",
+            StopReason::BudgetExhausted => "budget_exhausted",
         })
     }
 }
@@ -74,6 +80,8 @@ pub struct ProviderDetail {
     pub request_id: Option<String>,
     /// Refusal details (moderation categories) when the provider gave them.
     pub refusal: Option<serde_json::Value>,
+    /// The response's rate-limit headers, for the throttle.
+    pub rate_limits: Option<crate::throttle::RateLimits>,
 }
 
 /// A classified failure. (The provider's detail is boxed to keep `Result<_, Failure>` small.)
@@ -130,6 +138,25 @@ impl Failure {
             Failure::Permanent { detail, .. }
             | Failure::Retryable { detail, .. }
             | Failure::Stop { detail, .. } => detail,
+        }
+    }
+
+    pub fn detail_mut(&mut self) -> &mut ProviderDetail {
+        match self {
+            Failure::Permanent { detail, .. }
+            | Failure::Retryable { detail, .. }
+            | Failure::Stop { detail, .. } => detail,
+        }
+    }
+
+    /// What the failure says about the provider's load, for the throttle: a 429 that is not
+    /// about money, or a 503, is pushback.
+    pub fn feedback(&self) -> crate::throttle::Feedback {
+        match self {
+            Failure::Retryable { detail, .. } if matches!(detail.status, Some(429 | 503)) => {
+                crate::throttle::Feedback::Pushback
+            }
+            _ => crate::throttle::Feedback::Ignore,
         }
     }
 
@@ -254,6 +281,7 @@ pub fn classify_http(
             .moderation_details
             .clone()
             .or_else(|| body.inner_error.clone()),
+        rate_limits: None,
     });
     let is = |list: &[&str], v: &Option<String>| v.as_deref().is_some_and(|v| list.contains(&v));
     let inner_code = body

@@ -9,7 +9,15 @@
 //! - `POST /_fake/rules` appends a JSON [`Rule`]; `DELETE /_fake/rules` removes all rules;
 //! - `GET /_fake/stats` returns [`Stats`]; `GET /_fake/calls?prompt_contains=X` returns
 //!   `{"calls": N, "billed": M}`;
-//! - `POST /_fake/latency` with `{"ms": 500}` sets the latency added before every response.
+//! - `POST /_fake/latency` with `{"ms": 500}` sets the latency added before every response;
+//! - `POST /_fake/limits` with `{"requests_per_minute": 300, "tokens_per_minute": null}` sets the
+//!   account's rate limits (`null`: unlimited).
+//!
+//! Rate limits are real token buckets, as the provider's are: each holds a minute's worth and
+//! refills continuously; a request that finds its bucket empty gets a 429 `rate_limit_exceeded`
+//! with `retry-after` / `retry-after-ms`, and every response carries the buckets' state in
+//! `x-ratelimit-{limit,remaining,reset}-{requests,tokens}`. Unlimited buckets are reported as very
+//! large ones.
 //!
 //! Each request is processed in a detached task: like the real provider, a request whose client
 //! gave up (timeout, disconnect) still runs to completion and is billed.
@@ -22,6 +30,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use crate::throttle::TokenBucket;
 use axum::body::{Body, Bytes};
 use axum::extract::connect_info::{ConnectInfo, Connected};
 use axum::extract::{Query, State};
@@ -45,6 +54,10 @@ pub struct FakeOptions {
     pub image_bytes: usize,
     /// `None`: any non-empty Bearer token is accepted; `Some(k)`: only `k`, else 401.
     pub api_key: Option<String>,
+    /// The account's requests per minute; `None`: unlimited.
+    pub requests_per_minute: Option<u64>,
+    /// The account's tokens per minute (a request costs its reported usage); `None`: unlimited.
+    pub tokens_per_minute: Option<u64>,
 }
 
 impl Default for FakeOptions {
@@ -53,6 +66,8 @@ impl Default for FakeOptions {
             latency: Duration::ZERO,
             image_bytes: 2048,
             api_key: None,
+            requests_per_minute: None,
+            tokens_per_minute: None,
         }
     }
 }
@@ -124,6 +139,72 @@ struct Inner {
     counters: Mutex<Counters>,
     seq: AtomicU64,
     png: PngTemplate,
+    limits: Mutex<AccountLimits>,
+}
+
+/// Limits reported when none is set: large enough never to bind.
+const UNLIMITED_RPM: u64 = 1_000_000;
+const UNLIMITED_TPM: u64 = 1_000_000_000;
+
+/// The account's rate limits, as token buckets holding a minute's worth.
+struct AccountLimits {
+    requests: (u64, TokenBucket),
+    tokens: (u64, TokenBucket),
+}
+
+impl AccountLimits {
+    fn new(rpm: Option<u64>, tpm: Option<u64>) -> Self {
+        let bucket = |per_minute: u64| {
+            (
+                per_minute,
+                TokenBucket::new(per_minute as f64, per_minute as f64),
+            )
+        };
+        Self {
+            requests: bucket(rpm.unwrap_or(UNLIMITED_RPM).max(1)),
+            tokens: bucket(tpm.unwrap_or(UNLIMITED_TPM).max(1)),
+        }
+    }
+
+    /// Takes one request and `tokens` tokens, or says which limit is reached and for how long.
+    fn admit(&mut self, tokens: u64) -> Result<(), (&'static str, u64, Duration)> {
+        if let Err(wait) = self.requests.1.try_take(1.0) {
+            return Err(("requests per min (RPM)", self.requests.0, wait));
+        }
+        let tokens = (tokens as f64).min(self.tokens.1.capacity());
+        if let Err(wait) = self.tokens.1.try_take(tokens) {
+            // Not admitted: give the request back.
+            self.requests.1.take_with_debt(-1.0);
+            return Err(("tokens per min (TPM)", self.tokens.0, wait));
+        }
+        Ok(())
+    }
+
+    fn set_headers(&mut self, h: &mut HeaderMap) {
+        for (name, (limit, bucket)) in [
+            ("requests", &mut self.requests),
+            ("tokens", &mut self.tokens),
+        ] {
+            let remaining = bucket.tokens().max(0.0).floor() as u64;
+            let reset = go_duration(bucket.until_full());
+            set_dyn(h, &format!("x-ratelimit-limit-{name}"), *limit);
+            set_dyn(h, &format!("x-ratelimit-remaining-{name}"), remaining);
+            set_dyn(h, &format!("x-ratelimit-reset-{name}"), reset);
+        }
+    }
+}
+
+/// A duration as Go prints it, as the provider's headers carry it: `120ms`, `1.5s`, `6m0s`.
+fn go_duration(d: Duration) -> String {
+    let ms = d.as_millis() as u64;
+    if ms < 1000 {
+        format!("{ms}ms")
+    } else if ms < 60_000 {
+        let secs = format!("{:.3}", d.as_secs_f64());
+        format!("{}s", secs.trim_end_matches('0').trim_end_matches('.'))
+    } else {
+        format!("{}m{}s", ms / 60_000, (ms % 60_000) / 1000)
+    }
 }
 
 #[derive(Default)]
@@ -162,6 +243,10 @@ impl FakeApi {
             counters: Mutex::default(),
             seq: AtomicU64::new(0),
             png: PngTemplate::new(opts.image_bytes),
+            limits: Mutex::new(AccountLimits::new(
+                opts.requests_per_minute,
+                opts.tokens_per_minute,
+            )),
         };
         Self {
             inner: Arc::new(inner),
@@ -198,6 +283,7 @@ impl FakeApi {
             .route("/_fake/stats", get(admin_stats))
             .route("/_fake/calls", get(admin_calls))
             .route("/_fake/latency", post(admin_latency))
+            .route("/_fake/limits", post(admin_limits))
             .fallback(unknown_url)
             .with_state(self.clone())
     }
@@ -212,6 +298,11 @@ impl FakeApi {
 
     pub fn set_latency(&self, d: Duration) {
         *lock(&self.inner.latency) = d;
+    }
+
+    /// Sets the account's rate limits (`None`: unlimited), with full buckets.
+    pub fn set_limits(&self, requests_per_minute: Option<u64>, tokens_per_minute: Option<u64>) {
+        *lock(&self.inner.limits) = AccountLimits::new(requests_per_minute, tokens_per_minute);
     }
 
     pub fn stats(&self) -> Stats {
@@ -289,6 +380,18 @@ impl FakeApi {
                 None => validate(value),
             },
         };
+        // Rate limits are checked on arrival, as the provider does; a refused request is answered
+        // at once.
+        let result = result.and_then(|req| {
+            let (text, image) = req.usage_tokens();
+            match lock(&self.inner.limits).admit(text + image) {
+                Ok(()) => Ok(req),
+                Err((what, limit, wait)) => {
+                    delay = Duration::ZERO;
+                    Err(ApiError::rate_limited(&req.model, what, limit, wait))
+                }
+            }
+        });
         tokio::time::sleep(delay).await;
 
         let (status, body, extra) = match result {
@@ -317,21 +420,7 @@ impl FakeApi {
         set(h, "x-request-id", request_id);
         set(h, "openai-processing-ms", received.elapsed().as_millis());
         set(h, "openai-version", "2020-10-01");
-        let remaining = if status == StatusCode::TOO_MANY_REQUESTS {
-            0
-        } else {
-            499 - seq % 500
-        };
-        set(h, "x-ratelimit-limit-requests", 500);
-        set(h, "x-ratelimit-remaining-requests", remaining);
-        set(h, "x-ratelimit-reset-requests", "120ms");
-        set(h, "x-ratelimit-limit-tokens", 100_000);
-        set(
-            h,
-            "x-ratelimit-remaining-tokens",
-            100_000 - (seq % 90) * 1056,
-        );
-        set(h, "x-ratelimit-reset-tokens", "1s");
+        lock(&self.inner.limits).set_headers(h);
         for (name, value) in extra {
             set(h, name, value);
         }
@@ -364,13 +453,7 @@ impl FakeApi {
     /// The 200 body. Base64 needs no JSON escaping, so the images are written directly rather
     /// than through serde_json (which is slow on large strings in unoptimised test builds).
     fn success_body(&self, req: &GenRequest, seq: u64) -> String {
-        let text_tokens = req.prompt.split_whitespace().count().max(1) as u64;
-        let per_image = match req.quality.as_deref() {
-            Some("low") => 272,
-            Some("high") => 4160,
-            _ => 1056,
-        };
-        let image_tokens = per_image * req.n;
+        let (text_tokens, image_tokens) = req.usage_tokens();
         let created = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
@@ -418,6 +501,15 @@ pub async fn serve(listener: TcpListener, api: FakeApi) -> std::io::Result<()> {
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn set_dyn(headers: &mut HeaderMap, name: &str, value: impl ToString) {
+    if let (Ok(n), Ok(v)) = (
+        HeaderName::try_from(name),
+        HeaderValue::try_from(value.to_string()),
+    ) {
+        headers.insert(n, v);
+    }
 }
 
 fn set(headers: &mut HeaderMap, name: &'static str, value: impl ToString) {
@@ -486,6 +578,17 @@ struct LatencyBody {
     ms: u64,
 }
 
+#[derive(serde::Deserialize)]
+struct LimitsBody {
+    requests_per_minute: Option<u64>,
+    tokens_per_minute: Option<u64>,
+}
+
+async fn admin_limits(State(api): State<FakeApi>, Json(body): Json<LimitsBody>) -> StatusCode {
+    api.set_limits(body.requests_per_minute, body.tokens_per_minute);
+    StatusCode::NO_CONTENT
+}
+
 async fn admin_latency(State(api): State<FakeApi>, Json(body): Json<LatencyBody>) -> StatusCode {
     api.set_latency(Duration::from_millis(body.ms));
     StatusCode::NO_CONTENT
@@ -504,12 +607,26 @@ async fn unknown_url(method: Method, uri: Uri) -> Response {
 
 /// A validated generation request.
 struct GenRequest {
+    model: String,
     prompt: String,
     n: u64,
     size: Option<String>,
     quality: Option<String>,
     output_format: Option<String>,
     background: Option<String>,
+}
+
+impl GenRequest {
+    /// (text input tokens, image output tokens), as the usage of the answer reports them.
+    fn usage_tokens(&self) -> (u64, u64) {
+        let text_tokens = self.prompt.split_whitespace().count().max(1) as u64;
+        let per_image = match self.quality.as_deref() {
+            Some("low") => 272,
+            Some("high") => 4160,
+            _ => 1056,
+        };
+        (text_tokens, per_image * self.n)
+    }
 }
 
 /// Validates like the real API: prompt required (1..=32000 chars), n in 1..=10, string options,
@@ -588,6 +705,7 @@ fn validate(v: &Value) -> Result<GenRequest, ApiError> {
     };
     let model = text("model")?;
     let req = GenRequest {
+        model: model.clone().unwrap_or_else(|| "gpt-image-2".into()),
         prompt,
         n,
         size: text("size")?,
@@ -671,6 +789,31 @@ impl ApiError {
         e
     }
 
+    /// 429 for an account rate limit, with the provider's wording and delay headers.
+    fn rate_limited(model: &str, what: &str, limit: u64, wait: Duration) -> Self {
+        let kind = if what.starts_with("tokens") {
+            "tokens"
+        } else {
+            "requests"
+        };
+        let mut e = Self::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            kind,
+            Some("rate_limit_exceeded"),
+            format!(
+                "Rate limit reached for {model} in organization org-fake on {what}: Limit {limit}, \
+                 Used {limit}, Requested 1. Please try again in {}. Visit \
+                 https://platform.openai.com/account/rate-limits to learn more.",
+                go_duration(wait)
+            ),
+        );
+        let ms = (wait.as_secs_f64() * 1000.0).ceil();
+        e.headers.push(("retry-after-ms", format!("{ms}")));
+        e.headers
+            .push(("retry-after", format!("{}", (ms / 1000.0).ceil() as u64)));
+        e
+    }
+
     fn unparsable_body() -> Self {
         Self::new(
             StatusCode::BAD_REQUEST,
@@ -743,6 +886,8 @@ impl ApiError {
                 if let Some(ms) = retry_after_ms {
                     e.headers.push(("retry-after-ms", ms.max(0.0).to_string()));
                 }
+                e.headers
+                    .push(("x-ratelimit-remaining-requests", "0".into()));
                 e
             }
             Fault::ServerError { status } => {
@@ -1140,7 +1285,7 @@ mod tests {
         let resp = generate(&server, body.clone()).await;
         assert_eq!(resp.status(), 200);
         assert!(header(&resp, "x-request-id").starts_with("req_"));
-        assert_eq!(header(&resp, "x-ratelimit-limit-requests"), "500");
+        assert_eq!(header(&resp, "x-ratelimit-limit-requests"), "1000000");
         assert!(!header(&resp, "x-ratelimit-reset-tokens").is_empty());
         assert!(!header(&resp, "openai-processing-ms").is_empty());
         let json: Value = resp.json().await.unwrap();
@@ -1176,6 +1321,56 @@ mod tests {
         assert_eq!(server.api.calls_for("red fox"), 2);
         assert_eq!(server.api.billed_for("fox"), 2);
         assert_eq!(server.api.billed_for("wolf"), 0);
+    }
+
+    #[tokio::test]
+    async fn account_rate_limits_are_token_buckets_with_honest_headers() {
+        let opts = FakeOptions {
+            requests_per_minute: Some(3),
+            ..FakeOptions::default()
+        };
+        let server = FakeApi::new(opts).start().await.unwrap();
+        for left in ["2", "1", "0"] {
+            let resp = generate(&server, json!({"prompt": "a fox"})).await;
+            assert_eq!(resp.status(), 200);
+            assert_eq!(header(&resp, "x-ratelimit-limit-requests"), "3");
+            assert_eq!(header(&resp, "x-ratelimit-remaining-requests"), left);
+        }
+        let refused = generate(&server, json!({"prompt": "a fox"})).await;
+        assert_eq!(refused.status(), 429);
+        assert_eq!(header(&refused, "x-ratelimit-remaining-requests"), "0");
+        // One request comes back every 20 s; the bucket is full again in about a minute.
+        let wait_ms: f64 = header(&refused, "retry-after-ms").parse().unwrap();
+        assert!((19_000.0..=20_000.0).contains(&wait_ms), "{wait_ms}");
+        assert_eq!(header(&refused, "retry-after"), "20");
+        let reset =
+            crate::throttle::parse_go_duration(header(&refused, "x-ratelimit-reset-requests"))
+                .unwrap();
+        assert!(
+            reset > Duration::from_secs(59) && reset <= Duration::from_secs(60),
+            "{reset:?}"
+        );
+        let body: Value = refused.json().await.unwrap();
+        assert_eq!(body["error"]["code"], "rate_limit_exceeded");
+        assert_eq!(body["error"]["type"], "requests");
+        assert!(
+            body["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("requests per min (RPM): Limit 3"),
+            "{body}"
+        );
+        let stats = server.api.stats();
+        assert_eq!((stats.requests, stats.billed), (4, 3));
+        // Tokens: a request for 2 medium images costs 2 x 1056 + 2 tokens.
+        server.api.set_limits(None, Some(3000));
+        let resp = generate(&server, json!({"prompt": "a fox", "n": 2})).await;
+        assert_eq!(resp.status(), 200);
+        assert_eq!(header(&resp, "x-ratelimit-remaining-tokens"), "886");
+        let resp = generate(&server, json!({"prompt": "a fox", "n": 2})).await;
+        assert_eq!(resp.status(), 429);
+        let body: Value = resp.json().await.unwrap();
+        assert_eq!(body["error"]["type"], "tokens");
     }
 
     #[tokio::test]

@@ -23,6 +23,7 @@
 //! - [`cli`]: the command line (the binary's `main` only calls [`cli::main`]).
 
 pub mod amqp;
+pub mod budget;
 pub mod cli;
 pub mod config;
 pub mod cost;
@@ -38,6 +39,7 @@ pub mod retry;
 pub mod spool;
 pub mod storage;
 pub mod telemetry;
+pub mod throttle;
 
 /// Makes ring the process's TLS crypto provider (reqwest, lapin and the S3 client all use rustls
 /// with ring; this avoids building a second crypto library). Idempotent.

@@ -13,7 +13,6 @@ use bytes::Bytes;
 use futures_util::future::BoxFuture;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
-use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, info_span, warn};
 
@@ -25,6 +24,7 @@ use crate::provider::{Generation, ImageProvider, ImageRequest, Journal};
 use crate::retry::RetryPolicy;
 use crate::spool::Spool;
 use crate::storage::{META_JOB_ID, META_SHA256, ObjectStore, PutObject};
+use crate::throttle::{Feedback, Throttle};
 
 /// Name of the result record, next to the job's images.
 pub const RECORD_NAME: &str = "result.json";
@@ -73,8 +73,8 @@ pub struct Pipeline {
     store: Arc<dyn ObjectStore>,
     rules: JobRules,
     retry: RetryPolicy,
-    /// Bounds provider calls in flight (`worker.concurrency`).
-    slots: Arc<Semaphore>,
+    /// Gates provider calls: adaptive concurrency, rate limits, header pacing.
+    throttle: Arc<Throttle>,
     prefix: String,
     source: String,
     prices: crate::cost::PriceTable,
@@ -85,6 +85,8 @@ pub struct Pipeline {
     spool: Option<Spool>,
     /// Cross-process leases (when the store honours conditional writes): who holds a job.
     leases: Option<Leases>,
+    /// Spend caps, when set.
+    budget: Option<crate::budget::Budget>,
 }
 
 /// A job's lease: `{job dir}/lease.json`, written with `If-None-Match: *`, renewed before each
@@ -133,19 +135,26 @@ impl Pipeline {
             store,
             rules: JobRules::from_settings(settings),
             retry: RetryPolicy::from_settings(&settings.retry),
-            slots: Arc::new(Semaphore::new(settings.worker.concurrency)),
+            throttle: Arc::new(Throttle::from_settings(settings)),
             prefix: settings.storage.prefix.clone(),
             source: settings.events.source.clone(),
             prices: settings.pricing.clone(),
             active: Mutex::new(HashMap::new()),
             spool: None,
             leases: None,
+            budget: None,
         }
     }
 
     /// Keeps images that cannot be uploaded in `spool` instead of losing them.
     pub fn with_spool(mut self, spool: Spool) -> Self {
         self.spool = Some(spool);
+        self
+    }
+
+    /// Turns on spend caps.
+    pub fn with_budget(mut self, budget: crate::budget::Budget) -> Self {
+        self.budget = Some(budget);
         self
     }
 
@@ -157,6 +166,11 @@ impl Pipeline {
             max_takeovers,
         });
         self
+    }
+
+    /// The provider throttle (its state is logged and exported).
+    pub fn throttle(&self) -> &Arc<Throttle> {
+        &self.throttle
     }
 
     pub fn provider_name(&self) -> &'static str {
@@ -364,6 +378,7 @@ impl Pipeline {
             data: Bytes::from(serde_json::to_vec(&body).unwrap_or_default()),
             content_type: "application/json",
             metadata: &[],
+            sha256: None,
         };
         let written = if only_if_absent {
             self.store.put_if_absent(object).await
@@ -489,6 +504,7 @@ impl Pipeline {
                             data: record.clone(),
                             content_type: "application/json",
                             metadata: &[(META_JOB_ID, job.id.clone())],
+                            sha256: None,
                         })
                         .await
                         .map_err(Failure::from)
@@ -531,7 +547,7 @@ impl Pipeline {
                 return Ok(());
             }
             let permit = tokio::select! {
-                permit = self.slots.acquire() => permit.map_err(|_| Failure::transient("provider slots closed"))?,
+                permit = self.throttle.acquire(missing.len() as u32) => permit,
                 _ = halt.cancelled() => {
                     // Not a failure: the worker stops taking jobs. Ends the retry loop.
                     lock(work).halted = true;
@@ -541,6 +557,15 @@ impl Pipeline {
             if halt.is_cancelled() {
                 lock(work).halted = true;
                 return Err(Failure::invalid_job("halted"));
+            }
+            // After the slot: spend committed by the calls this one waited for is counted.
+            if let Some(budget) = &self.budget
+                && let Err(failure) = budget.check(job.batch.as_deref()).await
+            {
+                if matches!(failure, Failure::Stop { .. }) {
+                    halt.cancel();
+                }
+                return Err(failure);
             }
             lock(work).calls += 1;
             let call_started = Instant::now();
@@ -553,7 +578,17 @@ impl Pipeline {
                 // Before the slot is free for the next job: nothing will work until an operator acts.
                 halt.cancel();
             }
-            drop(permit);
+            // Counted before the slot is free, so the next call's budget check sees it.
+            if let (Some(budget), Ok(g)) = (&self.budget, &generation)
+                && !g.images.is_empty()
+            {
+                let cost = self.call_cost(job, g);
+                budget.record(job.batch.as_deref(), &job.id, cost).await;
+            }
+            match &generation {
+                Ok(g) => permit.finish(Feedback::Done, g.rate_limits, usage_tokens(&g.usage)),
+                Err(f) => permit.finish(f.feedback(), f.detail().rate_limits, None),
+            }
             let generation: Generation = generation?;
             info!(
                 provider = self.provider.name(),
@@ -597,6 +632,7 @@ impl Pipeline {
                                     data: image.data.clone(),
                                     content_type: image.content_type,
                                     metadata: &metadata,
+                                    sha256: Some(&sha256),
                                 })
                                 .await
                                 .map_err(Failure::from)
@@ -711,6 +747,7 @@ impl Pipeline {
                                 data: spooled.data.clone(),
                                 content_type,
                                 metadata: &metadata,
+                                sha256: Some(&sha256),
                             })
                             .await
                             .map_err(Failure::from)
@@ -761,7 +798,7 @@ impl Pipeline {
             .run(
                 || async {
                     self.store
-                        .list(&format!("{dir}/"))
+                        .list(&format!("{dir}/"), None)
                         .await
                         .map_err(Failure::from)
                 },
@@ -859,6 +896,19 @@ impl Pipeline {
         }
     }
 
+    /// What one provider call cost (0 when the price table does not know the model).
+    fn call_cost(&self, job: &Job, generation: &Generation) -> f64 {
+        let purchase = crate::cost::Purchase {
+            model: generation.model.as_deref().unwrap_or(&job.model),
+            size: &job.size,
+            quality: &job.quality,
+            prompt: &job.prompt,
+            images: generation.images.len() as u32,
+            usage: generation.usage.as_ref(),
+        };
+        self.prices.cost(purchase).map_or(0.0, |c| c.usd)
+    }
+
     fn failed(
         &self,
         job: &Job,
@@ -876,9 +926,7 @@ impl Pipeline {
             metadata: job.metadata.clone(),
             ..self.data(&job.id, job.batch.clone(), Status::Failed, started)
         };
-        if work.bought > 0 {
-            self.price(job, work.bought, &mut data);
-        }
+        self.price(job, work.bought, &mut data);
         self.fail(data, failure)
     }
 
@@ -933,6 +981,13 @@ fn lock(work: &Mutex<Work>) -> std::sync::MutexGuard<'_, Work> {
 }
 
 /// Sums the numbers of two usage objects, field by field (several calls made one job's images).
+/// The provider tokens a call used (`usage.total_tokens`, else input + output), when reported.
+fn usage_tokens(usage: &Option<Value>) -> Option<f64> {
+    let usage = usage.as_ref()?;
+    let field = |name: &str| usage.get(name).and_then(Value::as_f64);
+    field("total_tokens").or_else(|| Some(field("input_tokens")? + field("output_tokens")?))
+}
+
 fn merge_usage(a: Option<Value>, b: Option<Value>) -> Option<Value> {
     match (a, b) {
         (None, b) => b,
@@ -979,6 +1034,7 @@ impl Journal for StoreJournal<'_> {
                     data: value,
                     content_type: "application/json",
                     metadata: &[],
+                    sha256: None,
                 })
                 .await
                 .map_err(Failure::from)

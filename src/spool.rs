@@ -50,6 +50,7 @@ impl Spool {
             data,
             content_type: "application/octet-stream",
             metadata: &[],
+            sha256: None,
         };
         if self.files.put(put).await.is_err() {
             self.used.fetch_sub(size, Ordering::SeqCst);
@@ -61,7 +62,7 @@ impl Spool {
     /// The images spooled under a job's key directory.
     pub async fn take_list(&self, dir: &str) -> Result<Vec<Spooled>, StorageError> {
         let mut out = Vec::new();
-        for key in self.files.list(&format!("{dir}/")).await? {
+        for key in crate::storage::list_all(&self.files, &format!("{dir}/"), None).await? {
             if let Some(data) = self.files.get(&key).await? {
                 out.push(Spooled { key, data });
             }

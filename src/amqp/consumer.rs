@@ -59,6 +59,8 @@ enum Pause {
     Provider(StopReason),
     /// The broker blocks publishers (memory or disk alarm): wait for it to unblock.
     BrokerBlocked(String),
+    /// This worker spent its cap: paused until restarted.
+    Budget,
 }
 
 /// What became of one message.
@@ -94,7 +96,15 @@ impl Worker {
         store.check().await?;
         let conditional =
             crate::storage::probe_conditional_put(&*store, &settings.storage.prefix).await?;
-        let mut pipeline = Pipeline::new(&settings, provider, store);
+        let mut pipeline = Pipeline::new(&settings, provider, store.clone());
+        if let Some(budget) = crate::budget::Budget::from_settings(&settings, store) {
+            info!(
+                max_worker_usd = settings.budget.max_worker_usd,
+                max_batch_usd = settings.budget.max_batch_usd,
+                "spend caps on"
+            );
+            pipeline = pipeline.with_budget(budget);
+        }
         if !settings.spool.dir.as_os_str().is_empty() {
             let spool = crate::spool::Spool::open(&settings.spool.dir, settings.spool.max_bytes)
                 .map_err(|e| {
@@ -144,6 +154,11 @@ impl Worker {
     /// consumer is registered (wrong URL, credentials, missing queue) is returned.
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<WorkerExit> {
         let tracker = TaskTracker::new();
+        let pipeline = self.pipeline.clone();
+        let every = Duration::from_secs(self.settings.limits.log_every_secs);
+        let _throttle_log = tokio_util::task::AbortOnDropHandle::new(tokio::spawn(async move {
+            pipeline.throttle().report(every).await;
+        }));
         let mut reconnects = reconnect_backoff();
         let mut consumed_once = false;
         loop {
@@ -234,15 +249,22 @@ impl Worker {
                 _ = shutdown.cancelled() => break None,
                 Some((reason, message)) = stop_rx.recv() => {
                     if pause.is_none() {
-                        let what = match reason {
-                            StopReason::StorageUnavailable => "STORAGE KEEPS FAILING",
-                            _ => "PROVIDER REFUSES ALL REQUESTS (quota, billing or credentials)",
-                        };
-                        error!(%reason, error = %message,
-                            "{what}: the worker stops taking jobs and returns them untouched; \
-                             it tries one job every {} s and resumes by itself when it gets through",
-                            s.worker.pause_probe_secs);
-                        pause = Some(Pause::Provider(reason));
+                        if reason == StopReason::BudgetExhausted {
+                            error!(%reason, error = %message,
+                                "SPEND CAP REACHED: the worker stops taking jobs and returns them \
+                                 untouched; restart it (with a higher budget.max_worker_usd) to resume");
+                            pause = Some(Pause::Budget);
+                        } else {
+                            let what = match reason {
+                                StopReason::StorageUnavailable => "STORAGE KEEPS FAILING",
+                                _ => "PROVIDER REFUSES ALL REQUESTS (quota, billing or credentials)",
+                            };
+                            error!(%reason, error = %message,
+                                "{what}: the worker stops taking jobs and returns them untouched; \
+                                 it tries one job every {} s and resumes by itself when it gets through",
+                                s.worker.pause_probe_secs);
+                            pause = Some(Pause::Provider(reason));
+                        }
                         halt.cancel();
                         cancel_consumer(&channel, &mut consumer).await;
                         probe.reset();

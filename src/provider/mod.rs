@@ -53,6 +53,8 @@ pub struct Generation {
     pub usage: Option<Value>,
     pub model: Option<String>,
     pub request_id: Option<String>,
+    /// The response's rate-limit headers, for the throttle.
+    pub rate_limits: Option<crate::throttle::RateLimits>,
 }
 
 /// Small durable notes of a job's progress at the provider, kept next to the job's images.

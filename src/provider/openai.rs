@@ -18,6 +18,7 @@ use serde_json::{Map, Value};
 use super::{GeneratedImage, Generation, ImageProvider, ImageRequest, Journal, sniff};
 use crate::config::{AuthScheme, ProviderSettings};
 use crate::error::{ApiErrorBody, Failure, classify_http};
+use crate::throttle::RateLimits;
 
 /// Error bodies are small; never read more than this of one.
 const MAX_ERROR_BODY: usize = 64 * 1024;
@@ -89,6 +90,7 @@ impl OpenAi {
             .map_err(transport_failure)?;
         let status = response.status().as_u16();
         let request_id = header_str(response.headers(), "x-request-id");
+        let rate_limits = RateLimits::from_headers(response.headers());
         if !(200..300).contains(&status) {
             let after = retry_after(response.headers());
             let should_retry =
@@ -96,47 +98,36 @@ impl OpenAi {
             let body = read_limited(response, MAX_ERROR_BODY)
                 .await
                 .unwrap_or_default();
-            return Err(classify_http(
+            let mut failure = classify_http(
                 status,
                 &ApiErrorBody::parse(&body),
                 after,
                 should_retry,
                 request_id,
-            ));
+            );
+            failure.detail_mut().rate_limits = rate_limits;
+            return Err(failure);
         }
         let body = read_limited(response, self.max_response_bytes)
             .await
             .map_err(|f| with_request_id(f, &request_id))?;
-        let parsed: ImagesResponse<'_> = serde_json::from_slice(&body).map_err(|e| {
-            with_request_id(
-                billed_failure(format!(
-                    "the provider's 200 response could not be read: {e}"
-                )),
-                &request_id,
-            )
-        })?;
-        let usage = parsed.usage;
-        let declared = parsed
+        let answer = decode_answer(body).map_err(|f| with_request_id(f, &request_id))?;
+        let declared = answer
             .output_format
             .unwrap_or_else(|| request.job.output_format.clone());
-        let mut images = Vec::with_capacity(parsed.data.len());
-        for item in parsed.data {
-            let data = match (item.b64_json, item.url) {
-                (Some(Borrowed(b64)), _) => base64::engine::general_purpose::STANDARD
-                    .decode(b64.as_bytes())
-                    .map(Bytes::from)
-                    .map_err(|e| {
-                        billed_failure(format!("the provider returned invalid base64: {e}"))
-                    })?,
-                (None, Some(url)) => self.download(&url).await?,
-                (None, None) => continue,
+        let usage = answer.usage;
+        let mut images = Vec::with_capacity(answer.images.len());
+        for (data, revised_prompt) in answer.images {
+            let data = match data {
+                ImageBytes::Decoded(data) => data,
+                ImageBytes::Url(url) => self.download(&url).await?,
             };
             let (content_type, extension) = sniff(&data, &declared);
             images.push(GeneratedImage {
                 data,
                 content_type,
                 extension,
-                revised_prompt: item.revised_prompt.map(Cow::into_owned),
+                revised_prompt,
             });
         }
         Ok(Generation {
@@ -144,6 +135,7 @@ impl OpenAi {
             usage,
             model: Some(request.job.model.clone()),
             request_id,
+            rate_limits,
         })
     }
 
@@ -162,7 +154,9 @@ impl OpenAi {
                 response.status()
             )));
         }
-        read_limited(response, self.max_response_bytes).await
+        read_limited(response, self.max_response_bytes)
+            .await
+            .map(BytesMut::freeze)
     }
 }
 
@@ -234,8 +228,124 @@ pub fn retry_after(headers: &HeaderMap) -> Option<Duration> {
     )
 }
 
+/// Where an answer's image is.
+enum ImageBytes {
+    Decoded(Bytes),
+    Url(String),
+}
+
+/// A 200 answer, its images decoded.
+struct Answer {
+    images: Vec<(ImageBytes, Option<String>)>,
+    usage: Option<Value>,
+    output_format: Option<String>,
+}
+
+/// Parses a 200 answer and decodes its base64 images *in the body's own buffer*: each image is
+/// written over the text it came from, compacted to the front, and the buffer is then shrunk. No
+/// second full copy of an image ever exists: the peak is the body itself (4/3 of the images),
+/// and what stays alive for the upload is the images alone.
+fn decode_answer(mut body: BytesMut) -> Result<Answer, Failure> {
+    enum Source {
+        /// Offset and length of the base64 text within the body.
+        InBody(usize, usize),
+        /// Base64 with JSON escapes (`\/`), unescaped by the parser.
+        Owned(String),
+        Url(String),
+    }
+    let (sources, usage, output_format) = {
+        let parsed: ImagesResponse<'_> = serde_json::from_slice(&body).map_err(|e| {
+            billed_failure(format!(
+                "the provider's 200 response could not be read: {e}"
+            ))
+        })?;
+        let base = body.as_ptr() as usize;
+        let sources: Vec<(Source, Option<String>)> = parsed
+            .data
+            .into_iter()
+            .filter_map(|item| {
+                let source = match (item.b64_json, item.url) {
+                    (Some(Borrowed(Cow::Borrowed(b64))), _) => {
+                        Source::InBody(b64.as_ptr() as usize - base, b64.len())
+                    }
+                    (Some(Borrowed(Cow::Owned(b64))), _) => Source::Owned(b64),
+                    (None, Some(url)) => Source::Url(url),
+                    (None, None) => return None,
+                };
+                Some((source, item.revised_prompt.map(Cow::into_owned)))
+            })
+            .collect();
+        (sources, parsed.usage, parsed.output_format)
+    };
+    let invalid = |e: base64::DecodeSliceError| {
+        billed_failure(format!("the provider returned invalid base64: {e}"))
+    };
+    // Decode each in-body image to the front of the buffer, in order: the write position never
+    // passes the read position, since base64 is 4/3 of what it encodes.
+    let mut written = 0;
+    let mut spans = Vec::with_capacity(sources.len());
+    for (source, _) in &sources {
+        if let Source::InBody(start, len) = *source {
+            let n = decode_in_place(&mut body, start, len, written).map_err(invalid)?;
+            spans.push((written, n));
+            written += n;
+        }
+    }
+    body.truncate(written);
+    let mut decoded = Vec::from(body);
+    decoded.shrink_to_fit();
+    let decoded = Bytes::from(decoded);
+    let mut spans = spans.into_iter();
+    let mut images = Vec::with_capacity(sources.len());
+    for (source, revised_prompt) in sources {
+        let data = match source {
+            Source::InBody(..) => {
+                let (at, n) = spans.next().unwrap_or_default();
+                ImageBytes::Decoded(decoded.slice(at..at + n))
+            }
+            Source::Owned(b64) => ImageBytes::Decoded(Bytes::from(
+                base64::engine::general_purpose::STANDARD
+                    .decode(b64.as_bytes())
+                    .map_err(|e| {
+                        billed_failure(format!("the provider returned invalid base64: {e}"))
+                    })?,
+            )),
+            Source::Url(url) => ImageBytes::Url(url),
+        };
+        images.push((data, revised_prompt));
+    }
+    Ok(Answer {
+        images,
+        usage,
+        output_format,
+    })
+}
+
+/// Decodes the base64 at `buf[start..start + len]` into `buf[to..]` (`to <= start`), a block at a
+/// time through a small stack buffer; returns the decoded length.
+fn decode_in_place(
+    buf: &mut [u8],
+    start: usize,
+    len: usize,
+    to: usize,
+) -> Result<usize, base64::DecodeSliceError> {
+    const BLOCK: usize = 16 * 1024; // a multiple of 4: padding can only be in the last block
+    let mut out = [0u8; BLOCK / 4 * 3];
+    let engine = &base64::engine::general_purpose::STANDARD;
+    let mut written = 0;
+    let mut read = 0;
+    while read < len {
+        let take = BLOCK.min(len - read);
+        let n = engine.decode_slice(&buf[start + read..start + read + take], &mut out)?;
+        buf[to + written..to + written + n].copy_from_slice(&out[..n]);
+        written += n;
+        read += take;
+    }
+    Ok(written)
+}
+
 /// Reads a body, refusing more than `limit` bytes.
-async fn read_limited(mut response: reqwest::Response, limit: usize) -> Result<Bytes, Failure> {
+async fn read_limited(mut response: reqwest::Response, limit: usize) -> Result<BytesMut, Failure> {
     let expected = response.content_length().unwrap_or(0) as usize;
     if expected > limit {
         return Err(billed_failure(format!(
@@ -251,7 +361,7 @@ async fn read_limited(mut response: reqwest::Response, limit: usize) -> Result<B
         }
         buf.extend_from_slice(&chunk);
     }
-    Ok(buf.freeze())
+    Ok(buf)
 }
 
 /// A failure after the request may have reached the provider: it may have been billed.
@@ -340,6 +450,51 @@ mod tests {
             Some(Borrowed(Cow::Borrowed("aGk=")))
         ));
         assert_eq!(parsed.usage.unwrap()["input_tokens"], 3);
+    }
+
+    #[test]
+    fn images_are_decoded_in_the_body_buffer_in_order() {
+        let b64 = |data: &[u8]| base64::engine::general_purpose::STANDARD.encode(data);
+        let first: Vec<u8> = (0..40_000u32).map(|i| (i * 7 % 251) as u8).collect();
+        let second: Vec<u8> = (0..5u8).collect();
+        // `/` may be escaped as `\/` in JSON: that image is unescaped by the parser instead.
+        let third = [0xffu8, 0xff, 0xfe];
+        let third_b64 = b64(&third).replace('/', "\\/");
+        let body = format!(
+            r#"{{"created":1,"data":[{{"b64_json":"{}","revised_prompt":"r1"}},{{"url":"https://x/y.png"}},
+            {{"b64_json":"{}"}},{{"b64_json":"{third_b64}"}}],"usage":{{"total_tokens":9}},"output_format":"webp"}}"#,
+            b64(&first),
+            b64(&second)
+        );
+        let answer = decode_answer(BytesMut::from(body.as_bytes())).unwrap();
+        assert_eq!(answer.usage.unwrap()["total_tokens"], 9);
+        assert_eq!(answer.output_format.as_deref(), Some("webp"));
+        let got: Vec<_> = answer
+            .images
+            .into_iter()
+            .map(|(data, revised)| match data {
+                ImageBytes::Decoded(d) => (d.to_vec(), revised),
+                ImageBytes::Url(u) => (u.into_bytes(), revised),
+            })
+            .collect();
+        assert_eq!(got[0], (first.clone(), Some("r1".to_string())));
+        assert_eq!(got[1], (b"https://x/y.png".to_vec(), None));
+        assert_eq!(got[2], (second, None));
+        assert_eq!(got[3], (third.to_vec(), None));
+
+        let broken = format!(r#"{{"data":[{{"b64_json":"{}!"}}]}}"#, b64(&first));
+        match decode_answer(BytesMut::from(broken.as_bytes())) {
+            Err(Failure::Retryable {
+                possibly_billed,
+                message,
+                ..
+            }) => {
+                assert!(possibly_billed);
+                assert!(message.contains("invalid base64"), "{message}");
+            }
+            Ok(_) => panic!("invalid base64 accepted"),
+            Err(other) => panic!("{other:?}"),
+        }
     }
 
     #[test]

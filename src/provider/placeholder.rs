@@ -48,6 +48,7 @@ impl ImageProvider for Placeholder {
                     usage: None,
                     model: Some("placeholder".into()),
                     request_id: None,
+                    rate_limits: None,
                 })
             })
             .await

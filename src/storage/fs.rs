@@ -145,7 +145,11 @@ impl ObjectStore for FsStore {
         })
     }
 
-    fn list<'a>(&'a self, prefix: &'a str) -> BoxFuture<'a, Result<Vec<String>, StorageError>> {
+    fn list<'a>(
+        &'a self,
+        prefix: &'a str,
+        start_after: Option<&'a str>,
+    ) -> BoxFuture<'a, Result<Vec<String>, StorageError>> {
         Box::pin(async move {
             // Prefixes used here always end at a directory boundary ("images/b/job/").
             let dir_key = prefix.trim_end_matches('/');
@@ -169,6 +173,10 @@ impl ObjectStore for FsStore {
                 }
             }
             keys.sort();
+            if let Some(after) = start_after {
+                keys.retain(|k| k.as_str() > after);
+            }
+            keys.truncate(super::LIST_PAGE);
             Ok(keys)
         })
     }
@@ -211,6 +219,7 @@ mod tests {
             data: Bytes::from_static(b"png"),
             content_type: "image/png",
             metadata: &[],
+            sha256: None,
         };
         store.put(put("images/_/j1/0.png")).await.unwrap();
         store.put(put("images/_/j1/1.png")).await.unwrap();
@@ -224,13 +233,13 @@ mod tests {
             3
         );
         assert_eq!(
-            store.list("images/_/j1/").await.unwrap(),
+            store.list("images/_/j1/", None).await.unwrap(),
             vec![
                 "images/_/j1/0.png".to_string(),
                 "images/_/j1/1.png".to_string()
             ]
         );
-        assert!(store.list("images/_/none/").await.unwrap().is_empty());
+        assert!(store.list("images/_/none/", None).await.unwrap().is_empty());
         assert!(store.put(put("../escape.png")).await.is_err());
         assert!(store.put(put("/abs.png")).await.is_err());
         assert!(store.uri("images/_/j1/0.png").starts_with("file:///"));

@@ -49,6 +49,9 @@ pub struct PutObject<'a> {
     pub data: Bytes,
     pub content_type: &'a str,
     pub metadata: &'a [(&'static str, String)],
+    /// The hex SHA-256 of `data` when the caller has it: S3 signs the upload with it instead of
+    /// hashing the bytes again (and the server checks it).
+    pub sha256: Option<&'a str>,
 }
 
 pub trait ObjectStore: Send + Sync {
@@ -64,8 +67,13 @@ pub trait ObjectStore: Send + Sync {
     /// Reads an object; `None` when it does not exist.
     fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<Bytes>, StorageError>>;
     fn head<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<ObjectInfo>, StorageError>>;
-    /// Keys that start with `prefix` (at most 1000).
-    fn list<'a>(&'a self, prefix: &'a str) -> BoxFuture<'a, Result<Vec<String>, StorageError>>;
+    /// Keys that start with `prefix`, in key order, after `start_after` when given (at most
+    /// 1000: page with the last key returned). `prefix` ends at a `/`.
+    fn list<'a>(
+        &'a self,
+        prefix: &'a str,
+        start_after: Option<&'a str>,
+    ) -> BoxFuture<'a, Result<Vec<String>, StorageError>>;
     /// Checks that the store is reachable and writable enough to start (bucket exists, root exists).
     fn check(&self) -> BoxFuture<'_, Result<(), StorageError>>;
     /// The bucket, or for `fs` the root directory.
@@ -86,11 +94,33 @@ pub async fn probe_conditional_put(
         data: Bytes::from_static(b"probe"),
         content_type: "text/plain",
         metadata: &[],
+        sha256: None,
     };
     store.put_if_absent(object()).await?;
     let second = store.put_if_absent(object()).await;
     let _ = store.delete(&key).await;
     Ok(!second?)
+}
+
+/// Most keys one [`ObjectStore::list`] call returns.
+pub const LIST_PAGE: usize = 1000;
+
+/// Every key under `prefix` after `start_after`, page by page.
+pub async fn list_all(
+    store: &dyn ObjectStore,
+    prefix: &str,
+    start_after: Option<&str>,
+) -> Result<Vec<String>, StorageError> {
+    let mut keys: Vec<String> = Vec::new();
+    loop {
+        let after = keys.last().map(String::as_str).or(start_after);
+        let page = store.list(prefix, after).await?;
+        let full = page.len() >= LIST_PAGE;
+        keys.extend(page);
+        if !full {
+            return Ok(keys);
+        }
+    }
 }
 
 /// Builds the configured store.

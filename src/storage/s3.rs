@@ -7,6 +7,7 @@
 use std::time::Duration;
 
 use aws_config::BehaviorVersion;
+use aws_runtime::auth::PayloadSigningOverride;
 use aws_sdk_s3::Client;
 use aws_sdk_s3::config::http::HttpResponse;
 use aws_sdk_s3::config::{
@@ -15,6 +16,11 @@ use aws_sdk_s3::config::{
 use aws_sdk_s3::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::primitives::ByteStream;
 use aws_smithy_http_client::tls;
+use aws_smithy_runtime_api::box_error::BoxError;
+use aws_smithy_runtime_api::client::interceptors::Intercept;
+use aws_smithy_runtime_api::client::interceptors::context::BeforeTransmitInterceptorContextMut;
+use aws_smithy_runtime_api::client::runtime_components::RuntimeComponents;
+use aws_smithy_types::config_bag::ConfigBag;
 use bytes::Bytes;
 use futures_util::future::BoxFuture;
 use secrecy::ExposeSecret;
@@ -89,6 +95,49 @@ fn is_not_found<E: ProvideErrorMetadata>(e: &SdkError<E, HttpResponse>) -> bool 
         || matches!(e.code(), Some("NoSuchKey" | "NotFound"))
 }
 
+/// Signs an upload with a SHA-256 the caller already computed (for the event and the object's
+/// metadata), instead of letting SigV4 hash the payload a second time. The header
+/// `x-amz-content-sha256` then carries it, and the server verifies the body against it.
+#[derive(Debug)]
+struct PrecomputedSha256(String);
+
+impl Intercept for PrecomputedSha256 {
+    fn name(&self) -> &'static str {
+        "PrecomputedSha256"
+    }
+
+    fn modify_before_signing(
+        &self,
+        _context: &mut BeforeTransmitInterceptorContextMut<'_>,
+        _runtime_components: &RuntimeComponents,
+        cfg: &mut ConfigBag,
+    ) -> Result<(), BoxError> {
+        cfg.interceptor_state()
+            .store_put(PayloadSigningOverride::Precomputed(self.0.clone()));
+        Ok(())
+    }
+}
+
+/// Sends a put, signed with the caller's SHA-256 when it has one.
+async fn send_put(
+    request: aws_sdk_s3::operation::put_object::builders::PutObjectFluentBuilder,
+    sha256: Option<&str>,
+) -> Result<
+    aws_sdk_s3::operation::put_object::PutObjectOutput,
+    SdkError<aws_sdk_s3::operation::put_object::PutObjectError, HttpResponse>,
+> {
+    match sha256 {
+        Some(hex) => {
+            request
+                .customize()
+                .interceptor(PrecomputedSha256(hex.to_string()))
+                .send()
+                .await
+        }
+        None => request.send().await,
+    }
+}
+
 impl S3Store {
     fn put_request(
         &self,
@@ -113,8 +162,8 @@ impl ObjectStore for S3Store {
     fn put<'a>(&'a self, object: PutObject<'a>) -> BoxFuture<'a, Result<(), StorageError>> {
         Box::pin(async move {
             let key = object.key;
-            self.put_request(object)
-                .send()
+            let sha256 = object.sha256;
+            send_put(self.put_request(object), sha256)
                 .await
                 .map_err(|e| error("put", key, e))?;
             Ok(())
@@ -127,7 +176,8 @@ impl ObjectStore for S3Store {
     ) -> BoxFuture<'a, Result<bool, StorageError>> {
         Box::pin(async move {
             let key = object.key;
-            match self.put_request(object).if_none_match("*").send().await {
+            let sha256 = object.sha256;
+            match send_put(self.put_request(object).if_none_match("*"), sha256).await {
                 Ok(_) => Ok(true),
                 // 412 Precondition Failed: it exists. 409: a concurrent conditional write won.
                 Err(e)
@@ -199,13 +249,19 @@ impl ObjectStore for S3Store {
         })
     }
 
-    fn list<'a>(&'a self, prefix: &'a str) -> BoxFuture<'a, Result<Vec<String>, StorageError>> {
+    fn list<'a>(
+        &'a self,
+        prefix: &'a str,
+        start_after: Option<&'a str>,
+    ) -> BoxFuture<'a, Result<Vec<String>, StorageError>> {
         Box::pin(async move {
             let out = self
                 .client
                 .list_objects_v2()
                 .bucket(&self.bucket)
                 .prefix(prefix)
+                .set_start_after(start_after.map(str::to_string))
+                .max_keys(super::LIST_PAGE as i32)
                 .send()
                 .await
                 .map_err(|e| error("list", prefix, e))?;

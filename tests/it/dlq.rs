@@ -12,7 +12,7 @@ use crate::helpers::{Store, TestEnv};
 
 const WAIT: Duration = Duration::from_secs(30);
 
-fn dlq_list(env: &TestEnv) -> Vec<Value> {
+pub fn dlq_list(env: &TestEnv) -> Vec<Value> {
     let out = env
         .command()
         .args(["dlq", "list", "--json"])
@@ -29,7 +29,7 @@ fn dlq_list(env: &TestEnv) -> Vec<Value> {
         .collect()
 }
 
-fn dlq_replay(env: &TestEnv, args: &[&str]) -> Value {
+pub fn dlq_replay(env: &TestEnv, args: &[&str]) -> Value {
     let out = env
         .command()
         .args(["dlq", "replay"])

@@ -234,6 +234,33 @@ impl TestEnv {
             .await;
     }
 
+    /// Publishes many jobs on one channel, waiting for all the confirms at the end.
+    pub async fn publish_many(&self, jobs: impl IntoIterator<Item = Value>) {
+        let channel = self.connection.create_channel().await.unwrap();
+        channel.confirm_select(Default::default()).await.unwrap();
+        let mut confirms = Vec::new();
+        for job in jobs {
+            let props = BasicProperties::default()
+                .with_content_type("application/json".into())
+                .with_delivery_mode(2);
+            let confirm = channel
+                .basic_publish(
+                    "".into(),
+                    self.settings.amqp.jobs_queue.as_str().into(),
+                    Default::default(),
+                    &serde_json::to_vec(&job).unwrap(),
+                    props,
+                )
+                .await
+                .unwrap();
+            confirms.push(confirm);
+        }
+        for confirm in confirms {
+            assert!(confirm.await.unwrap().is_ack(), "job published");
+        }
+        let _ = channel.close(200, "ok".into()).await;
+    }
+
     /// Waits for `n` events (fails the test after `wait`).
     pub async fn events(
         &self,

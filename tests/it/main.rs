@@ -4,6 +4,7 @@
 //! Each test gets its own queues, exchange and storage prefix, so tests run in parallel without
 //! seeing each other's messages.
 
+mod budget;
 mod cli;
 mod dlq;
 mod helpers;
@@ -11,4 +12,6 @@ mod pipeline;
 mod proxy;
 mod reliability;
 mod serial;
+mod storage;
+mod throughput;
 mod topology;

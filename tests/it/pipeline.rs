@@ -348,6 +348,7 @@ async fn only_missing_images_are_generated_again() {
             data: earlier.clone(),
             content_type: "image/png",
             metadata: &[],
+            sha256: None,
         })
         .await
         .unwrap();

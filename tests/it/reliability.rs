@@ -403,6 +403,7 @@ async fn the_conditional_write_probe_tells_the_truth_on_both_stores() {
             data: bytes::Bytes::from_static(b"x"),
             content_type: "text/plain",
             metadata: &[],
+            sha256: None,
         };
         assert!(store.put_if_absent(object()).await.unwrap());
         let second = store.put_if_absent(object()).await.unwrap();
