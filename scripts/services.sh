@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Install (if missing) and start (if not running) the services the test-suite
 # needs: RabbitMQ on 127.0.0.1:5672 and a single-node Garage S3 store on
-# 127.0.0.1:3900. Safe to run repeatedly and from any clone: all Garage state
-# lives in one machine-wide directory, so every checkout shares one instance.
+# 127.0.0.1:3900; and Chromium with chromedriver for the browser test. Safe to
+# run repeatedly and from any clone: all Garage state lives in one machine-wide
+# directory, so every checkout shares one instance.
 # Meant for a dev/CI Debian 12 machine where we are root.
 #
 # Usage: scripts/services.sh [all|rabbitmq]   (default all; `make run` needs only RabbitMQ)
@@ -213,6 +214,15 @@ ensure_garage() {
     s3_check || die "signed S3 request to http://127.0.0.1:$S3_PORT/$BUCKET failed"
 }
 
+# ---- Chromium (the gallery's browser test) -----------------------------------
+ensure_chromium() {
+    if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then
+        log "installing chromium and chromium-driver (headless browser tests)"
+        apt-get update
+        DEBIAN_FRONTEND=noninteractive apt-get install -y chromium chromium-driver
+    fi
+}
+
 # ---- main -------------------------------------------------------------------
 mkdir -p "$GARAGE_DIR"
 # Serialize concurrent runs (e.g. two clones starting tests at once).
@@ -225,4 +235,5 @@ echo "AMQP_URL=$AMQP_URL"
 
 command -v curl >/dev/null || { apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y curl; }
 ensure_garage
+ensure_chromium
 echo "S3 endpoint=http://127.0.0.1:$S3_PORT region=$S3_REGION bucket=$BUCKET key=$KEY_ID secret=$KEY_SECRET"

@@ -41,20 +41,108 @@ pub enum Command {
         after_help = "Example:\n  OPENAI_API_KEY=sk-... IMAGEGEN__PROVIDER__KIND=openai imagegen worker"
     )]
     Worker,
-    /// Publish jobs from a JSONL file (one job a line) or a text file (one prompt a line).
-    #[command(
-        after_help = "Examples:\n  imagegen enqueue prompts.txt --batch posters\n  imagegen enqueue jobs.jsonl --dry-run"
-    )]
+    /// Publish jobs: from JSONL (job objects), CSV (a header row; a `prompt` column or
+    /// --template) or text (one prompt a line), times the --vary combinations.
+    #[command(after_help = "Examples:
+  imagegen enqueue prompts.txt --batch posters
+  imagegen enqueue products.csv --batch catalog --template \"studio photo of {name}, {color}\"
+  imagegen enqueue --batch levels --template \"pixel-art background, {biome}, {time}\" \\
+      --vary biome=forest,desert,snow --vary time=day,night --dry-run
+  imagegen enqueue jobs.jsonl --batch b7 --yes --json
+
+CSV columns id, prompt, batch, model, size, quality, output_format, background, n and deadline
+are job fields; other columns go to the job's metadata. Ids are derived from the batch and the
+job, so enqueueing the same rows again never creates new paid work.
+
+Exit codes: 0 published; 1 error; 2 usage (or --max-jobs exceeded, or no confirmation);
+3 published, but some input lines were invalid.")]
     Enqueue {
-        file: PathBuf,
+        /// The input file; optional with --template and --vary.
+        file: Option<PathBuf>,
         /// Batch name for jobs that do not name one (also part of their derived ids).
         #[arg(long)]
         batch: Option<String>,
         #[arg(long, value_enum, default_value = "auto")]
         format: InputFormat,
-        /// Print the jobs and their count without publishing.
+        /// Prompt template: `{name}` is filled from the row's column (or field) and --vary values.
+        #[arg(long)]
+        template: Option<String>,
+        /// A variation: `name=value1,value2`. Repeat it; every row is expanded into the cross product.
+        #[arg(long, value_name = "NAME=V1,V2", value_parser = enqueue::parse_vary)]
+        vary: Vec<(String, Vec<String>)>,
+        /// Refuse to publish more jobs than this (a guard against an unintended cross product).
+        #[arg(long, default_value_t = 10_000)]
+        max_jobs: usize,
+        /// Print the jobs (JSONL, stdout) and their count without publishing.
         #[arg(long)]
         dry_run: bool,
+        /// Publish without asking for confirmation of the estimated cost.
+        #[arg(long, short = 'y')]
+        yes: bool,
+        /// Print the summary as JSON on stdout.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Follow a batch to its end: progress, cost, and a manifest (JSONL and CSV) of every job.
+    #[command(after_help = "Examples:
+  imagegen watch --batch posters
+  imagegen watch --batch posters --out results/ --json
+
+It can start before, during or after the run, on any machine: it reads the results already
+stored, then follows live events on a queue of its own (bound to the results exchange; it
+expires by itself if watch dies).
+
+Exit codes: 0 every job succeeded; 1 error or --timeout; 3 the batch finished with failed jobs.")]
+    Watch {
+        #[arg(long)]
+        batch: String,
+        /// Directory for manifest-{batch}.jsonl and manifest-{batch}.csv.
+        #[arg(long, default_value = ".")]
+        out: PathBuf,
+        /// Give up after this many seconds (default: wait for the batch to finish).
+        #[arg(long)]
+        timeout: Option<u64>,
+        /// Print the final summary as JSON on stdout.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Queue depths and consumers, and the progress of a batch (or of every recorded batch).
+    #[command(
+        after_help = "Examples:\n  imagegen status\n  imagegen status --batch posters --json"
+    )]
+    Status {
+        #[arg(long)]
+        batch: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Cancel a batch: its jobs that have not started end as `cancelled`, without a provider call.
+    #[command(after_help = "Example:\n  imagegen cancel --batch posters")]
+    Cancel {
+        #[arg(long)]
+        batch: String,
+    },
+    /// A static HTML contact sheet of a batch: thumbnails, prompts, costs, failures.
+    #[command(after_help = "Examples:
+  imagegen gallery --batch posters --out posters-gallery
+  imagegen gallery --batch posters --download   # full images copied next to the page
+
+Full images are linked by presigned URLs (S3, valid for --link-hours) or relative paths (fs).")]
+    Gallery {
+        #[arg(long)]
+        batch: String,
+        /// Where to write index.html and thumbs/ (default: gallery-{batch}).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Copy the full images next to the page, so that it works offline and forever.
+        #[arg(long)]
+        download: bool,
+        /// Validity of presigned links to full images (S3), in hours (at most 168).
+        #[arg(long, default_value_t = 168)]
+        link_hours: u64,
+        /// Cards per page.
+        #[arg(long, default_value_t = 100)]
+        page_size: usize,
     },
     /// Process a file end to end in this process: start a worker, enqueue, wait for every
     /// result event, print a summary, stop.
@@ -76,6 +164,10 @@ pub enum Command {
     #[command(subcommand)]
     Dlq(DlqCommand),
     /// Serve the fake OpenAI Images API (for tests, benchmarks and demos; no real images).
+    #[command(after_help = "Examples:
+  imagegen fake-api --listen 127.0.0.1:8080 --latency-ms 500 --image-bytes 300000
+  imagegen fake-api --rpm 60   # an account limited to 60 requests a minute (429 beyond)
+  curl -H 'content-type: application/json' localhost:8080/_fake/rules -d '{\"fault\":{\"kind\":\"moderation\"},\"prompt_contains\":\"fox\",\"times\":1}'")]
     FakeApi {
         #[arg(long, default_value = "127.0.0.1:8080")]
         listen: String,
@@ -164,32 +256,66 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             file,
             batch,
             format,
+            template,
+            vary,
+            max_jobs,
             dry_run,
+            yes,
+            json,
         } => {
             let settings = load_settings(&cli.config)?;
-            let prepared = read_jobs(&settings, &file, batch.as_deref(), format)?;
-            if dry_run {
-                for job in &prepared.jobs {
-                    println!("{}", serde_json::to_string(&job.body)?);
-                }
-                eprintln!(
-                    "{} jobs would be published; {} invalid lines",
-                    prepared.jobs.len(),
-                    prepared.errors.len()
-                );
-            } else {
-                let published = enqueue::publish(&settings, &prepared.jobs, |_| {}).await?;
-                eprintln!(
-                    "published {published} jobs to {} with confirms; {} invalid lines not published",
-                    settings.amqp.jobs_queue,
-                    prepared.errors.len()
-                );
-            }
-            Ok(if prepared.errors.is_empty() {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::from(3)
-            })
+            let request = enqueue::EnqueueRequest {
+                file,
+                batch,
+                format,
+                shape: enqueue::Shape { template, vary },
+                max_jobs,
+                dry_run,
+                yes,
+                json,
+            };
+            enqueue::command(&settings, request).await
+        }
+        Command::Watch {
+            batch,
+            out,
+            timeout,
+            json,
+        } => {
+            let settings = load_settings(&cli.config)?;
+            crate::watch::command(
+                &settings,
+                &batch,
+                &out,
+                timeout.map(Duration::from_secs),
+                json,
+            )
+            .await
+        }
+        Command::Status { batch, json } => {
+            let settings = load_settings(&cli.config)?;
+            crate::watch::status(&settings, batch.as_deref(), json).await
+        }
+        Command::Cancel { batch } => {
+            let settings = load_settings(&cli.config)?;
+            crate::watch::cancel(&settings, &batch).await
+        }
+        Command::Gallery {
+            batch,
+            out,
+            download,
+            link_hours,
+            page_size,
+        } => {
+            let settings = load_settings(&cli.config)?;
+            let out = out.unwrap_or_else(|| PathBuf::from(format!("gallery-{batch}")));
+            let options = crate::gallery::Options {
+                out,
+                download,
+                link_ttl: Duration::from_secs(link_hours.clamp(1, 168) * 3600),
+                page_size: page_size.max(1),
+            };
+            crate::gallery::command(&settings, &batch, &options).await
         }
         Command::Run {
             file,
@@ -310,7 +436,13 @@ fn read_jobs(
         InputFormat::Auto => enqueue::detect_format(file, &text),
         f => f,
     };
-    let prepared = enqueue::prepare(&text, format, batch, &JobRules::from_settings(settings));
+    let prepared = enqueue::prepare(
+        &text,
+        format,
+        batch,
+        &enqueue::Shape::default(),
+        &JobRules::from_settings(settings),
+    );
     for e in &prepared.errors {
         eprintln!("{}:{}: {}", file.display(), e.line, e.message);
     }
@@ -337,6 +469,9 @@ async fn run_file(
     // Listen before enqueueing, so that no event is missed.
     let mut listener =
         ResultListener::open(&connection, &settings.amqp.results_exchange, "#").await?;
+    if let Err(e) = enqueue::record_batches(&settings, &prepared.jobs, None).await {
+        tracing::warn!(error = %format!("{e:#}"), "the batch record could not be written: watch and gallery will not know this batch");
+    }
     let worker = Worker::from_settings(settings.clone()).await?;
     let stop = CancellationToken::new();
     let worker_task = tokio::spawn(worker.run(stop.clone()));

@@ -27,6 +27,10 @@ pub enum ErrorKind {
     RetriesExhausted,
     /// The job's batch reached its spend cap (`budget.max_batch_usd`); no provider call was made.
     BudgetExceeded,
+    /// The job's batch was cancelled (`imagegen cancel`) before the job started.
+    Cancelled,
+    /// The job's `deadline` passed before it started.
+    Expired,
 }
 
 impl ErrorKind {
@@ -37,6 +41,8 @@ impl ErrorKind {
             ErrorKind::InvalidJob => "invalid_job",
             ErrorKind::RetriesExhausted => "retries_exhausted",
             ErrorKind::BudgetExceeded => "budget_exceeded",
+            ErrorKind::Cancelled => "cancelled",
+            ErrorKind::Expired => "expired",
         }
     }
 }

@@ -74,6 +74,8 @@ pub struct Job {
     pub n: u8,
     pub params: Map<String, Value>,
     pub metadata: Value,
+    /// Past this instant the job ends as `expired`, without a provider call.
+    pub deadline: Option<time::OffsetDateTime>,
 }
 
 /// The wire form. Every field optional here so that the checks below give precise messages.
@@ -92,6 +94,7 @@ struct WireJob {
     n: Option<u64>,
     params: Option<Map<String, Value>>,
     metadata: Option<Map<String, Value>>,
+    deadline: Option<String>,
 }
 
 /// A job that could not be accepted, with the id to report it under.
@@ -274,6 +277,18 @@ impl Job {
             None => rules.background.clone(),
             Some(b) => Some(option("background", Some(b), "")?),
         };
+        let deadline = match wire.deadline {
+            None => None,
+            Some(d) => Some(
+                time::OffsetDateTime::parse(&d, &time::format_description::well_known::Rfc3339)
+                    .map_err(|_| {
+                        fail(format!(
+                            "`deadline` {:?} is not an RFC 3339 date-time (2026-12-01T18:00:00Z)",
+                            truncate(&d, 80)
+                        ))
+                    })?,
+            ),
+        };
         let params = wire.params.unwrap_or_default();
         if let Some(key) = params
             .keys()
@@ -314,6 +329,7 @@ impl Job {
             n: n as u8,
             params,
             metadata,
+            deadline,
         })
     }
 

@@ -23,6 +23,7 @@
 //! - [`cli`]: the command line (the binary's `main` only calls [`cli::main`]).
 
 pub mod amqp;
+pub mod batch;
 pub mod budget;
 pub mod cli;
 pub mod config;
@@ -32,6 +33,7 @@ pub mod enqueue;
 pub mod error;
 pub mod event;
 pub mod fake_api;
+pub mod gallery;
 pub mod job;
 pub mod pipeline;
 pub mod provider;
@@ -40,6 +42,7 @@ pub mod spool;
 pub mod storage;
 pub mod telemetry;
 pub mod throttle;
+pub mod watch;
 
 /// Makes ring the process's TLS crypto provider (reqwest, lapin and the S3 client all use rustls
 /// with ring; this avoids building a second crypto library). Idempotent.

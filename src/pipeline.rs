@@ -87,7 +87,12 @@ pub struct Pipeline {
     leases: Option<Leases>,
     /// Spend caps, when set.
     budget: Option<crate::budget::Budget>,
+    /// Batches seen cancelled (or not), and when that was looked up.
+    cancelled: Mutex<HashMap<String, (bool, Instant)>>,
 }
+
+/// How long a batch's cancellation state is trusted before it is looked up again.
+const CANCEL_CHECK_EVERY: Duration = Duration::from_secs(2);
 
 /// A job's lease: `{job dir}/lease.json`, written with `If-None-Match: *`, renewed before each
 /// provider call, deleted when the job is done. A worker that finds another's live lease defers
@@ -143,6 +148,7 @@ impl Pipeline {
             spool: None,
             leases: None,
             budget: None,
+            cancelled: Mutex::default(),
         }
     }
 
@@ -219,9 +225,16 @@ impl Pipeline {
         };
         let outcome = {
             let _guard = lock.lock().await;
-            self.process_job(&job, &dir, delivery.attempts, started, halt)
-                .instrument(span)
-                .await
+            let outcome = self
+                .process_job(&job, &dir, delivery.attempts, started, halt)
+                .instrument(span.clone())
+                .await;
+            if let Outcome::Finished { event, .. } = &outcome
+                && event.data.status == Status::Failed
+            {
+                self.store_failure(&dir, event).instrument(span).await;
+            }
+            outcome
         };
         let mut active = self.active.lock().unwrap_or_else(|e| e.into_inner());
         // The map's reference and ours: nobody else waits for this job.
@@ -316,6 +329,28 @@ impl Pipeline {
             warn!(error = %e, "could not delete the job's lease: it expires by itself");
         }
         outcome
+    }
+
+    /// Keeps a failed job's event next to where its images would be, so that a batch's outcome
+    /// can be read from the store (a later success's record wins over it).
+    async fn store_failure(&self, dir: &str, event: &CloudEvent) {
+        let Ok(body) = serde_json::to_vec(event) else {
+            return;
+        };
+        let key = format!("{dir}/{}", crate::batch::FAILED_RECORD_NAME);
+        let put = self
+            .store
+            .put(PutObject {
+                key: &key,
+                data: Bytes::from(body),
+                content_type: "application/json",
+                metadata: &[],
+                sha256: None,
+            })
+            .await;
+        if let Err(e) = put {
+            warn!(error = %e, "could not store the failed job's record");
+        }
     }
 
     /// Writes this worker's lease on a job unless another worker holds a live one.
@@ -545,6 +580,9 @@ impl Pipeline {
             };
             if missing.is_empty() {
                 return Ok(());
+            }
+            if let Some(failure) = self.unwanted(job).await {
+                return Err(failure);
             }
             let permit = tokio::select! {
                 permit = self.throttle.acquire(missing.len() as u32) => permit,
@@ -896,6 +934,50 @@ impl Pipeline {
         }
     }
 
+    /// Why a job must not be started any more: its deadline passed, or its batch was cancelled.
+    async fn unwanted(&self, job: &Job) -> Option<Failure> {
+        let permanent = |kind, message: String| Failure::Permanent {
+            kind,
+            message,
+            detail: Box::default(),
+        };
+        if let Some(deadline) = job.deadline
+            && time::OffsetDateTime::now_utc() > deadline
+        {
+            return Some(permanent(
+                ErrorKind::Expired,
+                format!("the job's deadline {deadline} passed before it started"),
+            ));
+        }
+        let batch = job.batch.as_deref()?;
+        let known = {
+            let cache = self.cancelled.lock().unwrap_or_else(|e| e.into_inner());
+            cache
+                .get(batch)
+                .filter(|(_, at)| at.elapsed() < CANCEL_CHECK_EVERY)
+                .map(|(c, _)| *c)
+        };
+        let cancelled = match known {
+            Some(c) => c,
+            None => {
+                let key = crate::batch::cancel_key(&self.prefix, batch);
+                // A store that cannot answer does not cancel anything.
+                let c = matches!(self.store.head(&key).await, Ok(Some(_)));
+                self.cancelled
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(batch.to_string(), (c, Instant::now()));
+                c
+            }
+        };
+        cancelled.then(|| {
+            permanent(
+                ErrorKind::Cancelled,
+                format!("batch {batch} was cancelled before the job started"),
+            )
+        })
+    }
+
     /// What one provider call cost (0 when the price table does not know the model).
     fn call_cost(&self, job: &Job, generation: &Generation) -> f64 {
         let purchase = crate::cost::Purchase {
@@ -947,7 +1029,12 @@ impl Pipeline {
         data.error = Some(EventError::from_failure(kind, &failure));
         data.provider_request_id = detail.request_id.or(data.provider_request_id);
         data.refusal = detail.refusal;
-        self.finished(data, Settle::DeadLetter)
+        // Cancelled and expired jobs ended as asked: nothing to replay.
+        let settle = match kind {
+            ErrorKind::Cancelled | ErrorKind::Expired => Settle::Ack,
+            _ => Settle::DeadLetter,
+        };
+        self.finished(data, settle)
     }
 
     fn finished(&self, data: ResultData, settle: Settle) -> Outcome {

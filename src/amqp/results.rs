@@ -14,6 +14,8 @@ use crate::event::CloudEvent;
 pub struct ResultListener {
     channel: Channel,
     consumer: Consumer,
+    /// A named queue to delete on close (an exclusive one goes by itself).
+    named: Option<String>,
 }
 
 impl ResultListener {
@@ -34,9 +36,50 @@ impl ResultListener {
             .queue_declare("".into(), options, FieldTable::default())
             .await?;
         let name = queue.name().clone();
+        Self::bind_and_consume(channel, name.to_string(), exchange, binding, None).await
+    }
+
+    /// Binds a durable queue of this name to `exchange`, which the broker deletes after
+    /// `expires` without a consumer (`x-expires`): a listener that crashes leaves nothing behind
+    /// for long, and one that reconnects within `expires` misses no event.
+    pub async fn open_named(
+        connection: &Connection,
+        exchange: &str,
+        binding: &str,
+        queue: &str,
+        expires: Duration,
+    ) -> Result<Self, AmqpError> {
+        let channel = connection.create_channel().await?;
+        let mut args = FieldTable::default();
+        args.insert(
+            "x-expires".into(),
+            lapin::types::AMQPValue::LongLongInt(expires.as_millis() as i64),
+        );
+        let options = QueueDeclareOptions {
+            durable: true,
+            ..QueueDeclareOptions::default()
+        };
+        channel.queue_declare(queue.into(), options, args).await?;
+        Self::bind_and_consume(
+            channel,
+            queue.to_string(),
+            exchange,
+            binding,
+            Some(queue.to_string()),
+        )
+        .await
+    }
+
+    async fn bind_and_consume(
+        channel: Channel,
+        name: String,
+        exchange: &str,
+        binding: &str,
+        named: Option<String>,
+    ) -> Result<Self, AmqpError> {
         channel
             .queue_bind(
-                name.clone(),
+                name.as_str().into(),
                 exchange.into(),
                 binding.into(),
                 QueueBindOptions::default(),
@@ -45,13 +88,17 @@ impl ResultListener {
             .await?;
         let consumer = channel
             .basic_consume(
-                name,
+                name.as_str().into(),
                 "".into(),
                 BasicConsumeOptions::default(),
                 FieldTable::default(),
             )
             .await?;
-        Ok(Self { channel, consumer })
+        Ok(Self {
+            channel,
+            consumer,
+            named,
+        })
     }
 
     /// The next event, or `None` after `wait` without one. Messages that are not events are
@@ -71,6 +118,12 @@ impl ResultListener {
     }
 
     pub async fn close(self) {
+        if let Some(queue) = &self.named {
+            let _ = self
+                .channel
+                .queue_delete(queue.as_str().into(), Default::default())
+                .await;
+        }
         let _ = self.channel.close(200, "done".into()).await;
     }
 }

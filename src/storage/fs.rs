@@ -151,25 +151,35 @@ impl ObjectStore for FsStore {
         start_after: Option<&'a str>,
     ) -> BoxFuture<'a, Result<Vec<String>, StorageError>> {
         Box::pin(async move {
-            // Prefixes used here always end at a directory boundary ("images/b/job/").
+            // Prefixes used here always end at a directory boundary ("images/b/job/"). Like S3
+            // without a delimiter, the listing is recursive.
             let dir_key = prefix.trim_end_matches('/');
-            let dir = self.path("list", dir_key)?;
-            let mut entries = match tokio::fs::read_dir(&dir).await {
-                Ok(entries) => entries,
-                Err(e) if e.kind() == ErrorKind::NotFound => return Ok(Vec::new()),
-                Err(e) => {
-                    return Err(StorageError {
-                        op: "list",
-                        key: prefix.into(),
-                        message: e.to_string(),
-                    });
-                }
-            };
             let mut keys = Vec::new();
-            while let Ok(Some(entry)) = entries.next_entry().await {
-                let name = entry.file_name().to_string_lossy().into_owned();
-                if !name.starts_with('.') && entry.file_type().await.is_ok_and(|t| t.is_file()) {
-                    keys.push(format!("{dir_key}/{name}"));
+            let mut pending = vec![(self.path("list", dir_key)?, dir_key.to_string())];
+            while let Some((dir, key)) = pending.pop() {
+                let mut entries = match tokio::fs::read_dir(&dir).await {
+                    Ok(entries) => entries,
+                    Err(e) if e.kind() == ErrorKind::NotFound => continue,
+                    Err(e) => {
+                        return Err(StorageError {
+                            op: "list",
+                            key: prefix.into(),
+                            message: e.to_string(),
+                        });
+                    }
+                };
+                while let Ok(Some(entry)) = entries.next_entry().await {
+                    let name = entry.file_name().to_string_lossy().into_owned();
+                    if name.starts_with('.') {
+                        continue; // files being written, probes
+                    }
+                    match entry.file_type().await {
+                        Ok(t) if t.is_file() => keys.push(format!("{key}/{name}")),
+                        Ok(t) if t.is_dir() => {
+                            pending.push((entry.path(), format!("{key}/{name}")))
+                        }
+                        _ => {}
+                    }
                 }
             }
             keys.sort();
@@ -179,6 +189,10 @@ impl ObjectStore for FsStore {
             keys.truncate(super::LIST_PAGE);
             Ok(keys)
         })
+    }
+
+    fn local_path(&self, key: &str) -> Option<PathBuf> {
+        self.path("path", key).ok()
     }
 
     fn check(&self) -> BoxFuture<'_, Result<(), StorageError>> {

@@ -74,6 +74,19 @@ pub trait ObjectStore: Send + Sync {
         prefix: &'a str,
         start_after: Option<&'a str>,
     ) -> BoxFuture<'a, Result<Vec<String>, StorageError>>;
+    /// A URL a browser can GET the object with for `ttl` (S3 presigned), or `None` when the store
+    /// has no such thing (see [`ObjectStore::local_path`]).
+    fn presigned_get<'a>(
+        &'a self,
+        _key: &'a str,
+        _ttl: std::time::Duration,
+    ) -> BoxFuture<'a, Result<Option<String>, StorageError>> {
+        Box::pin(async { Ok(None) })
+    }
+    /// Where the object is on this machine's disk, for stores that keep files (`fs`).
+    fn local_path(&self, _key: &str) -> Option<std::path::PathBuf> {
+        None
+    }
     /// Checks that the store is reachable and writable enough to start (bucket exists, root exists).
     fn check(&self) -> BoxFuture<'_, Result<(), StorageError>>;
     /// The bucket, or for `fs` the root directory.

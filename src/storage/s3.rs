@@ -273,6 +273,32 @@ impl ObjectStore for S3Store {
         })
     }
 
+    fn presigned_get<'a>(
+        &'a self,
+        key: &'a str,
+        ttl: Duration,
+    ) -> BoxFuture<'a, Result<Option<String>, StorageError>> {
+        Box::pin(async move {
+            let config =
+                aws_sdk_s3::presigning::PresigningConfig::expires_in(ttl).map_err(|e| {
+                    StorageError {
+                        op: "presign",
+                        key: key.into(),
+                        message: e.to_string(),
+                    }
+                })?;
+            let request = self
+                .client
+                .get_object()
+                .bucket(&self.bucket)
+                .key(key)
+                .presigned(config)
+                .await
+                .map_err(|e| error("presign", key, e))?;
+            Ok(Some(request.uri().to_string()))
+        })
+    }
+
     fn check(&self) -> BoxFuture<'_, Result<(), StorageError>> {
         Box::pin(async move {
             self.client

@@ -19,8 +19,28 @@ async fn enqueue_publishes_good_lines_reports_bad_ones_and_ids_are_stable() {
         "{\"prompt\":\"a castle\"}\n{\"prompt\":\"a moat\",\"sise\":\"1x1\"}\n\n{\"id\":\"own\",\"prompt\":\"a bridge\",\"n\":2}\nnot json\n",
     )
     .unwrap();
-    let out = imagegen(&env)
+    // Real money at stake and nobody to ask: refused without --yes, nothing published.
+    let refused = imagegen(&env)
         .args(["enqueue", file.to_str().unwrap(), "--batch", "castles"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(refused.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("estimated $") && stderr.contains("--yes"),
+        "{stderr}"
+    );
+    assert_eq!(env.ready(&env.settings.amqp.jobs_queue).await, 0);
+
+    let out = imagegen(&env)
+        .args([
+            "enqueue",
+            file.to_str().unwrap(),
+            "--batch",
+            "castles",
+            "--yes",
+        ])
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -113,14 +133,18 @@ async fn run_processes_a_text_file_end_to_end_with_placeholder_and_fs() {
         stdout.contains("3 jobs") && stdout.contains("3 succeeded"),
         "{stdout}"
     );
-    let pngs = std::fs::read_dir(data.join("images/few")).unwrap().count();
+    let pngs = std::fs::read_dir(data.join(&env.settings.storage.prefix).join("images/few"))
+        .unwrap()
+        .count();
     assert_eq!(pngs, 3);
     // Again: the stored results are found, nothing new is made.
     let again = run();
     assert!(again.status.success());
     assert!(String::from_utf8_lossy(&again.stdout).contains("3 succeeded"));
     assert_eq!(
-        std::fs::read_dir(data.join("images/few")).unwrap().count(),
+        std::fs::read_dir(data.join(&env.settings.storage.prefix).join("images/few"))
+            .unwrap()
+            .count(),
         3
     );
     env.cleanup().await;

@@ -385,11 +385,27 @@ impl TestEnv {
             .env("IMAGEGEN__AMQP__DELAY_TIERS_SECS", tiers.join(","))
             .env("IMAGEGEN__AMQP__CONNECTION_NAME", &a.connection_name)
             .env("IMAGEGEN__LOG__FORMAT", "json")
+            .env("IMAGEGEN__STORAGE__PREFIX", &self.settings.storage.prefix)
             .env(
                 "IMAGEGEN__WORKER__LEASE_SECS",
                 self.settings.worker.lease_secs.to_string(),
             )
             .current_dir(env!("CARGO_MANIFEST_DIR"));
+        let st = &self.settings.storage;
+        match st.kind {
+            imagegen::config::StorageKind::Fs => {
+                cmd.env("IMAGEGEN__STORAGE__KIND", "fs")
+                    .env("IMAGEGEN__STORAGE__ROOT", &st.root);
+            }
+            imagegen::config::StorageKind::S3 => {
+                cmd.env("IMAGEGEN__STORAGE__KIND", "s3")
+                    .env("IMAGEGEN__STORAGE__BUCKET", &st.bucket)
+                    .env("IMAGEGEN__STORAGE__ENDPOINT_URL", &st.endpoint_url)
+                    .env("IMAGEGEN__STORAGE__REGION", &st.region)
+                    .env("IMAGEGEN__STORAGE__ACCESS_KEY_ID", &st.access_key_id)
+                    .env("IMAGEGEN__STORAGE__SECRET_ACCESS_KEY", S3_SECRET);
+            }
+        }
         cmd
     }
 

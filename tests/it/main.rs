@@ -4,9 +4,11 @@
 //! Each test gets its own queues, exchange and storage prefix, so tests run in parallel without
 //! seeing each other's messages.
 
+mod batch;
 mod budget;
 mod cli;
 mod dlq;
+mod gallery;
 mod helpers;
 mod pipeline;
 mod proxy;
