@@ -3,7 +3,7 @@ SHELL := /bin/bash
 export PATH := $(HOME)/.cargo/bin:/usr/local/sbin:/usr/sbin:/sbin:$(PATH)
 CARGO ?= cargo
 
-.PHONY: run test services services-rabbitmq build lint fmt check unit it clean-data
+.PHONY: run test services services-rabbitmq build deploy-check lint fmt check unit it clean-data
 
 ## run: process examples/prompts.txt with the placeholder provider and ./data (no API key, no S3)
 run: services-rabbitmq
@@ -11,7 +11,7 @@ run: services-rabbitmq
 	APP_ENV=local ./target/debug/imagegen run examples/prompts.txt
 
 ## test: install and start RabbitMQ and Garage if needed, then run every check and test
-test: services lint
+test: services lint deploy-check
 	@command -v cargo-nextest >/dev/null || $(CARGO) install cargo-nextest --locked
 	$(CARGO) nextest run --all-targets --no-fail-fast -E 'not test(/^serial::/)'
 	@# Faults that hit every test running at the time (a broker restart) run on their own.
@@ -30,8 +30,13 @@ lint:
 fmt:
 	$(CARGO) fmt --all
 
+## build: the release binary (deploy/Dockerfile runs this same target)
 build:
-	$(CARGO) build --release --bin imagegen
+	$(CARGO) build --release --locked --bin imagegen
+
+## deploy-check: validate deploy/ (manifests, compose, alerts, dashboard) against their schemas
+deploy-check:
+	bash scripts/validate-deploy.sh
 
 clean-data:
 	rm -rf data

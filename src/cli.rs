@@ -163,6 +163,15 @@ Full images are linked by presigned URLs (S3, valid for --link-hours) or relativ
     /// Inspect and replay the dead-letter queue.
     #[command(subcommand)]
     Dlq(DlqCommand),
+    /// Ask a worker's /readyz (for container health checks): exit 0 when ready, 1 otherwise.
+    #[command(
+        after_help = "Example (Dockerfile):\n  HEALTHCHECK CMD [\"imagegen\", \"healthcheck\"]"
+    )]
+    Healthcheck {
+        /// The URL to ask.
+        #[arg(long, default_value = "http://127.0.0.1:9185/readyz")]
+        url: String,
+    },
     /// Serve the fake OpenAI Images API (for tests, benchmarks and demos; no real images).
     #[command(after_help = "Examples:
   imagegen fake-api --listen 127.0.0.1:8080 --latency-ms 500 --image-bytes 300000
@@ -275,6 +284,23 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 json,
             };
             enqueue::command(&settings, request).await
+        }
+        Command::Healthcheck { url } => {
+            crate::install_crypto_provider();
+            let client = reqwest::Client::builder()
+                .timeout(Duration::from_secs(5))
+                .build()?;
+            match client.get(&url).send().await {
+                Ok(r) if r.status().is_success() => Ok(ExitCode::SUCCESS),
+                Ok(r) => {
+                    eprintln!("{url}: HTTP {}", r.status());
+                    Ok(ExitCode::from(1))
+                }
+                Err(e) => {
+                    eprintln!("{url}: {e}");
+                    Ok(ExitCode::from(1))
+                }
+            }
         }
         Command::Watch {
             batch,
@@ -472,7 +498,10 @@ async fn run_file(
     if let Err(e) = enqueue::record_batches(&settings, &prepared.jobs, None).await {
         tracing::warn!(error = %format!("{e:#}"), "the batch record could not be written: watch and gallery will not know this batch");
     }
-    let worker = Worker::from_settings(settings.clone()).await?;
+    // A one-off run needs no health listener (and must not collide with a running worker's).
+    let mut worker_settings = settings.clone();
+    worker_settings.http.listen.clear();
+    let worker = Worker::from_settings(worker_settings).await?;
     let stop = CancellationToken::new();
     let worker_task = tokio::spawn(worker.run(stop.clone()));
     enqueue::publish(&settings, &prepared.jobs, |_| {}).await?;

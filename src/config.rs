@@ -43,6 +43,7 @@ pub struct Settings {
     pub spool: SpoolSettings,
     pub pricing: crate::cost::PriceTable,
     pub events: EventSettings,
+    pub http: HttpSettings,
     pub log: LogSettings,
 }
 
@@ -123,6 +124,13 @@ pub struct RetrySettings {
 pub enum StorageKind {
     S3,
     Fs,
+}
+
+/// `[http]`: the health and metrics listener.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpSettings {
+    pub listen: String,
 }
 
 /// `[budget]`: spend caps (see [`crate::budget`]).
@@ -388,6 +396,13 @@ impl Settings {
         }
         in_range("limits.log_every_secs", l.log_every_secs, 1, 86_400)?;
 
+        if !self.http.listen.is_empty() && self.http.listen.parse::<std::net::SocketAddr>().is_err()
+        {
+            return Err(invalid(
+                "http.listen",
+                "must be an address and port (0.0.0.0:9185), or \"\" for no listener",
+            ));
+        }
         let b = &self.budget;
         for (key, value) in [
             ("budget.max_worker_usd", b.max_worker_usd),

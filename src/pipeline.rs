@@ -477,6 +477,7 @@ impl Pipeline {
         let mut work = work.into_inner().unwrap_or_else(|e| e.into_inner());
         work.images.sort_by_key(|i| i.index);
         work.possibly_billed = outcome.possibly_billed;
+        crate::metrics::possibly_billed(outcome.possibly_billed as u64);
         if outcome.possibly_billed > 0 {
             warn!(
                 possibly_billed = outcome.possibly_billed,
@@ -612,16 +613,26 @@ impl Pipeline {
                 indices: &missing,
             };
             let generation = self.provider.generate(request, journal).await;
+            crate::metrics::provider_call(
+                match &generation {
+                    Ok(_) => Some(200),
+                    Err(f) => f.detail().status,
+                },
+                call_started.elapsed(),
+            );
             if let Err(Failure::Stop { .. }) = &generation {
                 // Before the slot is free for the next job: nothing will work until an operator acts.
                 halt.cancel();
             }
             // Counted before the slot is free, so the next call's budget check sees it.
-            if let (Some(budget), Ok(g)) = (&self.budget, &generation)
+            if let Ok(g) = &generation
                 && !g.images.is_empty()
             {
                 let cost = self.call_cost(job, g);
-                budget.record(job.batch.as_deref(), &job.id, cost).await;
+                crate::metrics::cost(cost);
+                if let Some(budget) = &self.budget {
+                    budget.record(job.batch.as_deref(), &job.id, cost).await;
+                }
             }
             match &generation {
                 Ok(g) => permit.finish(Feedback::Done, g.rate_limits, usage_tokens(&g.usage)),
@@ -639,6 +650,7 @@ impl Pipeline {
                 let mut w = lock(work);
                 w.usage = merge_usage(w.usage.take(), generation.usage.clone());
                 w.bought += generation.images.len() as u32;
+                crate::metrics::images_generated(generation.images.len() as u64);
                 if generation.request_id.is_some() {
                     w.request_id.clone_from(&generation.request_id);
                 }
@@ -660,6 +672,7 @@ impl Pipeline {
                 let sha256 = hex::encode(Sha256::digest(&image.data));
                 let bytes = image.data.len() as u64;
                 let metadata = [(META_JOB_ID, job.id.clone()), (META_SHA256, sha256.clone())];
+                let upload_started = Instant::now();
                 let upload = self
                     .retry
                     .run(
@@ -678,6 +691,9 @@ impl Pipeline {
                         |e, _| warn!(error = %e, key = %key, "retrying upload"),
                     )
                     .await;
+                if upload.result.is_ok() {
+                    crate::metrics::uploaded(bytes, upload_started.elapsed());
+                }
                 if let Err(e) = upload.result {
                     // A generated image could not be stored: keep it (and the rest of this
                     // answer) in the spool, and stop buying images that cannot be stored.
@@ -743,6 +759,7 @@ impl Pipeline {
         if kept {
             info!(key, "image spooled until storage is back");
         } else {
+            crate::metrics::images_lost(1);
             warn!(
                 key,
                 "image could not be spooled (no spool, or full): it will be generated again"

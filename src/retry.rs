@@ -131,7 +131,10 @@ impl RetryPolicy {
             waited_ns.fetch_add(wait.as_nanos() as u64, Ordering::Relaxed);
             Some(wait)
         })
-        .notify(|failure, wait| on_retry(failure, wait))
+        .notify(|failure, wait| {
+            crate::metrics::retry();
+            on_retry(failure, wait)
+        })
         .await;
         let deferred = deferred_ns.load(Ordering::Relaxed);
         RetryOutcome {

@@ -355,6 +355,7 @@ impl Throttle {
             tokens_per_call: None,
             last_send: Instant::now(),
         };
+        crate::metrics::concurrency_limit(config.initial_concurrency);
         Self {
             config,
             state: Mutex::new(state),
@@ -521,6 +522,7 @@ impl Throttle {
         }
         let before = s.limit;
         s.limit = (s.limit * ratio).max(self.config.min_concurrency as f64);
+        crate::metrics::concurrency_limit(s.limit.floor() as usize);
         s.no_decrease_until = now + s.latency.unwrap_or(Duration::from_secs(1));
         if s.limit.floor() < before.floor() {
             info!(
@@ -557,6 +559,7 @@ impl Throttle {
             self.decrease(s, LATENCY_DECREASE_RATIO, "provider latency rising");
         } else if window.saturated && s.limit < self.config.max_concurrency as f64 {
             s.limit = (s.limit + 1.0).min(self.config.max_concurrency as f64);
+            crate::metrics::concurrency_limit(s.limit.floor() as usize);
             debug!(limit = s.limit as u64, "provider concurrency limit raised");
         }
     }

@@ -76,6 +76,7 @@ pub struct Worker {
     settings: Settings,
     pipeline: Arc<Pipeline>,
     provider_name: &'static str,
+    health: Arc<crate::http::Health>,
 }
 
 /// What a session needs to handle messages.
@@ -91,6 +92,8 @@ impl Worker {
     /// Builds the configured provider and store, checks that the store is usable, opens the
     /// spool, and turns on cross-process job leases when the store honours conditional writes.
     pub async fn from_settings(settings: Settings) -> anyhow::Result<Self> {
+        // Before anything records a metric.
+        crate::metrics::install();
         let provider = crate::provider::from_settings(&settings)?;
         let store = crate::storage::from_settings(&settings).await?;
         store.check().await?;
@@ -141,11 +144,19 @@ impl Worker {
     }
 
     pub fn new(settings: Settings, pipeline: Pipeline) -> Self {
+        crate::metrics::install();
+        crate::metrics::paused(None);
         Self {
             provider_name: pipeline.provider_name(),
             settings,
             pipeline: Arc::new(pipeline),
+            health: Arc::default(),
         }
+    }
+
+    /// What the HTTP listener reports.
+    pub fn health(&self) -> &Arc<crate::http::Health> {
+        &self.health
     }
 
     /// Consumes jobs until `shutdown` is cancelled, then stops taking jobs, lets in-flight jobs
@@ -159,6 +170,15 @@ impl Worker {
         let _throttle_log = tokio_util::task::AbortOnDropHandle::new(tokio::spawn(async move {
             pipeline.throttle().report(every).await;
         }));
+        let _http = if self.settings.http.listen.is_empty() {
+            None
+        } else {
+            let (_, server) =
+                crate::http::serve(&self.settings.http.listen, self.health.clone()).await?;
+            Some(tokio_util::task::AbortOnDropHandle::new(tokio::spawn(
+                server,
+            )))
+        };
         let mut reconnects = reconnect_backoff();
         let mut consumed_once = false;
         loop {
@@ -168,6 +188,8 @@ impl Worker {
                 Err(e) if !consumed_once && !consuming => return Err(e),
                 Err(e) => {
                     consumed_once = true;
+                    self.health.set_broker_connected(false);
+                    crate::metrics::reconnect();
                     if consuming {
                         reconnects = reconnect_backoff();
                     }
@@ -221,6 +243,7 @@ impl Worker {
             .await?;
         let mut consumer = Some(self.consume(&channel).await?);
         *consuming = true;
+        self.health.set_broker_connected(true);
         info!(
             broker = %s.amqp_url_redacted(),
             queue = %s.amqp.jobs_queue,
@@ -254,6 +277,7 @@ impl Worker {
                                 "SPEND CAP REACHED: the worker stops taking jobs and returns them \
                                  untouched; restart it (with a higher budget.max_worker_usd) to resume");
                             pause = Some(Pause::Budget);
+                            self.health.set_paused(Some("budget_exhausted"));
                         } else {
                             let what = match reason {
                                 StopReason::StorageUnavailable => "STORAGE KEEPS FAILING",
@@ -264,6 +288,7 @@ impl Worker {
                                  it tries one job every {} s and resumes by itself when it gets through",
                                 s.worker.pause_probe_secs);
                             pause = Some(Pause::Provider(reason));
+                            self.health.set_paused(Some(&reason.to_string()));
                         }
                         halt.cancel();
                         cancel_consumer(&channel, &mut consumer).await;
@@ -276,6 +301,7 @@ impl Worker {
                         warn!(reason = %why, "the broker blocks publishers (resource alarm): pausing");
                         if pause.is_none() {
                             pause = Some(Pause::BrokerBlocked(why));
+                            self.health.set_paused(Some("broker_blocked"));
                             halt.cancel();
                             cancel_consumer(&channel, &mut consumer).await;
                         }
@@ -284,6 +310,7 @@ impl Worker {
                         if matches!(pause, Some(Pause::BrokerBlocked(_))) {
                             info!("the broker accepts publishes again: resuming");
                             pause = None;
+                            self.health.set_paused(None);
                             halt = CancellationToken::new();
                             consumer = Some(self.consume(&channel).await?);
                         }
@@ -309,6 +336,7 @@ impl Worker {
                     if handled != Handled::Stopped {
                         info!("the probe job got through: resuming");
                         pause = None;
+                        self.health.set_paused(None);
                         halt = fresh;
                         consumer = Some(self.consume(&channel).await?);
                     }
@@ -335,6 +363,7 @@ impl Worker {
             }
         };
         if let Some(e) = lost {
+            self.health.set_broker_connected(false);
             // The broker returns this connection's unacknowledged messages by itself.
             let _ = connection.close(200, "reconnecting".into()).await;
             return Err(e);
@@ -429,7 +458,24 @@ fn with_headers(properties: &BasicProperties, headers: &[(&str, AMQPValue)]) -> 
     properties.clone().with_headers(table)
 }
 
+/// Counts a job in flight for as long as it lives.
+struct InFlight;
+
+impl InFlight {
+    fn new() -> Self {
+        crate::metrics::jobs_in_flight(1.0);
+        Self
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        crate::metrics::jobs_in_flight(-1.0);
+    }
+}
+
 async fn handle(delivery: AmqpDelivery, cx: Context, halt: CancellationToken) -> Handled {
+    let _in_flight = InFlight::new();
     let message_id = delivery
         .properties
         .message_id()
@@ -461,6 +507,10 @@ async fn handle(delivery: AmqpDelivery, cx: Context, halt: CancellationToken) ->
                 nack(&delivery, "event not confirmed").await;
                 return Handled::Returned;
             }
+            crate::metrics::job_finished(
+                event.data.status == crate::event::Status::Succeeded,
+                event.data.error.as_ref().map(|e| e.kind.as_str()),
+            );
             let settled = match settle {
                 Settle::Ack => delivery.acker.ack(BasicAckOptions::default()).await,
                 Settle::DeadLetter => {
@@ -498,6 +548,7 @@ async fn handle(delivery: AmqpDelivery, cx: Context, halt: CancellationToken) ->
             {
                 Ok(()) => {
                     info!(queue = %queue, tier_secs = tier.as_secs(), attempts, "job delayed");
+                    crate::metrics::delayed();
                     if let Err(e) = delivery.acker.ack(BasicAckOptions::default()).await {
                         warn!(error = %e, "acking a delayed job failed: it may run twice (its result is idempotent)");
                     }

@@ -96,6 +96,8 @@ impl TestEnv {
             ("spool.dir", spool.path().display().to_string()),
             // Short leases: a killed worker's jobs are taken over within seconds.
             ("worker.lease_secs", "3".into()),
+            // Many workers run at once: only the tests of the listener open one.
+            ("http.listen", String::new()),
         ];
         match store {
             Store::S3 => overrides.extend([
@@ -385,6 +387,7 @@ impl TestEnv {
             .env("IMAGEGEN__AMQP__DELAY_TIERS_SECS", tiers.join(","))
             .env("IMAGEGEN__AMQP__CONNECTION_NAME", &a.connection_name)
             .env("IMAGEGEN__LOG__FORMAT", "json")
+            .env("IMAGEGEN__HTTP__LISTEN", &self.settings.http.listen)
             .env("IMAGEGEN__STORAGE__PREFIX", &self.settings.storage.prefix)
             .env(
                 "IMAGEGEN__WORKER__LEASE_SECS",

@@ -10,6 +10,7 @@ mod cli;
 mod dlq;
 mod gallery;
 mod helpers;
+mod ops;
 mod pipeline;
 mod proxy;
 mod reliability;
