@@ -136,28 +136,15 @@ async fn watch_follows_a_batch_with_failures_before_and_after_the_run() {
         times: None,
     });
     env.fake().set_latency(Duration::from_millis(200));
-    let dir = tempfile::tempdir().unwrap();
-    let prompts = dir.path().join("w.txt");
-    std::fs::write(
-        &prompts,
-        "a lighthouse\na forbidden thing\na meadow\na forbidden place\na comet\n",
-    )
-    .unwrap();
-    let enqueued = env
-        .command()
-        .args([
-            "enqueue",
-            prompts.to_str().unwrap(),
-            "--batch",
-            "watched",
-            "--yes",
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        enqueued.status.success(),
-        "{}",
-        String::from_utf8_lossy(&enqueued.stderr)
+    let dir = env.enqueue_prompts(
+        "watched",
+        &[
+            "a lighthouse",
+            "a forbidden thing",
+            "a meadow",
+            "a forbidden place",
+            "a comet",
+        ],
     );
     // Watch starts before any worker.
     let out = dir.path().join("during");
@@ -273,25 +260,7 @@ async fn watch_follows_a_batch_with_failures_before_and_after_the_run() {
 #[tokio::test]
 async fn a_cancelled_batch_and_an_expired_job_end_without_provider_calls() {
     let env = TestEnv::new(Store::Fs).await;
-    let dir = tempfile::tempdir().unwrap();
-    let prompts = dir.path().join("c.txt");
-    std::fs::write(&prompts, "cancel one\ncancel two\ncancel three\n").unwrap();
-    let enqueued = env
-        .command()
-        .args([
-            "enqueue",
-            prompts.to_str().unwrap(),
-            "--batch",
-            "doomed",
-            "--yes",
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        enqueued.status.success(),
-        "{}",
-        String::from_utf8_lossy(&enqueued.stderr)
-    );
+    let _prompts = env.enqueue_prompts("doomed", &["cancel one", "cancel two", "cancel three"]);
     let cancelled = env
         .command()
         .args(["cancel", "--batch", "doomed"])

@@ -147,28 +147,15 @@ async fn the_gallery_of_a_batch_works_in_a_real_browser() {
         fault: Fault::Moderation,
         times: None,
     });
-    let dir = tempfile::tempdir().unwrap();
-    let prompts = dir.path().join("g.txt");
-    std::fs::write(
-        &prompts,
-        "a <b>bold</b> fox\na refused scene\na quiet lake\na red barn\na tall tower\n",
-    )
-    .unwrap();
-    let enqueued = env
-        .command()
-        .args([
-            "enqueue",
-            prompts.to_str().unwrap(),
-            "--batch",
-            "shown",
-            "--yes",
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        enqueued.status.success(),
-        "{}",
-        String::from_utf8_lossy(&enqueued.stderr)
+    let dir = env.enqueue_prompts(
+        "shown",
+        &[
+            "a <b>bold</b> fox",
+            "a refused scene",
+            "a quiet lake",
+            "a red barn",
+            "a tall tower",
+        ],
     );
     let mut listener = env.listen().await;
     let worker = env.start_worker().await;

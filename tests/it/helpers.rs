@@ -263,6 +263,25 @@ impl TestEnv {
         let _ = channel.close(200, "ok".into()).await;
     }
 
+    /// Enqueues a text file of `prompts` (one a line) into `batch` with `imagegen enqueue --yes`,
+    /// as a user would; returns the temporary directory the file is in.
+    pub fn enqueue_prompts(&self, batch: &str, prompts: &[&str]) -> tempfile::TempDir {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let file = dir.path().join(format!("{batch}.txt"));
+        std::fs::write(&file, prompts.join("\n") + "\n").expect("prompts written");
+        let out = self
+            .command()
+            .args(["enqueue", file.to_str().unwrap(), "--batch", batch, "--yes"])
+            .output()
+            .expect("enqueue runs");
+        assert!(
+            out.status.success(),
+            "enqueue failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        dir
+    }
+
     /// Waits for `n` events (fails the test after `wait`).
     pub async fn events(
         &self,
