@@ -3,7 +3,7 @@ SHELL := /bin/bash
 export PATH := $(HOME)/.cargo/bin:/usr/local/sbin:/usr/sbin:/sbin:$(PATH)
 CARGO ?= cargo
 
-.PHONY: run test services services-rabbitmq build deploy-check lint fmt check unit it clean-data
+.PHONY: run test services services-rabbitmq build deploy-check lint fmt check unit it clean-data bench
 
 ## run: process examples/prompts.txt with the placeholder provider and ./data (no API key, no S3)
 run: services-rabbitmq
@@ -37,6 +37,17 @@ build:
 ## deploy-check: validate deploy/ (manifests, compose, alerts, dashboard) against their schemas
 deploy-check:
 	bash scripts/validate-deploy.sh
+
+## bench: start RabbitMQ and Garage, build the release binary, run the end-to-end benchmark
+##   (BENCHMARKS.md). SCENARIO=a|b|c|d|all (default all); optional N=, CONCURRENCY=, LATENCY_MS=,
+##   IMAGE_KB=. Prints a table; writes .bench/latest.json and .bench/<time>-<scenario>.json.
+bench: services
+	$(CARGO) build --release --bin imagegen
+	@# cargo bench relinks target/release/imagegen with dev-dependency features: run a copy.
+	mkdir -p .bench && cp target/release/imagegen .bench/imagegen
+	$(CARGO) bench --bench pipeline -- --bin .bench/imagegen --scenario $(or $(SCENARIO),all) \
+		$(if $(N),--n $(N)) $(if $(CONCURRENCY),--concurrency $(CONCURRENCY)) \
+		$(if $(LATENCY_MS),--latency-ms $(LATENCY_MS)) $(if $(IMAGE_KB),--image-kb $(IMAGE_KB))
 
 clean-data:
 	rm -rf data

@@ -225,6 +225,7 @@ pub enum DlqCommand {
 }
 
 pub fn main() -> ExitCode {
+    crate::tune_allocator();
     let cli = Cli::parse();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -253,19 +253,27 @@ impl Pipeline {
         halt: &CancellationToken,
     ) -> Outcome {
         let record_key = format!("{dir}/{RECORD_NAME}");
-        match self.stored_event(&record_key).await {
-            Ok(Some(event)) => {
-                info!("result already stored: publishing it again without a provider call");
-                return Outcome::Finished {
-                    event: Box::new(event),
-                    settle: Settle::Ack,
-                };
-            }
-            Ok(None) => {}
+        // One listing of the job's directory tells both whether its result is stored and which
+        // of its images are (one request per job instead of two).
+        let listed = match self.list_job_dir(dir).await {
+            Ok(listed) => listed,
             Err(failure) => return self.storage_down(failure, halt),
+        };
+        if listed.contains(&record_key) {
+            match self.stored_event(&record_key).await {
+                Ok(Some(event)) => {
+                    info!("result already stored: publishing it again without a provider call");
+                    return Outcome::Finished {
+                        event: Box::new(event),
+                        settle: Settle::Ack,
+                    };
+                }
+                Ok(None) => {}
+                Err(failure) => return self.storage_down(failure, halt),
+            }
         }
         let mut work = Work::default();
-        match self.reuse_stored_images(job, dir).await {
+        match self.reuse_stored_images(job, dir, listed).await {
             Ok(images) => work.images = images,
             Err(failure) => return self.storage_down(failure, halt),
         }
@@ -826,6 +834,22 @@ impl Pipeline {
         Ok(())
     }
 
+    /// The keys in a job's directory.
+    async fn list_job_dir(&self, dir: &str) -> Result<Vec<String>, Failure> {
+        self.retry
+            .run(
+                || async {
+                    self.store
+                        .list(&format!("{dir}/"), None)
+                        .await
+                        .map_err(Failure::from)
+                },
+                |e, _| warn!(error = %e, "retrying the listing of the job's objects"),
+            )
+            .await
+            .result
+    }
+
     async fn stored_event(&self, record_key: &str) -> Result<Option<CloudEvent>, Failure> {
         let get = self
             .retry
@@ -847,20 +871,12 @@ impl Pipeline {
     }
 
     /// Images of this job that an earlier delivery already stored.
-    async fn reuse_stored_images(&self, job: &Job, dir: &str) -> Result<Vec<StoredImage>, Failure> {
-        let listed = self
-            .retry
-            .run(
-                || async {
-                    self.store
-                        .list(&format!("{dir}/"), None)
-                        .await
-                        .map_err(Failure::from)
-                },
-                |e, _| warn!(error = %e, "retrying the image listing"),
-            )
-            .await
-            .result?;
+    async fn reuse_stored_images(
+        &self,
+        job: &Job,
+        dir: &str,
+        listed: Vec<String>,
+    ) -> Result<Vec<StoredImage>, Failure> {
         let mut images: Vec<StoredImage> = Vec::new();
         for key in listed {
             let Some(name) = key.strip_prefix(dir).and_then(|k| k.strip_prefix('/')) else {

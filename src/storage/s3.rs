@@ -58,16 +58,25 @@ impl S3Store {
             ));
         }
         let shared = loader.load().await;
-        let mut config = aws_sdk_s3::config::Builder::from(&shared)
-            .force_path_style(settings.force_path_style)
-            .request_checksum_calculation(RequestChecksumCalculation::WhenRequired)
-            .response_checksum_validation(ResponseChecksumValidation::WhenRequired)
-            .timeout_config(
-                TimeoutConfig::builder()
-                    .connect_timeout(Duration::from_secs(10))
-                    .operation_attempt_timeout(Duration::from_secs(settings.request_timeout_secs))
-                    .build(),
-            );
+        let mut config =
+            aws_sdk_s3::config::Builder::from(&shared)
+                .force_path_style(settings.force_path_style)
+                // The pipeline retries with its own policy (and classifies failures itself), and
+                // bounds each request with its own timeouts: no second layer of either.
+                .retry_config(aws_sdk_s3::config::retry::RetryConfig::disabled())
+                .stalled_stream_protection(
+                    aws_sdk_s3::config::StalledStreamProtectionConfig::disabled(),
+                )
+                .request_checksum_calculation(RequestChecksumCalculation::WhenRequired)
+                .response_checksum_validation(ResponseChecksumValidation::WhenRequired)
+                .timeout_config(
+                    TimeoutConfig::builder()
+                        .connect_timeout(Duration::from_secs(10))
+                        .operation_attempt_timeout(Duration::from_secs(
+                            settings.request_timeout_secs,
+                        ))
+                        .build(),
+                );
         if shared.region().is_none() {
             config = config.region(Region::new("us-east-1"));
         }
