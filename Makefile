@@ -13,7 +13,8 @@ run: services-rabbitmq
 ## test: install and start RabbitMQ and Garage if needed, then run every check and test
 test: services lint deploy-check
 	@command -v cargo-nextest >/dev/null || $(CARGO) install cargo-nextest --locked
-	$(CARGO) nextest run --all-targets --no-fail-fast -E 'not test(/^serial::/)'
+	@# Benches are built and linted (clippy --all-targets) but not run here: `make bench`.
+	$(CARGO) nextest run --lib --bins --tests --no-fail-fast -E 'not test(/^serial::/)'
 	@# Faults that hit every test running at the time (a broker restart) run on their own.
 	$(CARGO) nextest run --test it --no-fail-fast -E 'test(/^serial::/)'
 
@@ -40,14 +41,16 @@ deploy-check:
 
 ## bench: start RabbitMQ and Garage, build the release binary, run the end-to-end benchmark
 ##   (BENCHMARKS.md). SCENARIO=a|b|c|d|all (default all); optional N=, CONCURRENCY=, LATENCY_MS=,
-##   IMAGE_KB=. Prints a table; writes .bench/latest.json and .bench/<time>-<scenario>.json.
+##   IMAGE_KB=, BENCH_ARGS= (other harness options, e.g. "--repeat 2 --wait-idle-secs 600").
+##   Prints a table; writes .bench/latest.json and .bench/<time>-<scenario>.json.
 bench: services
 	$(CARGO) build --release --bin imagegen
 	@# cargo bench relinks target/release/imagegen with dev-dependency features: run a copy.
 	mkdir -p .bench && cp target/release/imagegen .bench/imagegen
 	$(CARGO) bench --bench pipeline -- --bin .bench/imagegen --scenario $(or $(SCENARIO),all) \
 		$(if $(N),--n $(N)) $(if $(CONCURRENCY),--concurrency $(CONCURRENCY)) \
-		$(if $(LATENCY_MS),--latency-ms $(LATENCY_MS)) $(if $(IMAGE_KB),--image-kb $(IMAGE_KB))
+		$(if $(LATENCY_MS),--latency-ms $(LATENCY_MS)) $(if $(IMAGE_KB),--image-kb $(IMAGE_KB)) \
+		$(BENCH_ARGS)
 
 clean-data:
 	rm -rf data

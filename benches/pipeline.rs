@@ -5,9 +5,11 @@
 //! RabbitMQ, binds a private queue to the results exchange, publishes N persistent jobs with
 //! confirms, and only then starts the worker (`imagegen worker`, its own process) with every
 //! setting at its default except the concurrency and what points it at the fake, at Garage
-//! (`127.0.0.1:3900`, a unique prefix) and at the run's own queues. It waits for the N result
+//! (`127.0.0.1:3900`, a prefix of its own), at the run's own queues, at a spool directory of its
+//! own, and its health/metrics listener at a free loopback port. It waits for the N result
 //! events, reads the worker's CPU time and peak RSS from /proc, stops it with SIGTERM, reads the
-//! fake's call counters, and removes the run's queues, exchange, objects and spool.
+//! fake's call counters, and removes the run's queues, exchange and spool. The runs' objects are
+//! deleted after the last run (see [`run_id`] for why the order of prefixes matters with Garage).
 //!
 //! Besides the worker it records the CPU time that RabbitMQ (beam.smp), Garage, the fake API, the
 //! harness itself and everything else on the host used between the worker's start and the last
@@ -15,11 +17,12 @@
 //!
 //! ```text
 //! cargo bench --bench pipeline -- --scenario a|b|c|d|all|a,b [--n N] [--concurrency C]
-//!     [--latency-ms MS] [--image-kb KB] [--bin target/release/imagegen] [--out-dir .bench]
+//!     [--latency-ms MS] [--image-kb KB] [--repeat K] [--wait-idle-secs S]
+//!     [--bin .bench/imagegen] [--out-dir .bench] [--note TEXT]
 //! ```
 //!
 //! Needs RabbitMQ on 127.0.0.1:5672 and Garage on 127.0.0.1:3900 (`scripts/services.sh`) and a
-//! release build of the binary (`cargo build --release --bin imagegen`).
+//! copy of the release binary at `--bin` (`make bench` does all of it).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt::Write as _;
