@@ -39,8 +39,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::serve::{IncomingStream, Listener};
 use axum::{Extension, Json, Router};
-use base64::Engine as _;
-use base64::engine::general_purpose::STANDARD as BASE64;
+use base64_simd::STANDARD as BASE64;
 use serde_json::{Value, json};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
@@ -1049,7 +1048,7 @@ impl PngTemplate {
         tail.extend_from_slice(&encoded[HEAD..]);
         Self {
             head: encoded[..HEAD].to_vec(),
-            tail_b64: BASE64.encode(&tail),
+            tail_b64: BASE64.encode_to_string(tail),
         }
     }
 
@@ -1079,7 +1078,7 @@ impl PngTemplate {
             0,
             "base64 pieces must split on 3-byte boundaries"
         );
-        BASE64.encode_string(&head, out);
+        BASE64.encode_append(head, out);
         out.push_str(&self.tail_b64);
     }
 }
@@ -1305,7 +1304,9 @@ mod tests {
             .iter()
             .chain(again["data"].as_array().unwrap())
         {
-            let png = BASE64.decode(item["b64_json"].as_str().unwrap()).unwrap();
+            let png = BASE64
+                .decode_to_vec(item["b64_json"].as_str().unwrap())
+                .unwrap();
             assert_eq!(decode_png(&png), (64, 64));
             assert!((18_000..22_000).contains(&png.len()), "size {}", png.len());
             images.push(png);

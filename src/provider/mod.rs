@@ -78,7 +78,10 @@ pub trait ImageProvider: Send + Sync {
 /// Builds the configured provider.
 pub fn from_settings(settings: &Settings) -> anyhow::Result<Arc<dyn ImageProvider>> {
     Ok(match settings.provider.kind {
-        ProviderKind::Openai => Arc::new(openai::OpenAi::new(&settings.provider)?),
+        ProviderKind::Openai => Arc::new(openai::OpenAi::new(
+            &settings.provider,
+            settings.worker.concurrency,
+        )?),
         ProviderKind::Placeholder => Arc::new(placeholder::Placeholder),
     })
 }

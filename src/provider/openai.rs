@@ -5,10 +5,10 @@
 //! a 200 would throw away an image that was already paid for.
 
 use std::borrow::Cow;
+use std::ops::Range;
 use std::time::Duration;
 
-use base64::Engine;
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use futures_util::future::BoxFuture;
 use reqwest::header::{HeaderMap, HeaderValue};
 use secrecy::ExposeSecret;
@@ -16,6 +16,7 @@ use serde::Deserialize;
 use serde_json::{Map, Value};
 
 use super::{GeneratedImage, Generation, ImageProvider, ImageRequest, Journal, sniff};
+use crate::buffers::{BufferPool, PooledBuf};
 use crate::config::{AuthScheme, ProviderSettings};
 use crate::error::{ApiErrorBody, Failure, classify_http};
 use crate::throttle::RateLimits;
@@ -28,10 +29,13 @@ pub struct OpenAi {
     endpoint: String,
     response_format: Option<String>,
     max_response_bytes: usize,
+    /// Answers are read into these, decoded in place and uploaded from there.
+    buffers: BufferPool,
 }
 
 impl OpenAi {
-    pub fn new(settings: &ProviderSettings) -> anyhow::Result<Self> {
+    /// `buffers`: how many answer buffers are kept for reuse (the worker's concurrency).
+    pub fn new(settings: &ProviderSettings, buffers: usize) -> anyhow::Result<Self> {
         crate::install_crypto_provider();
         let mut headers = HeaderMap::new();
         let key = settings.api_key.expose_secret();
@@ -59,6 +63,7 @@ impl OpenAi {
             ),
             response_format: Some(settings.response_format.clone()).filter(|f| !f.is_empty()),
             max_response_bytes: settings.max_response_bytes,
+            buffers: BufferPool::new(buffers),
         })
     }
 
@@ -95,9 +100,8 @@ impl OpenAi {
             let after = retry_after(response.headers());
             let should_retry =
                 header_str(response.headers(), "x-should-retry").map(|v| v == "true");
-            let body = read_limited(response, MAX_ERROR_BODY)
-                .await
-                .unwrap_or_default();
+            let mut body = Vec::new();
+            let _ = read_limited(response, MAX_ERROR_BODY, &mut body).await;
             let mut failure = classify_http(
                 status,
                 &ApiErrorBody::parse(&body),
@@ -108,7 +112,9 @@ impl OpenAi {
             failure.detail_mut().rate_limits = rate_limits;
             return Err(failure);
         }
-        let body = read_limited(response, self.max_response_bytes)
+        let expected = response.content_length().unwrap_or(0) as usize;
+        let mut body = self.buffers.take(expected.min(self.max_response_bytes));
+        read_limited(response, self.max_response_bytes, &mut body)
             .await
             .map_err(|f| with_request_id(f, &request_id))?;
         let answer = decode_answer(body).map_err(|f| with_request_id(f, &request_id))?;
@@ -154,9 +160,9 @@ impl OpenAi {
                 response.status()
             )));
         }
-        read_limited(response, self.max_response_bytes)
-            .await
-            .map(BytesMut::freeze)
+        let mut body = Vec::new();
+        read_limited(response, self.max_response_bytes, &mut body).await?;
+        Ok(Bytes::from(body))
     }
 }
 
@@ -241,74 +247,69 @@ struct Answer {
     output_format: Option<String>,
 }
 
-/// Parses a 200 answer and decodes its base64 images *in the body's own buffer*: each image is
-/// written over the text it came from, compacted to the front, and the buffer is then shrunk. No
-/// second full copy of an image ever exists: the peak is the body itself (4/3 of the images),
-/// and what stays alive for the upload is the images alone.
-fn decode_answer(mut body: BytesMut) -> Result<Answer, Failure> {
-    enum Source {
-        /// Offset and length of the base64 text within the body.
-        InBody(usize, usize),
-        /// Base64 with JSON escapes (`\/`), unescaped by the parser.
-        Owned(String),
-        Url(String),
-    }
-    let (sources, usage, output_format) = {
-        let parsed: ImagesResponse<'_> = serde_json::from_slice(&body).map_err(|e| {
-            billed_failure(format!(
-                "the provider's 200 response could not be read: {e}"
-            ))
-        })?;
-        let base = body.as_ptr() as usize;
-        let sources: Vec<(Source, Option<String>)> = parsed
-            .data
-            .into_iter()
-            .filter_map(|item| {
-                let source = match (item.b64_json, item.url) {
-                    (Some(Borrowed(Cow::Borrowed(b64))), _) => {
-                        Source::InBody(b64.as_ptr() as usize - base, b64.len())
-                    }
-                    (Some(Borrowed(Cow::Owned(b64))), _) => Source::Owned(b64),
-                    (None, Some(url)) => Source::Url(url),
-                    (None, None) => return None,
-                };
-                Some((source, item.revised_prompt.map(Cow::into_owned)))
+/// Parses a 200 answer and decodes its base64 images *in the body's own buffer* (SIMD): each
+/// image is written over the text it came from. No second copy of an image ever exists: the
+/// peak is the body itself (4/3 of the images), and the images are uploaded from it; it goes
+/// back to its pool when the last of them is dropped.
+fn decode_answer(mut body: PooledBuf) -> Result<Answer, Failure> {
+    // The megabytes of base64 are located with a SIMD search for their closing quotes, and the
+    // JSON parser only reads the rest (a few hundred bytes). When that is not possible (an
+    // escape inside the base64), the parser reads the whole answer.
+    let located = base64_spans(&body).and_then(|spans| {
+        let mut skeleton = Vec::with_capacity(1024);
+        let mut from = 0;
+        for span in &spans {
+            skeleton.extend_from_slice(&body[from..span.start]);
+            from = span.end;
+        }
+        skeleton.extend_from_slice(&body[from..]);
+        let parsed: ImagesResponse<'_> = serde_json::from_slice(&skeleton).ok()?;
+        // Every span must be the `b64_json` of a `data` item, in order; else read it all.
+        let in_data = parsed.data.iter().filter(|i| i.b64_json.is_some()).count();
+        if in_data != spans.len() {
+            return None;
+        }
+        let mut spans = spans.into_iter();
+        Some(sources_of(parsed, |_| spans.next()))
+    });
+    let (sources, usage, output_format) = match located {
+        Some(found) => found,
+        None => {
+            let parsed: ImagesResponse<'_> = serde_json::from_slice(&body).map_err(|e| {
+                billed_failure(format!(
+                    "the provider's 200 response could not be read: {e}"
+                ))
+            })?;
+            let base = body.as_ptr() as usize;
+            sources_of(parsed, |b64| {
+                let start = b64.as_ptr() as usize - base;
+                Some(start..start + b64.len())
             })
-            .collect();
-        (sources, parsed.usage, parsed.output_format)
+        }
     };
-    let invalid = |e: base64::DecodeSliceError| {
+    let invalid = |e: base64_simd::Error| {
         billed_failure(format!("the provider returned invalid base64: {e}"))
     };
-    // Decode each in-body image to the front of the buffer, in order: the write position never
-    // passes the read position, since base64 is 4/3 of what it encodes.
-    let mut written = 0;
     let mut spans = Vec::with_capacity(sources.len());
     for (source, _) in &sources {
-        if let Source::InBody(start, len) = *source {
-            let n = decode_in_place(&mut body, start, len, written).map_err(invalid)?;
-            spans.push((written, n));
-            written += n;
+        if let Source::InBody(span) = source {
+            let n = base64_simd::STANDARD
+                .decode_inplace(&mut body[span.clone()])
+                .map_err(invalid)?
+                .len();
+            spans.push(span.start..span.start + n);
         }
     }
-    body.truncate(written);
-    let mut decoded = Vec::from(body);
-    decoded.shrink_to_fit();
-    let decoded = Bytes::from(decoded);
+    let decoded = body.freeze();
     let mut spans = spans.into_iter();
     let mut images = Vec::with_capacity(sources.len());
     for (source, revised_prompt) in sources {
         let data = match source {
-            Source::InBody(..) => {
-                let (at, n) = spans.next().unwrap_or_default();
-                ImageBytes::Decoded(decoded.slice(at..at + n))
-            }
+            Source::InBody(..) => ImageBytes::Decoded(decoded.slice(spans.next().unwrap_or(0..0))),
             Source::Owned(b64) => ImageBytes::Decoded(Bytes::from(
-                base64::engine::general_purpose::STANDARD
-                    .decode(b64.as_bytes())
-                    .map_err(|e| {
-                        billed_failure(format!("the provider returned invalid base64: {e}"))
-                    })?,
+                base64_simd::STANDARD
+                    .decode_to_vec(b64.as_bytes())
+                    .map_err(invalid)?,
             )),
             Source::Url(url) => ImageBytes::Url(url),
         };
@@ -321,38 +322,87 @@ fn decode_answer(mut body: BytesMut) -> Result<Answer, Failure> {
     })
 }
 
-/// Decodes the base64 at `buf[start..start + len]` into `buf[to..]` (`to <= start`), a block at a
-/// time through a small stack buffer; returns the decoded length.
-fn decode_in_place(
-    buf: &mut [u8],
-    start: usize,
-    len: usize,
-    to: usize,
-) -> Result<usize, base64::DecodeSliceError> {
-    const BLOCK: usize = 16 * 1024; // a multiple of 4: padding can only be in the last block
-    let mut out = [0u8; BLOCK / 4 * 3];
-    let engine = &base64::engine::general_purpose::STANDARD;
-    let mut written = 0;
-    let mut read = 0;
-    while read < len {
-        let take = BLOCK.min(len - read);
-        let n = engine.decode_slice(&buf[start + read..start + read + take], &mut out)?;
-        buf[to + written..to + written + n].copy_from_slice(&out[..n]);
-        written += n;
-        read += take;
-    }
-    Ok(written)
+enum Source {
+    /// Where the base64 text is within the body.
+    InBody(Range<usize>),
+    /// Base64 with JSON escapes (`\/`), unescaped by the parser.
+    Owned(String),
+    Url(String),
 }
 
-/// Reads a body, refusing more than `limit` bytes.
-async fn read_limited(mut response: reqwest::Response, limit: usize) -> Result<BytesMut, Failure> {
+type Sources = (Vec<(Source, Option<String>)>, Option<Value>, Option<String>);
+
+/// The images of a parsed answer; `in_body` locates a borrowed base64 string in the body.
+fn sources_of(
+    parsed: ImagesResponse<'_>,
+    mut in_body: impl FnMut(&str) -> Option<Range<usize>>,
+) -> Sources {
+    let sources = parsed
+        .data
+        .into_iter()
+        .filter_map(|item| {
+            let source = match (item.b64_json, item.url) {
+                (Some(Borrowed(Cow::Borrowed(b64))), _) => Source::InBody(in_body(b64)?),
+                (Some(Borrowed(Cow::Owned(b64))), _) => Source::Owned(b64),
+                (None, Some(url)) => Source::Url(url),
+                (None, None) => return None,
+            };
+            Some((source, item.revised_prompt.map(Cow::into_owned)))
+        })
+        .collect();
+    (sources, parsed.usage, parsed.output_format)
+}
+
+/// The values of the `"b64_json"` keys of an answer, found by a SIMD search for their closing
+/// quotes instead of a character-by-character parse. `None` when one has an escape (`\/`),
+/// which only the JSON parser reads right. The key only matches where it is a key: inside a
+/// JSON string its quotes would be escaped.
+fn base64_spans(body: &[u8]) -> Option<Vec<Range<usize>>> {
+    const KEY: &[u8] = b"\"b64_json\"";
+    let skip_space = |mut i: usize| {
+        while body.get(i).is_some_and(u8::is_ascii_whitespace) {
+            i += 1;
+        }
+        i
+    };
+    let finder = memchr::memmem::Finder::new(KEY);
+    let mut spans = Vec::new();
+    let mut at = 0;
+    while let Some(found) = finder.find(&body[at..]) {
+        let colon = skip_space(at + found + KEY.len());
+        if body.get(colon) != Some(&b':') {
+            return None;
+        }
+        let quote = skip_space(colon + 1);
+        if body.get(quote) != Some(&b'"') {
+            // null or something else: the parser decides.
+            at = quote;
+            continue;
+        }
+        let start = quote + 1;
+        let end = start + memchr::memchr2(b'"', b'\\', &body[start..])?;
+        if body[end] != b'"' {
+            return None;
+        }
+        spans.push(start..end);
+        at = end + 1;
+    }
+    Some(spans)
+}
+
+/// Reads a body into `buf`, refusing more than `limit` bytes.
+async fn read_limited(
+    mut response: reqwest::Response,
+    limit: usize,
+    buf: &mut Vec<u8>,
+) -> Result<(), Failure> {
     let expected = response.content_length().unwrap_or(0) as usize;
     if expected > limit {
         return Err(billed_failure(format!(
             "the provider's response is {expected} bytes, more than provider.max_response_bytes ({limit})"
         )));
     }
-    let mut buf = BytesMut::with_capacity(expected);
+    buf.reserve(expected);
     while let Some(chunk) = response.chunk().await.map_err(transport_failure)? {
         if buf.len() + chunk.len() > limit {
             return Err(billed_failure(format!(
@@ -361,7 +411,7 @@ async fn read_limited(mut response: reqwest::Response, limit: usize) -> Result<B
         }
         buf.extend_from_slice(&chunk);
     }
-    Ok(buf)
+    Ok(())
 }
 
 /// A failure after the request may have reached the provider: it may have been billed.
@@ -452,9 +502,66 @@ mod tests {
         assert_eq!(parsed.usage.unwrap()["input_tokens"], 3);
     }
 
+    fn pooled(pool: &BufferPool, text: &str) -> PooledBuf {
+        let mut buf = pool.take(text.len());
+        buf.extend_from_slice(text.as_bytes());
+        buf
+    }
+
+    #[test]
+    fn base64_is_located_without_parsing_it_and_odd_answers_fall_back_to_the_parser() {
+        let b64 = |data: &[u8]| base64_simd::STANDARD.encode_to_string(data);
+        let image: Vec<u8> = (0..30_000u32).map(|i| (i * 13 % 256) as u8).collect();
+        let decoded = |body: &str| -> Vec<(Vec<u8>, Option<String>)> {
+            let pool = BufferPool::new(1);
+            decode_answer(pooled(&pool, body))
+                .unwrap()
+                .images
+                .into_iter()
+                .map(|(data, revised)| match data {
+                    ImageBytes::Decoded(d) => (d.to_vec(), revised),
+                    ImageBytes::Url(u) => (u.into_bytes(), revised),
+                })
+                .collect()
+        };
+        // The key's text inside a string has escaped quotes: it is not taken for a key.
+        let tricky = r#"say \"b64_json\": \"AAAA\""#;
+        let plain = format!(
+            r#"{{"created":1,"data":[{{"revised_prompt":"{tricky}","b64_json" : "{}"}},
+            {{"b64_json":"{}"}}],"usage":{{"total_tokens":2}}}}"#,
+            b64(&image),
+            b64(&image[..10])
+        );
+        assert_eq!(base64_spans(plain.as_bytes()).map(|s| s.len()), Some(2));
+        let got = decoded(&plain);
+        assert_eq!(got.len(), 2);
+        assert_eq!(got[0].0, image);
+        assert_eq!(got[0].1.as_deref(), Some(r#"say "b64_json": "AAAA""#));
+        assert_eq!(got[1], (image[..10].to_vec(), None));
+        // A b64_json outside `data`: the spans do not match the items, the parser reads it all.
+        let outside = format!(
+            r#"{{"extra":{{"b64_json":"AAAA"}},"data":[{{"b64_json":"{}"}}]}}"#,
+            b64(&image)
+        );
+        assert_eq!(base64_spans(outside.as_bytes()).map(|s| s.len()), Some(2));
+        assert_eq!(decoded(&outside), vec![(image.clone(), None)]);
+        // An escaped slash: only the parser can read it.
+        let escaped = format!(
+            r#"{{"data":[{{"b64_json":"{}"}}]}}"#,
+            b64(&[0xff, 0xff, 0xfe])
+        )
+        .replace('/', "\\/");
+        assert!(base64_spans(escaped.as_bytes()).is_none());
+        assert_eq!(decoded(&escaped), vec![(vec![0xff, 0xff, 0xfe], None)]);
+        // null, with a URL instead.
+        let null = r#"{"data":[{"b64_json": null, "url":"https://x/y.png"}]}"#;
+        assert_eq!(base64_spans(null.as_bytes()).map(|s| s.len()), Some(0));
+        assert_eq!(decoded(null), vec![(b"https://x/y.png".to_vec(), None)]);
+    }
+
     #[test]
     fn images_are_decoded_in_the_body_buffer_in_order() {
-        let b64 = |data: &[u8]| base64::engine::general_purpose::STANDARD.encode(data);
+        let b64 = |data: &[u8]| base64_simd::STANDARD.encode_to_string(data);
         let first: Vec<u8> = (0..40_000u32).map(|i| (i * 7 % 251) as u8).collect();
         let second: Vec<u8> = (0..5u8).collect();
         // `/` may be escaped as `\/` in JSON: that image is unescaped by the parser instead.
@@ -466,7 +573,8 @@ mod tests {
             b64(&first),
             b64(&second)
         );
-        let answer = decode_answer(BytesMut::from(body.as_bytes())).unwrap();
+        let pool = BufferPool::new(1);
+        let answer = decode_answer(pooled(&pool, &body)).unwrap();
         assert_eq!(answer.usage.unwrap()["total_tokens"], 9);
         assert_eq!(answer.output_format.as_deref(), Some("webp"));
         let got: Vec<_> = answer
@@ -481,9 +589,14 @@ mod tests {
         assert_eq!(got[1], (b"https://x/y.png".to_vec(), None));
         assert_eq!(got[2], (second, None));
         assert_eq!(got[3], (third.to_vec(), None));
+        assert_eq!(
+            pool.idle(),
+            1,
+            "the images dropped, their buffer is back in the pool"
+        );
 
         let broken = format!(r#"{{"data":[{{"b64_json":"{}!"}}]}}"#, b64(&first));
-        match decode_answer(BytesMut::from(broken.as_bytes())) {
+        match decode_answer(pooled(&pool, &broken)) {
             Err(Failure::Retryable {
                 possibly_billed,
                 message,
@@ -507,7 +620,7 @@ mod tests {
             ],
         )
         .unwrap();
-        let provider = OpenAi::new(&settings.provider).unwrap();
+        let provider = OpenAi::new(&settings.provider, 1).unwrap();
         let rules = crate::job::JobRules::from_settings(&settings);
         let job = crate::job::Job::parse(
             br#"{"id":"a","prompt":"p","n":3,"params":{"user":"u-1","output_compression":80}}"#,

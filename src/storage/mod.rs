@@ -49,8 +49,8 @@ pub struct PutObject<'a> {
     pub data: Bytes,
     pub content_type: &'a str,
     pub metadata: &'a [(&'static str, String)],
-    /// The hex SHA-256 of `data` when the caller has it: S3 signs the upload with it instead of
-    /// hashing the bytes again (and the server checks it).
+    /// The hex SHA-256 of `data` when the caller has it: S3 stores it as the `sha256` metadata
+    /// and signs the upload with it instead of hashing the bytes again (the server checks it).
     pub sha256: Option<&'a str>,
 }
 

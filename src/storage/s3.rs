@@ -4,11 +4,13 @@
 //! only computed when an operation requires them (`WhenRequired`): many S3-compatible stores
 //! reject the streaming CRC32 trailers that the SDK sends by default since 1.69.
 
+use std::sync::Mutex;
 use std::time::Duration;
 
 use aws_config::BehaviorVersion;
 use aws_runtime::auth::PayloadSigningOverride;
 use aws_sdk_s3::Client;
+use aws_sdk_s3::config::endpoint::{DefaultResolver, EndpointFuture, Params, ResolveEndpoint};
 use aws_sdk_s3::config::http::HttpResponse;
 use aws_sdk_s3::config::{
     Region, RequestChecksumCalculation, ResponseChecksumValidation, timeout::TimeoutConfig,
@@ -21,6 +23,7 @@ use aws_smithy_runtime_api::client::interceptors::Intercept;
 use aws_smithy_runtime_api::client::interceptors::context::BeforeTransmitInterceptorContextMut;
 use aws_smithy_runtime_api::client::runtime_components::RuntimeComponents;
 use aws_smithy_types::config_bag::ConfigBag;
+use aws_smithy_types::endpoint::Endpoint;
 use bytes::Bytes;
 use futures_util::future::BoxFuture;
 use secrecy::ExposeSecret;
@@ -67,6 +70,8 @@ impl S3Store {
                 .stalled_stream_protection(
                     aws_sdk_s3::config::StalledStreamProtectionConfig::disabled(),
                 )
+                .interceptor(PrecomputedSha256)
+                .endpoint_resolver(CachedEndpoint::new())
                 .request_checksum_calculation(RequestChecksumCalculation::WhenRequired)
                 .response_checksum_validation(ResponseChecksumValidation::WhenRequired)
                 .timeout_config(
@@ -104,11 +109,16 @@ fn is_not_found<E: ProvideErrorMetadata>(e: &SdkError<E, HttpResponse>) -> bool 
         || matches!(e.code(), Some("NoSuchKey" | "NotFound"))
 }
 
+/// The metadata header that carries an upload's SHA-256 when the caller computed it.
+const SHA256_HEADER: &str = "x-amz-meta-sha256";
+
 /// Signs an upload with a SHA-256 the caller already computed (for the event and the object's
-/// metadata), instead of letting SigV4 hash the payload a second time. The header
-/// `x-amz-content-sha256` then carries it, and the server verifies the body against it.
+/// `sha256` metadata), instead of letting SigV4 hash the payload a second time. The header
+/// `x-amz-content-sha256` then carries it, and the server verifies the body against it. One
+/// interceptor for the client, not one per request: a per-request override makes the SDK
+/// rebuild its configuration for that request.
 #[derive(Debug)]
-struct PrecomputedSha256(String);
+struct PrecomputedSha256;
 
 impl Intercept for PrecomputedSha256 {
     fn name(&self) -> &'static str {
@@ -117,33 +127,93 @@ impl Intercept for PrecomputedSha256 {
 
     fn modify_before_signing(
         &self,
-        _context: &mut BeforeTransmitInterceptorContextMut<'_>,
+        context: &mut BeforeTransmitInterceptorContextMut<'_>,
         _runtime_components: &RuntimeComponents,
         cfg: &mut ConfigBag,
     ) -> Result<(), BoxError> {
-        cfg.interceptor_state()
-            .store_put(PayloadSigningOverride::Precomputed(self.0.clone()));
+        let hex = context
+            .request()
+            .headers()
+            .get(SHA256_HEADER)
+            .filter(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()));
+        if let Some(hex) = hex {
+            let hex = hex.to_ascii_lowercase();
+            cfg.interceptor_state()
+                .store_put(PayloadSigningOverride::Precomputed(hex));
+        }
         Ok(())
     }
 }
 
-/// Sends a put, signed with the caller's SHA-256 when it has one.
-async fn send_put(
-    request: aws_sdk_s3::operation::put_object::builders::PutObjectFluentBuilder,
-    sha256: Option<&str>,
-) -> Result<
-    aws_sdk_s3::operation::put_object::PutObjectOutput,
-    SdkError<aws_sdk_s3::operation::put_object::PutObjectError, HttpResponse>,
-> {
-    match sha256 {
-        Some(hex) => {
-            request
-                .customize()
-                .interceptor(PrecomputedSha256(hex.to_string()))
-                .send()
-                .await
+/// S3's endpoint rules (a few hundred conditions, regular expressions among them) resolved once
+/// per set of parameters instead of once per request. Requests of this client differ only in
+/// their object key, prefix and copy source, which the rules take but never read.
+#[derive(Debug)]
+struct CachedEndpoint {
+    rules: DefaultResolver,
+    last: Mutex<Option<(Params, Endpoint)>>,
+}
+
+impl CachedEndpoint {
+    fn new() -> Self {
+        Self {
+            // Not `DefaultResolver::default()`: that one has no partitions and resolves nothing.
+            rules: DefaultResolver::new(),
+            last: Mutex::new(None),
         }
-        None => request.send().await,
+    }
+}
+
+/// Whether two requests resolve to the same endpoint: every parameter but the key, the prefix and
+/// the copy source is the same.
+fn same_endpoint(a: &Params, b: &Params) -> bool {
+    a.bucket() == b.bucket()
+        && a.region() == b.region()
+        && a.endpoint() == b.endpoint()
+        && [
+            (a.use_fips(), b.use_fips()),
+            (a.use_dual_stack(), b.use_dual_stack()),
+            (a.force_path_style(), b.force_path_style()),
+            (a.accelerate(), b.accelerate()),
+            (a.use_global_endpoint(), b.use_global_endpoint()),
+            (
+                a.use_object_lambda_endpoint(),
+                b.use_object_lambda_endpoint(),
+            ),
+            (a.disable_access_points(), b.disable_access_points()),
+            (
+                a.disable_multi_region_access_points(),
+                b.disable_multi_region_access_points(),
+            ),
+            (a.use_arn_region(), b.use_arn_region()),
+            (
+                a.use_s3_express_control_endpoint(),
+                b.use_s3_express_control_endpoint(),
+            ),
+            (
+                a.disable_s3_express_session_auth(),
+                b.disable_s3_express_session_auth(),
+            ),
+        ]
+        .iter()
+        .all(|(x, y)| x == y)
+}
+
+impl ResolveEndpoint for CachedEndpoint {
+    fn resolve_endpoint<'a>(&'a self, params: &'a Params) -> EndpointFuture<'a> {
+        let cached = self.last.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((p, endpoint)) = cached.as_ref()
+            && same_endpoint(p, params)
+        {
+            return EndpointFuture::ready(Ok(endpoint.clone()));
+        }
+        drop(cached);
+        EndpointFuture::new(async move {
+            let endpoint = self.rules.resolve_endpoint(params).await?;
+            *self.last.lock().unwrap_or_else(|e| e.into_inner()) =
+                Some((params.clone(), endpoint.clone()));
+            Ok(endpoint)
+        })
     }
 }
 
@@ -163,6 +233,10 @@ impl S3Store {
         for (k, v) in object.metadata {
             request = request.metadata(*k, v);
         }
+        // Carried as metadata, and read back by `PrecomputedSha256` to sign the upload.
+        if let Some(sha256) = object.sha256 {
+            request = request.metadata(META_SHA256, sha256);
+        }
         request
     }
 }
@@ -171,8 +245,8 @@ impl ObjectStore for S3Store {
     fn put<'a>(&'a self, object: PutObject<'a>) -> BoxFuture<'a, Result<(), StorageError>> {
         Box::pin(async move {
             let key = object.key;
-            let sha256 = object.sha256;
-            send_put(self.put_request(object), sha256)
+            self.put_request(object)
+                .send()
                 .await
                 .map_err(|e| error("put", key, e))?;
             Ok(())
@@ -185,8 +259,7 @@ impl ObjectStore for S3Store {
     ) -> BoxFuture<'a, Result<bool, StorageError>> {
         Box::pin(async move {
             let key = object.key;
-            let sha256 = object.sha256;
-            match send_put(self.put_request(object).if_none_match("*"), sha256).await {
+            match self.put_request(object).if_none_match("*").send().await {
                 Ok(_) => Ok(true),
                 // 412 Precondition Failed: it exists. 409: a concurrent conditional write won.
                 Err(e)
@@ -326,5 +399,49 @@ impl ObjectStore for S3Store {
 
     fn uri(&self, key: &str) -> String {
         format!("s3://{}/{key}", self.bucket)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn params(bucket: &str, key: &str, region: &str) -> Params {
+        Params::builder()
+            .bucket(bucket)
+            .region(region)
+            .key(key)
+            .prefix(key)
+            .build()
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn endpoints_are_resolved_once_per_bucket_not_once_per_key() {
+        let a = params("b", "1.png", "eu-west-1");
+        assert!(same_endpoint(&a, &params("b", "2.png", "eu-west-1")));
+        assert!(!same_endpoint(&a, &params("c", "1.png", "eu-west-1")));
+        assert!(!same_endpoint(&a, &params("b", "1.png", "us-west-2")));
+        let cached = CachedEndpoint::new();
+        let rules = DefaultResolver::new();
+        let mut urls = Vec::new();
+        // Another bucket or region is resolved by the rules again, never served stale.
+        for p in [
+            a.clone(),
+            params("b", "2.png", "eu-west-1"),
+            params("c", "1.png", "eu-west-1"),
+            params("c", "1.png", "us-west-2"),
+            a,
+        ] {
+            let got = cached.resolve_endpoint(&p).await.unwrap();
+            let want = rules.resolve_endpoint(&p).await.unwrap();
+            assert_eq!(got.url(), want.url());
+            assert_eq!(got.properties(), want.properties());
+            urls.push(got.url().to_string());
+        }
+        assert_eq!(urls[0], urls[1]);
+        assert_ne!(urls[1], urls[2]);
+        assert_ne!(urls[2], urls[3]);
+        assert!(urls[0].contains("eu-west-1"), "{urls:?}");
     }
 }

@@ -33,6 +33,12 @@ async fn s3_uploads_carry_the_callers_sha256_and_the_server_checks_it() {
         .await
         .expect("the right digest is accepted");
     assert_eq!(store.get(&key).await.unwrap().unwrap(), data);
+    let info = store.head(&key).await.unwrap().expect("stored");
+    assert_eq!(
+        info.sha256.as_deref(),
+        Some(right.as_str()),
+        "the digest is kept as the object's metadata"
+    );
     store.delete(&key).await.unwrap();
     env.cleanup().await;
 }
