@@ -455,6 +455,17 @@ impl TestEnv {
         } else {
             std::process::Stdio::null()
         };
+        // A test that panics does not leave its workers running: they get SIGKILL when the
+        // thread that started them (the test's) ends.
+        // SAFETY: prctl is async-signal-safe and touches nothing but the child's own settings.
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
         cmd.arg("worker")
             .stdout(std::process::Stdio::null())
             .stderr(stderr)
