@@ -110,7 +110,7 @@ impl Drop for PooledBuf {
         if free.len() < pool.keep && buf.capacity() > 0 {
             free.push(buf);
         }
-        // Otherwise `buf` is freed here, outside no lock that matters.
+        // Otherwise `buf` is freed here, after the lock (locals drop in reverse order).
     }
 }
 
