@@ -461,30 +461,8 @@ async fn run_with_queues(
         t.insert("x-expires".into(), AMQPValue::LongInt(30 * 60 * 1000));
         t
     };
-    let quorum = || {
-        let mut t = FieldTable::default();
-        t.insert(
-            "x-queue-type".into(),
-            AMQPValue::LongString("quorum".into()),
-        );
-        t
-    };
     let a = &settings.amqp;
-    let mut queues = vec![
-        (a.dead_letter_queue.clone(), quorum()),
-        (
-            a.jobs_queue.clone(),
-            topology::jobs_queue_arguments(settings),
-        ),
-        (a.results_queue.clone(), quorum()),
-    ];
-    for secs in &a.delay_tiers_secs {
-        queues.push((
-            settings.delay_queue_name(*secs),
-            topology::delay_queue_arguments(settings, *secs),
-        ));
-    }
-    for (name, arguments) in queues {
+    for (name, arguments) in topology::queues(settings) {
         topology::ensure_queue(connection, &name, expires(arguments)).await?;
     }
     topology::declare(connection, settings).await?;

@@ -64,18 +64,34 @@ pub fn delay_queue_arguments(settings: &Settings, secs: u64) -> FieldTable {
     ])
 }
 
+/// Every queue the worker declares, with its arguments at creation: the dead-letter queue, the
+/// jobs queue, the delay queues and the results queue (when one is configured).
+pub fn queues(settings: &Settings) -> Vec<(String, FieldTable)> {
+    let a = &settings.amqp;
+    let mut queues = vec![
+        (a.dead_letter_queue.clone(), table([quorum()])),
+        (a.jobs_queue.clone(), jobs_queue_arguments(settings)),
+    ];
+    for secs in &a.delay_tiers_secs {
+        queues.push((
+            settings.delay_queue_name(*secs),
+            delay_queue_arguments(settings, *secs),
+        ));
+    }
+    if !a.results_queue.is_empty() {
+        queues.push((a.results_queue.clone(), table([quorum()])));
+    }
+    queues
+}
+
 /// Declares everything the worker needs (when `amqp.declare_topology` is on).
 pub async fn declare(connection: &Connection, settings: &Settings) -> Result<(), AmqpError> {
     let a = &settings.amqp;
-    ensure_queue(connection, &a.dead_letter_queue, table([quorum()])).await?;
-    ensure_queue(connection, &a.jobs_queue, jobs_queue_arguments(settings)).await?;
-    for secs in &a.delay_tiers_secs {
-        let name = settings.delay_queue_name(*secs);
-        ensure_queue(connection, &name, delay_queue_arguments(settings, *secs)).await?;
+    for (name, arguments) in queues(settings) {
+        ensure_queue(connection, &name, arguments).await?;
     }
     ensure_exchange(connection, &a.results_exchange).await?;
     if !a.results_queue.is_empty() {
-        ensure_queue(connection, &a.results_queue, table([quorum()])).await?;
         let channel = connection.create_channel().await?;
         channel
             .queue_bind(
