@@ -259,7 +259,11 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let settings = load_settings(&cli.config)?;
             let shutdown = CancellationToken::new();
             tokio::spawn(cancel_on_signal(shutdown.clone()));
-            Worker::from_settings(settings).await?.run(shutdown).await?;
+            let worker = Worker::from_settings(settings).await?;
+            // On a runtime thread, not on the thread that started the runtime: the worker spawns
+            // a task per message, and a task spawned from a runtime thread starts on that
+            // thread's own queue instead of waking another one.
+            tokio::spawn(worker.run(shutdown)).await??;
             Ok(ExitCode::SUCCESS)
         }
         Command::Enqueue {

@@ -62,6 +62,14 @@ impl Spool {
     /// The images spooled under a job's key directory.
     pub async fn take_list(&self, dir: &str) -> Result<Vec<Spooled>, StorageError> {
         let mut out = Vec::new();
+        // Asked for every job, and almost always about a directory that does not exist: one
+        // stat of a local path answers that without a trip through the blocking thread pool.
+        // (Another worker process may share the spool, so the disk is asked, not an index.)
+        if let Some(path) = self.files.local_path(dir)
+            && matches!(std::fs::exists(&path), Ok(false))
+        {
+            return Ok(out);
+        }
         for key in crate::storage::list_all(&self.files, &format!("{dir}/"), None).await? {
             if let Some(data) = self.files.get(&key).await? {
                 out.push(Spooled { key, data });

@@ -1,50 +1,90 @@
-//! `s3` storage: AWS S3 and S3-compatible stores (Garage, MinIO, Ceph, R2) through aws-sdk-s3.
+//! `s3` storage: AWS S3 and S3-compatible stores (Garage, MinIO, Ceph, R2).
 //!
-//! Credentials and region come from the AWS SDK's own chain unless set in config. Checksums are
-//! only computed when an operation requires them (`WhenRequired`): many S3-compatible stores
-//! reject the streaming CRC32 trailers that the SDK sends by default since 1.69.
+//! The AWS SDK sets the store up: its provider chain finds the credentials (environment,
+//! profile, web identity on Kubernetes, container and instance metadata) unless they are in the
+//! config, its region chain finds the region, and S3's endpoint rules turn bucket, region,
+//! `endpoint_url` and `force_path_style` into the bucket's URL, once, at start-up. Presigned
+//! URLs come from the SDK too.
+//!
+//! The requests themselves (PUT, GET, HEAD, DELETE, ListObjectsV2) are plain HTTP requests signed
+//! with SigV4 by `aws-sigv4`, the SDK's own signer. A job makes three of them (the listing of its
+//! directory, the image, the result record), and the SDK's per-request machinery (interceptors,
+//! configuration layers, endpoint rules, response conversion) cost the worker more CPU than
+//! everything else it does for a job but hashing the image: see BENCHMARKS.md.
+//!
+//! No retries and no redirects here: the pipeline retries with its own policy, and a signed
+//! request is not replayed to another host. Checksums: uploads are signed with the payload's
+//! SHA-256 (`x-amz-content-sha256`), which the server checks; no CRC trailers, which several
+//! S3-compatible stores reject.
 
+use std::error::Error as _;
 use std::sync::Mutex;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use aws_config::BehaviorVersion;
-use aws_runtime::auth::PayloadSigningOverride;
+use aws_credential_types::Credentials;
+use aws_credential_types::provider::{ProvideCredentials, SharedCredentialsProvider};
 use aws_sdk_s3::Client;
-use aws_sdk_s3::config::endpoint::{DefaultResolver, EndpointFuture, Params, ResolveEndpoint};
-use aws_sdk_s3::config::http::HttpResponse;
-use aws_sdk_s3::config::{
-    Region, RequestChecksumCalculation, ResponseChecksumValidation, timeout::TimeoutConfig,
+use aws_sdk_s3::config::endpoint::{DefaultResolver, Params, ResolveEndpoint};
+use aws_sdk_s3::config::{Region, RequestChecksumCalculation, ResponseChecksumValidation};
+use aws_sigv4::http_request::{
+    PayloadChecksumKind, PercentEncodingMode, SignableBody, SignableRequest, SigningSettings,
+    UriPathNormalizationMode, sign,
 };
-use aws_sdk_s3::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
-use aws_sdk_s3::primitives::ByteStream;
 use aws_smithy_http_client::tls;
-use aws_smithy_runtime_api::box_error::BoxError;
-use aws_smithy_runtime_api::client::interceptors::Intercept;
-use aws_smithy_runtime_api::client::interceptors::context::BeforeTransmitInterceptorContextMut;
-use aws_smithy_runtime_api::client::runtime_components::RuntimeComponents;
-use aws_smithy_types::config_bag::ConfigBag;
-use aws_smithy_types::endpoint::Endpoint;
+use aws_smithy_runtime_api::client::identity::Identity;
+use aws_smithy_types::Document;
+use aws_smithy_xml::decode::{Document as XmlDocument, try_data};
 use bytes::Bytes;
 use futures_util::future::BoxFuture;
+use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
+use reqwest::{Method, StatusCode};
 use secrecy::ExposeSecret;
 
 use super::{META_SHA256, ObjectInfo, ObjectStore, PutObject, StorageError};
 use crate::config::StorageSettings;
 
+/// Object keys in URL paths: everything but S3's unreserved characters and `/` is escaped.
+const KEY: &AsciiSet = &NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~')
+    .remove(b'/');
+/// Query values: as keys, and `/` too.
+const QUERY: &AsciiSet = &KEY.add(b'/');
+
+/// SHA-256 of an empty body.
+const EMPTY_SHA256: &str = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
+
+/// Credentials are fetched again this long before they expire.
+const REFRESH_BEFORE_EXPIRY: Duration = Duration::from_secs(300);
+
 pub struct S3Store {
-    client: Client,
     bucket: String,
+    /// The bucket's URL from S3's endpoint rules, without a trailing `/`:
+    /// `https://bucket.s3.eu-west-1.amazonaws.com`, `http://127.0.0.1:3900/bucket`.
+    base: String,
+    /// `base` with a path: the URL of bucket-level requests (listing, HEAD).
+    bucket_url: String,
+    signing_region: String,
+    http: reqwest::Client,
+    credentials: CredentialsCache,
+    /// For presigned URLs.
+    sdk: Client,
 }
 
 impl S3Store {
     pub async fn new(settings: &StorageSettings) -> anyhow::Result<Self> {
         crate::install_crypto_provider();
-        let http = aws_smithy_http_client::Builder::new()
+        // For the credential providers that ask a service (STS for web identity, instance and
+        // container metadata) and for nothing else.
+        let sdk_http = aws_smithy_http_client::Builder::new()
             .tls_provider(tls::Provider::Rustls(
                 tls::rustls_provider::CryptoMode::Ring,
             ))
             .build_https();
-        let mut loader = aws_config::defaults(BehaviorVersion::latest()).http_client(http);
+        let mut loader = aws_config::defaults(BehaviorVersion::latest()).http_client(sdk_http);
         if !settings.region.is_empty() {
             loader = loader.region(Region::new(settings.region.clone()));
         }
@@ -52,7 +92,7 @@ impl S3Store {
             loader = loader.endpoint_url(&settings.endpoint_url);
         }
         if !settings.access_key_id.is_empty() {
-            loader = loader.credentials_provider(aws_credential_types::Credentials::new(
+            loader = loader.credentials_provider(Credentials::new(
                 settings.access_key_id.clone(),
                 settings.secret_access_key.expose_secret().to_string(),
                 None,
@@ -61,273 +101,435 @@ impl S3Store {
             ));
         }
         let shared = loader.load().await;
-        let mut config =
+        let region = shared
+            .region()
+            .map_or_else(|| "us-east-1".to_string(), |r| r.to_string());
+        let credentials = shared.credentials_provider().ok_or_else(|| {
+            anyhow::anyhow!(
+                "no AWS credentials provider: set storage.access_key_id and \
+                 storage.secret_access_key, or the AWS SDK's usual sources"
+            )
+        })?;
+        let endpoint = BucketEndpoint::resolve(
+            &settings.bucket,
+            &region,
+            &settings.endpoint_url,
+            settings.force_path_style,
+        )
+        .await?;
+        let http = reqwest::Client::builder()
+            .user_agent(concat!("imagegen/", env!("CARGO_PKG_VERSION")))
+            .connect_timeout(Duration::from_secs(10))
+            .timeout(Duration::from_secs(settings.request_timeout_secs))
+            .pool_idle_timeout(Duration::from_secs(60))
+            .redirect(reqwest::redirect::Policy::none())
+            // As the SDK's client: the store is reached directly, whatever HTTP(S)_PROXY says
+            // for the image provider.
+            .no_proxy()
+            .build()?;
+        let sdk = Client::from_conf(
             aws_sdk_s3::config::Builder::from(&shared)
+                .region(Region::new(region.clone()))
                 .force_path_style(settings.force_path_style)
-                // The pipeline retries with its own policy (and classifies failures itself), and
-                // bounds each request with its own timeouts: no second layer of either.
-                .retry_config(aws_sdk_s3::config::retry::RetryConfig::disabled())
-                .stalled_stream_protection(
-                    aws_sdk_s3::config::StalledStreamProtectionConfig::disabled(),
-                )
-                .interceptor(PrecomputedSha256)
-                .endpoint_resolver(CachedEndpoint::new())
                 .request_checksum_calculation(RequestChecksumCalculation::WhenRequired)
                 .response_checksum_validation(ResponseChecksumValidation::WhenRequired)
-                .timeout_config(
-                    TimeoutConfig::builder()
-                        .connect_timeout(Duration::from_secs(10))
-                        .operation_attempt_timeout(Duration::from_secs(
-                            settings.request_timeout_secs,
-                        ))
-                        .build(),
-                );
-        if shared.region().is_none() {
-            config = config.region(Region::new("us-east-1"));
-        }
+                .build(),
+        );
         Ok(Self {
-            client: Client::from_conf(config.build()),
             bucket: settings.bucket.clone(),
+            bucket_url: endpoint.bucket_url(),
+            base: endpoint.url,
+            signing_region: endpoint.signing_region,
+            http,
+            credentials: CredentialsCache::new(credentials),
+            sdk,
         })
+    }
+
+    fn object_url(&self, key: &str) -> String {
+        format!("{}/{}", self.base, utf8_percent_encode(key, KEY))
+    }
+
+    /// Signs and sends one request. `payload_sha256`: the body's hex SHA-256 when the caller
+    /// has it (otherwise the signer hashes the body).
+    async fn send(&self, request: Request<'_>) -> Result<reqwest::Response, StorageError> {
+        let Request {
+            op,
+            key,
+            method,
+            url,
+            headers,
+            body,
+            payload_sha256,
+        } = request;
+        let failed = |message: String| StorageError {
+            op,
+            key: key.into(),
+            message,
+        };
+        let credentials = self.credentials.get().await.map_err(failed)?;
+        let identity = Identity::from(credentials);
+        let mut settings = SigningSettings::default();
+        settings.percent_encoding_mode = PercentEncodingMode::Single;
+        settings.payload_checksum_kind = PayloadChecksumKind::XAmzSha256;
+        settings.uri_path_normalization_mode = UriPathNormalizationMode::Disabled;
+        let params = aws_sigv4::sign::v4::SigningParams::builder()
+            .identity(&identity)
+            .region(&self.signing_region)
+            .name("s3")
+            .time(SystemTime::now())
+            .settings(settings)
+            .build()
+            .map_err(|e| failed(e.to_string()))?
+            .into();
+        let payload = match payload_sha256 {
+            Some(hex) => SignableBody::Precomputed(hex.to_string()),
+            None if body.is_empty() => SignableBody::Precomputed(EMPTY_SHA256.into()),
+            None => SignableBody::Bytes(&body),
+        };
+        let signable = SignableRequest::new(
+            method.as_str(),
+            url.as_str(),
+            headers.iter().map(|(k, v)| (k.as_str(), v.as_str())),
+            payload,
+        )
+        .map_err(|e| failed(e.to_string()))?;
+        let (instructions, _) = sign(signable, &params)
+            .map_err(|e| failed(e.to_string()))?
+            .into_parts();
+        let mut builder = self.http.request(method, &url);
+        for (name, value) in &headers {
+            builder = builder.header(name, value);
+        }
+        for (name, value) in instructions.headers() {
+            builder = builder.header(name, value);
+        }
+        if !body.is_empty() {
+            builder = builder.body(body);
+        }
+        builder.send().await.map_err(|e| failed(error_chain(&e)))
+    }
+
+    async fn put_object(
+        &self,
+        object: PutObject<'_>,
+        only_if_absent: bool,
+    ) -> Result<bool, StorageError> {
+        let mut headers = Vec::with_capacity(object.metadata.len() + 3);
+        headers.push(("content-type".to_string(), object.content_type.to_string()));
+        for (k, v) in object.metadata {
+            headers.push((format!("x-amz-meta-{k}"), v.clone()));
+        }
+        if let Some(sha256) = object.sha256 {
+            headers.push((format!("x-amz-meta-{META_SHA256}"), sha256.to_string()));
+        }
+        if only_if_absent {
+            headers.push(("if-none-match".to_string(), "*".to_string()));
+        }
+        let response = self
+            .send(Request {
+                op: "put",
+                key: object.key,
+                method: Method::PUT,
+                url: self.object_url(object.key),
+                headers,
+                body: object.data,
+                payload_sha256: object.sha256,
+            })
+            .await?;
+        match response.status() {
+            s if s.is_success() => Ok(true),
+            // 412 Precondition Failed: it exists. 409: a concurrent conditional write won.
+            StatusCode::PRECONDITION_FAILED | StatusCode::CONFLICT if only_if_absent => Ok(false),
+            _ => Err(failure("put", object.key, response).await),
+        }
+    }
+
+    /// GET or HEAD of an object; `None` on 404.
+    async fn fetch(
+        &self,
+        op: &'static str,
+        method: Method,
+        key: &str,
+    ) -> Result<Option<reqwest::Response>, StorageError> {
+        let response = self
+            .send(Request::empty(op, key, method, self.object_url(key)))
+            .await?;
+        match response.status() {
+            s if s.is_success() => Ok(Some(response)),
+            StatusCode::NOT_FOUND => Ok(None),
+            _ => Err(failure(op, key, response).await),
+        }
     }
 }
 
-fn error<E, R>(op: &'static str, key: &str, e: SdkError<E, R>) -> StorageError
-where
-    E: std::error::Error + Send + Sync + 'static,
-    R: std::fmt::Debug + Send + Sync + 'static,
-{
+/// One request to the store, before signing.
+struct Request<'a> {
+    op: &'static str,
+    /// The object key (or prefix, or bucket) the request is about, for errors.
+    key: &'a str,
+    method: Method,
+    url: String,
+    headers: Vec<(String, String)>,
+    body: Bytes,
+    payload_sha256: Option<&'a str>,
+}
+
+impl<'a> Request<'a> {
+    fn empty(op: &'static str, key: &'a str, method: Method, url: String) -> Self {
+        Self {
+            op,
+            key,
+            method,
+            url,
+            headers: Vec::new(),
+            body: Bytes::new(),
+            payload_sha256: None,
+        }
+    }
+}
+
+/// A transport error with its causes ("error sending request: connection refused").
+fn error_chain(error: &reqwest::Error) -> String {
+    let mut message = error.to_string();
+    let mut source = error.source();
+    while let Some(s) = source {
+        message.push_str(": ");
+        message.push_str(&s.to_string());
+        source = s.source();
+    }
+    message
+}
+
+/// A store's refusal: the HTTP status with S3's error code and message when the body has them.
+async fn failure(op: &'static str, key: &str, response: reqwest::Response) -> StorageError {
+    let status = response.status();
+    let body = response.bytes().await.unwrap_or_default();
+    let message = match error_body(&body) {
+        Some((code, message)) if !message.is_empty() => {
+            format!("HTTP {}: {code}: {message}", status.as_u16())
+        }
+        Some((code, _)) => format!("HTTP {}: {code}", status.as_u16()),
+        None => format!("HTTP {}", status),
+    };
     StorageError {
         op,
         key: key.into(),
-        message: DisplayErrorContext(e).to_string(),
+        message,
     }
 }
 
-fn is_not_found<E: ProvideErrorMetadata>(e: &SdkError<E, HttpResponse>) -> bool {
-    e.raw_response().is_some_and(|r| r.status().as_u16() == 404)
-        || matches!(e.code(), Some("NoSuchKey" | "NotFound"))
-}
-
-/// The metadata header that carries an upload's SHA-256 when the caller computed it.
-const SHA256_HEADER: &str = "x-amz-meta-sha256";
-
-/// Signs an upload with a SHA-256 the caller already computed (for the event and the object's
-/// `sha256` metadata), instead of letting SigV4 hash the payload a second time. The header
-/// `x-amz-content-sha256` then carries it, and the server verifies the body against it. One
-/// interceptor for the client, not one per request: a per-request override makes the SDK
-/// rebuild its configuration for that request.
-#[derive(Debug)]
-struct PrecomputedSha256;
-
-impl Intercept for PrecomputedSha256 {
-    fn name(&self) -> &'static str {
-        "PrecomputedSha256"
+/// `Code` and `Message` of an S3 error document.
+fn error_body(body: &[u8]) -> Option<(String, String)> {
+    let mut doc = XmlDocument::try_from(body).ok()?;
+    let mut root = doc.root_element().ok()?;
+    if !root.start_el().matches("Error") {
+        return None;
     }
-
-    fn modify_before_signing(
-        &self,
-        context: &mut BeforeTransmitInterceptorContextMut<'_>,
-        _runtime_components: &RuntimeComponents,
-        cfg: &mut ConfigBag,
-    ) -> Result<(), BoxError> {
-        let hex = context
-            .request()
-            .headers()
-            .get(SHA256_HEADER)
-            .filter(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()));
-        if let Some(hex) = hex {
-            let hex = hex.to_ascii_lowercase();
-            cfg.interceptor_state()
-                .store_put(PayloadSigningOverride::Precomputed(hex));
-        }
-        Ok(())
-    }
-}
-
-/// S3's endpoint rules (a few hundred conditions, regular expressions among them) resolved once
-/// per set of parameters instead of once per request. Requests of this client differ only in
-/// their object key, prefix and copy source, which the rules take but never read.
-#[derive(Debug)]
-struct CachedEndpoint {
-    rules: DefaultResolver,
-    last: Mutex<Option<(Params, Endpoint)>>,
-}
-
-impl CachedEndpoint {
-    fn new() -> Self {
-        Self {
-            // Not `DefaultResolver::default()`: that one has no partitions and resolves nothing.
-            rules: DefaultResolver::new(),
-            last: Mutex::new(None),
+    let (mut code, mut message) = (None, String::new());
+    while let Some(mut tag) = root.next_tag() {
+        if tag.start_el().matches("Code") {
+            code = Some(try_data(&mut tag).ok()?.into_owned());
+        } else if tag.start_el().matches("Message") {
+            message = try_data(&mut tag).ok()?.into_owned();
         }
     }
+    Some((code?, message))
 }
 
-/// Whether two requests resolve to the same endpoint: every parameter but the key, the prefix and
-/// the copy source is the same.
-fn same_endpoint(a: &Params, b: &Params) -> bool {
-    a.bucket() == b.bucket()
-        && a.region() == b.region()
-        && a.endpoint() == b.endpoint()
-        && [
-            (a.use_fips(), b.use_fips()),
-            (a.use_dual_stack(), b.use_dual_stack()),
-            (a.force_path_style(), b.force_path_style()),
-            (a.accelerate(), b.accelerate()),
-            (a.use_global_endpoint(), b.use_global_endpoint()),
-            (
-                a.use_object_lambda_endpoint(),
-                b.use_object_lambda_endpoint(),
-            ),
-            (a.disable_access_points(), b.disable_access_points()),
-            (
-                a.disable_multi_region_access_points(),
-                b.disable_multi_region_access_points(),
-            ),
-            (a.use_arn_region(), b.use_arn_region()),
-            (
-                a.use_s3_express_control_endpoint(),
-                b.use_s3_express_control_endpoint(),
-            ),
-            (
-                a.disable_s3_express_session_auth(),
-                b.disable_s3_express_session_auth(),
-            ),
-        ]
-        .iter()
-        .all(|(x, y)| x == y)
+/// The keys of a ListObjectsV2 answer.
+fn listed_keys(body: &[u8]) -> Result<Vec<String>, String> {
+    let mut doc = XmlDocument::try_from(body).map_err(|e| e.to_string())?;
+    let mut root = doc.root_element().map_err(|e| e.to_string())?;
+    if !root.start_el().matches("ListBucketResult") {
+        return Err("the answer is not a ListBucketResult".into());
+    }
+    let mut keys = Vec::new();
+    while let Some(mut tag) = root.next_tag() {
+        if !tag.start_el().matches("Contents") {
+            continue;
+        }
+        while let Some(mut field) = tag.next_tag() {
+            if field.start_el().matches("Key") {
+                keys.push(
+                    try_data(&mut field)
+                        .map_err(|e| e.to_string())?
+                        .into_owned(),
+                );
+            }
+        }
+    }
+    Ok(keys)
 }
 
-impl ResolveEndpoint for CachedEndpoint {
-    fn resolve_endpoint<'a>(&'a self, params: &'a Params) -> EndpointFuture<'a> {
-        let cached = self.last.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((p, endpoint)) = cached.as_ref()
-            && same_endpoint(p, params)
+/// Where a bucket's requests go, from S3's endpoint rules.
+#[derive(Debug, PartialEq)]
+struct BucketEndpoint {
+    url: String,
+    signing_region: String,
+}
+
+impl BucketEndpoint {
+    async fn resolve(
+        bucket: &str,
+        region: &str,
+        endpoint_url: &str,
+        force_path_style: bool,
+    ) -> anyhow::Result<Self> {
+        let mut params = Params::builder()
+            .bucket(bucket)
+            .region(region)
+            .force_path_style(force_path_style);
+        if !endpoint_url.is_empty() {
+            params = params.endpoint(endpoint_url);
+        }
+        let params = params.build()?;
+        // Not `DefaultResolver::default()`: that one has no partitions and resolves nothing.
+        let endpoint = DefaultResolver::new()
+            .resolve_endpoint(&params)
+            .await
+            .map_err(|e| anyhow::anyhow!("no S3 endpoint for bucket {bucket:?}: {e}"))?;
+        let mut signing_region = region.to_string();
+        if let Some(Document::Array(schemes)) = endpoint.properties().get("authSchemes")
+            && let Some(Document::Object(scheme)) = schemes.first()
         {
-            return EndpointFuture::ready(Ok(endpoint.clone()));
+            match scheme.get("name") {
+                Some(Document::String(name)) if name == "sigv4" => {}
+                other => anyhow::bail!(
+                    "bucket {bucket:?} needs the S3 auth scheme {other:?}, which imagegen does \
+                     not support (S3 Express directory buckets, multi-region access points)"
+                ),
+            }
+            if let Some(Document::String(r)) = scheme.get("signingRegion") {
+                signing_region.clone_from(r);
+            }
         }
-        drop(cached);
-        EndpointFuture::new(async move {
-            let endpoint = self.rules.resolve_endpoint(params).await?;
-            *self.last.lock().unwrap_or_else(|e| e.into_inner()) =
-                Some((params.clone(), endpoint.clone()));
-            Ok(endpoint)
+        Ok(Self {
+            url: endpoint.url().trim_end_matches('/').to_string(),
+            signing_region,
         })
     }
 }
 
-impl S3Store {
-    fn put_request(
-        &self,
-        object: PutObject<'_>,
-    ) -> aws_sdk_s3::operation::put_object::builders::PutObjectFluentBuilder {
-        let mut request = self
-            .client
-            .put_object()
-            .bucket(&self.bucket)
-            .key(object.key)
-            .content_type(object.content_type)
-            .content_length(object.data.len() as i64)
-            .body(ByteStream::from(object.data));
-        for (k, v) in object.metadata {
-            request = request.metadata(*k, v);
+impl BucketEndpoint {
+    /// The URL of bucket-level requests: `url`, or `url/` when it has no path (virtual-hosted).
+    fn bucket_url(&self) -> String {
+        match reqwest::Url::parse(&self.url) {
+            Ok(u) if u.path() == "/" => format!("{}/", self.url),
+            _ => self.url.clone(),
         }
-        // Carried as metadata, and read back by `PrecomputedSha256` to sign the upload.
-        if let Some(sha256) = object.sha256 {
-            request = request.metadata(META_SHA256, sha256);
+    }
+}
+
+/// The provider chain's credentials, kept until shortly before they expire.
+struct CredentialsCache {
+    provider: SharedCredentialsProvider,
+    current: Mutex<Option<Credentials>>,
+    /// One refresh at a time.
+    refresh: tokio::sync::Mutex<()>,
+}
+
+impl CredentialsCache {
+    fn new(provider: SharedCredentialsProvider) -> Self {
+        Self {
+            provider,
+            current: Mutex::new(None),
+            refresh: tokio::sync::Mutex::new(()),
         }
-        request
+    }
+
+    fn fresh(&self) -> Option<Credentials> {
+        let current = self.current.lock().unwrap_or_else(|e| e.into_inner());
+        current
+            .as_ref()
+            .filter(|c| {
+                c.expiry()
+                    .is_none_or(|at| at > SystemTime::now() + REFRESH_BEFORE_EXPIRY)
+            })
+            .cloned()
+    }
+
+    async fn get(&self) -> Result<Credentials, String> {
+        if let Some(c) = self.fresh() {
+            return Ok(c);
+        }
+        let _one = self.refresh.lock().await;
+        if let Some(c) = self.fresh() {
+            return Ok(c);
+        }
+        let c = self.provider.provide_credentials().await.map_err(|e| {
+            format!(
+                "no AWS credentials: {}",
+                aws_sdk_s3::error::DisplayErrorContext(e)
+            )
+        })?;
+        *self.current.lock().unwrap_or_else(|e| e.into_inner()) = Some(c.clone());
+        Ok(c)
     }
 }
 
 impl ObjectStore for S3Store {
     fn put<'a>(&'a self, object: PutObject<'a>) -> BoxFuture<'a, Result<(), StorageError>> {
-        Box::pin(async move {
-            let key = object.key;
-            self.put_request(object)
-                .send()
-                .await
-                .map_err(|e| error("put", key, e))?;
-            Ok(())
-        })
+        Box::pin(async move { self.put_object(object, false).await.map(|_| ()) })
     }
 
     fn put_if_absent<'a>(
         &'a self,
         object: PutObject<'a>,
     ) -> BoxFuture<'a, Result<bool, StorageError>> {
-        Box::pin(async move {
-            let key = object.key;
-            match self.put_request(object).if_none_match("*").send().await {
-                Ok(_) => Ok(true),
-                // 412 Precondition Failed: it exists. 409: a concurrent conditional write won.
-                Err(e)
-                    if e.raw_response()
-                        .is_some_and(|r| matches!(r.status().as_u16(), 412 | 409)) =>
-                {
-                    Ok(false)
-                }
-                Err(e) => Err(error("put", key, e)),
-            }
-        })
+        Box::pin(self.put_object(object, true))
     }
 
     fn delete<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<(), StorageError>> {
         Box::pin(async move {
-            self.client
-                .delete_object()
-                .bucket(&self.bucket)
-                .key(key)
-                .send()
-                .await
-                .map_err(|e| error("delete", key, e))?;
-            Ok(())
+            let response = self
+                .send(Request::empty(
+                    "delete",
+                    key,
+                    Method::DELETE,
+                    self.object_url(key),
+                ))
+                .await?;
+            match response.status() {
+                s if s.is_success() || s == StatusCode::NOT_FOUND => Ok(()),
+                _ => Err(failure("delete", key, response).await),
+            }
         })
     }
 
     fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<Bytes>, StorageError>> {
         Box::pin(async move {
-            match self
-                .client
-                .get_object()
-                .bucket(&self.bucket)
-                .key(key)
-                .send()
-                .await
-            {
-                Ok(out) => {
-                    let data = out.body.collect().await.map_err(|e| StorageError {
-                        op: "get",
-                        key: key.into(),
-                        message: e.to_string(),
-                    })?;
-                    Ok(Some(data.into_bytes()))
-                }
-                Err(e) if is_not_found(&e) => Ok(None),
-                Err(e) => Err(error("get", key, e)),
-            }
+            let Some(response) = self.fetch("get", Method::GET, key).await? else {
+                return Ok(None);
+            };
+            let data = response.bytes().await.map_err(|e| StorageError {
+                op: "get",
+                key: key.into(),
+                message: error_chain(&e),
+            })?;
+            Ok(Some(data))
         })
     }
 
     fn head<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<ObjectInfo>, StorageError>> {
         Box::pin(async move {
-            match self
-                .client
-                .head_object()
-                .bucket(&self.bucket)
-                .key(key)
-                .send()
-                .await
-            {
-                Ok(out) => Ok(Some(ObjectInfo {
-                    size: out.content_length().unwrap_or(0).max(0) as u64,
-                    content_type: out.content_type().map(str::to_string),
-                    sha256: out.metadata().and_then(|m| m.get(META_SHA256)).cloned(),
-                })),
-                Err(e) if is_not_found(&e) => Ok(None),
-                Err(e) => Err(error("head", key, e)),
-            }
+            let Some(response) = self.fetch("head", Method::HEAD, key).await? else {
+                return Ok(None);
+            };
+            let header = |name: &str| {
+                response
+                    .headers()
+                    .get(name)
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_string)
+            };
+            Ok(Some(ObjectInfo {
+                size: header("content-length")
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(0),
+                content_type: header("content-type"),
+                sha256: header(&format!("x-amz-meta-{META_SHA256}")),
+            }))
         })
     }
 
@@ -337,21 +539,32 @@ impl ObjectStore for S3Store {
         start_after: Option<&'a str>,
     ) -> BoxFuture<'a, Result<Vec<String>, StorageError>> {
         Box::pin(async move {
-            let out = self
-                .client
-                .list_objects_v2()
-                .bucket(&self.bucket)
-                .prefix(prefix)
-                .set_start_after(start_after.map(str::to_string))
-                .max_keys(super::LIST_PAGE as i32)
-                .send()
+            let mut url = format!(
+                "{}?list-type=2&max-keys={}&prefix={}",
+                self.bucket_url,
+                super::LIST_PAGE,
+                utf8_percent_encode(prefix, QUERY)
+            );
+            if let Some(after) = start_after {
+                url.push_str("&start-after=");
+                url.extend(utf8_percent_encode(after, QUERY));
+            }
+            let response = self
+                .send(Request::empty("list", prefix, Method::GET, url))
+                .await?;
+            if !response.status().is_success() {
+                return Err(failure("list", prefix, response).await);
+            }
+            let failed = |message: String| StorageError {
+                op: "list",
+                key: prefix.into(),
+                message,
+            };
+            let body = response
+                .bytes()
                 .await
-                .map_err(|e| error("list", prefix, e))?;
-            Ok(out
-                .contents()
-                .iter()
-                .filter_map(|o| o.key().map(str::to_string))
-                .collect())
+                .map_err(|e| failed(error_chain(&e)))?;
+            listed_keys(&body).map_err(failed)
         })
     }
 
@@ -361,35 +574,50 @@ impl ObjectStore for S3Store {
         ttl: Duration,
     ) -> BoxFuture<'a, Result<Option<String>, StorageError>> {
         Box::pin(async move {
-            let config =
-                aws_sdk_s3::presigning::PresigningConfig::expires_in(ttl).map_err(|e| {
-                    StorageError {
-                        op: "presign",
-                        key: key.into(),
-                        message: e.to_string(),
-                    }
-                })?;
+            let failed = |message: String| StorageError {
+                op: "presign",
+                key: key.into(),
+                message,
+            };
+            let config = aws_sdk_s3::presigning::PresigningConfig::expires_in(ttl)
+                .map_err(|e| failed(e.to_string()))?;
             let request = self
-                .client
+                .sdk
                 .get_object()
                 .bucket(&self.bucket)
                 .key(key)
                 .presigned(config)
                 .await
-                .map_err(|e| error("presign", key, e))?;
+                .map_err(|e| failed(aws_sdk_s3::error::DisplayErrorContext(e).to_string()))?;
             Ok(Some(request.uri().to_string()))
         })
     }
 
+    /// HEAD of the bucket: it exists and the credentials are accepted.
     fn check(&self) -> BoxFuture<'_, Result<(), StorageError>> {
         Box::pin(async move {
-            self.client
-                .head_bucket()
-                .bucket(&self.bucket)
-                .send()
-                .await
-                .map_err(|e| error("check", &self.bucket, e))?;
-            Ok(())
+            let response = self
+                .send(Request::empty(
+                    "check",
+                    &self.bucket,
+                    Method::HEAD,
+                    self.bucket_url.clone(),
+                ))
+                .await?;
+            match response.status() {
+                s if s.is_success() => Ok(()),
+                StatusCode::NOT_FOUND => Err(StorageError {
+                    op: "check",
+                    key: self.bucket.clone(),
+                    message: "HTTP 404: the bucket does not exist".into(),
+                }),
+                StatusCode::FORBIDDEN => Err(StorageError {
+                    op: "check",
+                    key: self.bucket.clone(),
+                    message: "HTTP 403: access denied (credentials, or the bucket's region)".into(),
+                }),
+                _ => Err(failure("check", &self.bucket, response).await),
+            }
         })
     }
 
@@ -406,42 +634,78 @@ impl ObjectStore for S3Store {
 mod tests {
     use super::*;
 
-    fn params(bucket: &str, key: &str, region: &str) -> Params {
-        Params::builder()
-            .bucket(bucket)
-            .region(region)
-            .key(key)
-            .prefix(key)
-            .build()
+    async fn endpoint(bucket: &str, region: &str, url: &str, path_style: bool) -> BucketEndpoint {
+        BucketEndpoint::resolve(bucket, region, url, path_style)
+            .await
             .unwrap()
     }
 
     #[tokio::test]
-    async fn endpoints_are_resolved_once_per_bucket_not_once_per_key() {
-        let a = params("b", "1.png", "eu-west-1");
-        assert!(same_endpoint(&a, &params("b", "2.png", "eu-west-1")));
-        assert!(!same_endpoint(&a, &params("c", "1.png", "eu-west-1")));
-        assert!(!same_endpoint(&a, &params("b", "1.png", "us-west-2")));
-        let cached = CachedEndpoint::new();
-        let rules = DefaultResolver::new();
-        let mut urls = Vec::new();
-        // Another bucket or region is resolved by the rules again, never served stale.
-        for p in [
-            a.clone(),
-            params("b", "2.png", "eu-west-1"),
-            params("c", "1.png", "eu-west-1"),
-            params("c", "1.png", "us-west-2"),
-            a,
-        ] {
-            let got = cached.resolve_endpoint(&p).await.unwrap();
-            let want = rules.resolve_endpoint(&p).await.unwrap();
-            assert_eq!(got.url(), want.url());
-            assert_eq!(got.properties(), want.properties());
-            urls.push(got.url().to_string());
-        }
-        assert_eq!(urls[0], urls[1]);
-        assert_ne!(urls[1], urls[2]);
-        assert_ne!(urls[2], urls[3]);
-        assert!(urls[0].contains("eu-west-1"), "{urls:?}");
+    async fn bucket_urls_follow_s3s_endpoint_rules() {
+        let aws = endpoint("my-bucket", "eu-west-1", "", false).await;
+        assert_eq!(aws.url, "https://my-bucket.s3.eu-west-1.amazonaws.com");
+        assert_eq!(
+            aws.bucket_url(),
+            "https://my-bucket.s3.eu-west-1.amazonaws.com/"
+        );
+        assert_eq!(aws.signing_region, "eu-west-1");
+        // A dotted name cannot be a TLS host name: the rules fall back to the path style.
+        let dotted = endpoint("my.bucket", "us-west-2", "", false).await;
+        assert_eq!(dotted.url, "https://s3.us-west-2.amazonaws.com/my.bucket");
+        let garage = endpoint("imagegen", "garage", "http://127.0.0.1:3900", true).await;
+        assert_eq!(garage.url, "http://127.0.0.1:3900/imagegen");
+        assert_eq!(garage.bucket_url(), garage.url);
+        assert_eq!(garage.signing_region, "garage");
+        let minio = endpoint(
+            "my-bucket",
+            "us-east-1",
+            "https://minio.example:9000",
+            false,
+        )
+        .await;
+        assert_eq!(minio.url, "https://my-bucket.minio.example:9000");
+        // S3 Express directory buckets sign with another scheme: refused at start-up.
+        let express = BucketEndpoint::resolve("imgs--usw2-az1--x-s3", "us-west-2", "", false).await;
+        assert!(
+            express.unwrap_err().to_string().contains("not support"),
+            "a directory bucket is refused"
+        );
+    }
+
+    #[test]
+    fn keys_are_escaped_as_s3_signs_them() {
+        let key = "p/images/batch 1/j\u{fc}+b=c/0.png";
+        assert_eq!(
+            utf8_percent_encode(key, KEY).to_string(),
+            "p/images/batch%201/j%C3%BC%2Bb%3Dc/0.png"
+        );
+        assert_eq!(utf8_percent_encode("a/b c", QUERY).to_string(), "a%2Fb%20c");
+    }
+
+    #[test]
+    fn listings_and_errors_are_read_from_s3s_xml() {
+        let listing = br#"<?xml version="1.0" encoding="UTF-8"?>
+<ListBucketResult xmlns="http://s3.amazonaws.com/doc/2006-03-01/"><Name>b</Name>
+<Prefix>p/</Prefix><KeyCount>2</KeyCount><MaxKeys>1000</MaxKeys><IsTruncated>false</IsTruncated>
+<Contents><Key>p/a&amp;b.png</Key><LastModified>2026-01-01T00:00:00.000Z</LastModified>
+<Size>3</Size></Contents><Contents><Key>p/result.json</Key><Size>9</Size></Contents>
+</ListBucketResult>"#;
+        assert_eq!(
+            listed_keys(listing).unwrap(),
+            vec!["p/a&b.png".to_string(), "p/result.json".to_string()]
+        );
+        assert!(listed_keys(b"<Error><Code>NoSuchBucket</Code></Error>").is_err());
+        assert!(listed_keys(b"not xml").is_err());
+        let error = br#"<?xml version="1.0" encoding="UTF-8"?>
+<Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message>
+<RequestId>x</RequestId></Error>"#;
+        assert_eq!(
+            error_body(error),
+            Some((
+                "SlowDown".to_string(),
+                "Please reduce your request rate.".to_string()
+            ))
+        );
+        assert_eq!(error_body(b""), None);
     }
 }
