@@ -220,7 +220,9 @@ impl S3Store {
         for (k, v) in object.metadata {
             headers.push((format!("x-amz-meta-{k}"), v.clone()));
         }
-        if let Some(sha256) = object.sha256 {
+        if let Some(sha256) = object.sha256
+            && !object.metadata.iter().any(|(k, _)| *k == META_SHA256)
+        {
             headers.push((format!("x-amz-meta-{META_SHA256}"), sha256.to_string()));
         }
         if only_if_absent {
