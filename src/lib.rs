@@ -29,12 +29,21 @@
 /// system instead of fragmenting the heap: the peak stays flat however many jobs go through.
 /// The cost is the kernel clearing those pages again (about 0.3 ms of CPU per job with
 /// 300 KB images, BENCHMARKS.md); image buffers themselves are pooled ([`buffers`]).
+///
+/// glibc's own variables (`MALLOC_ARENA_MAX`, `MALLOC_MMAP_THRESHOLD_`), when set, win.
 pub fn tune_allocator() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: mallopt only sets allocator parameters; called before the runtime starts threads.
-    unsafe {
-        libc::mallopt(libc::M_ARENA_MAX, 2);
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 256 * 1024);
+    for (variable, param, value) in [
+        ("MALLOC_ARENA_MAX", libc::M_ARENA_MAX, 2),
+        ("MALLOC_MMAP_THRESHOLD_", libc::M_MMAP_THRESHOLD, 256 * 1024),
+    ] {
+        if std::env::var_os(variable).is_none() {
+            // SAFETY: mallopt only sets an allocator parameter; called before the runtime
+            // starts threads.
+            unsafe {
+                libc::mallopt(param, value);
+            }
+        }
     }
 }
 
