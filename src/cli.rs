@@ -227,17 +227,31 @@ pub enum DlqCommand {
 pub fn main() -> ExitCode {
     crate::tune_allocator();
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    // A worker runs on `worker.threads` threads: its settings are read before the runtime starts.
+    let mut preloaded = None;
+    if let Command::Worker = cli.command {
+        match load_settings(&cli.config) {
+            Ok(settings) => {
+                if settings.worker.threads > 0 {
+                    runtime.worker_threads(settings.worker.threads);
+                }
+                preloaded = Some(settings);
+            }
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                return ExitCode::from(1);
+            }
+        }
+    }
+    let runtime = match runtime.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: could not start the async runtime: {e}");
             return ExitCode::from(1);
         }
     };
-    match runtime.block_on(run(cli)) {
+    match runtime.block_on(run(cli, preloaded)) {
         Ok(code) => code,
         Err(e) => {
             error!("{e:#}");
@@ -253,10 +267,14 @@ fn load_settings(cli_config: &Option<PathBuf>) -> anyhow::Result<Settings> {
     Ok(settings)
 }
 
-async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+/// `preloaded`: the settings, when `main` already read them.
+async fn run(cli: Cli, preloaded: Option<Settings>) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Worker => {
-            let settings = load_settings(&cli.config)?;
+            let settings = match preloaded {
+                Some(settings) => settings,
+                None => load_settings(&cli.config)?,
+            };
             let shutdown = CancellationToken::new();
             tokio::spawn(cancel_on_signal(shutdown.clone()));
             let worker = Worker::from_settings(settings).await?;

@@ -66,6 +66,7 @@ pub struct AmqpSettings {
 #[serde(deny_unknown_fields)]
 pub struct WorkerSettings {
     pub concurrency: usize,
+    pub threads: usize,
     pub prefetch: u16,
     pub shutdown_grace_secs: u64,
     pub pause_probe_secs: u64,
@@ -318,6 +319,7 @@ impl Settings {
 
         let w = &self.worker;
         in_range("worker.concurrency", w.concurrency as u64, 1, 1024)?;
+        in_range("worker.threads", w.threads as u64, 0, 256)?;
         if w.prefetch != 0 {
             in_range("worker.prefetch", w.prefetch as u64, 1, 2000)?;
             if (w.prefetch as usize) < w.concurrency {
@@ -685,6 +687,7 @@ mod tests {
         assert_eq!(s.storage.kind, StorageKind::Fs);
         assert_eq!(s.amqp.jobs_queue, "imagegen.jobs");
         assert_eq!(s.worker.concurrency, 8);
+        assert_eq!(s.worker.threads, 0);
         // 8 + 2 + 1: a little above the provider concurrency.
         assert_eq!(s.prefetch(), 11);
     }
@@ -712,6 +715,7 @@ mod tests {
     #[test]
     fn invalid_values_name_the_key() {
         assert!(error_of(&[("worker.concurrency", "0".into())]).contains("worker.concurrency"));
+        assert!(error_of(&[("worker.threads", "257".into())]).contains("worker.threads"));
         assert!(error_of(&[("amqp.url", "http://x".into())]).contains("amqp.url"));
         assert!(
             error_of(&[
@@ -786,6 +790,7 @@ mod tests {
         })
         .unwrap();
         assert_eq!(s.worker.concurrency, 8);
+        assert_eq!(s.worker.threads, 0);
     }
 
     #[test]
