@@ -35,6 +35,7 @@ use aws_smithy_http_client::tls;
 use aws_smithy_runtime_api::client::identity::Identity;
 use aws_smithy_types::Document;
 use aws_smithy_xml::decode::{Document as XmlDocument, try_data};
+use aws_types::service_config::ServiceConfigKey;
 use bytes::Bytes;
 use futures_util::future::BoxFuture;
 use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
@@ -110,10 +111,29 @@ impl S3Store {
                  storage.secret_access_key, or the AWS SDK's usual sources"
             )
         })?;
+        // As the SDK's S3 client finds it: the config, else AWS_ENDPOINT_URL_S3 (or the profile's
+        // S3 `endpoint_url`), else AWS_ENDPOINT_URL.
+        let endpoint_url = if !settings.endpoint_url.is_empty() {
+            settings.endpoint_url.clone()
+        } else {
+            shared
+                .service_config()
+                .and_then(|c| {
+                    let key = ServiceConfigKey::builder()
+                        .service_id("S3")
+                        .env("AWS_ENDPOINT_URL")
+                        .profile("endpoint_url")
+                        .build()
+                        .ok()?;
+                    c.load_config(key)
+                })
+                .or_else(|| shared.endpoint_url().map(str::to_string))
+                .unwrap_or_default()
+        };
         let endpoint = BucketEndpoint::resolve(
             &settings.bucket,
             &region,
-            &settings.endpoint_url,
+            &endpoint_url,
             settings.force_path_style,
         )
         .await?;

@@ -155,3 +155,21 @@ async fn s3_store_operations_work_against_the_server() {
     assert!(err.to_string().contains("HTTP 403"), "{err}");
     env.cleanup().await;
 }
+
+/// With `storage.endpoint_url` empty, the endpoint is found where the AWS SDK's S3 client would
+/// find it (`AWS_ENDPOINT_URL_S3`), not in AWS's own domain.
+#[tokio::test]
+async fn s3_endpoint_comes_from_the_sdks_environment_when_the_config_has_none() {
+    let env = TestEnv::new(Store::S3).await;
+    let mut settings = env.settings.clone();
+    let url = std::mem::take(&mut settings.storage.endpoint_url);
+    assert!(!url.is_empty(), "the test store has an endpoint");
+    // SAFETY: nextest runs each test in its own process, and every other test sets
+    // storage.endpoint_url, which wins over the variable.
+    unsafe { std::env::set_var("AWS_ENDPOINT_URL_S3", &url) };
+    let store = imagegen::storage::from_settings(&settings).await.unwrap();
+    let checked = store.check().await;
+    unsafe { std::env::remove_var("AWS_ENDPOINT_URL_S3") };
+    checked.expect("the bucket is reached through AWS_ENDPOINT_URL_S3");
+    env.cleanup().await;
+}
