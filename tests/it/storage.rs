@@ -96,6 +96,20 @@ async fn s3_store_operations_work_against_the_server() {
             .is_empty()
     );
 
+    let empty = format!("{dir}-empty/nothing");
+    store
+        .put(PutObject {
+            key: &empty,
+            data: bytes::Bytes::new(),
+            content_type: "application/octet-stream",
+            metadata: &[],
+            sha256: None,
+        })
+        .await
+        .expect("an empty object");
+    assert_eq!(store.get(&empty).await.unwrap().unwrap().len(), 0);
+    store.delete(&empty).await.unwrap();
+
     let key = format!("{dir}/{}", names[2]);
     assert_eq!(store.get(&key).await.unwrap().unwrap(), vec![2u8; 12]);
     let info = store.head(&key).await.unwrap().expect("stored");
