@@ -167,6 +167,11 @@ async fn s3_store_operations_work_against_the_server() {
         .await
         .expect_err("bad signature");
     assert!(err.to_string().contains("HTTP 403"), "{err}");
+    let err = refused
+        .check()
+        .await
+        .expect_err("bad signature at start-up");
+    assert!(err.to_string().contains("HTTP 403"), "{err}");
     env.cleanup().await;
 }
 
