@@ -265,6 +265,18 @@ const PER_JOB_FORBIDDEN_CODES: &[&str] =
 /// Classifies an HTTP error answer of an image API. `should_retry` is the `x-should-retry` header,
 /// which overrides the status-based decision as in the official SDKs (but never turns a refusal,
 /// a quota or a credentials problem into a retry).
+/// An error with its causes, outermost first: "error sending request: connection refused".
+pub fn with_causes(error: &dyn std::error::Error) -> String {
+    let mut message = error.to_string();
+    let mut source = error.source();
+    while let Some(s) = source {
+        message.push_str(": ");
+        message.push_str(&s.to_string());
+        source = s.source();
+    }
+    message
+}
+
 pub fn classify_http(
     status: u16,
     body: &ApiErrorBody,
@@ -347,6 +359,18 @@ pub fn classify_http(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn errors_are_shown_with_their_causes() {
+        #[derive(Debug, thiserror::Error)]
+        #[error("error sending request")]
+        struct Outer(#[source] std::io::Error);
+        let e = Outer(std::io::Error::new(
+            std::io::ErrorKind::ConnectionRefused,
+            "connection refused",
+        ));
+        assert_eq!(with_causes(&e), "error sending request: connection refused");
+    }
 
     fn body(json: &str) -> ApiErrorBody {
         ApiErrorBody::parse(json.as_bytes())

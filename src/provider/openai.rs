@@ -435,15 +435,8 @@ fn with_request_id(mut failure: Failure, request_id: &Option<String>) -> Failure
 /// timeout or reset after the request was sent may have been.
 fn transport_failure(error: reqwest::Error) -> Failure {
     let possibly_billed = !error.is_connect() && !error.is_builder();
-    let mut message = error.to_string();
-    let mut source = std::error::Error::source(&error);
-    while let Some(s) = source {
-        message.push_str(": ");
-        message.push_str(&s.to_string());
-        source = s.source();
-    }
     Failure::Retryable {
-        message,
+        message: crate::error::with_causes(&error),
         after: None,
         possibly_billed,
         detail: Box::default(),

@@ -17,7 +17,6 @@
 //! SHA-256 (`x-amz-content-sha256`), which the server checks; no CRC trailers, which several
 //! S3-compatible stores reject.
 
-use std::error::Error as _;
 use std::sync::Mutex;
 use std::time::{Duration, SystemTime};
 
@@ -44,6 +43,7 @@ use secrecy::ExposeSecret;
 
 use super::{META_SHA256, ObjectInfo, ObjectStore, PutObject, StorageError};
 use crate::config::StorageSettings;
+use crate::error::with_causes;
 
 /// Object keys in URL paths: everything but S3's unreserved characters and `/` is escaped.
 const KEY: &AsciiSet = &NON_ALPHANUMERIC
@@ -227,7 +227,7 @@ impl S3Store {
         if !body.is_empty() {
             builder = builder.body(body);
         }
-        builder.send().await.map_err(|e| failed(error_chain(&e)))
+        builder.send().await.map_err(|e| failed(with_causes(&e)))
     }
 
     async fn put_object(
@@ -309,18 +309,6 @@ impl<'a> Request<'a> {
             payload_sha256: None,
         }
     }
-}
-
-/// A transport error with its causes ("error sending request: connection refused").
-fn error_chain(error: &reqwest::Error) -> String {
-    let mut message = error.to_string();
-    let mut source = error.source();
-    while let Some(s) = source {
-        message.push_str(": ");
-        message.push_str(&s.to_string());
-        source = s.source();
-    }
-    message
 }
 
 /// A store's refusal: the HTTP status with S3's error code and message when the body has them.
@@ -527,7 +515,7 @@ impl ObjectStore for S3Store {
             let data = response.bytes().await.map_err(|e| StorageError {
                 op: "get",
                 key: key.into(),
-                message: error_chain(&e),
+                message: with_causes(&e),
             })?;
             Ok(Some(data))
         })
@@ -585,7 +573,7 @@ impl ObjectStore for S3Store {
             let body = response
                 .bytes()
                 .await
-                .map_err(|e| failed(error_chain(&e)))?;
+                .map_err(|e| failed(with_causes(&e)))?;
             listed_keys(&body).map_err(failed)
         })
     }
