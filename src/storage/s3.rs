@@ -419,9 +419,7 @@ impl BucketEndpoint {
             signing_region,
         })
     }
-}
 
-impl BucketEndpoint {
     /// The URL of bucket-level requests: `url`, or `url/` when it has no path (virtual-hosted).
     fn bucket_url(&self) -> String {
         match reqwest::Url::parse(&self.url) {
