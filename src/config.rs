@@ -60,6 +60,7 @@ pub struct AmqpSettings {
     pub delay_tiers_secs: Vec<u64>,
     pub connection_name: String,
     pub connect_timeout_secs: u64,
+    pub frame_max: u32,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -316,6 +317,8 @@ impl Settings {
             1,
             600,
         )?;
+        // 4096 is AMQP's smallest frame; 128 KiB is RabbitMQ's default (and largest useful) one.
+        in_range("amqp.frame_max", self.amqp.frame_max.into(), 4096, 131_072)?;
 
         let w = &self.worker;
         in_range("worker.concurrency", w.concurrency as u64, 1, 1024)?;
@@ -716,6 +719,8 @@ mod tests {
     fn invalid_values_name_the_key() {
         assert!(error_of(&[("worker.concurrency", "0".into())]).contains("worker.concurrency"));
         assert!(error_of(&[("worker.threads", "257".into())]).contains("worker.threads"));
+        assert!(error_of(&[("amqp.frame_max", "4095".into())]).contains("amqp.frame_max"));
+        assert!(error_of(&[("amqp.frame_max", "131073".into())]).contains("amqp.frame_max"));
         assert!(error_of(&[("amqp.url", "http://x".into())]).contains("amqp.url"));
         assert!(
             error_of(&[

@@ -9,6 +9,7 @@ pub mod topology;
 use std::time::Duration;
 
 use lapin::types::{AMQPValue, FieldTable, LongString};
+use lapin::uri::AMQPUri;
 use lapin::{Connection, ConnectionProperties};
 use secrecy::ExposeSecret;
 
@@ -22,6 +23,8 @@ pub enum AmqpError {
         #[source]
         source: lapin::Error,
     },
+    #[error("amqp.url is not a valid AMQP URI: {0}")]
+    InvalidUrl(String),
     #[error("timed out after {0:?} connecting to the broker at {1}")]
     ConnectTimeout(Duration, String),
     #[error("broker: {0}")]
@@ -30,11 +33,19 @@ pub enum AmqpError {
     NotConfirmed { target: String, reason: String },
 }
 
-/// Opens a connection, naming it in the management UI.
+/// Opens a connection, naming it in the management UI, with `amqp.frame_max` unless the URL
+/// sets `frame_max` itself.
 pub async fn connect(settings: &Settings, role: &str) -> Result<Connection, AmqpError> {
     crate::install_crypto_provider();
-    let url = settings.amqp.url.expose_secret();
     let redacted = settings.amqp_url_redacted();
+    let mut uri: AMQPUri = settings
+        .amqp
+        .url
+        .expose_secret()
+        .parse()
+        // The parser's message may quote the URL, password included: it is not passed on.
+        .map_err(|_: String| AmqpError::InvalidUrl(redacted.clone()))?;
+    uri.query.frame_max.get_or_insert(settings.amqp.frame_max);
     let name = format!(
         "{} {role} pid={}",
         settings.amqp.connection_name,
@@ -42,7 +53,7 @@ pub async fn connect(settings: &Settings, role: &str) -> Result<Connection, Amqp
     );
     let properties = ConnectionProperties::default().with_connection_name(LongString::from(name));
     let timeout = Duration::from_secs(settings.amqp.connect_timeout_secs);
-    match tokio::time::timeout(timeout, Connection::connect(url, properties)).await {
+    match tokio::time::timeout(timeout, Connection::connect_uri(uri, properties)).await {
         Ok(Ok(connection)) => Ok(connection),
         Ok(Err(source)) => Err(AmqpError::Connect {
             url: redacted,

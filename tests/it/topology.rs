@@ -114,3 +114,38 @@ async fn an_unroutable_publish_is_an_error_not_a_success() {
         .await;
     env.cleanup().await;
 }
+
+#[tokio::test]
+async fn frames_are_small_and_larger_messages_still_go_through() {
+    let env = TestEnv::new(Store::Fs).await;
+    // amqp.frame_max is offered and accepted: the AMQP client's buffers are 32 frames each.
+    assert_eq!(env.settings.amqp.frame_max, 16384);
+    assert_eq!(env.connection.configuration().frame_max(), 16384);
+    // A frame_max in the URL wins.
+    let mut settings = env.settings.clone();
+    settings.amqp.url = format!("{}?frame_max=8192", crate::helpers::amqp_url()).into();
+    let small = connect(&settings, "test-small-frames").await.unwrap();
+    assert_eq!(small.configuration().frame_max(), 8192);
+    let _ = small.close(200, "done".into()).await;
+
+    // A job of about 45 KB (a long prompt, large metadata) spans several frames, and so does its
+    // event, which carries the metadata back.
+    let mut listener = env.listen().await;
+    let worker = env.start_worker().await;
+    let prompt = "a lighthouse on a cliff at dusk, ".repeat(900);
+    let note = "n".repeat(15_000);
+    env.publish(json!({"id": "big", "prompt": prompt, "metadata": {"note": note}}))
+        .await;
+    let events = env
+        .events(&mut listener, 1, std::time::Duration::from_secs(30))
+        .await;
+    assert_eq!(events[0].data.job_id, "big");
+    assert_eq!(events[0].data.status, imagegen::event::Status::Succeeded);
+    assert_eq!(
+        events[0].data.metadata["note"].as_str(),
+        Some(note.as_str())
+    );
+    assert_eq!(env.fake().stats().requests, 1);
+    worker.shutdown().await.unwrap();
+    env.cleanup().await;
+}
