@@ -975,10 +975,17 @@ fn command_output(program: &str, args: &[&str]) -> Option<String> {
 
 fn machine_info(bin: &Path) -> Value {
     let lscpu = command_output("lscpu", &[]).unwrap_or_default();
-    let model = lscpu
-        .lines()
-        .find_map(|l| l.strip_prefix("Model name:"))
-        .map(|s| s.trim().to_string());
+    let field = |name: &str| {
+        lscpu
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map(|s| s.trim().to_string())
+    };
+    // Hosts that print the same model name ("AMD EPYC") differ by generation: the family and
+    // model numbers tell them apart (AMD family 23: Zen 2, 25: Zen 3/4, 26: Zen 5).
+    let model = field("Model name:");
+    let generation = field("CPU family:")
+        .map(|f| format!("family {f} model {}", field("Model:").unwrap_or_default()));
     let mem_kib = std::fs::read_to_string("/proc/meminfo").ok().and_then(|m| {
         m.lines()
             .find_map(|l| l.strip_prefix("MemTotal:"))
@@ -986,6 +993,7 @@ fn machine_info(bin: &Path) -> Value {
     });
     json!({
         "cpu_model": model,
+        "cpu_family_model": generation,
         "cpus": std::thread::available_parallelism().map(|n| n.get()).ok(),
         "mem_total_mib": mem_kib.map(|k| k / 1024),
         "kernel": std::fs::read_to_string("/proc/sys/kernel/osrelease").ok().map(|s| s.trim().to_string()),
