@@ -13,6 +13,11 @@
 //! - `POST /_fake/limits` with `{"requests_per_minute": 300, "tokens_per_minute": null}` sets the
 //!   account's rate limits (`null`: unlimited).
 //!
+//! A request with `"response_format": "url"` (refused for GPT image models, as the provider does;
+//! DALL-E and compatible hosts answer this way) gets `{"url": ...}` entries instead of `b64_json`:
+//! `GET /_fake/files/{name}` serves those images, without authentication, as a pre-signed URL
+//! would. The last [`FILES_KEPT`] images are kept; older URLs answer 404, as expired ones do.
+//!
 //! Rate limits are real token buckets, as the provider's are: each holds a minute's worth and
 //! refills continuously; a request that finds its bucket empty gets a 429 `rate_limit_exceeded`
 //! with `retry-after` / `retry-after-ms`, and every response carries the buckets' state in
@@ -22,7 +27,7 @@
 //! Each request is processed in a detached task: like the real provider, a request whose client
 //! gave up (timeout, disconnect) still runs to completion and is billed.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -33,7 +38,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use crate::throttle::TokenBucket;
 use axum::body::{Body, Bytes};
 use axum::extract::connect_info::{ConnectInfo, Connected};
-use axum::extract::{Query, State};
+use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -123,6 +128,9 @@ pub struct Stats {
     pub images: u64,
     /// Error responses by HTTP status (a reset connection has no status and is not counted).
     pub errors_by_status: BTreeMap<u16, u64>,
+    /// Images fetched from `/_fake/files/` (answers to `"response_format": "url"`).
+    #[serde(default)]
+    pub files_served: u64,
 }
 
 /// A handle on the fake's state; clones share it.
@@ -139,7 +147,14 @@ struct Inner {
     seq: AtomicU64,
     png: PngTemplate,
     limits: Mutex<AccountLimits>,
+    /// Images given out by URL, oldest first.
+    files: Mutex<VecDeque<(String, Bytes)>>,
+    /// The next this many downloads of such images answer 503.
+    failing_files: AtomicU64,
 }
+
+/// How many images given out by URL stay downloadable.
+pub const FILES_KEPT: usize = 256;
 
 /// Limits reported when none is set: large enough never to bind.
 const UNLIMITED_RPM: u64 = 1_000_000;
@@ -242,6 +257,8 @@ impl FakeApi {
             counters: Mutex::default(),
             seq: AtomicU64::new(0),
             png: PngTemplate::new(opts.image_bytes),
+            files: Mutex::default(),
+            failing_files: AtomicU64::new(0),
             limits: Mutex::new(AccountLimits::new(
                 opts.requests_per_minute,
                 opts.tokens_per_minute,
@@ -283,6 +300,7 @@ impl FakeApi {
             .route("/_fake/calls", get(admin_calls))
             .route("/_fake/latency", post(admin_latency))
             .route("/_fake/limits", post(admin_limits))
+            .route("/_fake/files/{name}", get(file))
             .fallback(unknown_url)
             .with_state(self.clone())
     }
@@ -302,6 +320,11 @@ impl FakeApi {
     /// Sets the account's rate limits (`None`: unlimited), with full buckets.
     pub fn set_limits(&self, requests_per_minute: Option<u64>, tokens_per_minute: Option<u64>) {
         *lock(&self.inner.limits) = AccountLimits::new(requests_per_minute, tokens_per_minute);
+    }
+
+    /// The next `n` downloads of images given out by URL answer 503 (a storage hiccup).
+    pub fn fail_file_downloads(&self, n: u64) {
+        self.inner.failing_files.store(n, Ordering::Relaxed);
     }
 
     pub fn stats(&self) -> Stats {
@@ -395,7 +418,8 @@ impl FakeApi {
 
         let (status, body, extra) = match result {
             Ok(req) => {
-                let body = self.success_body(&req, seq);
+                let host = headers.get(header::HOST).and_then(|h| h.to_str().ok());
+                let body = self.success_body(&req, seq, host);
                 let mut counters = lock(&self.inner.counters);
                 counters.stats.billed += 1;
                 counters.stats.images += req.n;
@@ -451,7 +475,7 @@ impl FakeApi {
 
     /// The 200 body. Base64 needs no JSON escaping, so the images are written directly rather
     /// than through serde_json (which is slow on large strings in unoptimised test builds).
-    fn success_body(&self, req: &GenRequest, seq: u64) -> String {
+    fn success_body(&self, req: &GenRequest, seq: u64, host: Option<&str>) -> String {
         let (text_tokens, image_tokens) = req.usage_tokens();
         let created = SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -478,10 +502,26 @@ impl FakeApi {
             if i > 0 {
                 out.push(',');
             }
-            out.push_str("{\"b64_json\":\"");
             let text = format!("imagegen-fake seq={seq} index={i} prompt={}", req.prompt);
-            png.write_b64(&text, &mut out);
-            out.push_str("\"}");
+            if req.response_format.as_deref() == Some("url") {
+                let name = format!("{seq}-{i}.png");
+                let url = format!("http://{}/_fake/files/{name}", host.unwrap_or("127.0.0.1"));
+                let mut b64 = String::with_capacity(png.b64_len());
+                png.write_b64(&text, &mut b64);
+                let bytes = BASE64
+                    .decode_to_vec(b64)
+                    .expect("the template is valid base64");
+                let mut files = lock(&self.inner.files);
+                if files.len() == FILES_KEPT {
+                    files.pop_front();
+                }
+                files.push_back((name, Bytes::from(bytes)));
+                out.push_str(&json!({ "url": url }).to_string());
+            } else {
+                out.push_str("{\"b64_json\":\"");
+                png.write_b64(&text, &mut out);
+                out.push_str("\"}");
+            }
         }
         out.push_str("],");
         out.push_str(&meta[1..]);
@@ -544,6 +584,28 @@ async fn generations(
             }
         },
         Err(_) => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
+    }
+}
+
+/// An image given out by URL (`"response_format": "url"`), while it is kept.
+async fn file(State(api): State<FakeApi>, Path(name): Path<String>) -> Response {
+    let failing = &api.inner.failing_files;
+    if failing
+        .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+        .is_ok()
+    {
+        return (StatusCode::SERVICE_UNAVAILABLE, "try again\n").into_response();
+    }
+    let found = lock(&api.inner.files)
+        .iter()
+        .find(|(n, _)| *n == name)
+        .map(|(_, bytes)| bytes.clone());
+    match found {
+        Some(bytes) => {
+            lock(&api.inner.counters).stats.files_served += 1;
+            ([(header::CONTENT_TYPE, "image/png")], bytes).into_response()
+        }
+        None => (StatusCode::NOT_FOUND, "expired or unknown image\n").into_response(),
     }
 }
 
@@ -613,6 +675,7 @@ struct GenRequest {
     quality: Option<String>,
     output_format: Option<String>,
     background: Option<String>,
+    response_format: Option<String>,
 }
 
 impl GenRequest {
@@ -711,6 +774,7 @@ fn validate(v: &Value) -> Result<GenRequest, ApiError> {
         quality: text("quality")?,
         output_format: text("output_format")?,
         background: text("background")?,
+        response_format: text("response_format")?,
     };
     let gpt_image = model.as_deref().is_some_and(|m| m.starts_with("gpt-image"));
     if gpt_image && obj.get("response_format").is_some_and(|v| !v.is_null()) {
@@ -718,6 +782,16 @@ fn validate(v: &Value) -> Result<GenRequest, ApiError> {
             Some("response_format"),
             "unknown_parameter",
             "Unknown parameter: 'response_format'.",
+        ));
+    }
+    if let Some(format) = req.response_format.as_deref()
+        && format != "url"
+        && format != "b64_json"
+    {
+        return Err(ApiError::invalid(
+            Some("response_format"),
+            "invalid_value",
+            format!("Invalid value: '{format}'. Supported values are: 'url' and 'b64_json'."),
         ));
     }
     Ok(req)
@@ -1322,6 +1396,56 @@ mod tests {
         assert_eq!(server.api.calls_for("red fox"), 2);
         assert_eq!(server.api.billed_for("fox"), 2);
         assert_eq!(server.api.billed_for("wolf"), 0);
+    }
+
+    #[tokio::test]
+    async fn url_answers_serve_their_images_until_they_expire() {
+        let opts = FakeOptions {
+            image_bytes: 5_000,
+            ..FakeOptions::default()
+        };
+        let server = FakeApi::new(opts).start().await.unwrap();
+        let body =
+            json!({"model": "dall-e-2", "prompt": "a kite", "n": 2, "response_format": "url"});
+        let json: Value = generate(&server, body).await.json().await.unwrap();
+        let urls: Vec<&str> = json["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| {
+                assert!(d.get("b64_json").is_none());
+                d["url"].as_str().unwrap()
+            })
+            .collect();
+        assert_eq!(urls.len(), 2);
+        let first = urls[0].to_string();
+        for url in &urls {
+            assert!(url.starts_with(&format!("http://{}/_fake/files/", server.addr)));
+            // Pre-signed: no API key needed.
+            let resp = client().get(*url).send().await.unwrap();
+            assert_eq!(resp.status(), 200);
+            assert_eq!(header(&resp, "content-type"), "image/png");
+            assert_eq!(decode_png(&resp.bytes().await.unwrap()), (64, 64));
+        }
+        assert_eq!(server.api.stats().files_served, 2);
+
+        server.api.fail_file_downloads(1);
+        assert_eq!(client().get(&first).send().await.unwrap().status(), 503);
+        assert_eq!(client().get(&first).send().await.unwrap().status(), 200);
+
+        // Only the last FILES_KEPT images stay downloadable.
+        for _ in 0..=FILES_KEPT / 10 {
+            let body =
+                json!({"model": "dall-e-2", "prompt": "a kite", "n": 10, "response_format": "url"});
+            assert_eq!(generate(&server, body).await.status(), 200);
+        }
+        assert_eq!(client().get(&first).send().await.unwrap().status(), 404);
+
+        let bad = json!({"model": "dall-e-2", "prompt": "a kite", "response_format": "gif"});
+        let resp = generate(&server, bad).await;
+        assert_eq!(resp.status(), 400);
+        let error: Value = resp.json().await.unwrap();
+        assert_eq!(error["error"]["param"], "response_format");
     }
 
     #[tokio::test]

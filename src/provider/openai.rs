@@ -8,6 +8,7 @@ use std::borrow::Cow;
 use std::ops::Range;
 use std::time::Duration;
 
+use backon::{ExponentialBuilder, Retryable};
 use bytes::Bytes;
 use futures_util::future::BoxFuture;
 use reqwest::header::{HeaderMap, HeaderValue};
@@ -21,11 +22,16 @@ use crate::config::{AuthScheme, ProviderSettings};
 use crate::error::{ApiErrorBody, Failure, classify_http};
 use crate::throttle::RateLimits;
 
+/// Retries of one image download (the image is paid for: retrying the call would buy it again).
+const DOWNLOAD_RETRIES: usize = 3;
+
 /// Error bodies are small; never read more than this of one.
 const MAX_ERROR_BODY: usize = 64 * 1024;
 
 pub struct OpenAi {
     client: reqwest::Client,
+    /// For images answered by URL: no API key (the URLs are pre-signed, maybe on another host).
+    downloads: reqwest::Client,
     endpoint: String,
     response_format: Option<String>,
     max_response_bytes: usize,
@@ -55,8 +61,14 @@ impl OpenAi {
             .timeout(Duration::from_secs(settings.request_timeout_secs))
             .pool_idle_timeout(Duration::from_secs(90))
             .build()?;
+        let downloads = reqwest::Client::builder()
+            .user_agent(concat!("imagegen/", env!("CARGO_PKG_VERSION")))
+            .connect_timeout(Duration::from_secs(settings.connect_timeout_secs))
+            .timeout(Duration::from_secs(settings.request_timeout_secs))
+            .build()?;
         Ok(Self {
             client,
+            downloads,
             endpoint: format!(
                 "{}/images/generations",
                 settings.base_url.trim_end_matches('/')
@@ -145,24 +157,46 @@ impl OpenAi {
         })
     }
 
-    /// Fetches an image given by URL (DALL-E style `url` responses, valid for an hour).
+    /// Fetches an image given by URL (DALL-E style `url` responses, valid for an hour). The
+    /// image is paid for already: a transport error, a 429 or a 5xx is retried here, a few
+    /// times, rather than by buying the image again.
     async fn download(&self, url: &str) -> Result<Bytes, Failure> {
-        // A fresh request without the API key: the URL is pre-signed, and may be on another host.
-        let response = reqwest::Client::new()
-            .get(url)
-            .timeout(Duration::from_secs(120))
-            .send()
+        let fetch =
+            || async {
+                let response =
+                    self.downloads.get(url).send().await.map_err(|e| {
+                        (true, format!("downloading the generated image failed: {e}"))
+                    })?;
+                let status = response.status();
+                if !status.is_success() {
+                    let transient = status.is_server_error() || status.as_u16() == 429;
+                    return Err((
+                        transient,
+                        format!("downloading the generated image failed with HTTP {status}"),
+                    ));
+                }
+                // Too large is final; a connection lost mid-body is worth another try.
+                let too_large = response
+                    .content_length()
+                    .is_some_and(|n| n > self.max_response_bytes as u64);
+                let mut body = Vec::new();
+                read_limited(response, self.max_response_bytes, &mut body)
+                    .await
+                    .map_err(|f| (!too_large, f.to_string()))?;
+                Ok(Bytes::from(body))
+            };
+        fetch
+            .retry(
+                ExponentialBuilder::default()
+                    .with_min_delay(Duration::from_millis(250))
+                    .with_max_times(DOWNLOAD_RETRIES),
+            )
+            .when(|(transient, _)| *transient)
+            .notify(|(_, message), after| {
+                tracing::warn!(error = %message, after_ms = after.as_millis() as u64, "retrying the image download");
+            })
             .await
-            .map_err(|e| billed_failure(format!("downloading the generated image failed: {e}")))?;
-        if !response.status().is_success() {
-            return Err(billed_failure(format!(
-                "downloading the generated image failed with HTTP {}",
-                response.status()
-            )));
-        }
-        let mut body = Vec::new();
-        read_limited(response, self.max_response_bytes, &mut body).await?;
-        Ok(Bytes::from(body))
+            .map_err(|(_, message)| billed_failure(message))
     }
 }
 

@@ -489,3 +489,51 @@ async fn unauthorized_key_pauses_the_worker_like_quota() {
     worker.shutdown().await.unwrap();
     env.cleanup().await;
 }
+
+#[tokio::test]
+async fn images_answered_by_url_are_downloaded_and_a_failed_download_is_retried_not_rebought() {
+    // A host that answers with URLs (DALL-E, several OpenAI-compatible hosts).
+    let env = TestEnv::with(
+        Store::S3,
+        &[
+            ("provider.model", "flux-schnell".into()),
+            ("provider.response_format", "url".into()),
+        ],
+    )
+    .await;
+    let mut listener = env.listen().await;
+    let worker = env.start_worker().await;
+    // The first two downloads fail (503): the image is paid for, so the download is retried,
+    // not the call.
+    env.fake().fail_file_downloads(2);
+    env.publish(json!({"id": "by-url", "prompt": "a moth on a lamp", "batch": "u"}))
+        .await;
+    env.publish(json!({"id": "by-url-2", "prompt": "two moths on a lamp", "batch": "u", "n": 2}))
+        .await;
+    let mut events = env.events(&mut listener, 2, WAIT).await;
+    events.sort_by_key(|e| e.data.images.len());
+    let store = env.store().await;
+    for (event, n) in events.iter().zip([1usize, 2]) {
+        assert_eq!(event.data.status, Status::Succeeded, "{event:?}");
+        assert_eq!(event.data.images.len(), n);
+        assert_eq!(event.data.attempts, 1);
+        for image in &event.data.images {
+            let bytes = store.get(&image.key).await.unwrap().expect("image stored");
+            assert!(bytes.starts_with(b"\x89PNG"));
+            assert_eq!(bytes.len() as u64, image.bytes);
+            // The fake writes the job's prompt into each image it makes.
+            let prompt = if n == 1 {
+                "prompt=a moth"
+            } else {
+                "prompt=two moths"
+            };
+            assert!(bytes.windows(prompt.len()).any(|w| w == prompt.as_bytes()));
+        }
+    }
+    let stats = env.fake().stats();
+    assert_eq!(stats.requests, 2, "no image bought twice");
+    assert_eq!(stats.billed, 2);
+    assert_eq!(stats.files_served, 3);
+    worker.shutdown().await.unwrap();
+    env.cleanup().await;
+}
