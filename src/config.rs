@@ -317,7 +317,7 @@ impl Settings {
             1,
             600,
         )?;
-        // 4096 is AMQP's smallest frame; 128 KiB is RabbitMQ's default (and largest useful) one.
+        // 4096 is AMQP's smallest frame. Above RabbitMQ's default, 128 KiB, only the buffers grow.
         in_range("amqp.frame_max", self.amqp.frame_max.into(), 4096, 131_072)?;
 
         let w = &self.worker;
