@@ -262,9 +262,6 @@ const REFUSAL_CODES: &[&str] = &[
 const PER_JOB_FORBIDDEN_CODES: &[&str] =
     &["model_not_found", "model_not_allowed", "unsupported_model"];
 
-/// Classifies an HTTP error answer of an image API. `should_retry` is the `x-should-retry` header,
-/// which overrides the status-based decision as in the official SDKs (but never turns a refusal,
-/// a quota or a credentials problem into a retry).
 /// An error with its causes, outermost first: "error sending request: connection refused".
 pub fn with_causes(error: &dyn std::error::Error) -> String {
     let mut message = error.to_string();
@@ -277,6 +274,9 @@ pub fn with_causes(error: &dyn std::error::Error) -> String {
     message
 }
 
+/// Classifies an HTTP error answer of an image API. `should_retry` is the `x-should-retry` header,
+/// which overrides the status-based decision as in the official SDKs (but never turns a refusal,
+/// a quota or a credentials problem into a retry).
 pub fn classify_http(
     status: u16,
     body: &ApiErrorBody,
