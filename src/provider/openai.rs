@@ -31,7 +31,10 @@ const MAX_ERROR_BODY: usize = 64 * 1024;
 pub struct OpenAi {
     client: reqwest::Client,
     /// For images answered by URL: no API key (the URLs are pre-signed, maybe on another host).
-    downloads: reqwest::Client,
+    /// Made on first use: most models answer with base64.
+    downloads: tokio::sync::OnceCell<reqwest::Client>,
+    connect_timeout: Duration,
+    request_timeout: Duration,
     endpoint: String,
     response_format: Option<String>,
     max_response_bytes: usize,
@@ -61,14 +64,11 @@ impl OpenAi {
             .timeout(Duration::from_secs(settings.request_timeout_secs))
             .pool_idle_timeout(Duration::from_secs(90))
             .build()?;
-        let downloads = reqwest::Client::builder()
-            .user_agent(concat!("imagegen/", env!("CARGO_PKG_VERSION")))
-            .connect_timeout(Duration::from_secs(settings.connect_timeout_secs))
-            .timeout(Duration::from_secs(settings.request_timeout_secs))
-            .build()?;
         Ok(Self {
             client,
-            downloads,
+            downloads: tokio::sync::OnceCell::new(),
+            connect_timeout: Duration::from_secs(settings.connect_timeout_secs),
+            request_timeout: Duration::from_secs(settings.request_timeout_secs),
             endpoint: format!(
                 "{}/images/generations",
                 settings.base_url.trim_end_matches('/')
@@ -161,30 +161,41 @@ impl OpenAi {
     /// image is paid for already: a transport error, a 429 or a 5xx is retried here, a few
     /// times, rather than by buying the image again.
     async fn download(&self, url: &str) -> Result<Bytes, Failure> {
-        let fetch =
-            || async {
-                let response =
-                    self.downloads.get(url).send().await.map_err(|e| {
-                        (true, format!("downloading the generated image failed: {e}"))
-                    })?;
-                let status = response.status();
-                if !status.is_success() {
-                    let transient = status.is_server_error() || status.as_u16() == 429;
-                    return Err((
-                        transient,
-                        format!("downloading the generated image failed with HTTP {status}"),
-                    ));
-                }
-                // Too large is final; a connection lost mid-body is worth another try.
-                let too_large = response
-                    .content_length()
-                    .is_some_and(|n| n > self.max_response_bytes as u64);
-                let mut body = Vec::new();
-                read_limited(response, self.max_response_bytes, &mut body)
-                    .await
-                    .map_err(|f| (!too_large, f.to_string()))?;
-                Ok(Bytes::from(body))
-            };
+        let client = self
+            .downloads
+            .get_or_try_init(|| async {
+                reqwest::Client::builder()
+                    .user_agent(concat!("imagegen/", env!("CARGO_PKG_VERSION")))
+                    .connect_timeout(self.connect_timeout)
+                    .timeout(self.request_timeout)
+                    .build()
+            })
+            .await
+            .map_err(|e| billed_failure(format!("no HTTP client for the image download: {e}")))?;
+        let fetch = || async {
+            let response = client
+                .get(url)
+                .send()
+                .await
+                .map_err(|e| (true, format!("downloading the generated image failed: {e}")))?;
+            let status = response.status();
+            if !status.is_success() {
+                let transient = status.is_server_error() || status.as_u16() == 429;
+                return Err((
+                    transient,
+                    format!("downloading the generated image failed with HTTP {status}"),
+                ));
+            }
+            // Too large is final; a connection lost mid-body is worth another try.
+            let too_large = response
+                .content_length()
+                .is_some_and(|n| n > self.max_response_bytes as u64);
+            let mut body = Vec::new();
+            read_limited(response, self.max_response_bytes, &mut body)
+                .await
+                .map_err(|f| (!too_large, f.to_string()))?;
+            Ok(Bytes::from(body))
+        };
         fetch
             .retry(
                 ExponentialBuilder::default()
