@@ -2,6 +2,8 @@
 SHELL := /bin/bash
 export PATH := $(HOME)/.cargo/bin:/usr/local/sbin:/usr/sbin:/sbin:$(PATH)
 CARGO ?= cargo
+# The test runner, installed at this version when missing.
+NEXTEST_VERSION := 0.9.114
 
 .PHONY: run test services services-rabbitmq build deploy-check lint fmt check unit it clean-data bench
 
@@ -12,9 +14,9 @@ run: services-rabbitmq
 
 ## test: install and start RabbitMQ and Garage if needed, then run every check and test
 test: services lint deploy-check
-	@command -v cargo-nextest >/dev/null || $(CARGO) install cargo-nextest --locked
+	@command -v cargo-nextest >/dev/null || $(CARGO) install cargo-nextest --version $(NEXTEST_VERSION) --locked
 	@# Benches are built and linted (clippy --all-targets) but not run here: `make bench`.
-	$(CARGO) nextest run --lib --bins --tests --no-fail-fast -E 'not test(/^serial::/)'
+	$(CARGO) nextest run --workspace --lib --bins --tests --no-fail-fast -E 'not test(/^serial::/)'
 	@# Faults that hit every test running at the time (a broker restart) run on their own.
 	$(CARGO) nextest run --test it --no-fail-fast -E 'test(/^serial::/)'
 
@@ -26,7 +28,7 @@ services-rabbitmq:
 
 lint:
 	$(CARGO) fmt --all -- --check
-	$(CARGO) clippy --all-targets -- -D warnings
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
 fmt:
 	$(CARGO) fmt --all
@@ -44,9 +46,9 @@ deploy-check:
 ##   IMAGE_KB=, BENCH_ARGS= (other harness options, e.g. "--repeat 2 --wait-idle-secs 600").
 ##   Prints a table; writes .bench/latest.json and .bench/<time>-<scenario>.json.
 bench: services
-	$(CARGO) build --release --bin imagegen
+	$(CARGO) build --release --bin imagegen --bin imagegen-fakes
 	@# cargo bench relinks target/release/imagegen with dev-dependency features: run a copy.
-	mkdir -p .bench && cp target/release/imagegen .bench/imagegen
+	mkdir -p .bench && cp target/release/imagegen target/release/imagegen-fakes .bench/
 	$(CARGO) bench --bench pipeline -- --bin .bench/imagegen --scenario $(or $(SCENARIO),all) \
 		$(if $(N),--n $(N)) $(if $(CONCURRENCY),--concurrency $(CONCURRENCY)) \
 		$(if $(LATENCY_MS),--latency-ms $(LATENCY_MS)) $(if $(IMAGE_KB),--image-kb $(IMAGE_KB)) \

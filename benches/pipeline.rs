@@ -1,6 +1,6 @@
 //! End-to-end benchmark of the worker: `make bench` (see BENCHMARKS.md).
 //!
-//! For each run it starts the fake image API (`imagegen fake-api`, its own process, with the run's
+//! For each run it starts the fake image API (`imagegen-fakes openai`, its own process, with the run's
 //! latency and image size), declares the run's own queues and results exchange on the local
 //! RabbitMQ, binds a private queue to the results exchange, publishes N persistent jobs with
 //! confirms, and only then starts the worker (`imagegen worker`, its own process) with every
@@ -36,7 +36,7 @@ use futures_util::StreamExt;
 use imagegen::amqp::results::ResultListener;
 use imagegen::amqp::{connect, topology};
 use imagegen::config::{Settings, Sources};
-use imagegen::event::Status;
+use imagegen::domain::event::Status;
 use lapin::options::{
     BasicPublishOptions, ConfirmSelectOptions, ExchangeDeleteOptions, QueueDeleteOptions,
 };
@@ -75,11 +75,15 @@ struct Args {
     /// Override the image size, in KB (1000 bytes).
     #[arg(long)]
     image_kb: Option<usize>,
-    /// The worker and fake API binary: a copy of a release build (`make bench` makes it). Not
+    /// The worker binary: a copy of a release build (`make bench` makes it). Not
     /// target/release/imagegen itself: `cargo bench` relinks that one with the dev-dependencies'
     /// features (tokio's test-util), which the production binary does not have.
     #[arg(long, default_value = ".bench/imagegen")]
     bin: PathBuf,
+    /// The fake provider APIs' binary (the `imagegen-fakes` crate's release build, copied by
+    /// `make bench`).
+    #[arg(long, default_value = ".bench/imagegen-fakes")]
+    fake_bin: PathBuf,
     #[arg(long, default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
     amqp_url: String,
     /// Where results (JSON) and per-run logs go.
@@ -104,6 +108,10 @@ struct Args {
     /// Such runs are not at the defaults: the results record it and the targets are not checked.
     #[arg(long = "set", value_name = "KEY=VALUE")]
     set: Vec<String>,
+    /// Configure the worker's provider through the `[provider]` section of earlier releases
+    /// (`IMAGEGEN__PROVIDER__*`), to run a binary of one of them against this harness.
+    #[arg(long)]
+    legacy_provider: bool,
     /// Free text recorded with the results (e.g. what the binary was built from).
     #[arg(long)]
     note: Option<String>,
@@ -359,12 +367,12 @@ fn overrides(
         ("amqp.results_exchange", format!("bench.{id}.results")),
         ("amqp.results_queue", format!("bench.{id}.results")),
         ("amqp.connection_name", format!("bench-{id}")),
-        ("provider.kind", "openai".into()),
+        ("providers.openai.kind", "openai".into()),
         (
-            "provider.base_url",
+            "providers.openai.base_url",
             format!("http://127.0.0.1:{fake_port}/v1"),
         ),
-        ("provider.api_key", "sk-bench".into()),
+        ("providers.openai.api_key", "sk-bench".into()),
         ("storage.kind", "s3".into()),
         ("storage.bucket", S3_BUCKET.into()),
         ("storage.endpoint_url", S3_ENDPOINT.into()),
@@ -470,9 +478,9 @@ async fn run_with_queues(
     // The fake image API, its own process.
     let mut fake = Proc {
         name: "fake-api",
-        child: Command::new(&args.bin)
+        child: Command::new(&args.fake_bin)
             .args([
-                "fake-api",
+                "openai",
                 "--listen",
                 &format!("127.0.0.1:{fake_port}"),
                 "--latency-ms",
@@ -539,7 +547,11 @@ async fn run_with_queues(
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(run_dir.join("worker.log"))?);
     for (key, value) in overrides {
-        command.env(env_name(key), value);
+        let key = match key.strip_prefix("providers.openai.") {
+            Some(rest) if args.legacy_provider => format!("provider.{rest}"),
+            _ => key.clone(),
+        };
+        command.env(env_name(&key), value);
     }
     let started = Instant::now();
     let mut worker = Proc {

@@ -26,6 +26,8 @@ GARAGE_PID="$GARAGE_DIR/garage.pid"
 S3_PORT=3900
 ADMIN_PORT=3903
 S3_REGION="garage"
+# The Garage release the suite is tested against (installed with cargo when missing).
+GARAGE_VERSION="2.5.0"
 BUCKET="imagegen-dev"
 KEY_NAME="imagegen-dev"
 KEY_ID="GK1d3a9e0c5b7f2a4e6c8d0b1f"
@@ -85,7 +87,7 @@ find_garage() {
     if [ -z "$GARAGE" ]; then
         command -v cargo >/dev/null || die "garage is missing and cargo is not installed (install Rust via rustup first)"
         log "installing garage with cargo (takes ~10 minutes)"
-        cargo install garage --locked
+        cargo install garage --version "$GARAGE_VERSION" --locked
         GARAGE="$(command -v garage)" || die "cargo install garage did not produce a garage binary"
     fi
 }

@@ -6,7 +6,7 @@
   specification (check-jsonschema's vendored compose-spec).
 - Kustomizations: every resource and generated file exists.
 - Alert rules and the Grafana dashboard: well formed, and every imagegen_* metric they use is one
-  that src/metrics.rs exports; every alert has a runbook section in docs/operations.md.
+  that src/worker/metrics.rs exports; every alert has a runbook section in docs/operations.md.
 - The Dockerfile builds with `make build`, and the Makefile's build is `cargo build --release --locked`.
 """
 import json
@@ -36,7 +36,7 @@ def run(args):
 
 
 # Metric names exported by the worker (one module owns them).
-metrics_rs = (ROOT / "src/metrics.rs").read_text()
+metrics_rs = (ROOT / "src/worker/metrics.rs").read_text()
 exported = set(re.findall(r'"(imagegen_[a-z_]+)"', metrics_rs))
 histograms = {m for m in exported if m.endswith("_seconds")}
 known = exported | {f"{h}_{s}" for h in histograms for s in ("bucket", "sum", "count")}
@@ -45,7 +45,7 @@ known = exported | {f"{h}_{s}" for h in histograms for s in ("bucket", "sum", "c
 def check_metric_names(where, text):
     for name in set(re.findall(r"\b(imagegen_[a-z_]+)", text)):
         if name not in known:
-            fail(f"{where}: metric {name} is not exported by src/metrics.rs")
+            fail(f"{where}: metric {name} is not exported by src/worker/metrics.rs")
 
 
 # Kubernetes: core kinds with kubernetes-validate, KEDA kinds with our schema.

@@ -5,30 +5,48 @@
 //! publish one CloudEvents completion event per job to a results exchange.
 //!
 //! # Layout
-//! - [`config`]: typed settings, layered from `config/*.toml` and the environment, validated at start-up.
-//! - [`cost`]: what a job cost, from reported usage and the configured prices.
-//! - [`job`]: the job message contract: parsing, validation, deterministic ids.
-//! - [`event`]: the result event (CloudEvents 1.0) and the result record stored next to the images.
-//! - [`error`]: the one error taxonomy (permanent / retryable / stop everything) and its classifier.
-//! - [`retry`]: backoff with full jitter that honours server-given delays.
-//! - [`provider`]: image providers (`openai`, `placeholder`) behind the [`provider::ImageProvider`] trait.
-//! - [`buffers`]: image-sized buffers reused from one job to the next.
-//! - [`spool`]: local disk for generated images that could not be uploaded yet.
-//! - [`storage`]: object stores (`s3`, `fs`) behind the [`storage::ObjectStore`] trait.
-//! - [`pipeline`]: processing of one job, knowing nothing of AMQP.
-//! - [`amqp`]: the transport: topology, the consumer loop that turns outcomes into acks, confirmed publishing.
-//! - [`enqueue`]: reading job files and publishing them with confirms.
-//! - [`dlq`]: listing the dead-letter queue and replaying jobs from it.
-//! - [`fake_api`]: an in-process fake of the OpenAI Images API for tests, benchmarks and demos.
-//! - [`telemetry`]: logging set-up.
+//!
+//! Dependencies run one way, from the top of this list to the bottom: nothing imports [`cli`],
+//! and [`domain`] imports nothing of the crate.
+//!
 //! - [`cli`]: the command line (the binary's `main` only calls [`cli::main`]).
+//!   - [`cli::enqueue`] (reading job files, templates and variations, publishing with confirms),
+//!     [`cli::watch`], [`cli::status`], [`cli::gallery`], [`cli::dlq`], [`cli::run`], with
+//!     [`cli::output`] (exit codes, progress bars) and [`cli::telemetry`] (logging set-up).
+//! - [`worker`]: the worker, above the edges:
+//!   - [`worker::build`]: the one place a worker is wired together from settings;
+//!   - [`worker::consumer`]: the consumer loop; [`worker::settle`]: what becomes of a message;
+//!   - [`worker::pipeline`]: one job's trip ([`worker::pipeline::run`]), in parts
+//!     ([`worker::pipeline::attempt`], [`worker::pipeline::lease`],
+//!     [`worker::pipeline::images`], [`worker::pipeline::journal`],
+//!     [`worker::pipeline::events`]), knowing nothing of AMQP;
+//!   - [`worker::providers`]: each provider's throttle, retries, prices and pause state;
+//!   - [`worker::throttle`], [`worker::retry`], [`worker::budget`], [`worker::spool`],
+//!     [`worker::health`], [`worker::metrics`].
+//! - The edges, side by side:
+//!   - [`provider`]: the provider contract ([`provider::ImageProvider`], the neutral
+//!     [`provider::request`]), the drivers ([`provider::openai`], [`provider::placeholder`]),
+//!     the HTTP helpers they share ([`provider::http`]), and the answer buffers they read into
+//!     ([`provider::buffers`]: below the worker, because drivers fill them);
+//!   - [`storage`]: object stores ([`storage::s3`], [`storage::fs`]) behind
+//!     [`storage::ObjectStore`], and what is known of a batch ([`storage::batches`]);
+//!   - [`amqp`]: connections, topology, confirmed publishing, result listeners, the worker's
+//!     headers.
+//! - [`config`]: typed settings, layered from `config/*.toml` and the environment, validated at
+//!   start-up ([`config::sections`], [`config::providers`]).
+//! - [`domain`]: the job contract ([`domain::job`]), the result event ([`domain::event`]), the
+//!   error taxonomy ([`domain::error`]), costs ([`domain::cost`]), reported rate limits
+//!   ([`domain::limits`]) and where objects live ([`domain::keys`]).
+//!
+//! The fake provider APIs the tests and the benchmark use are a crate of their own
+//! (`imagegen-fakes`, in `fakes/`): the shipped binary does not contain them.
 
 /// Bounds glibc malloc's memory for a worker's pattern: large buffers (HTTP read buffers of a few
 /// hundred kilobytes) allocated on one thread and freed on another. Fewer arenas, and a fixed
 /// threshold above which buffers are mapped and unmapped on their own, so they go back to the
 /// system instead of fragmenting the heap: the peak stays flat however many jobs go through.
 /// The cost is the kernel clearing those pages again (about 0.3 ms of CPU per job with
-/// 300 KB images, BENCHMARKS.md); image buffers themselves are pooled ([`buffers`]).
+/// 300 KB images, BENCHMARKS.md); image buffers themselves are pooled ([`provider::buffers`]).
 ///
 /// glibc's own variables (`MALLOC_ARENA_MAX`, `MALLOC_MMAP_THRESHOLD_`), when set, win.
 pub fn tune_allocator() {
@@ -48,29 +66,13 @@ pub fn tune_allocator() {
 }
 
 pub mod amqp;
-pub mod batch;
-pub mod budget;
-pub mod buffers;
 pub mod cli;
+#[deny(missing_docs)]
 pub mod config;
-pub mod cost;
-pub mod dlq;
-pub mod enqueue;
-pub mod error;
-pub mod event;
-pub mod fake_api;
-pub mod gallery;
-pub mod http;
-pub mod job;
-pub mod metrics;
-pub mod pipeline;
+pub mod domain;
 pub mod provider;
-pub mod retry;
-pub mod spool;
 pub mod storage;
-pub mod telemetry;
-pub mod throttle;
-pub mod watch;
+pub mod worker;
 
 /// Makes ring the process's TLS crypto provider (reqwest, lapin and the S3 client all use rustls
 /// with ring; this avoids building a second crypto library). Idempotent.

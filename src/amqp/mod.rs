@@ -1,7 +1,8 @@
-//! The AMQP transport: connection, topology, confirmed publishing, and the consumer loop that
-//! turns pipeline outcomes into acks, dead-letters and returns.
+//! The AMQP edge: connections, the topology, confirmed publishing, result listeners and the
+//! worker's own headers. The consumer loop that turns job outcomes into acks lives with the
+//! worker ([`crate::worker`]).
 
-pub mod consumer;
+pub mod headers;
 pub mod publisher;
 pub mod results;
 pub mod topology;

@@ -11,7 +11,7 @@ use lapin::{BasicProperties, Channel, Confirmation, Connection};
 use tokio::sync::Mutex;
 
 use super::AmqpError;
-use crate::event::CloudEvent;
+use crate::domain::event::CloudEvent;
 
 /// The content type of a CloudEvent in structured mode.
 pub const CLOUDEVENTS_JSON: &str = "application/cloudevents+json; charset=utf-8";

@@ -9,7 +9,7 @@ use lapin::types::FieldTable;
 use lapin::{Channel, Connection, Consumer};
 
 use super::AmqpError;
-use crate::event::CloudEvent;
+use crate::domain::event::CloudEvent;
 
 pub struct ResultListener {
     channel: Channel,

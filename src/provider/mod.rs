@@ -1,41 +1,41 @@
-//! Image providers: what turns a prompt into image bytes.
+//! Image providers: what turns a request into image bytes, behind one contract that is not any
+//! one provider's.
 //!
-//! The interface fits the three shapes of image APIs:
-//! - synchronous JSON in, images out (OpenAI, Azure OpenAI, Together, DeepInfra): one call;
-//! - multipart in, image bytes out (Stability AI): one call, the bytes are the image;
-//! - submit, then poll a queue (ComfyUI, fal, Replicate): the provider writes the remote request
-//!   id to the job's [`Journal`] *before* waiting, so that a redelivered job reads it back and
-//!   polls the existing request instead of paying for a new one.
+//! A provider takes a neutral [`ImageRequest`] (the job's fields with its defaults filled in, and
+//! the job's `params` for its own vocabulary) and declares its [`Capabilities`]. It answers in
+//! one of two ways:
 //!
-//! Errors are already classified ([`Failure`]) by the provider, which knows its protocol.
+//! - **done**: the images are in the answer (OpenAI, Azure OpenAI, Gemini, Stability);
+//! - **pending**: the work is queued at the provider (BFL, Replicate, fal, ComfyUI): the answer
+//!   carries a [`Handle`] and when to look again. The worker writes the handle to the job's
+//!   [`Journal`] before it waits, and polls it later (in this process or, after a crash or a
+//!   redelivery, in another): a job is never submitted twice. A provider that names the
+//!   request itself (a client-chosen id) writes it to the journal *before* it submits.
+//!
+//! Each provider classifies its own errors into the taxonomy (it knows its protocol; the
+//! status-code defaults are shared in [`http`]), reads its own rate-limit headers, and reports
+//! its usage in the neutral [`Usage`], which the prices in config turn into a cost.
 
+pub mod buffers;
+pub mod http;
 pub mod openai;
 pub mod placeholder;
+pub mod request;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::future::BoxFuture;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::config::{ProviderKind, Settings};
-use crate::error::Failure;
-use crate::job::Job;
+pub use request::{Capabilities, ImageRequest, JobDefaults, Mode, Size, Sizes};
 
-/// One provider call: produce the images of `job` at `indices` (fewer than `job.n` when some of
-/// the job's images are already stored).
-#[derive(Debug, Clone, Copy)]
-pub struct ImageRequest<'a> {
-    pub job: &'a Job,
-    pub indices: &'a [u32],
-}
-
-impl ImageRequest<'_> {
-    /// How many images to ask for.
-    pub fn n(&self) -> u8 {
-        self.indices.len() as u8
-    }
-}
+use crate::config::{KindSettings, ProviderSettings};
+use crate::domain::cost::Usage;
+use crate::domain::error::{ErrorKind, Failure};
+use crate::domain::limits::RateLimits;
 
 #[derive(Debug, Clone)]
 pub struct GeneratedImage {
@@ -45,16 +45,38 @@ pub struct GeneratedImage {
     pub revised_prompt: Option<String>,
 }
 
-/// What one provider call returned.
+/// The images of one finished request.
 #[derive(Debug, Clone, Default)]
 pub struct Generation {
     pub images: Vec<GeneratedImage>,
-    /// Usage as the provider reported it (tokens for OpenAI).
-    pub usage: Option<Value>,
+    /// The usage as the provider reported it, for the event (its own vocabulary).
+    pub reported_usage: Option<Value>,
+    /// The usage in the neutral units the prices apply to (estimated when nothing was reported).
+    pub usage: Usage,
     pub model: Option<String>,
     pub request_id: Option<String>,
-    /// The response's rate-limit headers, for the throttle.
-    pub rate_limits: Option<crate::throttle::RateLimits>,
+    /// The answer's rate limits, for the throttle.
+    pub rate_limits: Option<RateLimits>,
+}
+
+/// What a provider needs to find a queued request again: its own id, a polling URL, a host.
+/// Opaque to the worker, which keeps it in the job's journal.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Handle(pub Value);
+
+/// How a request ended, for now.
+#[derive(Debug, Clone)]
+pub enum Answer {
+    /// The images are here.
+    Done(Generation),
+    /// The provider queued the work: poll `handle` again after `after`. Not a failure, and
+    /// never counted as an attempt.
+    Pending {
+        handle: Handle,
+        after: Duration,
+        /// The provider's id of the request, for logs and events.
+        request_id: Option<String>,
+    },
 }
 
 /// Small durable notes of a job's progress at the provider, kept next to the job's images.
@@ -64,25 +86,58 @@ pub trait Journal: Send + Sync {
 }
 
 pub trait ImageProvider: Send + Sync {
-    /// A short name for logs (`openai`, `placeholder`).
-    fn name(&self) -> &'static str;
+    /// The provider's kind, for logs (`openai`, `placeholder`).
+    fn kind(&self) -> &'static str;
 
-    /// Makes one attempt. Retries are the caller's business; the failure says whether they help.
-    fn generate<'a>(
+    /// What it can do.
+    fn capabilities(&self) -> &Capabilities;
+
+    /// What it fills in for the fields a job leaves out.
+    fn defaults(&self) -> &JobDefaults;
+
+    /// What a request would use, for estimates before any call (and when an answer reports
+    /// nothing).
+    fn estimate(&self, request: &ImageRequest) -> Usage {
+        Usage {
+            images: request.count.into(),
+            estimated: true,
+            ..Usage::default()
+        }
+    }
+
+    /// Makes one request (at most `capabilities().images_per_call` images). Retries are the
+    /// caller's business; the failure says whether they help.
+    fn submit<'a>(
         &'a self,
-        request: ImageRequest<'a>,
+        request: &'a ImageRequest,
         journal: &'a dyn Journal,
-    ) -> BoxFuture<'a, Result<Generation, Failure>>;
+    ) -> BoxFuture<'a, Result<Answer, Failure>>;
+
+    /// Looks at a queued request again. Only providers that answer `Pending` are asked.
+    fn poll<'a>(
+        &'a self,
+        _handle: &'a Handle,
+        _request: &'a ImageRequest,
+        _journal: &'a dyn Journal,
+    ) -> BoxFuture<'a, Result<Answer, Failure>> {
+        Box::pin(async move {
+            Err(Failure::Permanent {
+                kind: ErrorKind::InvalidRequest,
+                message: format!(
+                    "the {} provider queues no requests, so there is nothing to poll",
+                    self.kind()
+                ),
+                detail: Box::default(),
+            })
+        })
+    }
 }
 
-/// Builds the configured provider.
-pub fn from_settings(settings: &Settings) -> anyhow::Result<Arc<dyn ImageProvider>> {
-    Ok(match settings.provider.kind {
-        ProviderKind::Openai => Arc::new(openai::OpenAi::new(
-            &settings.provider,
-            settings.worker.concurrency,
-        )?),
-        ProviderKind::Placeholder => Arc::new(placeholder::Placeholder),
+/// Builds a configured provider.
+pub fn build(settings: &ProviderSettings) -> anyhow::Result<Arc<dyn ImageProvider>> {
+    Ok(match &settings.kind {
+        KindSettings::Openai(s) => Arc::new(openai::OpenAi::new(s, settings.concurrency)?),
+        KindSettings::Placeholder(s) => Arc::new(placeholder::Placeholder::new(s)),
     })
 }
 

@@ -7,35 +7,81 @@ use bytes::Bytes;
 use futures_util::future::BoxFuture;
 use sha2::{Digest, Sha256};
 
-use super::{GeneratedImage, Generation, ImageProvider, ImageRequest, Journal};
-use crate::error::Failure;
+use super::{
+    Answer, Capabilities, GeneratedImage, Generation, ImageProvider, ImageRequest, JobDefaults,
+    Journal, Mode, Size, Sizes,
+};
+use crate::config::PlaceholderSettings;
+use crate::domain::cost::Usage;
+use crate::domain::error::Failure;
 
 /// Largest side rendered; larger requested sizes are scaled down to keep it cheap.
 const MAX_SIDE: u32 = 1024;
 const DEFAULT_SIDE: u32 = 1024;
 
-pub struct Placeholder;
+/// It stands in for any provider in a dry run, so it takes every field.
+const CAPABILITIES: Capabilities = Capabilities {
+    images_per_call: 10,
+    sizes: Sizes::Any,
+    formats: None,
+    seed: true,
+    negative_prompt: true,
+    transparency: true,
+    mode: Mode::Synchronous,
+};
+
+pub struct Placeholder {
+    defaults: JobDefaults,
+}
+
+impl Placeholder {
+    pub fn new(settings: &PlaceholderSettings) -> Self {
+        Self {
+            defaults: JobDefaults {
+                model: settings.model.clone(),
+                size: settings.size.clone(),
+                quality: None,
+                output_format: Some(settings.output_format.clone()).filter(|f| !f.is_empty()),
+                background: None,
+            },
+        }
+    }
+}
 
 impl ImageProvider for Placeholder {
-    fn name(&self) -> &'static str {
+    fn kind(&self) -> &'static str {
         "placeholder"
     }
 
-    fn generate<'a>(
+    fn capabilities(&self) -> &Capabilities {
+        &CAPABILITIES
+    }
+
+    fn defaults(&self) -> &JobDefaults {
+        &self.defaults
+    }
+
+    fn estimate(&self, request: &ImageRequest) -> Usage {
+        Usage {
+            images: request.count.into(),
+            ..Usage::default()
+        }
+    }
+
+    fn submit<'a>(
         &'a self,
-        request: ImageRequest<'a>,
+        request: &'a ImageRequest,
         _journal: &'a dyn Journal,
-    ) -> BoxFuture<'a, Result<Generation, Failure>> {
+    ) -> BoxFuture<'a, Result<Answer, Failure>> {
         Box::pin(async move {
-            let (prompt, size) = (request.job.prompt.clone(), request.job.size.clone());
-            let indices = request.indices.to_vec();
+            let prompt = request.prompt.clone();
+            let (w, h) = dimensions(&request.size);
+            let (count, seed, model) = (request.count, request.seed, request.model.clone());
             // Rendering is CPU work: keep it off the async workers.
             tokio::task::spawn_blocking(move || {
-                let (w, h) = dimensions(&size);
-                let images = indices
-                    .into_iter()
+                let images = (0..count as u32)
                     .map(|index| {
-                        render(&prompt, index, w, h).map(|png| GeneratedImage {
+                        render(&prompt, seed, index, w, h).map(|png| GeneratedImage {
                             data: Bytes::from(png),
                             content_type: "image/png",
                             extension: "png",
@@ -43,13 +89,17 @@ impl ImageProvider for Placeholder {
                         })
                     })
                     .collect::<Result<Vec<_>, _>>()?;
-                Ok(Generation {
+                Ok(Answer::Done(Generation {
+                    usage: Usage {
+                        images: images.len() as u32,
+                        ..Usage::default()
+                    },
                     images,
-                    usage: None,
-                    model: Some("placeholder".into()),
+                    reported_usage: None,
+                    model: Some(model),
                     request_id: None,
                     rate_limits: None,
-                })
+                }))
             })
             .await
             .map_err(|e| Failure::transient(format!("placeholder rendering panicked: {e}")))?
@@ -57,13 +107,21 @@ impl ImageProvider for Placeholder {
     }
 }
 
-/// `WxH` scaled to fit MAX_SIDE; anything else (`auto`) is square.
-fn dimensions(size: &str) -> (u32, u32) {
-    let parsed = size
-        .split_once('x')
-        .and_then(|(w, h)| Some((w.trim().parse::<u32>().ok()?, h.trim().parse::<u32>().ok()?)))
-        .filter(|(w, h)| *w > 0 && *h > 0);
-    let (w, h) = parsed.unwrap_or((DEFAULT_SIDE, DEFAULT_SIDE));
+/// `WxH` scaled to fit MAX_SIDE; an aspect ratio at MAX_SIDE on its long side; anything else
+/// (`auto`) is square.
+fn dimensions(size: &Size) -> (u32, u32) {
+    let (w, h) = match *size {
+        Size::Pixels { width, height } | Size::Aspect { width, height } => (width, height),
+        _ => (DEFAULT_SIDE, DEFAULT_SIDE),
+    };
+    let (w, h) = match size {
+        // A ratio has no pixels of its own: the long side is the largest rendered.
+        Size::Aspect { .. } => {
+            let scale = MAX_SIDE as f64 / w.max(h) as f64;
+            ((w as f64 * scale) as u32, (h as f64 * scale) as u32)
+        }
+        _ => (w, h),
+    };
     let scale = (MAX_SIDE as f64 / w.max(h) as f64).min(1.0);
     (
         ((w as f64 * scale) as u32).max(1),
@@ -71,13 +129,15 @@ fn dimensions(size: &str) -> (u32, u32) {
     )
 }
 
-/// A diagonal gradient between two colours taken from the prompt's digest, with an 8x8 pattern
-/// of lighter cells (mirrored, like an identicon), so different prompts look different.
-fn render(prompt: &str, index: u32, w: u32, h: u32) -> Result<Vec<u8>, Failure> {
-    let digest = Sha256::new()
-        .chain_update(prompt)
-        .chain_update(index.to_be_bytes())
-        .finalize();
+/// A diagonal gradient between two colours taken from the digest of the prompt (and the seed,
+/// when there is one), with an 8x8 pattern of lighter cells (mirrored, like an identicon), so
+/// different prompts look different.
+fn render(prompt: &str, seed: Option<u64>, index: u32, w: u32, h: u32) -> Result<Vec<u8>, Failure> {
+    let mut digest = Sha256::new().chain_update(prompt);
+    if let Some(seed) = seed {
+        digest.update(seed.to_be_bytes());
+    }
+    let digest = digest.chain_update(index.to_be_bytes()).finalize();
     let c1 = [digest[0], digest[1], digest[2]];
     let c2 = [digest[3], digest[4], digest[5]];
     let pattern = u64::from_be_bytes(digest[8..16].try_into().unwrap_or_default());
@@ -120,18 +180,21 @@ mod tests {
 
     #[test]
     fn sizes_are_honoured_within_the_cap() {
-        assert_eq!(dimensions("512x256"), (512, 256));
-        assert_eq!(dimensions("2048x1024"), (1024, 512));
-        assert_eq!(dimensions("auto"), (1024, 1024));
-        assert_eq!(dimensions("0x5"), (1024, 1024));
+        let d = |s: &str| dimensions(&Size::parse(s));
+        assert_eq!(d("512x256"), (512, 256));
+        assert_eq!(d("2048x1024"), (1024, 512));
+        assert_eq!(d("auto"), (1024, 1024));
+        assert_eq!(d("0x5"), (1024, 1024));
+        assert_eq!(d("16:9"), (1024, 576));
     }
 
     #[test]
     fn renders_are_deterministic_valid_pngs_that_differ_by_prompt() {
-        let a = render("a red fox", 0, 64, 32).unwrap();
-        assert_eq!(a, render("a red fox", 0, 64, 32).unwrap());
-        assert_ne!(a, render("a blue fox", 0, 64, 32).unwrap());
-        assert_ne!(a, render("a red fox", 1, 64, 32).unwrap());
+        let a = render("a red fox", None, 0, 64, 32).unwrap();
+        assert_eq!(a, render("a red fox", None, 0, 64, 32).unwrap());
+        assert_ne!(a, render("a blue fox", None, 0, 64, 32).unwrap());
+        assert_ne!(a, render("a red fox", None, 1, 64, 32).unwrap());
+        assert_ne!(a, render("a red fox", Some(7), 0, 64, 32).unwrap());
         let decoder = png::Decoder::new(std::io::Cursor::new(a));
         let reader = decoder.read_info().unwrap();
         assert_eq!((reader.info().width, reader.info().height), (64, 32));

@@ -7,7 +7,23 @@ use std::path::{Component, Path, PathBuf};
 use bytes::Bytes;
 use futures_util::future::BoxFuture;
 
-use super::{ObjectInfo, ObjectStore, PutObject, StorageError};
+use super::{ListPage, ObjectInfo, ObjectStore, PutObject, StorageError, StorageErrorKind};
+
+/// A file-system error as a storage error of the matching kind.
+fn io_error(op: &'static str, key: &str, e: std::io::Error) -> StorageError {
+    let kind = match e.kind() {
+        ErrorKind::PermissionDenied | ErrorKind::ReadOnlyFilesystem => StorageErrorKind::Denied,
+        ErrorKind::NotFound => StorageErrorKind::NotFound,
+        ErrorKind::InvalidInput | ErrorKind::InvalidFilename => StorageErrorKind::Invalid,
+        _ => StorageErrorKind::Unavailable,
+    };
+    StorageError {
+        op,
+        key: key.into(),
+        kind,
+        message: e.to_string(),
+    }
+}
 
 pub struct FsStore {
     root: PathBuf,
@@ -34,6 +50,7 @@ impl FsStore {
             return Err(StorageError {
                 op,
                 key: key.into(),
+                kind: StorageErrorKind::Invalid,
                 message: "key must be a relative path without `..`".into(),
             });
         }
@@ -42,11 +59,7 @@ impl FsStore {
 
     async fn write(&self, object: PutObject<'_>) -> Result<(), StorageError> {
         let path = self.path("put", object.key)?;
-        let err = |e: std::io::Error| StorageError {
-            op: "put",
-            key: object.key.into(),
-            message: e.to_string(),
-        };
+        let err = |e: std::io::Error| io_error("put", object.key, e);
         let dir = path.parent().unwrap_or(&self.root);
         tokio::fs::create_dir_all(dir).await.map_err(err)?;
         let name = path
@@ -73,11 +86,7 @@ impl ObjectStore for FsStore {
     ) -> BoxFuture<'a, Result<bool, StorageError>> {
         Box::pin(async move {
             let path = self.path("put", object.key)?;
-            let err = |e: std::io::Error| StorageError {
-                op: "put",
-                key: object.key.into(),
-                message: e.to_string(),
-            };
+            let err = |e: std::io::Error| io_error("put", object.key, e);
             if let Some(dir) = path.parent() {
                 tokio::fs::create_dir_all(dir).await.map_err(err)?;
             }
@@ -102,11 +111,7 @@ impl ObjectStore for FsStore {
             match tokio::fs::remove_file(path).await {
                 Ok(()) => Ok(()),
                 Err(e) if e.kind() == ErrorKind::NotFound => Ok(()),
-                Err(e) => Err(StorageError {
-                    op: "delete",
-                    key: key.into(),
-                    message: e.to_string(),
-                }),
+                Err(e) => Err(io_error("delete", key, e)),
             }
         })
     }
@@ -117,11 +122,7 @@ impl ObjectStore for FsStore {
             match tokio::fs::read(&path).await {
                 Ok(data) => Ok(Some(Bytes::from(data))),
                 Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
-                Err(e) => Err(StorageError {
-                    op: "get",
-                    key: key.into(),
-                    message: e.to_string(),
-                }),
+                Err(e) => Err(io_error("get", key, e)),
             }
         })
     }
@@ -136,11 +137,7 @@ impl ObjectStore for FsStore {
                     sha256: None,
                 })),
                 Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
-                Err(e) => Err(StorageError {
-                    op: "head",
-                    key: key.into(),
-                    message: e.to_string(),
-                }),
+                Err(e) => Err(io_error("head", key, e)),
             }
         })
     }
@@ -149,7 +146,7 @@ impl ObjectStore for FsStore {
         &'a self,
         prefix: &'a str,
         start_after: Option<&'a str>,
-    ) -> BoxFuture<'a, Result<Vec<String>, StorageError>> {
+    ) -> BoxFuture<'a, Result<ListPage, StorageError>> {
         Box::pin(async move {
             // Prefixes used here always end at a directory boundary ("images/b/job/"). Like S3
             // without a delimiter, the listing is recursive.
@@ -160,13 +157,7 @@ impl ObjectStore for FsStore {
                 let mut entries = match tokio::fs::read_dir(&dir).await {
                     Ok(entries) => entries,
                     Err(e) if e.kind() == ErrorKind::NotFound => continue,
-                    Err(e) => {
-                        return Err(StorageError {
-                            op: "list",
-                            key: prefix.into(),
-                            message: e.to_string(),
-                        });
-                    }
+                    Err(e) => return Err(io_error("list", prefix, e)),
                 };
                 while let Ok(Some(entry)) = entries.next_entry().await {
                     let name = entry.file_name().to_string_lossy().into_owned();
@@ -186,8 +177,9 @@ impl ObjectStore for FsStore {
             if let Some(after) = start_after {
                 keys.retain(|k| k.as_str() > after);
             }
+            let truncated = keys.len() > super::LIST_PAGE;
             keys.truncate(super::LIST_PAGE);
-            Ok(keys)
+            Ok(ListPage { keys, truncated })
         })
     }
 
@@ -202,10 +194,10 @@ impl ObjectStore for FsStore {
                 .join(format!(".imagegen-check-{:016x}", fastrand::u64(..)));
             let result = tokio::fs::write(&probe, b"ok").await;
             let _ = tokio::fs::remove_file(&probe).await;
-            result.map_err(|e| StorageError {
-                op: "check",
-                key: self.location.clone(),
-                message: format!("storage.root is not writable: {e}"),
+            result.map_err(|e| {
+                let mut error = io_error("check", &self.location, e);
+                error.message = format!("storage.root is not writable: {}", error.message);
+                error
             })
         })
     }
@@ -223,10 +215,16 @@ impl ObjectStore for FsStore {
 mod tests {
     use super::*;
 
-    #[tokio::test]
-    async fn writes_reads_lists_and_refuses_escaping_keys() {
+    /// A store in a directory of its own (which lives as long as the guard).
+    pub(super) fn store() -> (tempfile::TempDir, FsStore) {
         let dir = tempfile::tempdir().unwrap();
         let store = FsStore::new(dir.path()).unwrap();
+        (dir, store)
+    }
+
+    #[tokio::test]
+    async fn writes_reads_lists_and_refuses_escaping_keys() {
+        let (_dir, store) = store();
         store.check().await.unwrap();
         let put = |key: &'static str| PutObject {
             key,
@@ -248,14 +246,71 @@ mod tests {
         );
         assert_eq!(
             store.list("images/_/j1/", None).await.unwrap(),
-            vec![
-                "images/_/j1/0.png".to_string(),
-                "images/_/j1/1.png".to_string()
-            ]
+            ListPage {
+                keys: vec![
+                    "images/_/j1/0.png".to_string(),
+                    "images/_/j1/1.png".to_string()
+                ],
+                truncated: false
+            }
         );
-        assert!(store.list("images/_/none/", None).await.unwrap().is_empty());
-        assert!(store.put(put("../escape.png")).await.is_err());
+        assert!(
+            store
+                .list("images/_/none/", None)
+                .await
+                .unwrap()
+                .keys
+                .is_empty()
+        );
+        let escape = store.put(put("../escape.png")).await.unwrap_err();
+        assert_eq!(escape.kind, StorageErrorKind::Invalid);
         assert!(store.put(put("/abs.png")).await.is_err());
         assert!(store.uri("images/_/j1/0.png").starts_with("file:///"));
+    }
+}
+
+#[cfg(test)]
+mod listing_tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_listing_longer_than_a_page_says_so_and_pages_on() {
+        let (_dir, store) = tests::store();
+        let many = super::super::LIST_PAGE + 5;
+        for i in 0..many {
+            let key = format!("spend/b/{i:05}");
+            store
+                .put(PutObject::new(
+                    &key,
+                    Bytes::new(),
+                    "application/octet-stream",
+                ))
+                .await
+                .unwrap();
+        }
+        let first = store.list("spend/b/", None).await.unwrap();
+        assert!(first.truncated);
+        assert_eq!(first.keys.len(), super::super::LIST_PAGE);
+        let all = super::super::list_all(&store, "spend/b/", None)
+            .await
+            .unwrap();
+        assert_eq!(all.len(), many);
+        assert_eq!(all.last().map(String::as_str), Some("spend/b/01004"));
+    }
+
+    #[test]
+    fn a_directory_the_worker_may_not_write_is_denied_not_unavailable() {
+        let e = io_error(
+            "put",
+            "k",
+            std::io::Error::from(ErrorKind::PermissionDenied),
+        );
+        assert_eq!(e.kind, StorageErrorKind::Denied);
+        assert!(matches!(
+            crate::domain::error::Failure::from(e),
+            crate::domain::error::Failure::Stop { .. }
+        ));
+        let e = io_error("put", "k", std::io::Error::from(ErrorKind::TimedOut));
+        assert!(crate::domain::error::Failure::from(e).is_retryable());
     }
 }

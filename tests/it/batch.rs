@@ -4,9 +4,9 @@
 use std::process::Stdio;
 use std::time::Duration;
 
-use imagegen::error::ErrorKind;
-use imagegen::event::Status;
-use imagegen::fake_api::{Fault, Rule};
+use imagegen::domain::error::ErrorKind;
+use imagegen::domain::event::Status;
+use imagegen_fakes::openai::{Fault, Rule};
 use serde_json::{Value, json};
 
 use crate::helpers::{Store, TestEnv};
@@ -102,7 +102,7 @@ async fn csv_with_a_template_and_variations_enqueues_the_cross_product_once() {
     assert_eq!(env.ready(&env.settings.amqp.jobs_queue).await, 12);
     // The batch record holds every job, with the same ids as the dry run.
     let store = env.store().await;
-    let record = imagegen::batch::load(&*store, &env.settings.storage.prefix, "levels")
+    let record = imagegen::storage::batches::load(&*store, &env.settings.storage.prefix, "levels")
         .await
         .unwrap()
         .unwrap();

@@ -2,8 +2,8 @@
 
 use std::time::Duration;
 
-use imagegen::error::ErrorKind;
-use imagegen::event::Status;
+use imagegen::domain::error::ErrorKind;
+use imagegen::domain::event::Status;
 use serde_json::json;
 
 use crate::dlq::dlq_replay;

@@ -1,7 +1,6 @@
 //! The binary: `enqueue` against the real broker, `run` end to end, `worker` stopping on SIGTERM.
 
 use std::process::{Command, Stdio};
-use std::time::Duration;
 
 use crate::helpers::{Store, TestEnv};
 
@@ -114,8 +113,9 @@ async fn run_processes_a_text_file_end_to_end_with_placeholder_and_fs() {
     let data = dir.path().join("data");
     let run = || {
         imagegen(&env)
-            .env("IMAGEGEN__PROVIDER__KIND", "placeholder")
-            .env("IMAGEGEN__PROVIDER__SIZE", "64x64")
+            .env("IMAGEGEN__PROVIDERS__PLACEHOLDER__KIND", "placeholder")
+            .env("IMAGEGEN__PROVIDERS__PLACEHOLDER__SIZE", "64x64")
+            .env("IMAGEGEN__WORKER__DEFAULT_PROVIDER", "placeholder")
             .env("IMAGEGEN__STORAGE__KIND", "fs")
             .env("IMAGEGEN__STORAGE__ROOT", &data)
             .args(["run", prompts.to_str().unwrap(), "--timeout", "60"])
@@ -154,47 +154,31 @@ async fn run_processes_a_text_file_end_to_end_with_placeholder_and_fs() {
 async fn worker_stops_on_sigterm_and_exits_zero() {
     let env = TestEnv::new(Store::Fs).await;
     let dir = tempfile::tempdir().unwrap();
-    let mut child = imagegen(&env)
+    // The [provider] section of earlier releases still configures a worker (here beside the
+    // test's own [providers.openai]), with a warning that names the keys to use instead.
+    let child = imagegen(&env)
         .env("IMAGEGEN__PROVIDER__KIND", "placeholder")
         .env("IMAGEGEN__STORAGE__ROOT", dir.path())
         .arg("worker")
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    // Wait for the consumer to be registered.
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        let channel = env.connection.create_channel().await.unwrap();
-        let q = channel
-            .queue_declare(
-                env.settings.amqp.jobs_queue.as_str().into(),
-                lapin::options::QueueDeclareOptions {
-                    passive: true,
-                    ..Default::default()
-                },
-                Default::default(),
-            )
-            .await
-            .unwrap();
-        if q.consumer_count() == 1 {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "worker never consumed"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    env.wait_consumers(1).await;
     let status = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status()
         .unwrap();
     assert!(status.success());
-    let code = tokio::task::spawn_blocking(move || child.wait())
+    let output = tokio::task::spawn_blocking(move || child.wait_with_output())
         .await
         .unwrap()
         .unwrap();
-    assert_eq!(code.code(), Some(0));
+    assert_eq!(output.status.code(), Some(0));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("deprecated") && stderr.contains("IMAGEGEN__PROVIDERS__PLACEHOLDER__KIND"),
+        "{stderr}"
+    );
     env.cleanup().await;
 }
 
@@ -208,11 +192,22 @@ fn invalid_configuration_names_the_key_and_exits_1() {
     assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("worker.concurrency"), "{stderr}");
-    let out = Command::new(env!("CARGO_BIN_EXE_imagegen"))
-        .env("IMAGEGEN__PROVIDER__KIND", "openai")
-        .env_remove("OPENAI_API_KEY")
-        .arg("worker")
-        .output()
-        .unwrap();
-    assert!(String::from_utf8_lossy(&out.stderr).contains("provider.api_key"));
+    // A named provider, and the [provider] section of earlier releases read as one.
+    for kind_var in [
+        "IMAGEGEN__PROVIDERS__OPENAI__KIND",
+        "IMAGEGEN__PROVIDER__KIND",
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_imagegen"))
+            .env(kind_var, "openai")
+            .env_remove("OPENAI_API_KEY")
+            .arg("worker")
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(1));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains("providers.openai.api_key") && stderr.contains("OPENAI_API_KEY"),
+            "{kind_var}: {stderr}"
+        );
+    }
 }

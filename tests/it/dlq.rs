@@ -4,8 +4,8 @@
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use imagegen::event::Status;
-use imagegen::fake_api::{Fault, Rule};
+use imagegen::domain::event::Status;
+use imagegen_fakes::openai::{Fault, Rule};
 use serde_json::{Value, json};
 
 use crate::helpers::{Store, TestEnv};
@@ -130,9 +130,6 @@ async fn a_poison_message_that_kills_its_worker_ends_in_the_dead_letter_queue() 
         let calls = env.fake().calls_for("poison");
         let mut worker = env
             .command()
-            .env("IMAGEGEN__PROVIDER__KIND", "openai")
-            .env("IMAGEGEN__PROVIDER__BASE_URL", env.fake.base_url())
-            .env("IMAGEGEN__PROVIDER__API_KEY", "sk-test")
             .env("IMAGEGEN__STORAGE__ROOT", data.path())
             .arg("worker")
             .stdout(Stdio::null())

@@ -4,13 +4,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use imagegen::amqp::consumer::Worker;
 use imagegen::amqp::results::ResultListener;
 use imagegen::amqp::{connect, topology};
 use imagegen::config::{Settings, Sources};
-use imagegen::event::CloudEvent;
-use imagegen::fake_api::{FakeApi, FakeOptions, FakeServer};
+use imagegen::domain::event::CloudEvent;
 use imagegen::storage::ObjectStore;
+use imagegen::worker::Worker;
+use imagegen_fakes::openai::{FakeApi, FakeOptions, FakeServer};
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicGetOptions, ExchangeDeleteOptions,
     QueueDeclareOptions, QueueDeleteOptions,
@@ -48,11 +48,11 @@ pub struct TestEnv {
 
 pub struct RunningWorker {
     pub stop: CancellationToken,
-    pub task: JoinHandle<anyhow::Result<imagegen::amqp::consumer::WorkerExit>>,
+    pub task: JoinHandle<anyhow::Result<imagegen::worker::WorkerExit>>,
 }
 
 impl RunningWorker {
-    pub async fn shutdown(self) -> anyhow::Result<imagegen::amqp::consumer::WorkerExit> {
+    pub async fn shutdown(self) -> anyhow::Result<imagegen::worker::WorkerExit> {
         self.stop.cancel();
         tokio::time::timeout(Duration::from_secs(60), self.task)
             .await
@@ -86,9 +86,9 @@ impl TestEnv {
             ("amqp.dead_letter_queue", format!("it.{id}.dead")),
             ("amqp.results_exchange", format!("it.{id}.results")),
             ("amqp.results_queue", format!("it.{id}.results")),
-            ("provider.kind", "openai".into()),
-            ("provider.base_url", fake.base_url()),
-            ("provider.api_key", "sk-test-key".into()),
+            ("providers.openai.kind", "openai".into()),
+            ("providers.openai.base_url", fake.base_url()),
+            ("providers.openai.api_key", "sk-test-key".into()),
             ("worker.concurrency", "4".into()),
             ("retry.initial_delay_ms", "20".into()),
             ("retry.max_delay_ms", "200".into()),
@@ -385,6 +385,13 @@ impl TestEnv {
             .env("IMAGEGEN__LOG__FORMAT", "json")
             .env("IMAGEGEN__HTTP__LISTEN", &self.settings.http.listen)
             .env("IMAGEGEN__STORAGE__PREFIX", &self.settings.storage.prefix)
+            // The provider the test's own settings use: the fake API.
+            .env("IMAGEGEN__PROVIDERS__OPENAI__KIND", "openai")
+            .env(
+                "IMAGEGEN__PROVIDERS__OPENAI__BASE_URL",
+                self.fake.base_url(),
+            )
+            .env("IMAGEGEN__PROVIDERS__OPENAI__API_KEY", "sk-test")
             .env(
                 "IMAGEGEN__WORKER__LEASE_SECS",
                 self.settings.worker.lease_secs.to_string(),
@@ -416,10 +423,7 @@ impl TestEnv {
         vars: &[(&str, &str)],
     ) -> std::process::Child {
         let mut cmd = self.command();
-        cmd.env("IMAGEGEN__PROVIDER__KIND", "openai")
-            .env("IMAGEGEN__PROVIDER__BASE_URL", self.fake.base_url())
-            .env("IMAGEGEN__PROVIDER__API_KEY", "sk-test")
-            .env("IMAGEGEN__STORAGE__KIND", "fs")
+        cmd.env("IMAGEGEN__STORAGE__KIND", "fs")
             .env("IMAGEGEN__STORAGE__ROOT", root)
             .env("IMAGEGEN__SPOOL__DIR", root.join(".spool"));
         for (k, v) in vars {

@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use imagegen::fake_api::{Fault, Rule};
+use imagegen_fakes::openai::{Fault, Rule};
 use serde_json::{Value, json};
 
 use crate::helpers::{Store, TestEnv, stop_cleanly};

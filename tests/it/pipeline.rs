@@ -2,9 +2,9 @@
 
 use std::time::{Duration, Instant};
 
-use imagegen::event::Status;
-use imagegen::fake_api::{Fault, Rule};
+use imagegen::domain::event::Status;
 use imagegen::storage::PutObject;
+use imagegen_fakes::openai::{Fault, Rule};
 use serde_json::json;
 
 use crate::helpers::{Store, TestEnv, assert_valid, event_json};
@@ -75,7 +75,7 @@ async fn happy_path_n1_and_n3_on_s3() {
             .await
             .unwrap()
             .expect("result record stored");
-        let stored: imagegen::event::CloudEvent = serde_json::from_slice(&record).unwrap();
+        let stored: imagegen::domain::event::CloudEvent = serde_json::from_slice(&record).unwrap();
         assert_eq!(&stored, event);
     }
     assert_eq!(events[0].data.metadata, json!({"row": 1}));
@@ -441,7 +441,14 @@ async fn quota_exhausted_stops_taking_jobs_and_loses_nothing() {
 
 #[tokio::test]
 async fn fs_storage_with_the_placeholder_provider() {
-    let env = TestEnv::with(Store::Fs, &[("provider.kind", "placeholder".into())]).await;
+    let env = TestEnv::with(
+        Store::Fs,
+        &[
+            ("providers.placeholder.kind", "placeholder".into()),
+            ("worker.default_provider", "placeholder".into()),
+        ],
+    )
+    .await;
     let mut listener = env.listen().await;
     let worker = env.start_worker().await;
     env.publish(
@@ -496,8 +503,8 @@ async fn images_answered_by_url_are_downloaded_and_a_failed_download_is_retried_
     let env = TestEnv::with(
         Store::S3,
         &[
-            ("provider.model", "flux-schnell".into()),
-            ("provider.response_format", "url".into()),
+            ("providers.openai.model", "flux-schnell".into()),
+            ("providers.openai.response_format", "url".into()),
         ],
     )
     .await;

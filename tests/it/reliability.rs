@@ -5,8 +5,8 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use imagegen::event::{CloudEvent, Status};
-use imagegen::fake_api::{FakeApi, FakeOptions, Fault, Rule};
+use imagegen::domain::event::{CloudEvent, Status};
+use imagegen_fakes::openai::{FakeApi, FakeOptions, Fault, Rule};
 use lapin::types::AMQPValue;
 use serde_json::json;
 
@@ -210,7 +210,11 @@ async fn the_same_job_delivered_twice_at_once_is_bought_once() {
 
 #[tokio::test]
 async fn timeouts_after_sending_count_as_possibly_billed_and_are_retried_once() {
-    let env = TestEnv::with(Store::Fs, &[("provider.request_timeout_secs", "1".into())]).await;
+    let env = TestEnv::with(
+        Store::Fs,
+        &[("providers.openai.request_timeout_secs", "1".into())],
+    )
+    .await;
     env.fake()
         .push_rule(rule(Some("hangs once"), Fault::Hang { secs: 2.0 }, Some(1)));
     env.fake()
@@ -289,9 +293,7 @@ async fn workers_killed_mid_run_lose_no_job_and_pay_twice_only_for_calls_in_flig
     // A response lost with its process is the one unavoidable double payment: images bought but
     // not yet stored when the worker died, i.e. its provider calls in flight and the uploads
     // that follow them. Both are bounded by the messages it holds (the prefetch).
-    let mut worker_settings = env.settings.clone();
-    worker_settings.worker.concurrency = concurrency;
-    let held = worker_settings.prefetch() as usize;
+    let held = prefetch_at(concurrency);
     assert!(billed >= jobs, "{billed}");
     assert!(
         billed <= jobs + kills * held,
@@ -569,7 +571,7 @@ async fn a_poison_job_mixed_into_a_run_ends_dead_lettered_and_the_run_completes(
     let spawn = |i: usize| {
         let vars = [
             ("IMAGEGEN__WORKER__CONCURRENCY", "4"),
-            ("IMAGEGEN__PROVIDER__BASE_URL", urls[i].as_str()),
+            ("IMAGEGEN__PROVIDERS__OPENAI__BASE_URL", urls[i].as_str()),
         ];
         env.spawn_worker(data.path(), &vars)
     };
@@ -635,9 +637,7 @@ async fn a_poison_job_mixed_into_a_run_ends_dead_lettered_and_the_run_completes(
         .collect();
     assert!(failed.is_empty(), "{failed:#?}");
     let billed = (env.fake().stats().billed + other.api.stats().billed) as usize;
-    let mut worker_settings = env.settings.clone();
-    worker_settings.worker.concurrency = 4;
-    let held = worker_settings.prefetch() as usize;
+    let held = prefetch_at(4);
     assert!(
         billed >= jobs && billed <= jobs + kills * held,
         "{billed} billed for {jobs} jobs after {kills} kills"
@@ -661,4 +661,14 @@ fn walk(dir: &std::path::Path) -> usize {
                 .sum()
         })
         .unwrap_or(0)
+}
+
+/// The prefetch of a worker of one provider at `concurrency`: the messages it holds at once.
+fn prefetch_at(concurrency: usize) -> usize {
+    imagegen::config::Settings::load_with_overrides(
+        &imagegen::config::Sources::default(),
+        &[("worker.concurrency", concurrency.to_string())],
+    )
+    .expect("settings")
+    .prefetch() as usize
 }

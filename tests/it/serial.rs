@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 use imagegen::amqp::connect;
-use imagegen::event::{CloudEvent, Status};
+use imagegen::domain::event::{CloudEvent, Status};
 use lapin::options::{BasicAckOptions, BasicConsumeOptions};
 use serde_json::json;
 

@@ -48,7 +48,7 @@ async fn s3_uploads_carry_the_callers_sha256_and_the_server_checks_it() {
 /// plain HTTP client can use, and the start-up check against a bucket that does not exist.
 #[tokio::test]
 async fn s3_store_operations_work_against_the_server() {
-    use imagegen::storage::{PutObject, list_all};
+    use imagegen::storage::{PutObject, StorageErrorKind, list_all};
 
     let env = TestEnv::new(Store::S3).await;
     let store = env.store().await;
@@ -75,12 +75,15 @@ async fn s3_store_operations_work_against_the_server() {
     }
     let mut want: Vec<String> = names.iter().map(|n| format!("{dir}/{n}")).collect();
     want.sort();
-    assert_eq!(store.list(&format!("{dir}/"), None).await.unwrap(), want);
+    let page = store.list(&format!("{dir}/"), None).await.unwrap();
+    assert_eq!(page.keys, want);
+    assert!(!page.truncated, "the store says there is nothing more");
     assert_eq!(
         store
             .list(&format!("{dir}/"), Some(&want[1]))
             .await
-            .unwrap(),
+            .unwrap()
+            .keys,
         want[2..].to_vec(),
         "start_after skips up to and including the key"
     );
@@ -93,6 +96,7 @@ async fn s3_store_operations_work_against_the_server() {
             .list(&format!("{dir}/none/"), None)
             .await
             .unwrap()
+            .keys
             .is_empty()
     );
 
@@ -151,6 +155,7 @@ async fn s3_store_operations_work_against_the_server() {
             .list(&format!("{dir}/"), None)
             .await
             .unwrap()
+            .keys
             .is_empty()
     );
 
@@ -159,6 +164,7 @@ async fn s3_store_operations_work_against_the_server() {
     let missing = imagegen::storage::from_settings(&other).await.unwrap();
     let err = missing.check().await.expect_err("no such bucket");
     assert!(err.to_string().contains("404"), "{err}");
+    assert_eq!(err.kind, StorageErrorKind::NotFound);
     let mut wrong = env.settings.clone();
     wrong.storage.secret_access_key = "not-the-secret".to_string().into();
     let refused = imagegen::storage::from_settings(&wrong).await.unwrap();
@@ -167,6 +173,9 @@ async fn s3_store_operations_work_against_the_server() {
         .await
         .expect_err("bad signature");
     assert!(err.to_string().contains("HTTP 403"), "{err}");
+    // A refused key is no outage: the worker must not retry it as one.
+    assert_eq!(err.kind, StorageErrorKind::Denied);
+    assert!(!imagegen::domain::error::Failure::from(err).is_retryable());
     let err = refused
         .check()
         .await

@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use imagegen::fake_api::Stats;
+use imagegen_fakes::openai::Stats;
 use serde_json::json;
 
 use crate::helpers::{Store, TestEnv};

@@ -140,7 +140,10 @@ async fn frames_are_small_and_larger_messages_still_go_through() {
         .events(&mut listener, 1, std::time::Duration::from_secs(30))
         .await;
     assert_eq!(events[0].data.job_id, "big");
-    assert_eq!(events[0].data.status, imagegen::event::Status::Succeeded);
+    assert_eq!(
+        events[0].data.status,
+        imagegen::domain::event::Status::Succeeded
+    );
     assert_eq!(
         events[0].data.metadata["note"].as_str(),
         Some(note.as_str())

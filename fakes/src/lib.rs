@@ -1,0 +1,15 @@
+//! Fakes of the image providers' real HTTP protocols, for imagegen's tests, benchmarks and the
+//! compose demo.
+//!
+//! Each fake is written from its provider's documentation, not from imagegen's code: a fake that
+//! shares the code it tests would agree with that code's mistakes. So this crate depends on nothing
+//! of imagegen, and the worker never contains a fake.
+//!
+//! One module per provider ([`openai`] today; more will follow). Each runs in-process (tests) or
+//! as the `imagegen-fakes` binary (benchmarks, the demo), misbehaves on demand and counts every
+//! call, so a test can prove that nothing was paid for twice. Pieces that any provider's fake
+//! needs (connections that can be reset, rate limits metered as token buckets) live at the root.
+
+mod bucket;
+mod net;
+pub mod openai;

@@ -1,0 +1,119 @@
+//! `imagegen-fakes`: serves a provider's fake as its own process, for the benchmark (which measures
+//! the fake's CPU apart from the worker's) and the compose demo. Tests use the library in-process.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use imagegen_fakes::openai;
+use tracing_subscriber::EnvFilter;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "imagegen-fakes",
+    version,
+    about = "Fakes of the image providers' HTTP APIs (for tests, benchmarks and demos; no real images)"
+)]
+struct Cli {
+    #[command(subcommand)]
+    provider: Provider,
+}
+
+#[derive(Subcommand, Debug)]
+enum Provider {
+    /// Serve the fake OpenAI Images API.
+    #[command(after_help = "Examples:
+  imagegen-fakes openai --listen 127.0.0.1:8080 --latency-ms 500 --image-bytes 300000
+  imagegen-fakes openai --rpm 60   # an account limited to 60 requests a minute (429 beyond)
+  curl -H 'content-type: application/json' localhost:8080/_fake/rules -d '{\"fault\":{\"kind\":\"moderation\"},\"prompt_contains\":\"fox\",\"times\":1}'")]
+    Openai {
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: String,
+        /// Latency added to every answer, in milliseconds.
+        #[arg(long, default_value_t = 0)]
+        latency_ms: u64,
+        /// Approximate size of each generated image, in bytes.
+        #[arg(long, default_value_t = 2048)]
+        image_bytes: usize,
+        /// Enforce this many requests per minute (429 beyond it), like an account's RPM limit.
+        #[arg(long)]
+        rpm: Option<u64>,
+        /// Enforce this many tokens per minute (a request costs its usage), like a TPM limit.
+        #[arg(long)]
+        tpm: Option<u64>,
+    },
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .compact()
+        .init();
+    let Provider::Openai {
+        listen,
+        latency_ms,
+        image_bytes,
+        rpm,
+        tpm,
+    } = cli.provider;
+    let api = openai::FakeApi::new(openai::FakeOptions {
+        latency: Duration::from_millis(latency_ms),
+        image_bytes,
+        requests_per_minute: rpm,
+        tokens_per_minute: tpm,
+        ..Default::default()
+    });
+    let listener = match tokio::net::TcpListener::bind(&listen).await {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot listen on {listen}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match listener.local_addr() {
+        Ok(addr) => {
+            tracing::info!(address = %addr, "fake image API listening; base URL http://{addr}/v1");
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "cannot listen on {listen}");
+            return ExitCode::FAILURE;
+        }
+    }
+    tokio::select! {
+        served = openai::serve(listener, api) => {
+            if let Err(e) = served {
+                tracing::error!(error = %e, "fake image API stopped");
+                return ExitCode::FAILURE;
+            }
+        }
+        () = stop_requested() => tracing::info!("stop requested"),
+    }
+    ExitCode::SUCCESS
+}
+
+/// SIGINT (a terminal) or SIGTERM (the benchmark, docker stop).
+async fn stop_requested() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = ctrl_c => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = ctrl_c.await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}

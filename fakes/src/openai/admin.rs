@@ -1,0 +1,91 @@
+//! Everything but the generation endpoint: the `/_fake/` endpoints through which another process
+//! (a benchmark, the demo, a shell) drives the fake as a test does through [`FakeApi`]'s methods,
+//! the images answered by URL, and the provider's 404 for any other path.
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use axum::Json;
+use axum::extract::{Path, Query, State};
+use axum::http::{Method, StatusCode, Uri, header};
+use axum::response::{IntoResponse, Response};
+use serde_json::{Value, json};
+
+use super::errors::ApiError;
+use super::{FakeApi, Rule, Stats, lock};
+
+pub(super) async fn push_rule(State(api): State<FakeApi>, Json(rule): Json<Rule>) -> StatusCode {
+    api.push_rule(rule);
+    StatusCode::NO_CONTENT
+}
+
+pub(super) async fn clear_rules(State(api): State<FakeApi>) -> StatusCode {
+    api.clear_rules();
+    StatusCode::NO_CONTENT
+}
+
+pub(super) async fn stats(State(api): State<FakeApi>) -> Json<Stats> {
+    Json(api.stats())
+}
+
+#[derive(serde::Deserialize)]
+pub(super) struct CallsQuery {
+    #[serde(default)]
+    prompt_contains: String,
+}
+
+pub(super) async fn calls(State(api): State<FakeApi>, Query(q): Query<CallsQuery>) -> Json<Value> {
+    let (calls, billed) = api.per_prompt(&q.prompt_contains);
+    Json(json!({ "calls": calls, "billed": billed }))
+}
+
+#[derive(serde::Deserialize)]
+pub(super) struct LatencyBody {
+    ms: u64,
+}
+
+pub(super) async fn latency(
+    State(api): State<FakeApi>,
+    Json(body): Json<LatencyBody>,
+) -> StatusCode {
+    api.set_latency(Duration::from_millis(body.ms));
+    StatusCode::NO_CONTENT
+}
+
+#[derive(serde::Deserialize)]
+pub(super) struct LimitsBody {
+    requests_per_minute: Option<u64>,
+    tokens_per_minute: Option<u64>,
+}
+
+pub(super) async fn limits(State(api): State<FakeApi>, Json(body): Json<LimitsBody>) -> StatusCode {
+    api.set_limits(body.requests_per_minute, body.tokens_per_minute);
+    StatusCode::NO_CONTENT
+}
+
+/// An image given out by URL (`"response_format": "url"`), while it is kept. No key is asked
+/// for: the provider's URLs are pre-signed.
+pub(super) async fn file(State(api): State<FakeApi>, Path(name): Path<String>) -> Response {
+    let failing = &api.inner.failing_files;
+    if failing
+        .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+        .is_ok()
+    {
+        return (StatusCode::SERVICE_UNAVAILABLE, "try again\n").into_response();
+    }
+    let found = lock(&api.inner.files)
+        .iter()
+        .find(|(n, _)| *n == name)
+        .map(|(_, bytes)| bytes.clone());
+    match found {
+        Some(bytes) => {
+            lock(&api.inner.counters).stats.files_served += 1;
+            ([(header::CONTENT_TYPE, "image/png")], bytes).into_response()
+        }
+        None => (StatusCode::NOT_FOUND, "expired or unknown image\n").into_response(),
+    }
+}
+
+pub(super) async fn unknown_url(method: Method, uri: Uri) -> Response {
+    ApiError::unknown_url(method.as_str(), uri.path()).into_response()
+}

@@ -1,0 +1,322 @@
+//! A fake of the OpenAI Images API (`POST /v1/images/generations`).
+//!
+//! There is no network where tests run, so this server speaks the real protocol: the same request
+//! validation, JSON response, error bodies, status codes and rate-limit headers as the provider.
+//! It misbehaves on demand through [`Rule`]s and counts every call, so a test can prove that nothing
+//! was paid for twice. It runs in-process ([`FakeApi::start`] binds `127.0.0.1:0`) or as a
+//! standalone server ([`serve`]); admin endpoints under `/_fake/` let another process drive it:
+//!
+//! - `POST /_fake/rules` appends a JSON [`Rule`]; `DELETE /_fake/rules` removes all rules;
+//! - `GET /_fake/stats` returns [`Stats`]; `GET /_fake/calls?prompt_contains=X` returns
+//!   `{"calls": N, "billed": M}`;
+//! - `POST /_fake/latency` with `{"ms": 500}` sets the latency added before every response;
+//! - `POST /_fake/limits` with `{"requests_per_minute": 300, "tokens_per_minute": null}` sets the
+//!   account's rate limits (`null`: unlimited).
+//!
+//! A request with `"response_format": "url"` (refused for GPT image models, as the provider does;
+//! DALL-E and compatible hosts answer this way) gets `{"url": ...}` entries instead of `b64_json`:
+//! `GET /_fake/files/{name}` serves those images, without authentication, as a pre-signed URL
+//! would. The last [`FILES_KEPT`] images are kept; older URLs answer 404, as expired ones do.
+//!
+//! Rate limits are real token buckets, as the provider's are: each holds a minute's worth and
+//! refills continuously; a request that finds its bucket empty gets a 429 `rate_limit_exceeded`
+//! with `retry-after` / `retry-after-ms`, and every response carries the buckets' state in
+//! `x-ratelimit-{limit,remaining,reset}-{requests,tokens}`. Unlimited buckets are reported as very
+//! large ones.
+//!
+//! Each request is processed in a detached task: like the real provider, a request whose client
+//! gave up (timeout, disconnect) still runs to completion and is billed.
+
+mod admin;
+mod errors;
+mod generate;
+mod limits;
+mod png;
+#[cfg(test)]
+mod tests;
+mod validate;
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::routing::{get, post};
+use tokio::net::TcpListener;
+
+use limits::AccountLimits;
+use png::PngTemplate;
+
+/// How the fake behaves when no [`Rule`] applies.
+#[derive(Clone, Debug)]
+pub struct FakeOptions {
+    /// Added before every response, success or error.
+    pub latency: Duration,
+    /// Approximate size in bytes of each generated PNG.
+    pub image_bytes: usize,
+    /// `None`: any non-empty Bearer token is accepted; `Some(k)`: only `k`, else 401.
+    pub api_key: Option<String>,
+    /// The account's requests per minute; `None`: unlimited.
+    pub requests_per_minute: Option<u64>,
+    /// The account's tokens per minute (a request costs its reported usage); `None`: unlimited.
+    pub tokens_per_minute: Option<u64>,
+}
+
+impl Default for FakeOptions {
+    fn default() -> Self {
+        Self {
+            latency: Duration::ZERO,
+            image_bytes: 2048,
+            api_key: None,
+            requests_per_minute: None,
+            tokens_per_minute: None,
+        }
+    }
+}
+
+/// A fault injected into the next matching requests.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct Rule {
+    /// Only requests whose prompt contains this; `None` matches every request.
+    pub prompt_contains: Option<String>,
+    pub fault: Fault,
+    /// `None`: forever; `Some(k)`: the next `k` matching requests.
+    pub times: Option<u32>,
+}
+
+/// What a matching request gets instead of a normal answer.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Fault {
+    /// 429 `rate_limit_exceeded` (type `requests`), with `retry-after` / `retry-after-ms` when given.
+    RateLimited {
+        retry_after_secs: Option<f64>,
+        retry_after_ms: Option<f64>,
+    },
+    /// 5xx `server_error`; 503 answers `server_is_overloaded`.
+    ServerError { status: u16 },
+    /// 400 `moderation_blocked`, type `image_generation_user_error`, with `moderation_details`.
+    Moderation,
+    /// 400 `content_policy_violation` (older and Azure style).
+    ContentPolicy,
+    /// 400 `invalid_request_error`.
+    InvalidRequest { param: Option<String> },
+    /// 404 `model_not_found`.
+    ModelNotFound,
+    /// 429 `insufficient_quota`: out of money, not retryable.
+    QuotaExhausted,
+    /// 401 `invalid_api_key`.
+    Unauthorized,
+    /// 403: the organization may not use this model.
+    Forbidden,
+    /// Wait this long, then answer normally (billed if it completes, even if the client left).
+    Hang { secs: f64 },
+    /// Close the connection abruptly (TCP reset) after reading the request, without a response.
+    Reset,
+}
+
+/// Counters since the fake was created.
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
+pub struct Stats {
+    /// Every `POST /v1/images/generations` received.
+    pub requests: u64,
+    /// 200 responses sent (one per request, not per image).
+    pub billed: u64,
+    /// Images returned in 200 responses.
+    pub images: u64,
+    /// Error responses by HTTP status (a reset connection has no status and is not counted).
+    pub errors_by_status: BTreeMap<u16, u64>,
+    /// Images fetched from `/_fake/files/` (answers to `"response_format": "url"`).
+    #[serde(default)]
+    pub files_served: u64,
+}
+
+/// How many images given out by URL stay downloadable.
+pub const FILES_KEPT: usize = 256;
+
+/// A handle on the fake's state; clones share it.
+#[derive(Clone)]
+pub struct FakeApi {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    api_key: Option<String>,
+    latency: Mutex<Duration>,
+    rules: Mutex<Vec<Rule>>,
+    counters: Mutex<Counters>,
+    seq: AtomicU64,
+    png: PngTemplate,
+    limits: Mutex<AccountLimits>,
+    /// Images given out by URL, oldest first.
+    files: Mutex<VecDeque<(String, Bytes)>>,
+    /// The next this many downloads of such images answer 503.
+    failing_files: AtomicU64,
+}
+
+#[derive(Default)]
+struct Counters {
+    stats: Stats,
+    /// prompt -> (requests, billed)
+    per_prompt: HashMap<String, (u64, u64)>,
+}
+
+/// A running in-process fake; the server task is aborted on drop.
+pub struct FakeServer {
+    pub api: FakeApi,
+    pub addr: SocketAddr,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl FakeServer {
+    /// The base URL a client appends `/images/generations` to: `http://127.0.0.1:PORT/v1`.
+    pub fn base_url(&self) -> String {
+        format!("http://{}/v1", self.addr)
+    }
+}
+
+impl Drop for FakeServer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Serves the fake on `listener` until the task is dropped. Unlike serving [`FakeApi::router`]
+/// directly, connections can be reset, so [`Fault::Reset`] is a real TCP reset.
+pub async fn serve(listener: TcpListener, api: FakeApi) -> std::io::Result<()> {
+    crate::net::serve(listener, api.router()).await
+}
+
+impl FakeApi {
+    pub fn new(opts: FakeOptions) -> Self {
+        let inner = Inner {
+            api_key: opts.api_key,
+            latency: Mutex::new(opts.latency),
+            rules: Mutex::default(),
+            counters: Mutex::default(),
+            seq: AtomicU64::new(0),
+            png: PngTemplate::new(opts.image_bytes),
+            files: Mutex::default(),
+            failing_files: AtomicU64::new(0),
+            limits: Mutex::new(AccountLimits::new(
+                opts.requests_per_minute,
+                opts.tokens_per_minute,
+            )),
+        };
+        Self {
+            inner: Arc::new(inner),
+        }
+    }
+
+    /// Binds `127.0.0.1:0` and serves in a background task.
+    pub async fn start(self) -> std::io::Result<FakeServer> {
+        let listener = TcpListener::bind((std::net::Ipv4Addr::LOCALHOST, 0)).await?;
+        let addr = listener.local_addr()?;
+        let api = self.clone();
+        let task = tokio::spawn(async move {
+            if let Err(e) = serve(listener, api).await {
+                tracing::error!(error = %e, "fake image API stopped");
+            }
+        });
+        Ok(FakeServer {
+            api: self,
+            addr,
+            task,
+        })
+    }
+
+    /// The routes. Prefer [`serve`]: served any other way, [`Fault::Reset`] degrades to a
+    /// response body that fails before anything is written, so hyper closes the connection
+    /// (cleanly, not with an RST) and the client sees an incomplete message without a status.
+    pub fn router(&self) -> Router {
+        Router::new()
+            .route("/v1/images/generations", post(generate::generations))
+            .route(
+                "/_fake/rules",
+                post(admin::push_rule).delete(admin::clear_rules),
+            )
+            .route("/_fake/stats", get(admin::stats))
+            .route("/_fake/calls", get(admin::calls))
+            .route("/_fake/latency", post(admin::latency))
+            .route("/_fake/limits", post(admin::limits))
+            .route("/_fake/files/{name}", get(admin::file))
+            .fallback(admin::unknown_url)
+            .with_state(self.clone())
+    }
+
+    pub fn push_rule(&self, rule: Rule) {
+        lock(&self.inner.rules).push(rule);
+    }
+
+    pub fn clear_rules(&self) {
+        lock(&self.inner.rules).clear();
+    }
+
+    pub fn set_latency(&self, d: Duration) {
+        *lock(&self.inner.latency) = d;
+    }
+
+    /// Sets the account's rate limits (`None`: unlimited), with full buckets.
+    pub fn set_limits(&self, requests_per_minute: Option<u64>, tokens_per_minute: Option<u64>) {
+        *lock(&self.inner.limits) = AccountLimits::new(requests_per_minute, tokens_per_minute);
+    }
+
+    /// The next `n` downloads of images given out by URL answer 503 (a storage hiccup).
+    pub fn fail_file_downloads(&self, n: u64) {
+        self.inner
+            .failing_files
+            .store(n, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    pub fn stats(&self) -> Stats {
+        lock(&self.inner.counters).stats.clone()
+    }
+
+    /// Requests received whose prompt contains `prompt_substring`.
+    pub fn calls_for(&self, prompt_substring: &str) -> u64 {
+        self.per_prompt(prompt_substring).0
+    }
+
+    /// 200 responses sent for prompts containing `prompt_substring`.
+    pub fn billed_for(&self, prompt_substring: &str) -> u64 {
+        self.per_prompt(prompt_substring).1
+    }
+
+    fn per_prompt(&self, needle: &str) -> (u64, u64) {
+        let counters = lock(&self.inner.counters);
+        counters
+            .per_prompt
+            .iter()
+            .filter(|(prompt, _)| prompt.contains(needle))
+            .fold((0, 0), |acc, (_, c)| (acc.0 + c.0, acc.1 + c.1))
+    }
+
+    /// The first rule matching `prompt` with uses left; consumes one use.
+    fn take_fault(&self, prompt: Option<&str>) -> Option<Fault> {
+        let mut rules = lock(&self.inner.rules);
+        let idx = rules.iter().position(|r| {
+            r.times != Some(0)
+                && match &r.prompt_contains {
+                    None => true,
+                    Some(s) => prompt.is_some_and(|p| p.contains(s.as_str())),
+                }
+        })?;
+        let fault = rules[idx].fault.clone();
+        if let Some(left) = rules[idx].times.as_mut() {
+            *left -= 1;
+            if *left == 0 {
+                rules.remove(idx);
+            }
+        }
+        Some(fault)
+    }
+}
+
+/// A test that panics while a lock is held leaves counters and rules at worst one update behind;
+/// the fake keeps serving rather than failing every later request of the other tests.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}

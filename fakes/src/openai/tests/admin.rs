@@ -1,0 +1,65 @@
+//! The `/_fake/` endpoints, as another process drives the fake through them.
+
+use super::*;
+
+#[tokio::test]
+async fn admin_endpoints_drive_the_fake() {
+    let server = serve(FakeOptions::default()).await;
+    let admin = |path: &str| format!("http://{}/_fake/{path}", server.addr);
+    let http = client();
+    let r = rule(None, Fault::ServerError { status: 500 }, None);
+    let resp = http.post(admin("rules")).json(&r).send().await.unwrap();
+    assert_eq!(resp.status(), 204);
+    assert_eq!(status_of(&server, json!({"prompt": "x"})).await, 500);
+    assert_eq!(status_of(&server, json!({"prompt": "x"})).await, 500);
+    assert_eq!(
+        http.delete(admin("rules")).send().await.unwrap().status(),
+        204
+    );
+    let resp = http
+        .post(admin("latency"))
+        .json(&json!({"ms": 150}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 204);
+    let started = Instant::now();
+    assert_eq!(status_of(&server, json!({"prompt": "x"})).await, 200);
+    assert!(started.elapsed() >= Duration::from_millis(150));
+
+    let get = |path: &str| {
+        let request = http.get(admin(path));
+        async move { request.send().await.unwrap().json::<Value>().await.unwrap() }
+    };
+    let stats: Stats = serde_json::from_value(get("stats").await).unwrap();
+    assert_eq!((stats.requests, stats.billed, stats.images), (3, 1, 1));
+    assert_eq!(stats.errors_by_status, BTreeMap::from([(500, 2)]));
+    let calls = get("calls?prompt_contains=x").await;
+    assert_eq!(calls, json!({"calls": 3, "billed": 1}));
+
+    let missing = http
+        .post(format!("{}/images/edits", server.base_url()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(missing.status(), 404);
+}
+
+#[test]
+fn rules_are_serde_tagged() {
+    let r: Rule = serde_json::from_value(json!({
+        "prompt_contains": null,
+        "fault": {"kind": "rate_limited", "retry_after_secs": 2.0, "retry_after_ms": null},
+        "times": 3
+    }))
+    .unwrap();
+    assert!(matches!(
+        r.fault,
+        Fault::RateLimited {
+            retry_after_secs: Some(_),
+            retry_after_ms: None
+        }
+    ));
+    let hang = serde_json::to_value(Fault::Hang { secs: 1.0 }).unwrap();
+    assert_eq!(hang, json!({"kind": "hang", "secs": 1.0}));
+}

@@ -1,0 +1,464 @@
+//! `[providers.NAME]`: the image providers a worker can call, each of a `kind`.
+//!
+//! A provider's table holds the keys of its kind and, optionally, what it does differently from
+//! the worker's own sections: `concurrency` (default `worker.concurrency`), and `limits`,
+//! `retry` and `pricing` tables whose keys replace those of `[limits]`, `[retry]` and
+//! `[pricing]`. Keys of its kind that it leaves out come from `[provider_defaults.KIND]`, where
+//! `config/default.toml` documents every key of every kind.
+//!
+//! Names match `[a-z][a-z0-9_]*`, so `IMAGEGEN__PROVIDERS__NAME__KEY` overrides work. With no
+//! `[providers]` at all, one provider named `placeholder` of kind `placeholder` is configured:
+//! the embedded default needs no key and no network.
+//!
+//! The section `[provider]` of earlier releases (one provider, flat keys) is still read, as a
+//! provider named after its kind, with a warning that names the keys to use instead.
+
+use std::collections::BTreeSet;
+
+use config::{Map, Value, ValueKind};
+use secrecy::{ExposeSecret, SecretString};
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+
+use super::sections::{LimitsSettings, RetrySettings, WorkerSettings};
+use super::{ConfigError, in_range, invalid};
+use crate::domain::cost::PriceTable;
+
+/// The kinds of provider this worker has a driver for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProviderKind {
+    /// The OpenAI Images API, or a host that speaks it.
+    Openai,
+    /// Renders a deterministic PNG locally: no network, no cost.
+    Placeholder,
+}
+
+impl ProviderKind {
+    /// Every kind, as written in `kind`.
+    pub const ALL: &'static [ProviderKind] = &[ProviderKind::Openai, ProviderKind::Placeholder];
+
+    /// The kind as written in `kind`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ProviderKind::Openai => "openai",
+            ProviderKind::Placeholder => "placeholder",
+        }
+    }
+
+    fn parse(s: &str) -> Option<Self> {
+        Self::ALL.iter().copied().find(|k| k.as_str() == s)
+    }
+
+    fn names() -> String {
+        Self::ALL
+            .iter()
+            .map(|k| format!("\"{}\"", k.as_str()))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+}
+
+/// `[provider_defaults.KIND]`: every key of each kind, with its default.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProviderDefaults {
+    /// The keys of kind `openai`.
+    pub openai: OpenAiSettings,
+    /// The keys of kind `placeholder`.
+    pub placeholder: PlaceholderSettings,
+}
+
+/// How an `openai` provider sends its key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum AuthScheme {
+    /// `Authorization: Bearer KEY` (OpenAI and compatible hosts).
+    Bearer,
+    /// The `api-key` header (Azure OpenAI with key authentication).
+    ApiKey,
+}
+
+/// Kind `openai`: `POST {base_url}/images/generations`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OpenAiSettings {
+    /// Base URL of the API.
+    pub base_url: String,
+    /// API key. Never logged.
+    pub api_key: SecretString,
+    /// `bearer` or `api-key`.
+    pub auth: AuthScheme,
+    /// Model of jobs that name none.
+    pub model: String,
+    /// Size of jobs that name none.
+    pub size: String,
+    /// Quality of jobs that name none.
+    pub quality: String,
+    /// Output format of jobs that name none.
+    pub output_format: String,
+    /// Background of jobs that name none; empty: not sent.
+    pub background: String,
+    /// `url` or `b64_json` for models that take it; empty: not sent.
+    pub response_format: String,
+    /// Seconds allowed for one request, the answer's body included.
+    pub request_timeout_secs: u64,
+    /// Seconds allowed to open a connection.
+    pub connect_timeout_secs: u64,
+    /// Largest answer accepted, in bytes.
+    pub max_response_bytes: usize,
+}
+
+/// Kind `placeholder`: a PNG rendered from the prompt.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PlaceholderSettings {
+    /// The model reported in events (and looked up in the prices).
+    pub model: String,
+    /// Size of jobs that name none.
+    pub size: String,
+    /// Output format of jobs that name none (the image is a PNG whatever it says).
+    pub output_format: String,
+}
+
+/// The keys of a provider's kind.
+#[derive(Debug, Clone)]
+pub enum KindSettings {
+    /// Kind `openai`.
+    Openai(OpenAiSettings),
+    /// Kind `placeholder`.
+    Placeholder(PlaceholderSettings),
+}
+
+impl KindSettings {
+    /// The kind these settings are of.
+    pub fn kind(&self) -> ProviderKind {
+        match self {
+            KindSettings::Openai(_) => ProviderKind::Openai,
+            KindSettings::Placeholder(_) => ProviderKind::Placeholder,
+        }
+    }
+}
+
+/// One configured provider, resolved: its kind's keys, and the worker's sections with its own
+/// changes applied.
+#[derive(Debug, Clone)]
+pub struct ProviderSettings {
+    /// The name jobs choose it by (`provider` in a job).
+    pub name: String,
+    /// Its kind and the kind's keys.
+    pub kind: KindSettings,
+    /// Calls in flight at once.
+    pub concurrency: usize,
+    /// How fast it is called.
+    pub limits: LimitsSettings,
+    /// How its calls are retried.
+    pub retry: RetrySettings,
+    /// Its prices.
+    pub pricing: PriceTable,
+}
+
+/// What [`resolve`] makes of the `[providers]` tables.
+pub(super) struct Resolved {
+    pub providers: Vec<ProviderSettings>,
+    pub default: String,
+    pub warnings: Vec<String>,
+}
+
+/// The environment variable and the key it sets on the provider named `openai` (or on the
+/// `[provider]` of earlier releases).
+pub(super) const OPENAI_VARS: &[(&str, &str)] = &[
+    ("OPENAI_API_KEY", "api_key"),
+    ("OPENAI_BASE_URL", "base_url"),
+];
+
+/// Where the `OPENAI_*` variables go: the `[provider]` of earlier releases when there is one,
+/// else the provider named `openai` when there is one.
+pub(super) fn openai_vars_target(cfg: &config::Config) -> Option<&'static str> {
+    if cfg.get_table("provider").is_ok() {
+        Some("provider")
+    } else if cfg.get_table("providers.openai").is_ok() {
+        Some("providers.openai")
+    } else {
+        None
+    }
+}
+
+/// Reads every provider's table, applies its kind's defaults and the worker's sections, and
+/// names the default provider.
+pub(super) fn resolve(
+    cfg: &config::Config,
+    worker: &WorkerSettings,
+) -> Result<Resolved, ConfigError> {
+    let mut warnings = Vec::new();
+    let mut tables: Vec<(String, Map<String, Value>)> = match cfg.get_table("providers") {
+        Ok(t) => t
+            .into_iter()
+            .map(|(name, v)| {
+                let table = v
+                    .into_table()
+                    .map_err(|_| invalid(format!("providers.{name}"), "must be a table"))?;
+                Ok((name, table))
+            })
+            .collect::<Result<_, ConfigError>>()?,
+        Err(_) => Vec::new(),
+    };
+    tables.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut legacy_name = None;
+    if let Ok(legacy) = cfg.get_table("provider") {
+        let (name, table, warning) = from_legacy(cfg, legacy)?;
+        if tables.iter().any(|(n, _)| *n == name) {
+            return Err(invalid(
+                "provider",
+                format!(
+                    "and [providers.{name}] are both set: move the keys of [provider] into \
+                     [providers.{name}]"
+                ),
+            ));
+        }
+        warnings.push(warning);
+        legacy_name = Some(name.clone());
+        tables.push((name, table));
+    }
+    if tables.is_empty() {
+        let mut table = Map::new();
+        table.insert("kind".into(), Value::from("placeholder"));
+        tables.push(("placeholder".into(), table));
+    }
+    let mut providers = Vec::with_capacity(tables.len());
+    for (name, table) in tables {
+        providers.push(resolve_one(cfg, worker, name, table)?);
+    }
+    let names: Vec<&str> = providers.iter().map(|p| p.name.as_str()).collect();
+    let default = match (worker.default_provider.as_str(), legacy_name) {
+        ("", Some(legacy)) => legacy,
+        ("", None) if names.len() == 1 => names[0].to_string(),
+        ("", None) => {
+            return Err(invalid(
+                "worker.default_provider",
+                format!(
+                    "must name the provider of jobs that name none: one of {}",
+                    names.join(", ")
+                ),
+            ));
+        }
+        (name, _) if names.contains(&name) => name.to_string(),
+        (name, _) => {
+            return Err(invalid(
+                "worker.default_provider",
+                format!(
+                    "is {name:?}, which is not a configured provider (configured: {})",
+                    names.join(", ")
+                ),
+            ));
+        }
+    };
+    Ok(Resolved {
+        providers,
+        default,
+        warnings,
+    })
+}
+
+fn resolve_one(
+    cfg: &config::Config,
+    worker: &WorkerSettings,
+    name: String,
+    mut table: Map<String, Value>,
+) -> Result<ProviderSettings, ConfigError> {
+    let section = format!("providers.{name}");
+    if !valid_name(&name) {
+        return Err(invalid(
+            section,
+            "names a provider with 1-64 characters of [a-z0-9_], starting with a letter \
+             (so that IMAGEGEN__PROVIDERS__NAME__KEY can override its keys)",
+        ));
+    }
+    let kind_key = format!("{section}.kind");
+    let kind = match table.remove("kind").map(Value::into_string) {
+        Some(Ok(k)) => ProviderKind::parse(&k).ok_or_else(|| {
+            invalid(
+                kind_key.clone(),
+                format!("is {k:?}, must be one of {}", ProviderKind::names()),
+            )
+        })?,
+        _ => {
+            return Err(invalid(
+                kind_key,
+                format!("is required: one of {}", ProviderKind::names()),
+            ));
+        }
+    };
+    let concurrency = match table.remove("concurrency") {
+        None => worker.concurrency,
+        Some(v) => {
+            let n = v
+                .into_int()
+                .map_err(|e| invalid(format!("{section}.concurrency"), e.to_string()))?;
+            in_range(format!("{section}.concurrency"), n.max(0) as u64, 1, 1024)?;
+            n as usize
+        }
+    };
+    let limits: LimitsSettings = overlaid(cfg, "limits", table.remove("limits"), &section)?;
+    limits.validate(&format!("{section}.limits"), concurrency)?;
+    let retry: RetrySettings = overlaid(cfg, "retry", table.remove("retry"), &section)?;
+    retry.validate(&format!("{section}.retry"))?;
+    let pricing: PriceTable = overlaid(cfg, "pricing", table.remove("pricing"), &section)?;
+    pricing
+        .validate()
+        .map_err(|e| invalid(format!("{section}.pricing"), e))?;
+    let defaults = format!("provider_defaults.{}", kind.as_str());
+    let kind = match kind {
+        ProviderKind::Openai => {
+            let s: OpenAiSettings = overlaid(cfg, &defaults, Some(table_value(table)), &section)?;
+            validate_openai(&section, &s)?;
+            KindSettings::Openai(s)
+        }
+        ProviderKind::Placeholder => {
+            let s: PlaceholderSettings =
+                overlaid(cfg, &defaults, Some(table_value(table)), &section)?;
+            if s.model.trim().is_empty() {
+                return Err(invalid(format!("{section}.model"), "must not be empty"));
+            }
+            KindSettings::Placeholder(s)
+        }
+    };
+    Ok(ProviderSettings {
+        name,
+        kind,
+        concurrency,
+        limits,
+        retry,
+        pricing,
+    })
+}
+
+fn valid_name(name: &str) -> bool {
+    let mut bytes = name.bytes();
+    name.len() <= 64
+        && bytes.next().is_some_and(|b| b.is_ascii_lowercase())
+        && bytes.all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+}
+
+fn table_value(table: Map<String, Value>) -> Value {
+    Value::new(None, ValueKind::Table(table))
+}
+
+/// The table at `base` with the keys of `over` replacing its own, deserialised. Errors name the
+/// provider's section.
+fn overlaid<T: DeserializeOwned>(
+    cfg: &config::Config,
+    base: &str,
+    over: Option<Value>,
+    section: &str,
+) -> Result<T, ConfigError> {
+    let mut table = cfg
+        .get_table(base)
+        .map_err(|e| invalid(base.to_string(), e.to_string()))?;
+    if let Some(over) = over {
+        let over = over
+            .into_table()
+            .map_err(|e| invalid(section.to_string(), e.to_string()))?;
+        table.extend(over);
+    }
+    table_value(table)
+        .try_deserialize()
+        .map_err(|e| invalid(section.to_string(), e.to_string()))
+}
+
+/// `[provider]` of earlier releases as a provider named after its kind.
+fn from_legacy(
+    cfg: &config::Config,
+    mut legacy: Map<String, Value>,
+) -> Result<(String, Map<String, Value>, String), ConfigError> {
+    let kind = match legacy.remove("kind").map(Value::into_string) {
+        None => ProviderKind::Placeholder,
+        Some(Ok(k)) => ProviderKind::parse(&k).ok_or_else(|| {
+            invalid(
+                "provider.kind",
+                format!("is {k:?}, must be one of {}", ProviderKind::names()),
+            )
+        })?,
+        Some(Err(e)) => return Err(invalid("provider.kind", e.to_string())),
+    };
+    let name = kind.as_str().to_string();
+    // [provider] held every key of every kind; only those of its kind mean something.
+    let own: BTreeSet<String> = cfg
+        .get_table(&format!("provider_defaults.{name}"))
+        .map(|t| t.into_keys().collect())
+        .unwrap_or_default();
+    // Its keys were those of kind openai: anything else is a typo, as it always was.
+    let known: BTreeSet<String> = cfg
+        .get_table("provider_defaults.openai")
+        .map(|t| t.into_keys().collect())
+        .unwrap_or_default();
+    if let Some(unknown) = legacy.keys().find(|k| !known.contains(*k)) {
+        return Err(invalid(
+            "provider",
+            format!("has an unknown key `{unknown}`"),
+        ));
+    }
+    let given: Vec<String> = legacy.keys().cloned().collect();
+    legacy.retain(|k, _| own.contains(k));
+    legacy.insert("kind".into(), Value::from(name.as_str()));
+    let env = given
+        .iter()
+        .map(|k| {
+            format!(
+                "IMAGEGEN__PROVIDER__{0} -> IMAGEGEN__PROVIDERS__{1}__{0}",
+                k.to_uppercase(),
+                name.to_uppercase()
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(", ");
+    let warning = format!(
+        "the [provider] section is deprecated: it is read as [providers.{name}] with \
+         kind = \"{name}\", the default provider (worker.default_provider = \"{name}\"). Write \
+         it that way; in the environment: {}",
+        if env.is_empty() {
+            format!("IMAGEGEN__PROVIDERS__{}__KIND={name}", name.to_uppercase())
+        } else {
+            env
+        }
+    );
+    Ok((name, legacy, warning))
+}
+
+fn validate_openai(section: &str, p: &OpenAiSettings) -> Result<(), ConfigError> {
+    let key = |name: &str| format!("{section}.{name}");
+    if !(p.base_url.starts_with("http://") || p.base_url.starts_with("https://")) {
+        return Err(invalid(
+            key("base_url"),
+            "must be an http:// or https:// URL",
+        ));
+    }
+    if reqwest::Url::parse(&p.base_url).is_err() {
+        return Err(invalid(key("base_url"), "is not a valid URL"));
+    }
+    if p.api_key.expose_secret().trim().is_empty() {
+        let name = section.trim_start_matches("providers.").to_uppercase();
+        let hint = if name == "OPENAI" {
+            "set OPENAI_API_KEY or IMAGEGEN__PROVIDERS__OPENAI__API_KEY".to_string()
+        } else {
+            format!("set IMAGEGEN__PROVIDERS__{name}__API_KEY")
+        };
+        return Err(invalid(key("api_key"), format!("is required ({hint})")));
+    }
+    if p.model.trim().is_empty() {
+        return Err(invalid(key("model"), "must not be empty"));
+    }
+    if !matches!(p.response_format.as_str(), "" | "url" | "b64_json") {
+        return Err(invalid(
+            key("response_format"),
+            "must be \"\", \"url\" or \"b64_json\"",
+        ));
+    }
+    in_range(key("request_timeout_secs"), p.request_timeout_secs, 1, 3600)?;
+    in_range(key("connect_timeout_secs"), p.connect_timeout_secs, 1, 600)?;
+    in_range(
+        key("max_response_bytes"),
+        p.max_response_bytes as u64,
+        1024,
+        1 << 32,
+    )
+}

@@ -1,0 +1,576 @@
+//! The job message contract: what a producer publishes to the jobs queue.
+//!
+//! A job is a JSON object. Only `prompt` is required. Unknown top-level fields make the job
+//! invalid, so that a typo (`sise`) never silently buys the wrong image. `version` (default 1)
+//! numbers the schema: a worker dead-letters a job of a newer version as `invalid_job` with a
+//! message saying so, and it can be replayed once the workers are upgraded.
+
+use serde::Deserialize;
+use serde_json::{Map, Value};
+use sha2::{Digest, Sha256};
+
+use super::error::Failure;
+
+/// The job schema version this worker understands.
+/// Version 2 added `provider`, `negative_prompt` and `seed`; version 1 jobs are version 2 jobs
+/// that do not use them.
+pub const JOB_SCHEMA_VERSION: u32 = 2;
+
+/// Request fields that the worker controls: `params` may not set them.
+pub const RESERVED_PARAMS: &[&str] = &[
+    "prompt",
+    "model",
+    "n",
+    "stream",
+    "response_format",
+    "partial_images",
+    "size",
+    "quality",
+    "output_format",
+    "background",
+];
+
+const MAX_ID_LEN: usize = 128;
+const MAX_OPTION_LEN: usize = 64;
+
+/// Bounds applied while parsing (from the settings: see `Settings::job_rules`).
+#[derive(Debug, Clone)]
+pub struct JobRules {
+    pub max_message_bytes: usize,
+    pub max_prompt_chars: usize,
+    pub max_metadata_bytes: usize,
+    /// The configured provider names a job may choose with `provider`.
+    pub providers: Vec<String>,
+}
+
+/// A valid job, as the producer sent it: fields it left out stay `None` here, and take the
+/// defaults of the job's provider when its request is made.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Job {
+    pub id: String,
+    pub batch: Option<String>,
+    /// The configured provider to use; `None`: the default one (`worker.default_provider`).
+    pub provider: Option<String>,
+    pub prompt: String,
+    /// What the image should not show, for providers that take it.
+    pub negative_prompt: Option<String>,
+    pub model: Option<String>,
+    /// `WIDTHxHEIGHT`, an aspect ratio `W:H`, `auto`, or another string the provider knows.
+    pub size: Option<String>,
+    pub quality: Option<String>,
+    pub output_format: Option<String>,
+    pub background: Option<String>,
+    /// For providers that take a seed: the same seed and request give the same image.
+    pub seed: Option<u64>,
+    pub n: u8,
+    pub params: Map<String, Value>,
+    pub metadata: Value,
+    /// Past this instant the job ends as `expired`, without a provider call.
+    pub deadline: Option<time::OffsetDateTime>,
+}
+
+/// The wire form. Every field optional here so that the checks below give precise messages.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WireJob {
+    version: Option<u32>,
+    id: Option<String>,
+    prompt: Option<String>,
+    batch: Option<String>,
+    provider: Option<String>,
+    negative_prompt: Option<String>,
+    seed: Option<Value>,
+    model: Option<String>,
+    size: Option<String>,
+    quality: Option<String>,
+    output_format: Option<String>,
+    background: Option<String>,
+    n: Option<u64>,
+    params: Option<Map<String, Value>>,
+    metadata: Option<Map<String, Value>>,
+    deadline: Option<String>,
+}
+
+/// A job that could not be accepted, with the id to report it under.
+#[derive(Debug, Clone, PartialEq)]
+pub struct InvalidJob {
+    /// The job's id when it had a valid one, else `invalid-` and a digest of the message body.
+    pub job_id: String,
+    pub batch: Option<String>,
+    pub metadata: Value,
+    pub message: String,
+}
+
+impl InvalidJob {
+    pub fn failure(&self) -> Failure {
+        Failure::invalid_job(self.message.clone())
+    }
+}
+
+/// True when `s` is a valid id or batch name: 1-128 characters of `[A-Za-z0-9._-]`, and not a
+/// path component such as `.` or `..` (ids become object keys).
+pub fn is_valid_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= MAX_ID_LEN
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+        && !s.bytes().all(|b| b == b'.')
+}
+
+impl Job {
+    /// Parses and validates a message body. `message_id` is the AMQP `message_id`, used when the
+    /// body has no `id`.
+    pub fn parse(
+        body: &[u8],
+        message_id: Option<&str>,
+        rules: &JobRules,
+    ) -> Result<Job, InvalidJob> {
+        let fallback_id = || format!("invalid-{}", &hex::encode(Sha256::digest(body))[..24]);
+        let reject =
+            |id: Option<&str>, batch: Option<&str>, metadata: Value, message: String| InvalidJob {
+                job_id: id
+                    .filter(|i| is_valid_name(i))
+                    .map(str::to_string)
+                    .unwrap_or_else(fallback_id),
+                batch: batch.filter(|b| is_valid_name(b)).map(str::to_string),
+                metadata,
+                message,
+            };
+        if body.len() > rules.max_message_bytes {
+            return Err(reject(
+                message_id,
+                None,
+                Value::Null,
+                format!(
+                    "message is {} bytes, larger than worker.max_message_bytes ({})",
+                    body.len(),
+                    rules.max_message_bytes
+                ),
+            ));
+        }
+        let text = match std::str::from_utf8(body) {
+            Ok(t) => t,
+            Err(e) => {
+                return Err(reject(
+                    message_id,
+                    None,
+                    Value::Null,
+                    format!("message is not UTF-8: {e}"),
+                ));
+            }
+        };
+        let value: Value = match serde_json::from_str(text) {
+            Ok(v) => v,
+            Err(e) => {
+                return Err(reject(
+                    message_id,
+                    None,
+                    Value::Null,
+                    format!("message is not JSON: {e}"),
+                ));
+            }
+        };
+        // Best-effort id, batch and metadata for the failure report, before strict parsing.
+        let loose_id = value
+            .get("id")
+            .and_then(Value::as_str)
+            .or(message_id)
+            .map(str::to_string);
+        let loose_batch = value
+            .get("batch")
+            .and_then(Value::as_str)
+            .map(str::to_string);
+        let loose_metadata = value
+            .get("metadata")
+            .filter(|m| m.is_object())
+            .cloned()
+            .unwrap_or(Value::Null);
+        let fail = |message: String| {
+            // Only echo metadata that respects its own size limit.
+            let metadata = if serde_json::to_vec(&loose_metadata).map_or(0, |v| v.len())
+                <= rules.max_metadata_bytes
+            {
+                loose_metadata.clone()
+            } else {
+                Value::Null
+            };
+            reject(
+                loose_id.as_deref(),
+                loose_batch.as_deref(),
+                metadata,
+                message,
+            )
+        };
+        if !value.is_object() {
+            return Err(fail("message must be a JSON object".into()));
+        }
+        let wire: WireJob =
+            serde_json::from_value(value).map_err(|e| fail(format!("invalid job: {e}")))?;
+
+        if let Some(v) = wire.version
+            && v > JOB_SCHEMA_VERSION
+        {
+            return Err(fail(format!(
+                "job schema version {v} is newer than this worker supports ({JOB_SCHEMA_VERSION}); \
+                 upgrade the workers and replay it from the dead-letter queue"
+            )));
+        }
+        let id = match wire.id.as_deref().or(message_id) {
+            Some(id) if is_valid_name(id) => id.to_string(),
+            Some(id) => {
+                return Err(fail(format!(
+                    "id {:?} must be 1-{MAX_ID_LEN} characters of [A-Za-z0-9._-] and not only dots",
+                    truncate(id, 140)
+                )));
+            }
+            None => {
+                return Err(fail(
+                    "job has no `id` and the message has no message_id".into(),
+                ));
+            }
+        };
+        if let Some(b) = &wire.batch
+            && !is_valid_name(b)
+        {
+            return Err(fail(format!(
+                "batch {:?} must be 1-{MAX_ID_LEN} characters of [A-Za-z0-9._-] and not only dots",
+                truncate(b, 140)
+            )));
+        }
+        let prompt = match wire.prompt {
+            Some(p) if !p.trim().is_empty() => p,
+            Some(_) => return Err(fail("`prompt` is empty".into())),
+            None => return Err(fail("`prompt` is required".into())),
+        };
+        let chars = prompt.chars().count();
+        if chars > rules.max_prompt_chars {
+            return Err(fail(format!(
+                "`prompt` has {chars} characters, more than worker.max_prompt_chars ({})",
+                rules.max_prompt_chars
+            )));
+        }
+        let n = wire.n.unwrap_or(1);
+        if !(1..=10).contains(&n) {
+            return Err(fail(format!("`n` is {n}, must be between 1 and 10")));
+        }
+        let option = |name: &str, v: Option<String>| -> Result<Option<String>, InvalidJob> {
+            match v {
+                None => Ok(None),
+                Some(v) if valid_option(&v) => Ok(Some(v)),
+                Some(v) => Err(fail(format!(
+                    "`{name}` {:?} must be 1-{MAX_OPTION_LEN} printable characters",
+                    truncate(&v, 80)
+                ))),
+            }
+        };
+        let model = option("model", wire.model)?;
+        let size = option("size", wire.size)?;
+        let quality = option("quality", wire.quality)?;
+        let output_format = option("output_format", wire.output_format)?;
+        let background = option("background", wire.background)?;
+        let provider = option("provider", wire.provider)?;
+        if let Some(p) = &provider
+            && !rules.providers.iter().any(|c| c == p)
+        {
+            return Err(fail(format!(
+                "`provider` {p:?} is not a configured provider (configured: {})",
+                rules.providers.join(", ")
+            )));
+        }
+        let seed = match wire.seed {
+            None => None,
+            Some(v) => Some(v.as_u64().ok_or_else(|| {
+                fail(format!(
+                    "`seed` {} must be a whole number from 0 to {}",
+                    truncate(&v.to_string(), 40),
+                    u64::MAX
+                ))
+            })?),
+        };
+        let negative_prompt = match wire.negative_prompt {
+            Some(p) if p.chars().count() > rules.max_prompt_chars => {
+                return Err(fail(format!(
+                    "`negative_prompt` has more than worker.max_prompt_chars ({}) characters",
+                    rules.max_prompt_chars
+                )));
+            }
+            Some(p) if p.trim().is_empty() => None,
+            other => other,
+        };
+        let deadline = match wire.deadline {
+            None => None,
+            Some(d) => Some(
+                time::OffsetDateTime::parse(&d, &time::format_description::well_known::Rfc3339)
+                    .map_err(|_| {
+                        fail(format!(
+                            "`deadline` {:?} is not an RFC 3339 date-time (2026-12-01T18:00:00Z)",
+                            truncate(&d, 80)
+                        ))
+                    })?,
+            ),
+        };
+        let params = wire.params.unwrap_or_default();
+        if let Some(key) = params
+            .keys()
+            .find(|k| RESERVED_PARAMS.contains(&k.as_str()))
+        {
+            return Err(fail(format!(
+                "`params.{key}` is controlled by the worker; use the top-level field or leave it out"
+            )));
+        }
+        let metadata = match wire.metadata {
+            None => Value::Null,
+            Some(m) => {
+                let m = Value::Object(m);
+                let size = serde_json::to_vec(&m).map_or(usize::MAX, |v| v.len());
+                if size > rules.max_metadata_bytes {
+                    return Err(reject(
+                        Some(&id),
+                        wire.batch.as_deref(),
+                        Value::Null,
+                        format!(
+                            "`metadata` is {size} bytes of JSON, more than worker.max_metadata_bytes ({})",
+                            rules.max_metadata_bytes
+                        ),
+                    ));
+                }
+                m
+            }
+        };
+        Ok(Job {
+            id,
+            batch: wire.batch,
+            provider,
+            prompt,
+            negative_prompt,
+            model,
+            size,
+            quality,
+            output_format,
+            background,
+            seed,
+            n: n as u8,
+            params,
+            metadata,
+            deadline,
+        })
+    }
+
+    /// The key directory of this job's objects.
+    pub fn dir(&self, prefix: &str) -> String {
+        super::keys::job_dir(prefix, self.batch.as_deref(), &self.id)
+    }
+}
+
+fn valid_option(v: &str) -> bool {
+    !v.is_empty() && v.len() <= MAX_OPTION_LEN && !v.chars().any(char::is_control)
+}
+
+fn truncate(s: &str, max: usize) -> String {
+    s.chars().take(max).collect()
+}
+
+/// A deterministic job id: the same job, in the same batch, at the same occurrence in its file,
+/// always gets the same id, so that enqueueing a file again finds the stored results.
+/// `job` is the job object without `id`; its keys are sorted before hashing.
+pub fn derive_id(batch: Option<&str>, job: &Value, occurrence: u32) -> String {
+    let mut h = Sha256::new();
+    h.update(batch.unwrap_or("").as_bytes());
+    h.update([0]);
+    let mut canonical = Vec::new();
+    write_canonical(job, &mut canonical);
+    h.update(&canonical);
+    h.update([0]);
+    h.update(occurrence.to_be_bytes());
+    format!("j-{}", &hex::encode(h.finalize())[..32])
+}
+
+/// JSON with object keys sorted at every level, whatever serde_json's map order is.
+fn write_canonical(v: &Value, out: &mut Vec<u8>) {
+    match v {
+        Value::Object(map) => {
+            let mut keys: Vec<&String> = map.keys().collect();
+            keys.sort();
+            out.push(b'{');
+            for (i, k) in keys.into_iter().enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                out.extend(serde_json::to_vec(k).unwrap_or_default());
+                out.push(b':');
+                write_canonical(&map[k], out);
+            }
+            out.push(b'}');
+        }
+        Value::Array(items) => {
+            out.push(b'[');
+            for (i, item) in items.iter().enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                write_canonical(item, out);
+            }
+            out.push(b']');
+        }
+        scalar => out.extend(serde_json::to_vec(scalar).unwrap_or_default()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn rules() -> JobRules {
+        JobRules {
+            max_message_bytes: 4096,
+            max_prompt_chars: 100,
+            max_metadata_bytes: 64,
+            providers: vec!["openai".into(), "flux".into()],
+        }
+    }
+
+    fn parse(v: Value) -> Result<Job, InvalidJob> {
+        Job::parse(&serde_json::to_vec(&v).unwrap(), None, &rules())
+    }
+
+    #[test]
+    fn a_minimal_job_leaves_the_defaults_to_its_provider() {
+        let job = parse(json!({"id": "a-1", "prompt": "a red fox"})).unwrap();
+        assert_eq!(job.model, None);
+        assert_eq!(job.provider, None);
+        assert_eq!(job.n, 1);
+        assert_eq!(job.metadata, Value::Null);
+        assert_eq!(job.dir(""), "images/_/a-1");
+    }
+
+    #[test]
+    fn full_job_keeps_its_open_strings() {
+        let job = parse(json!({
+            "version": 1, "id": "x", "batch": "b.2", "prompt": "p", "model": "gpt-image-2.6-new",
+            "size": "2048x1152", "quality": "xhigh", "output_format": "webp", "background": "transparent",
+            "n": 3, "params": {"user": "u1", "moderation": "low"}, "metadata": {"row": 7}
+        }))
+        .unwrap();
+        assert_eq!(job.model.as_deref(), Some("gpt-image-2.6-new"));
+        assert_eq!(job.quality.as_deref(), Some("xhigh"));
+        assert_eq!(job.n, 3);
+        assert_eq!(job.params["moderation"], "low");
+        assert_eq!(job.metadata, json!({"row": 7}));
+        assert_eq!(job.dir("p/"), "p/images/b.2/x");
+    }
+
+    #[test]
+    fn version_2_fields_name_a_configured_provider_a_negative_prompt_and_a_seed() {
+        let job = parse(json!({
+            "version": 2, "id": "x", "prompt": "p", "provider": "flux",
+            "negative_prompt": "text, watermark", "seed": 42
+        }))
+        .unwrap();
+        assert_eq!(job.provider.as_deref(), Some("flux"));
+        assert_eq!(job.negative_prompt.as_deref(), Some("text, watermark"));
+        assert_eq!(job.seed, Some(42));
+        let err = parse(json!({"id": "x", "prompt": "p", "provider": "dalle"})).unwrap_err();
+        assert!(
+            err.message
+                .contains("\"dalle\" is not a configured provider (configured: openai, flux)"),
+            "{}",
+            err.message
+        );
+        assert_eq!(err.job_id, "x");
+    }
+
+    #[test]
+    fn message_id_is_the_fallback_id() {
+        let job = Job::parse(br#"{"prompt":"p"}"#, Some("mid-9"), &rules()).unwrap();
+        assert_eq!(job.id, "mid-9");
+        let err = Job::parse(br#"{"prompt":"p"}"#, None, &rules()).unwrap_err();
+        assert!(err.message.contains("no `id`"), "{}", err.message);
+    }
+
+    #[test]
+    fn bad_inputs_are_invalid_with_a_useful_message() {
+        let cases: Vec<(Vec<u8>, &str)> = vec![
+            (b"not json".to_vec(), "not JSON"),
+            (vec![0xff, 0xfe, b'{'], "not UTF-8"),
+            (b"[1,2]".to_vec(), "JSON object"),
+            (br#"{"id":"a","prompt":5}"#.to_vec(), "invalid type"),
+            (br#"{"id":"a"}"#.to_vec(), "`prompt` is required"),
+            (br#"{"id":"a","prompt":"   "}"#.to_vec(), "empty"),
+            (
+                br#"{"id":"a","prompt":"p","sise":"1x1"}"#.to_vec(),
+                "unknown field `sise`",
+            ),
+            (br#"{"id":"a","prompt":"p","n":0}"#.to_vec(), "`n` is 0"),
+            (br#"{"id":"a","prompt":"p","n":11}"#.to_vec(), "`n` is 11"),
+            (br#"{"id":"a/b","prompt":"p"}"#.to_vec(), "must be 1-128"),
+            (br#"{"id":"..","prompt":"p"}"#.to_vec(), "must be 1-128"),
+            (br#"{"id":"a b","prompt":"p"}"#.to_vec(), "must be 1-128"),
+            (
+                br#"{"id":"a","batch":"../x","prompt":"p"}"#.to_vec(),
+                "batch",
+            ),
+            (
+                br#"{"id":"a","prompt":"p","params":{"model":"x"}}"#.to_vec(),
+                "params.model",
+            ),
+            (
+                br#"{"id":"a","prompt":"p","params":{"stream":true}}"#.to_vec(),
+                "params.stream",
+            ),
+            (
+                br#"{"id":"a","prompt":"p","version":3}"#.to_vec(),
+                "version 3",
+            ),
+            (br#"{"id":"a","prompt":"p","seed":-1}"#.to_vec(), "seed"),
+            (br#"{"id":"a","prompt":"p","size":""}"#.to_vec(), "`size`"),
+        ];
+        for (body, expected) in cases {
+            let err = Job::parse(&body, None, &rules()).expect_err(&String::from_utf8_lossy(&body));
+            assert!(
+                err.message.contains(expected),
+                "{:?}: {}",
+                String::from_utf8_lossy(&body),
+                err.message
+            );
+            assert!(is_valid_name(&err.job_id), "{}", err.job_id);
+        }
+    }
+
+    #[test]
+    fn limits_are_enforced() {
+        let long = "x".repeat(101);
+        let err = parse(json!({"id": "a", "prompt": long})).unwrap_err();
+        assert!(err.message.contains("max_prompt_chars"));
+        let err = parse(json!({"id": "a", "prompt": "p", "metadata": {"k": "v".repeat(100)}}))
+            .unwrap_err();
+        assert!(err.message.contains("max_metadata_bytes"));
+        assert_eq!(err.job_id, "a");
+        let big = vec![b' '; 5000];
+        let err = Job::parse(&big, None, &rules()).unwrap_err();
+        assert!(err.message.contains("max_message_bytes"));
+    }
+
+    #[test]
+    fn invalid_job_keeps_a_valid_id_and_replaces_a_bad_one() {
+        let err = parse(json!({"id": "keep-me", "prompt": ""})).unwrap_err();
+        assert_eq!(err.job_id, "keep-me");
+        let err = parse(json!({"id": "../../etc", "prompt": "p"})).unwrap_err();
+        assert!(err.job_id.starts_with("invalid-"));
+        // Deterministic: the same body gives the same id.
+        let again = parse(json!({"id": "../../etc", "prompt": "p"})).unwrap_err();
+        assert_eq!(err.job_id, again.job_id);
+    }
+
+    #[test]
+    fn derived_ids_are_stable_and_distinct() {
+        let job = json!({"prompt": "a cat", "size": "1024x1024"});
+        let same = json!({"size": "1024x1024", "prompt": "a cat"});
+        let a = derive_id(Some("b"), &job, 0);
+        assert_eq!(a, derive_id(Some("b"), &same, 0));
+        assert!(is_valid_name(&a));
+        assert_ne!(a, derive_id(Some("b"), &job, 1));
+        assert_ne!(a, derive_id(Some("c"), &job, 0));
+        assert_ne!(a, derive_id(None, &job, 0));
+    }
+}

@@ -1,0 +1,411 @@
+//! The OpenAI Images API (`POST {base_url}/images/generations`) and compatible hosts (Azure
+//! OpenAI's v1 surface, Together, DeepInfra, ...): synchronous, up to 10 images a call, sizes and
+//! formats as open strings. Its answers are read in [`answer`], its errors and rate-limit headers
+//! in [`errors`].
+
+pub mod answer;
+pub mod errors;
+
+use std::time::Duration;
+
+use backon::{ExponentialBuilder, Retryable};
+use bytes::Bytes;
+use futures_util::future::BoxFuture;
+use reqwest::header::{HeaderMap, HeaderValue};
+use secrecy::ExposeSecret;
+use serde_json::{Map, Value};
+
+use self::answer::{ImageBytes, decode_answer};
+use self::errors::{ApiErrorBody, classify, rate_limits};
+use super::buffers::BufferPool;
+use super::http::{
+    MAX_ERROR_BODY, USER_AGENT, billed_failure, header_str, read_limited, retry_after,
+    transport_failure, with_request_id,
+};
+use super::{
+    Answer, Capabilities, GeneratedImage, Generation, ImageProvider, ImageRequest, JobDefaults,
+    Journal, Mode, Size, Sizes, sniff,
+};
+use crate::config::{AuthScheme, OpenAiSettings};
+use crate::domain::cost::Usage;
+use crate::domain::error::Failure;
+
+/// Retries of one image download (the image is paid for: retrying the call would buy it again).
+const DOWNLOAD_RETRIES: usize = 3;
+
+const CAPABILITIES: Capabilities = Capabilities {
+    images_per_call: 10,
+    sizes: Sizes::Any,
+    formats: None,
+    seed: false,
+    negative_prompt: false,
+    transparency: true,
+    mode: Mode::Synchronous,
+};
+
+pub struct OpenAi {
+    client: reqwest::Client,
+    /// For images answered by URL: no API key (the URLs are pre-signed, maybe on another host).
+    /// Made on first use: most models answer with base64.
+    downloads: tokio::sync::OnceCell<reqwest::Client>,
+    connect_timeout: Duration,
+    request_timeout: Duration,
+    endpoint: String,
+    response_format: Option<String>,
+    max_response_bytes: usize,
+    /// Answers are read into these, decoded in place and uploaded from there.
+    buffers: BufferPool,
+    defaults: JobDefaults,
+}
+
+fn optional(s: &str) -> Option<String> {
+    Some(s.to_string()).filter(|s| !s.is_empty())
+}
+
+impl OpenAi {
+    /// `buffers`: how many answer buffers are kept for reuse (the provider's concurrency).
+    pub fn new(settings: &OpenAiSettings, buffers: usize) -> anyhow::Result<Self> {
+        crate::install_crypto_provider();
+        let mut headers = HeaderMap::new();
+        let key = settings.api_key.expose_secret();
+        let (name, value) = match settings.auth {
+            AuthScheme::Bearer => ("authorization", format!("Bearer {key}")),
+            AuthScheme::ApiKey => ("api-key", key.to_string()),
+        };
+        let mut value = HeaderValue::from_str(&value).map_err(|_| {
+            anyhow::anyhow!(
+                "the provider's api_key contains characters not allowed in an HTTP header"
+            )
+        })?;
+        value.set_sensitive(true);
+        headers.insert(name, value);
+        let client = reqwest::Client::builder()
+            .user_agent(USER_AGENT)
+            .default_headers(headers)
+            .connect_timeout(Duration::from_secs(settings.connect_timeout_secs))
+            .timeout(Duration::from_secs(settings.request_timeout_secs))
+            .pool_idle_timeout(Duration::from_secs(90))
+            .build()?;
+        Ok(Self {
+            client,
+            downloads: tokio::sync::OnceCell::new(),
+            connect_timeout: Duration::from_secs(settings.connect_timeout_secs),
+            request_timeout: Duration::from_secs(settings.request_timeout_secs),
+            endpoint: format!(
+                "{}/images/generations",
+                settings.base_url.trim_end_matches('/')
+            ),
+            response_format: optional(&settings.response_format),
+            max_response_bytes: settings.max_response_bytes,
+            buffers: BufferPool::new(buffers),
+            defaults: JobDefaults {
+                model: settings.model.clone(),
+                size: settings.size.clone(),
+                quality: optional(&settings.quality),
+                output_format: optional(&settings.output_format),
+                background: optional(&settings.background),
+            },
+        })
+    }
+
+    /// The request body: the job's `params`, then the fields the worker controls over them.
+    fn body(&self, request: &ImageRequest) -> Value {
+        let mut body: Map<String, Value> = request.params.clone();
+        body.insert("model".into(), request.model.clone().into());
+        body.insert("prompt".into(), request.prompt.clone().into());
+        body.insert("n".into(), request.count.into());
+        body.insert("size".into(), request.size.to_string().into());
+        for (field, value) in [
+            ("quality", &request.quality),
+            ("output_format", &request.output_format),
+            ("background", &request.background),
+            ("response_format", &self.response_format),
+        ] {
+            if let Some(value) = value {
+                body.insert(field.into(), value.clone().into());
+            }
+        }
+        Value::Object(body)
+    }
+
+    async fn call(&self, request: &ImageRequest) -> Result<Generation, Failure> {
+        let response = self
+            .client
+            .post(&self.endpoint)
+            .json(&self.body(request))
+            .send()
+            .await
+            .map_err(transport_failure)?;
+        let status = response.status().as_u16();
+        let request_id = header_str(response.headers(), "x-request-id");
+        let rate_limits = rate_limits(response.headers());
+        if !(200..300).contains(&status) {
+            let after = retry_after(response.headers());
+            let should_retry =
+                header_str(response.headers(), "x-should-retry").map(|v| v == "true");
+            let mut body = Vec::new();
+            let _ = read_limited(response, MAX_ERROR_BODY, &mut body).await;
+            let mut failure = classify(
+                status,
+                &ApiErrorBody::parse(&body),
+                after,
+                should_retry,
+                request_id,
+            );
+            failure.detail_mut().rate_limits = rate_limits;
+            return Err(failure);
+        }
+        let expected = response.content_length().unwrap_or(0) as usize;
+        let mut body = self.buffers.take(expected.min(self.max_response_bytes));
+        read_limited(response, self.max_response_bytes, &mut body)
+            .await
+            .map_err(|f| with_request_id(f, &request_id))?;
+        let answer = decode_answer(body).map_err(|f| with_request_id(f, &request_id))?;
+        let declared = answer
+            .output_format
+            .or_else(|| request.output_format.clone())
+            .unwrap_or_default();
+        let mut images = Vec::with_capacity(answer.images.len());
+        for (data, revised_prompt) in answer.images {
+            let data = match data {
+                ImageBytes::Decoded(data) => data,
+                ImageBytes::Url(url) => self.download(&url).await?,
+            };
+            let (content_type, extension) = sniff(&data, &declared);
+            images.push(GeneratedImage {
+                data,
+                content_type,
+                extension,
+                revised_prompt,
+            });
+        }
+        let usage = match &answer.usage {
+            Some(reported) => reported_usage(reported, images.len() as u32),
+            None => estimate_images(request, images.len() as u32),
+        };
+        Ok(Generation {
+            images,
+            reported_usage: answer.usage,
+            usage,
+            model: Some(request.model.clone()),
+            request_id,
+            rate_limits,
+        })
+    }
+
+    /// Fetches an image given by URL (DALL-E style `url` responses, valid for an hour). The
+    /// image is paid for already: a transport error, a 429 or a 5xx is retried here, a few
+    /// times, rather than by buying the image again.
+    async fn download(&self, url: &str) -> Result<Bytes, Failure> {
+        let client = self
+            .downloads
+            .get_or_try_init(|| async {
+                reqwest::Client::builder()
+                    .user_agent(USER_AGENT)
+                    .connect_timeout(self.connect_timeout)
+                    .timeout(self.request_timeout)
+                    .build()
+            })
+            .await
+            .map_err(|e| billed_failure(format!("no HTTP client for the image download: {e}")))?;
+        let fetch = || async {
+            let response = client
+                .get(url)
+                .send()
+                .await
+                .map_err(|e| (true, format!("downloading the generated image failed: {e}")))?;
+            let status = response.status();
+            if !status.is_success() {
+                let transient = status.is_server_error() || status.as_u16() == 429;
+                return Err((
+                    transient,
+                    format!("downloading the generated image failed with HTTP {status}"),
+                ));
+            }
+            // Too large is final; a connection lost mid-body is worth another try.
+            let too_large = response
+                .content_length()
+                .is_some_and(|n| n > self.max_response_bytes as u64);
+            let mut body = Vec::new();
+            read_limited(response, self.max_response_bytes, &mut body)
+                .await
+                .map_err(|f| (!too_large, f.to_string()))?;
+            Ok(Bytes::from(body))
+        };
+        fetch
+            .retry(
+                ExponentialBuilder::default()
+                    .with_min_delay(Duration::from_millis(250))
+                    .with_max_times(DOWNLOAD_RETRIES),
+            )
+            .when(|(transient, _)| *transient)
+            .notify(|(_, message), after| {
+                tracing::warn!(error = %message, after_ms = after.as_millis() as u64, "retrying the image download");
+            })
+            .await
+            .map_err(|(_, message)| billed_failure(message))
+    }
+}
+
+impl ImageProvider for OpenAi {
+    fn kind(&self) -> &'static str {
+        "openai"
+    }
+
+    fn capabilities(&self) -> &Capabilities {
+        &CAPABILITIES
+    }
+
+    fn defaults(&self) -> &JobDefaults {
+        &self.defaults
+    }
+
+    fn estimate(&self, request: &ImageRequest) -> Usage {
+        estimate(request)
+    }
+
+    fn submit<'a>(
+        &'a self,
+        request: &'a ImageRequest,
+        _journal: &'a dyn Journal,
+    ) -> BoxFuture<'a, Result<Answer, Failure>> {
+        Box::pin(async move { self.call(request).await.map(Answer::Done) })
+    }
+}
+
+fn tokens(usage: &Value, path: &[&str]) -> Option<f64> {
+    path.iter()
+        .try_fold(usage, |v, k| v.get(k))
+        .and_then(Value::as_f64)
+}
+
+/// The usage an answer reports, in the neutral units: text and image input tokens, image and
+/// text output tokens (`output_tokens` when it has no details).
+fn reported_usage(usage: &Value, images: u32) -> Usage {
+    let input = tokens(usage, &["input_tokens"]).unwrap_or(0.0);
+    Usage {
+        input_text_tokens: tokens(usage, &["input_tokens_details", "text_tokens"]).unwrap_or(input),
+        input_image_tokens: tokens(usage, &["input_tokens_details", "image_tokens"]).unwrap_or(0.0),
+        output_image_tokens: tokens(usage, &["output_tokens_details", "image_tokens"])
+            .or_else(|| tokens(usage, &["output_tokens"]))
+            .unwrap_or(0.0),
+        output_text_tokens: tokens(usage, &["output_tokens_details", "text_tokens"]).unwrap_or(0.0),
+        images,
+        ..Usage::default()
+    }
+}
+
+/// What a request uses when the answer reports nothing: about four characters a token for the
+/// prompt, and the output tokens GPT image models document per image (by quality, for
+/// 1024x1024; other sizes scale with their pixel count).
+pub fn estimate(request: &ImageRequest) -> Usage {
+    estimate_images(request, request.count.into())
+}
+
+fn estimate_images(request: &ImageRequest, images: u32) -> Usage {
+    let per_image = match request.quality.as_deref() {
+        Some("low") => 272.0,
+        Some("high") => 4160.0,
+        Some("xhigh" | "max") => 8320.0,
+        _ => 1056.0,
+    };
+    let pixels = match request.size {
+        Size::Pixels { width, height } => width as f64 * height as f64,
+        _ => 1024.0 * 1024.0,
+    };
+    Usage {
+        input_text_tokens: (request.prompt.chars().count() as f64 / 4.0).ceil(),
+        output_image_tokens: per_image * pixels / (1024.0 * 1024.0) * images as f64,
+        images,
+        estimated: true,
+        ..Usage::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn params_pass_through_and_worker_fields_win() {
+        let settings = crate::config::Settings::load_with_overrides(
+            &crate::config::Sources::default(),
+            &[
+                ("providers.openai.kind", "openai".into()),
+                ("providers.openai.api_key", "sk-test".into()),
+            ],
+        )
+        .unwrap();
+        let crate::config::KindSettings::Openai(openai) = &settings.default_provider().kind else {
+            panic!("kind openai")
+        };
+        let provider = OpenAi::new(openai, 1).unwrap();
+        let job = crate::domain::job::Job::parse(
+            br#"{"id":"a","prompt":"p","n":3,"params":{"user":"u-1","output_compression":80}}"#,
+            None,
+            &settings.job_rules(),
+        )
+        .unwrap();
+        let body = provider.body(&ImageRequest::for_job(&job, provider.defaults(), 2));
+        assert_eq!(body["n"], 2);
+        assert_eq!(body["model"], "gpt-image-2");
+        assert_eq!(body["user"], "u-1");
+        assert_eq!(body["output_compression"], 80);
+        assert_eq!(body["size"], "1024x1024");
+        assert_eq!(body["quality"], "auto");
+        assert_eq!(body["output_format"], "png");
+        assert!(body.get("response_format").is_none());
+        assert!(body.get("background").is_none());
+    }
+
+    #[test]
+    fn usage_is_read_from_the_answer_or_estimated_and_marked() {
+        let reported = serde_json::json!({"input_tokens": 50, "input_tokens_details": {"text_tokens": 40, "image_tokens": 10},
+            "output_tokens": 8320, "output_tokens_details": {"image_tokens": 8320, "text_tokens": 0}});
+        let u = reported_usage(&reported, 2);
+        assert_eq!(
+            (
+                u.input_text_tokens,
+                u.input_image_tokens,
+                u.output_image_tokens,
+                u.images
+            ),
+            (40.0, 10.0, 8320.0, 2)
+        );
+        assert!(!u.estimated);
+        let plain = reported_usage(
+            &serde_json::json!({"input_tokens": 7, "output_tokens": 99}),
+            1,
+        );
+        assert_eq!(
+            (plain.input_text_tokens, plain.output_image_tokens),
+            (7.0, 99.0)
+        );
+        let request = ImageRequest {
+            model: "gpt-image-2".into(),
+            prompt: "a red fox in the snow".into(),
+            negative_prompt: None,
+            size: Size::parse("1024x1024"),
+            count: 2,
+            output_format: None,
+            quality: Some("high".into()),
+            background: None,
+            seed: None,
+            params: Map::new(),
+        };
+        // Two high-quality 1024x1024 images: 2 x 4160 output tokens, plus the prompt.
+        let e = estimate(&request);
+        assert!(e.estimated);
+        assert_eq!(
+            (e.input_text_tokens, e.output_image_tokens, e.images),
+            (6.0, 8320.0, 2)
+        );
+        let wide = ImageRequest {
+            size: Size::parse("2048x1024"),
+            quality: None,
+            count: 1,
+            ..request
+        };
+        assert_eq!(estimate(&wide).output_image_tokens, 2112.0);
+    }
+}

@@ -1,0 +1,326 @@
+//! The neutral request every provider is asked with, and what each provider declares it can do.
+//!
+//! A job says what it wants in the provider-neutral fields of the contract (prompt, negative
+//! prompt, size, count, format, quality, background, seed); each provider maps them to its own
+//! vocabulary, and passes the job's `params` through as its own fields. A provider declares its
+//! [`Capabilities`], so that a job asking for what it cannot do is refused before any call, with
+//! a message that says what it accepts, and so that the worker makes as many calls as a job's
+//! `n` needs when the provider gives fewer images per call.
+
+use serde_json::{Map, Value};
+
+use crate::domain::job::Job;
+
+/// The size a job asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Size {
+    /// Whatever the provider picks (`auto`).
+    Auto,
+    /// Exact pixels: `1024x1536`.
+    Pixels { width: u32, height: u32 },
+    /// An aspect ratio, the provider picking the pixels: `16:9`.
+    Aspect { width: u32, height: u32 },
+    /// Anything else: a provider that takes size strings gets it as written.
+    Named(String),
+}
+
+impl Size {
+    /// Reads a job's `size`: `WxH`, `W:H`, `auto`, or an open string.
+    pub fn parse(s: &str) -> Size {
+        let pair = |sep: char| {
+            let (a, b) = s.split_once(sep)?;
+            let digits = |t: &str| !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit());
+            if !(digits(a) && digits(b)) {
+                return None;
+            }
+            let (a, b) = (a.parse::<u32>().ok()?, b.parse::<u32>().ok()?);
+            (a > 0 && b > 0).then_some((a, b))
+        };
+        if s == "auto" {
+            Size::Auto
+        } else if let Some((width, height)) = pair('x') {
+            Size::Pixels { width, height }
+        } else if let Some((width, height)) = pair(':') {
+            Size::Aspect { width, height }
+        } else {
+            Size::Named(s.to_string())
+        }
+    }
+}
+
+impl std::fmt::Display for Size {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Size::Auto => f.write_str("auto"),
+            Size::Pixels { width, height } => write!(f, "{width}x{height}"),
+            Size::Aspect { width, height } => write!(f, "{width}:{height}"),
+            Size::Named(s) => f.write_str(s),
+        }
+    }
+}
+
+/// What a provider fills in for the fields a job leaves out (from its settings).
+#[derive(Debug, Clone, PartialEq)]
+pub struct JobDefaults {
+    pub model: String,
+    pub size: String,
+    /// `None`: not sent unless the job sets it.
+    pub quality: Option<String>,
+    pub output_format: Option<String>,
+    pub background: Option<String>,
+}
+
+/// One call's request, in the provider-neutral vocabulary.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ImageRequest {
+    pub model: String,
+    pub prompt: String,
+    pub negative_prompt: Option<String>,
+    pub size: Size,
+    /// Images asked for in this call.
+    pub count: u8,
+    pub output_format: Option<String>,
+    pub quality: Option<String>,
+    pub background: Option<String>,
+    pub seed: Option<u64>,
+    /// The job's provider-specific fields, passed through as they are.
+    pub params: Map<String, Value>,
+}
+
+impl ImageRequest {
+    /// The request for `count` of a job's images, the provider's defaults filling the gaps.
+    pub fn for_job(job: &Job, defaults: &JobDefaults, count: u8) -> Self {
+        let or = |v: &Option<String>, d: &Option<String>| v.clone().or_else(|| d.clone());
+        Self {
+            model: job.model.clone().unwrap_or_else(|| defaults.model.clone()),
+            prompt: job.prompt.clone(),
+            negative_prompt: job.negative_prompt.clone(),
+            size: Size::parse(job.size.as_deref().unwrap_or(&defaults.size)),
+            count,
+            output_format: or(&job.output_format, &defaults.output_format),
+            quality: or(&job.quality, &defaults.quality),
+            background: or(&job.background, &defaults.background),
+            seed: job.seed,
+            params: job.params.clone(),
+        }
+    }
+
+    /// The size as the job wrote it (or the default's), for prices and records.
+    pub fn size_text(&self) -> String {
+        self.size.to_string()
+    }
+}
+
+/// How a provider answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// The images come back in the answer to the request.
+    Synchronous,
+    /// The request is queued; the provider gives a handle to poll until the images are ready.
+    SubmitAndPoll,
+}
+
+/// The sizes a provider can express.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sizes {
+    /// Any size string, passed through (the provider refuses what it does not know).
+    Any,
+    /// `WIDTHxHEIGHT` (or `auto`), each side at most `max_side` pixels.
+    Pixels { max_side: u32 },
+    /// Only these aspect ratios (`W:H`), and `auto`.
+    Aspects(&'static [&'static str]),
+}
+
+/// What a provider can do, declared by its driver.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Capabilities {
+    /// Most images one call returns; a job wanting more gets several calls.
+    pub images_per_call: u8,
+    pub sizes: Sizes,
+    /// Output formats it can produce; `None`: any (passed through).
+    pub formats: Option<&'static [&'static str]>,
+    pub seed: bool,
+    pub negative_prompt: bool,
+    /// Whether it can make a transparent background.
+    pub transparency: bool,
+    pub mode: Mode,
+}
+
+impl Capabilities {
+    /// Why the provider cannot do what the request asks, in words a producer can act on.
+    pub fn refusal(&self, request: &ImageRequest) -> Option<String> {
+        match (&self.sizes, &request.size) {
+            (Sizes::Any, _) | (_, Size::Auto) => {}
+            (Sizes::Pixels { max_side }, Size::Pixels { width, height })
+                if width.max(height) <= max_side => {}
+            (Sizes::Pixels { max_side }, size) => {
+                return Some(format!(
+                    "takes sizes as WIDTHxHEIGHT (each side at most {max_side}) or auto, not {size}"
+                ));
+            }
+            (Sizes::Aspects(ratios), Size::Aspect { .. })
+                if ratios.contains(&request.size.to_string().as_str()) => {}
+            (Sizes::Aspects(ratios), size) => {
+                return Some(format!(
+                    "takes sizes as one of the aspect ratios {} or auto, not {size}",
+                    ratios.join(", ")
+                ));
+            }
+        }
+        if let (Some(formats), Some(format)) = (self.formats, &request.output_format)
+            && !formats.contains(&format.as_str())
+        {
+            return Some(format!("makes {} images, not {format}", formats.join(", ")));
+        }
+        if request.seed.is_some() && !self.seed {
+            return Some("takes no seed".into());
+        }
+        if request.negative_prompt.is_some() && !self.negative_prompt {
+            return Some("takes no negative_prompt".into());
+        }
+        if request.background.as_deref() == Some("transparent") && !self.transparency {
+            return Some("cannot make a transparent background".into());
+        }
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse_as_pixels_ratios_auto_or_open_strings() {
+        assert_eq!(
+            Size::parse("1024x1536"),
+            Size::Pixels {
+                width: 1024,
+                height: 1536
+            }
+        );
+        assert_eq!(
+            Size::parse("16:9"),
+            Size::Aspect {
+                width: 16,
+                height: 9
+            }
+        );
+        assert_eq!(Size::parse("auto"), Size::Auto);
+        for open in ["big", "0x5", "x5", "1024 x 1024", "-1x2", "4K"] {
+            assert_eq!(Size::parse(open), Size::Named(open.into()), "{open}");
+            assert_eq!(Size::parse(open).to_string(), open);
+        }
+        assert_eq!(Size::parse("512x256").to_string(), "512x256");
+        assert_eq!(Size::parse("21:9").to_string(), "21:9");
+    }
+
+    fn request() -> ImageRequest {
+        ImageRequest {
+            model: "m".into(),
+            prompt: "p".into(),
+            negative_prompt: None,
+            size: Size::parse("1024x1024"),
+            count: 1,
+            output_format: Some("png".into()),
+            quality: None,
+            background: None,
+            seed: None,
+            params: Map::new(),
+        }
+    }
+
+    #[test]
+    fn a_request_beyond_the_capabilities_is_refused_saying_what_is_accepted() {
+        let caps = Capabilities {
+            images_per_call: 1,
+            sizes: Sizes::Aspects(&["1:1", "16:9"]),
+            formats: Some(&["png", "jpeg"]),
+            seed: true,
+            negative_prompt: false,
+            transparency: false,
+            mode: Mode::SubmitAndPoll,
+        };
+        let with = |f: &dyn Fn(&mut ImageRequest)| {
+            let mut r = request();
+            f(&mut r);
+            caps.refusal(&r)
+        };
+        let size = with(&|_| {}).unwrap();
+        assert!(
+            size.contains("1:1, 16:9") && size.contains("1024x1024"),
+            "{size}"
+        );
+        assert_eq!(with(&|r| r.size = Size::parse("16:9")), None);
+        assert_eq!(with(&|r| r.size = Size::Auto), None);
+        let r = |f: &dyn Fn(&mut ImageRequest)| {
+            with(&|r: &mut ImageRequest| {
+                r.size = Size::Auto;
+                f(r)
+            })
+        };
+        assert!(
+            r(&|r| r.output_format = Some("webp".into()))
+                .unwrap()
+                .contains("png, jpeg")
+        );
+        assert_eq!(r(&|r| r.seed = Some(7)), None);
+        assert!(
+            r(&|r| r.negative_prompt = Some("x".into()))
+                .unwrap()
+                .contains("negative_prompt")
+        );
+        assert!(
+            r(&|r| r.background = Some("transparent".into()))
+                .unwrap()
+                .contains("transparent")
+        );
+        assert_eq!(r(&|r| r.background = Some("opaque".into())), None);
+        let pixels = Capabilities {
+            sizes: Sizes::Pixels { max_side: 2048 },
+            ..caps.clone()
+        };
+        let mut big = request();
+        big.size = Size::parse("4096x1024");
+        assert!(pixels.refusal(&big).unwrap().contains("at most 2048"));
+        big.size = Size::parse("2048x1024");
+        assert_eq!(pixels.refusal(&big), None);
+    }
+
+    #[test]
+    fn a_jobs_fields_win_over_the_providers_defaults() {
+        let rules = crate::domain::job::JobRules {
+            max_message_bytes: 4096,
+            max_prompt_chars: 100,
+            max_metadata_bytes: 100,
+            providers: vec![],
+        };
+        let job = Job::parse(
+            br#"{"id":"a","prompt":"p","size":"16:9","quality":"high","seed":3,"params":{"user":"u"}}"#,
+            None,
+            &rules,
+        )
+        .unwrap();
+        let defaults = JobDefaults {
+            model: "m1".into(),
+            size: "1024x1024".into(),
+            quality: Some("auto".into()),
+            output_format: Some("png".into()),
+            background: None,
+        };
+        let r = ImageRequest::for_job(&job, &defaults, 2);
+        assert_eq!(r.model, "m1");
+        assert_eq!(
+            r.size,
+            Size::Aspect {
+                width: 16,
+                height: 9
+            }
+        );
+        assert_eq!(r.quality.as_deref(), Some("high"));
+        assert_eq!(r.output_format.as_deref(), Some("png"));
+        assert_eq!(r.background, None);
+        assert_eq!(r.seed, Some(3));
+        assert_eq!(r.count, 2);
+        assert_eq!(r.params["user"], "u");
+    }
+}

@@ -1,0 +1,272 @@
+//! The one builder of result events: what a job's processing came to, priced, in the contract's
+//! shape. Success and failure events share everything but their status and error.
+
+use std::time::Instant;
+
+use serde_json::Value;
+use tracing::warn;
+
+use super::{Outcome, Settle};
+use crate::domain::cost::{Purchase, Usage};
+use crate::domain::error::{ErrorKind, Failure};
+use crate::domain::event::{
+    CloudEvent, EVENT_SCHEMA_VERSION, EventError, ResultData, Status, StoredImage,
+};
+use crate::domain::job::{InvalidJob, Job};
+use crate::provider::{Generation, ImageRequest};
+use crate::worker::providers::Route;
+
+/// Progress of one job in this delivery: what is stored, what was bought, what it cost.
+#[derive(Debug, Default)]
+pub struct Progress {
+    pub images: Vec<StoredImage>,
+    /// Failed provider attempts of earlier deliveries.
+    pub prior: u32,
+    /// Provider calls made in this delivery.
+    pub calls: u32,
+    /// Images the provider returned to this worker for this job.
+    pub bought: u32,
+    pub possibly_billed: u32,
+    /// What the provider reported, summed over calls (its own vocabulary, for the event).
+    pub reported_usage: Option<Value>,
+    /// The neutral usage, summed over calls (for the price).
+    pub usage: Usage,
+    pub request_id: Option<String>,
+    pub revised_prompt: Option<String>,
+    pub model: Option<String>,
+}
+
+impl Progress {
+    pub fn new(prior: u32) -> Self {
+        Self {
+            prior,
+            ..Self::default()
+        }
+    }
+
+    /// The indices of the job's images not stored yet.
+    pub fn missing(&self, n: u8) -> Vec<u32> {
+        (0..n as u32)
+            .filter(|i| !self.images.iter().any(|s| s.index == *i))
+            .collect()
+    }
+
+    /// Counts what one answer bought.
+    pub fn bought(&mut self, generation: &Generation) {
+        self.bought += generation.images.len() as u32;
+        self.reported_usage = merge_usage(
+            self.reported_usage.take(),
+            generation.reported_usage.clone(),
+        );
+        self.usage.add(&generation.usage);
+        if generation.request_id.is_some() {
+            self.request_id.clone_from(&generation.request_id);
+        }
+        if self.revised_prompt.is_none() {
+            self.revised_prompt = generation
+                .images
+                .iter()
+                .find_map(|i| i.revised_prompt.clone());
+        }
+        if self.model.is_none() {
+            self.model.clone_from(&generation.model);
+        }
+    }
+}
+
+/// Builds the events of one worker.
+pub struct Events {
+    source: String,
+}
+
+impl Events {
+    pub fn new(source: &str) -> Self {
+        Self {
+            source: source.to_string(),
+        }
+    }
+
+    fn data(
+        &self,
+        job_id: &str,
+        batch: Option<String>,
+        status: Status,
+        started: Instant,
+    ) -> ResultData {
+        ResultData {
+            schema_version: EVENT_SCHEMA_VERSION,
+            job_id: job_id.to_string(),
+            batch,
+            status,
+            images: Vec::new(),
+            error: None,
+            attempts: 0,
+            possibly_billed: 0,
+            model: None,
+            revised_prompt: None,
+            usage: None,
+            cost_usd: None,
+            cost_estimated: false,
+            duration_ms: started.elapsed().as_millis() as u64,
+            provider_request_id: None,
+            refusal: None,
+            metadata: Value::Null,
+        }
+    }
+
+    /// A message that is not a valid job: dead-lettered, with what is wrong.
+    pub fn invalid(&self, invalid: &InvalidJob, started: Instant) -> Outcome {
+        let data = ResultData {
+            error: Some(EventError::from_failure(
+                ErrorKind::InvalidJob,
+                &invalid.failure(),
+            )),
+            metadata: invalid.metadata.clone(),
+            ..self.data(
+                &invalid.job_id,
+                invalid.batch.clone(),
+                Status::Failed,
+                started,
+            )
+        };
+        self.finished(data, Settle::DeadLetter)
+    }
+
+    /// What the job came to, priced.
+    fn of_job(
+        &self,
+        job: &Job,
+        route: &Route,
+        request: &ImageRequest,
+        progress: Progress,
+        status: Status,
+        started: Instant,
+    ) -> ResultData {
+        let mut data = ResultData {
+            images: progress.images,
+            attempts: progress.prior + progress.calls,
+            possibly_billed: progress.possibly_billed,
+            model: Some(progress.model.unwrap_or_else(|| request.model.clone())),
+            revised_prompt: progress.revised_prompt,
+            usage: progress.reported_usage,
+            provider_request_id: progress.request_id,
+            metadata: job.metadata.clone(),
+            ..self.data(&job.id, job.batch.clone(), status, started)
+        };
+        data.images.sort_by_key(|i| i.index);
+        if progress.bought == 0 {
+            // Nothing was bought here (stored images reused, or no provider call).
+            data.cost_usd = Some(0.0);
+        } else if let Some(cost) = route.prices.cost(Purchase {
+            model: data.model.as_deref().unwrap_or(&request.model),
+            size: &request.size_text(),
+            quality: request.quality.as_deref().unwrap_or(""),
+            usage: &progress.usage,
+        }) {
+            data.cost_usd = Some(cost.usd);
+            data.cost_estimated = cost.estimated;
+        }
+        data
+    }
+
+    /// A succeeded job's event (also its record).
+    pub fn succeeded(
+        &self,
+        job: &Job,
+        route: &Route,
+        request: &ImageRequest,
+        progress: Progress,
+        started: Instant,
+    ) -> CloudEvent {
+        let data = self.of_job(job, route, request, progress, Status::Succeeded, started);
+        CloudEvent::new(&self.source, data)
+    }
+
+    /// A job that failed for good.
+    pub fn failed(
+        &self,
+        job: &Job,
+        route: &Route,
+        request: &ImageRequest,
+        progress: Progress,
+        failure: Failure,
+        started: Instant,
+    ) -> Outcome {
+        let data = self.of_job(job, route, request, progress, Status::Failed, started);
+        self.fail(data, failure)
+    }
+
+    /// A success that could not be recorded, as a failure that keeps what it had.
+    pub fn unrecorded(&self, event: CloudEvent, failure: Failure) -> Outcome {
+        let mut data = event.data;
+        data.status = Status::Failed;
+        self.fail(data, failure)
+    }
+
+    fn fail(&self, mut data: ResultData, failure: Failure) -> Outcome {
+        let kind = match &failure {
+            Failure::Permanent { kind, .. } => *kind,
+            _ => ErrorKind::RetriesExhausted,
+        };
+        warn!(error = %failure, kind = %kind, attempts = data.attempts, "job failed");
+        let detail = failure.detail().clone();
+        data.error = Some(EventError::from_failure(kind, &failure));
+        data.provider_request_id = detail.request_id.or(data.provider_request_id);
+        data.refusal = detail.refusal;
+        // Cancelled and expired jobs ended as asked: nothing to replay.
+        let settle = match kind {
+            ErrorKind::Cancelled | ErrorKind::Expired => Settle::Ack,
+            _ => Settle::DeadLetter,
+        };
+        self.finished(data, settle)
+    }
+
+    fn finished(&self, data: ResultData, settle: Settle) -> Outcome {
+        Outcome::Finished {
+            event: Box::new(CloudEvent::new(&self.source, data)),
+            settle,
+        }
+    }
+}
+
+/// Sums the numbers of two usage objects, field by field (several calls made one job's images).
+fn merge_usage(a: Option<Value>, b: Option<Value>) -> Option<Value> {
+    match (a, b) {
+        (None, b) => b,
+        (a, None) => a,
+        (Some(Value::Object(mut a)), Some(Value::Object(b))) => {
+            for (k, v) in b {
+                let merged = merge_usage(a.remove(&k), Some(v));
+                if let Some(m) = merged {
+                    a.insert(k, m);
+                }
+            }
+            Some(Value::Object(a))
+        }
+        (Some(Value::Number(x)), Some(Value::Number(y))) => match (x.as_u64(), y.as_u64()) {
+            (Some(x), Some(y)) => Some(Value::from(x + y)),
+            _ => Some(Value::from(
+                x.as_f64().unwrap_or(0.0) + y.as_f64().unwrap_or(0.0),
+            )),
+        },
+        (_, b) => b,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn usage_of_several_calls_is_summed() {
+        let a = json!({"input_tokens": 10, "output_tokens": 1056, "input_tokens_details": {"text_tokens": 10}});
+        let b = json!({"input_tokens": 10, "output_tokens": 2112, "input_tokens_details": {"text_tokens": 10}, "total_tokens": 5});
+        let m = merge_usage(Some(a), Some(b)).unwrap();
+        assert_eq!(m["input_tokens"], 20);
+        assert_eq!(m["output_tokens"], 3168);
+        assert_eq!(m["input_tokens_details"]["text_tokens"], 20);
+        assert_eq!(m["total_tokens"], 5);
+        assert_eq!(merge_usage(None, None), None);
+    }
+}

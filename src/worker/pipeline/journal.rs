@@ -1,0 +1,75 @@
+//! A job's journal: small objects under `{job dir}/journal/`, the durable notes of its progress
+//! at its provider. The worker keeps there the handle of a request a provider queued
+//! ([`PendingEntry`]), written before it waits, so that whoever handles the job next polls that
+//! request instead of submitting (and paying for) another one. Providers keep their own notes
+//! there too (a client-chosen id, before they submit).
+
+use bytes::Bytes;
+use futures_util::future::BoxFuture;
+use serde::{Deserialize, Serialize};
+
+use crate::domain::error::Failure;
+use crate::domain::keys;
+use crate::provider::{Handle, Journal};
+use crate::storage::{ObjectStore, PutObject};
+
+/// A request queued at a provider, waiting for its images.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PendingEntry {
+    /// The configured provider that holds it.
+    pub provider: String,
+    pub handle: Handle,
+    /// How many images it asks for.
+    pub count: u8,
+    /// The provider's id of the request, for logs and events.
+    #[serde(default)]
+    pub request_id: Option<String>,
+}
+
+/// The journal of one job, in the object store.
+pub struct StoreJournal<'a> {
+    pub store: &'a dyn ObjectStore,
+    pub dir: &'a str,
+}
+
+impl StoreJournal<'_> {
+    /// The request the job waits for, when one was recorded.
+    pub async fn pending(&self) -> Result<Option<PendingEntry>, Failure> {
+        let Some(bytes) = self.get(keys::PENDING_JOURNAL_NAME).await? else {
+            return Ok(None);
+        };
+        Ok(serde_json::from_slice(&bytes).ok())
+    }
+
+    /// Records the request the job now waits for.
+    pub async fn set_pending(&self, entry: &PendingEntry) -> Result<(), Failure> {
+        let body = serde_json::to_vec(entry).map_err(|e| Failure::transient(e.to_string()))?;
+        self.put(keys::PENDING_JOURNAL_NAME, Bytes::from(body))
+            .await
+    }
+
+    /// The recorded request is answered: nothing to poll any more.
+    pub async fn clear_pending(&self) -> Result<(), Failure> {
+        let key = keys::journal(self.dir, keys::PENDING_JOURNAL_NAME);
+        self.store.delete(&key).await.map_err(Failure::from)
+    }
+}
+
+impl Journal for StoreJournal<'_> {
+    fn get<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<Option<Bytes>, Failure>> {
+        Box::pin(async move {
+            let key = keys::journal(self.dir, name);
+            self.store.get(&key).await.map_err(Failure::from)
+        })
+    }
+
+    fn put<'a>(&'a self, name: &'a str, value: Bytes) -> BoxFuture<'a, Result<(), Failure>> {
+        Box::pin(async move {
+            let key = keys::journal(self.dir, name);
+            self.store
+                .put(PutObject::json(&key, value))
+                .await
+                .map_err(Failure::from)
+        })
+    }
+}

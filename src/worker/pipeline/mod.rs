@@ -1,0 +1,272 @@
+//! Processing of one job, from message body to outcome. Knows nothing of AMQP: the consumer
+//! turns the [`Outcome`] into ack, dead-letter, delay or return.
+//!
+//! One job's trip, top to bottom ([`JobRun`]):
+//!
+//! validate -> can its provider do what it asks? -> result record already stored? (then its
+//! event again, no provider call) -> images already stored (or spooled here) are reused -> take
+//! the job's lease -> attempts for the missing images, as many calls as the provider's
+//! images-per-call need: each one done, pending (queued at the provider: look again later, its
+//! handle in the journal), failed (the retry decision: retry, defer, give up) or halted (the
+//! worker or the provider stopped) -> upload each image -> store the result record -> event.
+//!
+//! The trip itself is [`run`]; its steps, each with one job: [`attempt`] (one provider attempt), [`lease`] (the lease guard),
+//! [`images`] (listing, reuse, spool, uploads, records), [`journal`] (the provider's handle),
+//! [`events`] (the one builder of result and failure events).
+
+pub mod attempt;
+pub mod events;
+pub mod images;
+pub mod journal;
+pub mod lease;
+pub mod run;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, info_span, warn};
+
+use self::events::Events;
+use self::images::Images;
+use self::lease::Leases;
+use self::run::JobRun;
+use super::budget::Budget;
+use super::providers::Routes;
+use super::retry::RetryPolicy;
+use super::spool::Spool;
+use crate::config::Settings;
+use crate::domain::error::{ErrorKind, Failure, StopReason};
+use crate::domain::event::{CloudEvent, Status};
+use crate::domain::job::{Job, JobRules};
+use crate::domain::keys;
+use crate::provider::ImageRequest;
+use crate::storage::ObjectStore;
+
+/// A message as the pipeline sees it.
+#[derive(Debug, Clone, Copy)]
+pub struct Delivery<'a> {
+    pub body: &'a [u8],
+    /// The AMQP `message_id`, the job id when the body has none.
+    pub message_id: Option<&'a str>,
+    /// Provider attempts that failed on earlier deliveries (the `x-imagegen-attempts` header).
+    pub attempts: u32,
+    /// The worker's probe while every provider is paused: the job's provider is tried even
+    /// though it is paused.
+    pub probe: bool,
+}
+
+/// What to do with the message after processing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Settle {
+    Ack,
+    DeadLetter,
+}
+
+#[derive(Debug)]
+pub enum Outcome {
+    /// Publish the event (with confirm), then settle the message.
+    Finished {
+        event: Box<CloudEvent>,
+        settle: Settle,
+    },
+    /// Give the message back untouched: not a failed attempt.
+    Return { reason: ReturnReason },
+    /// Retry later, after `after`: too long to hold the message. `attempts` is the new count of
+    /// failed attempts to carry with the job.
+    Defer { after: Duration, attempts: u32 },
+    /// The job waits at its provider (the handle is in its journal): process it again after
+    /// `after`, holding the message or through a delay queue. Not a failed attempt.
+    Pending { after: Duration, attempts: u32 },
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum ReturnReason {
+    /// Nothing will work until an operator acts (every provider refuses all requests, storage
+    /// keeps failing, this worker's spend cap): the worker stops taking jobs.
+    Stop { reason: StopReason, message: String },
+    /// The worker is stopping or pausing and the job had not reached the provider.
+    Halted,
+}
+
+/// How long a batch's cancellation state is trusted before it is looked up again.
+const CANCEL_CHECK_EVERY: Duration = Duration::from_secs(2);
+
+pub struct Pipeline {
+    routes: Routes,
+    images: Images,
+    rules: JobRules,
+    prefix: String,
+    events: Events,
+    /// One lock per job being processed: a second delivery of the same job (a duplicate publish,
+    /// a redelivery after a reconnect) waits for the first and then finds its stored result, so
+    /// one process never calls the provider twice for one job at once.
+    active: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Cross-process leases (when the store honours conditional writes): who holds a job.
+    leases: Option<Leases>,
+    /// Spend caps, when set.
+    budget: Option<Budget>,
+    /// Batches seen cancelled (or not), and when that was looked up.
+    cancelled: Mutex<HashMap<String, (bool, Instant)>>,
+}
+
+impl Pipeline {
+    pub fn new(settings: &Settings, routes: Routes, store: Arc<dyn ObjectStore>) -> Self {
+        let mut rules = settings.job_rules();
+        rules.providers = routes.iter().map(|r| r.name.clone()).collect();
+        Self {
+            routes,
+            images: Images {
+                store,
+                spool: None,
+                retry: RetryPolicy::from_settings(&settings.retry),
+            },
+            rules,
+            prefix: settings.storage.prefix.clone(),
+            events: Events::new(&settings.events.source),
+            active: Mutex::new(HashMap::new()),
+            leases: None,
+            budget: None,
+            cancelled: Mutex::default(),
+        }
+    }
+
+    /// Keeps images that cannot be uploaded in `spool` instead of losing them.
+    pub fn with_spool(mut self, spool: Spool) -> Self {
+        self.images.spool = Some(spool);
+        self
+    }
+
+    /// Turns on spend caps.
+    pub fn with_budget(mut self, budget: Budget) -> Self {
+        self.budget = Some(budget);
+        self
+    }
+
+    /// Turns on cross-process job leases (only for stores that honour conditional writes).
+    pub fn with_leases(mut self, owner: String, ttl: Duration, max_takeovers: u32) -> Self {
+        self.leases = Some(Leases::new(
+            self.images.store.clone(),
+            owner,
+            ttl,
+            max_takeovers,
+        ));
+        self
+    }
+
+    /// The providers, with their throttles and pause states.
+    pub fn routes(&self) -> &Routes {
+        &self.routes
+    }
+
+    pub fn store(&self) -> &Arc<dyn ObjectStore> {
+        &self.images.store
+    }
+
+    /// Processes one message. `halt` is cancelled when the worker stops taking jobs (the pipeline
+    /// cancels it itself when storage keeps failing or this worker's spend cap is reached): a
+    /// job that has not reached its provider by then is returned untouched.
+    pub async fn process(&self, delivery: Delivery<'_>, halt: &CancellationToken) -> Outcome {
+        let started = Instant::now();
+        let job = match Job::parse(delivery.body, delivery.message_id, &self.rules) {
+            Ok(job) => job,
+            Err(invalid) => {
+                warn!(job_id = %invalid.job_id, error = %invalid.message, "invalid job");
+                return self.events.invalid(&invalid, started);
+            }
+        };
+        let span = info_span!("job", job_id = %job.id, batch = job.batch.as_deref().unwrap_or("_"));
+        let Some(route) = self.routes.get(job.provider.as_deref()) else {
+            let failure = Failure::invalid_job("no provider is configured");
+            let invalid = crate::domain::job::InvalidJob {
+                job_id: job.id.clone(),
+                batch: job.batch.clone(),
+                metadata: job.metadata.clone(),
+                message: failure.message().to_string(),
+            };
+            return self.events.invalid(&invalid, started);
+        };
+        let dir = job.dir(&self.prefix);
+        let lock = {
+            let mut active = self.active.lock().unwrap_or_else(|e| e.into_inner());
+            active.entry(dir.clone()).or_default().clone()
+        };
+        let outcome = {
+            let _guard = lock.lock().await;
+            let run = JobRun {
+                p: self,
+                request: ImageRequest::for_job(&job, route.provider.defaults(), job.n),
+                job: &job,
+                route,
+                dir: &dir,
+                delivery,
+                halt,
+                started,
+            };
+            let outcome = run.run().instrument(span.clone()).await;
+            if let Outcome::Finished { event, .. } = &outcome
+                && event.data.status == Status::Failed
+            {
+                self.images
+                    .store_failure(&dir, event)
+                    .instrument(span)
+                    .await;
+            }
+            outcome
+        };
+        let mut active = self.active.lock().unwrap_or_else(|e| e.into_inner());
+        // The map's reference and ours: nobody else waits for this job.
+        if Arc::strong_count(&lock) == 2 {
+            active.remove(&dir);
+        }
+        outcome
+    }
+
+    /// Why a job must not be started any more: its deadline passed, or its batch was cancelled.
+    async fn unwanted(&self, job: &Job) -> Option<Failure> {
+        let permanent = |kind, message: String| Failure::Permanent {
+            kind,
+            message,
+            detail: Box::default(),
+        };
+        if let Some(deadline) = job.deadline
+            && time::OffsetDateTime::now_utc() > deadline
+        {
+            return Some(permanent(
+                ErrorKind::Expired,
+                format!("the job's deadline {deadline} passed before it started"),
+            ));
+        }
+        let batch = job.batch.as_deref()?;
+        let known = {
+            let cache = self.cancelled.lock().unwrap_or_else(|e| e.into_inner());
+            cache
+                .get(batch)
+                .filter(|(_, at)| at.elapsed() < CANCEL_CHECK_EVERY)
+                .map(|(c, _)| *c)
+        };
+        let cancelled = match known {
+            Some(c) => c,
+            None => {
+                let key = keys::cancelled(&self.prefix, batch);
+                // A store that cannot answer does not cancel anything.
+                let c = matches!(self.images.store.head(&key).await, Ok(Some(_)));
+                self.cancelled
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(batch.to_string(), (c, Instant::now()));
+                c
+            }
+        };
+        cancelled.then(|| {
+            permanent(
+                ErrorKind::Cancelled,
+                format!("batch {batch} was cancelled before the job started"),
+            )
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,449 @@
+//! One job's trip, top to bottom: the orchestration that calls each step of the pipeline in
+//! turn (result already stored, reuse, lease, attempts, uploads, record, event) and turns what
+//! each step says into the job's [`Outcome`].
+
+use std::time::{Duration, Instant};
+
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use super::attempt::{Attempt, AttemptContext, Halt};
+use super::events::Progress;
+use super::images::Listing;
+use super::journal::{PendingEntry, StoreJournal};
+use super::lease::LeaseState;
+use super::{Delivery, Outcome, Pipeline, ReturnReason, Settle};
+use crate::domain::error::{ErrorKind, Failure};
+use crate::domain::event::CloudEvent;
+use crate::domain::job::Job;
+use crate::domain::keys;
+use crate::provider::ImageRequest;
+use crate::worker::providers::{Admission, Route};
+use crate::worker::retry::Decision;
+
+/// One job's trip through the pipeline.
+pub(super) struct JobRun<'a> {
+    pub(super) p: &'a Pipeline,
+    pub(super) job: &'a Job,
+    pub(super) route: &'a Route,
+    /// The job's request for all its images, the provider's defaults filled in.
+    pub(super) request: ImageRequest,
+    pub(super) dir: &'a str,
+    pub(super) delivery: Delivery<'a>,
+    pub(super) halt: &'a CancellationToken,
+    pub(super) started: Instant,
+}
+
+impl JobRun<'_> {
+    pub(super) async fn run(&self) -> Outcome {
+        let progress = Progress::new(self.delivery.attempts);
+        if let Some(why) = self.route.provider.capabilities().refusal(&self.request) {
+            let failure = Failure::invalid_job(format!(
+                "provider {} (kind {}) {why}",
+                self.route.name,
+                self.route.provider.kind()
+            ));
+            return self.failed(progress, failure);
+        }
+        let listing = match self.p.images.list(self.dir).await {
+            Ok(listing) => listing,
+            Err(failure) => return self.storage_down(failure),
+        };
+        let record_key = keys::record(self.dir);
+        if listing.has(&record_key) {
+            match self.p.images.stored_event(&record_key).await {
+                Ok(Some(event)) => return self.stored(event, "result already stored"),
+                Ok(None) => {}
+                Err(failure) => return self.storage_down(failure),
+            }
+        }
+        let mut progress = progress;
+        match self.p.images.reuse(self.job, self.dir, &listing).await {
+            Ok(images) => progress.images = images,
+            Err(failure) => return self.storage_down(failure),
+        }
+        if let Err(failure) = self
+            .p
+            .images
+            .unspool(self.job, self.dir, &mut progress.images)
+            .await
+        {
+            return self.storage_down(failure);
+        }
+        let lease = match &self.p.leases {
+            Some(leases) if !progress.missing(self.job.n).is_empty() => {
+                match leases.acquire(self.dir).await {
+                    Ok(LeaseState::Acquired(guard)) => {
+                        // Another worker may have finished the job (and released its lease)
+                        // between our first look for the result and the lease: look again, now
+                        // that no one else can start buying.
+                        if let Ok(Some(event)) = self.p.images.stored_event(&record_key).await {
+                            guard.release().await;
+                            return self.stored(event, "result stored by another worker meanwhile");
+                        }
+                        Some(guard)
+                    }
+                    Ok(LeaseState::HeldElsewhere(left)) => {
+                        info!(
+                            left_ms = left.as_millis() as u64,
+                            "another worker holds this job: deferring it"
+                        );
+                        return Outcome::Defer {
+                            after: left.max(Duration::from_secs(1)),
+                            attempts: progress.prior,
+                        };
+                    }
+                    Ok(LeaseState::Abandoned(deaths)) => {
+                        leases.clear(self.dir).await;
+                        let failure = Failure::Permanent {
+                            kind: ErrorKind::RetriesExhausted,
+                            message: format!(
+                                "workers died {deaths} times while processing this job: it is treated as poison"
+                            ),
+                            detail: Default::default(),
+                        };
+                        return self.failed(progress, failure);
+                    }
+                    Err(failure) => return self.storage_down(failure),
+                }
+            }
+            _ => None,
+        };
+        let outcome = self.buy(&listing, progress).await;
+        if let Some(guard) = lease {
+            guard.release().await;
+        }
+        outcome
+    }
+
+    /// Provider attempts until every image is stored, or the job fails, waits or is given back.
+    async fn buy(&self, listing: &Listing, mut progress: Progress) -> Outcome {
+        let route = self.route;
+        let prior = progress.prior;
+        if prior >= route.retry.max_attempts {
+            let failure = Failure::transient(format!("{prior} attempts already failed"));
+            return self.failed(progress, failure);
+        }
+        if !progress.images.is_empty() {
+            info!(
+                reused = progress.images.len(),
+                of = self.job.n,
+                "reusing images already stored"
+            );
+        }
+        let journal = StoreJournal {
+            store: &*self.p.images.store,
+            dir: self.dir,
+        };
+        let mut pending = match self.pending(listing, &journal).await {
+            Ok(pending) => pending,
+            Err(failure) => return self.storage_down(failure),
+        };
+        if pending.is_some() {
+            // The submit that queued it, in an earlier delivery, was a call of this job.
+            progress.calls += 1;
+        }
+        let mut retries = route.retry.retries(prior);
+        let per_call = route.provider.capabilities().images_per_call.max(1) as usize;
+        loop {
+            let missing = progress.missing(self.job.n);
+            if missing.is_empty() {
+                break;
+            }
+            if let Some(failure) = self.p.unwanted(self.job).await {
+                return self.failed(progress, failure);
+            }
+            let probe = match route.admit(self.delivery.probe) {
+                Admission::Open => None,
+                Admission::Probe(guard) => Some(guard),
+                Admission::Paused(wait) => {
+                    return self.provider_paused(wait, prior + retries.failed());
+                }
+            };
+            let count = match &pending {
+                Some(entry) => entry.count,
+                None => missing.len().min(per_call) as u8,
+            };
+            let request = ImageRequest {
+                count,
+                ..self.request.clone()
+            };
+            let polling = pending.is_some();
+            let attempt = AttemptContext {
+                job: self.job,
+                route,
+                request: &request,
+                pending: pending.as_ref(),
+                journal: &journal,
+                halt: self.halt,
+                budget: self.p.budget.as_ref(),
+                probe: probe.is_some(),
+            }
+            .run()
+            .await;
+            if !polling
+                && matches!(
+                    attempt,
+                    Attempt::Done(_) | Attempt::Pending { .. } | Attempt::Failed(_)
+                )
+            {
+                progress.calls += 1;
+            }
+            let failure = match attempt {
+                Attempt::Halted(Halt::Worker) => {
+                    debug!(
+                        "returned untouched: the worker stopped taking jobs before the provider call"
+                    );
+                    return Outcome::Return {
+                        reason: ReturnReason::Halted,
+                    };
+                }
+                Attempt::Halted(Halt::Provider) => {
+                    return self.provider_paused(route.next_probe_in(), prior + retries.failed());
+                }
+                Attempt::Halted(Halt::Budget(Failure::Stop {
+                    reason, message, ..
+                })) => {
+                    self.halt.cancel();
+                    return Outcome::Return {
+                        reason: ReturnReason::Stop { reason, message },
+                    };
+                }
+                Attempt::Halted(Halt::Budget(failure)) => return self.failed(progress, failure),
+                Attempt::Pending {
+                    handle,
+                    after,
+                    request_id,
+                } => {
+                    if let Some(probe) = probe {
+                        probe.through();
+                    }
+                    return self
+                        .wait_at_provider(
+                            &journal,
+                            PendingEntry {
+                                provider: route.name.clone(),
+                                handle,
+                                count,
+                                request_id,
+                            },
+                            after,
+                            prior + retries.failed(),
+                        )
+                        .await;
+                }
+                Attempt::Failed(Failure::Stop {
+                    reason, message, ..
+                }) => {
+                    // Nothing this provider does will work until an operator acts.
+                    route.pause(reason, &message);
+                    drop(probe);
+                    return self.provider_paused(route.next_probe_in(), prior + retries.failed());
+                }
+                Attempt::Failed(failure) => {
+                    if let Some(probe) = probe {
+                        probe.through();
+                    }
+                    failure
+                }
+                Attempt::Done(generation) => {
+                    if let Some(probe) = probe {
+                        probe.through();
+                    }
+                    progress.bought(&generation);
+                    let returned = generation.images.len();
+                    let indices = &missing[..returned.min(missing.len())];
+                    if let Err(failure) = self
+                        .p
+                        .images
+                        .upload(
+                            self.job,
+                            self.dir,
+                            indices,
+                            generation.images,
+                            &mut progress.images,
+                        )
+                        .await
+                    {
+                        return self.storage_down(failure);
+                    }
+                    if pending.take().is_some()
+                        && let Err(e) = journal.clear_pending().await
+                    {
+                        warn!(error = %e, "could not clear the answered request from the journal");
+                    }
+                    if returned >= count as usize {
+                        continue;
+                    }
+                    Failure::transient(format!(
+                        "the provider returned {returned} of {count} images"
+                    ))
+                }
+            };
+            match retries.next(&failure) {
+                Decision::Retry(wait) => {
+                    crate::worker::metrics::retry();
+                    let billed = matches!(
+                        failure,
+                        Failure::Retryable {
+                            possibly_billed: true,
+                            ..
+                        }
+                    );
+                    warn!(error = %failure, possibly_billed = billed, wait_ms = wait.as_millis() as u64,
+                        request_id = failure.detail().request_id.as_deref().unwrap_or(""), "retrying");
+                    tokio::time::sleep(wait).await;
+                }
+                Decision::Defer(after) => {
+                    self.count_possibly_billed(&mut progress, retries.possibly_billed());
+                    let attempts = prior + retries.failed();
+                    info!(error = %failure, after_secs = after.as_secs(), attempts,
+                        "long wait: the job goes to a delay queue instead of holding its message");
+                    return Outcome::Defer { after, attempts };
+                }
+                Decision::GiveUp => {
+                    self.count_possibly_billed(&mut progress, retries.possibly_billed());
+                    return self.failed(progress, failure);
+                }
+            }
+        }
+        self.count_possibly_billed(&mut progress, retries.possibly_billed());
+        self.succeed(progress).await
+    }
+
+    /// The request the job waits for at its provider, when its journal has one.
+    async fn pending(
+        &self,
+        listing: &Listing,
+        journal: &StoreJournal<'_>,
+    ) -> Result<Option<PendingEntry>, Failure> {
+        if !listing.has(&keys::journal(self.dir, keys::PENDING_JOURNAL_NAME)) {
+            return Ok(None);
+        }
+        Ok(journal.pending().await?.filter(|entry| {
+            let same = entry.provider == self.route.name;
+            if !same {
+                warn!(recorded = %entry.provider, provider = %self.route.name,
+                    "the journal names another provider than the job's: submitting anew");
+            }
+            same
+        }))
+    }
+
+    /// The provider queued the job: its handle goes to the journal before anything waits.
+    async fn wait_at_provider(
+        &self,
+        journal: &StoreJournal<'_>,
+        entry: PendingEntry,
+        after: Duration,
+        attempts: u32,
+    ) -> Outcome {
+        if let Err(failure) = journal.set_pending(&entry).await {
+            warn!(error = %failure,
+                "could not record the provider's handle: a redelivery may submit the job again");
+            return self.storage_down(failure);
+        }
+        info!(
+            after_ms = after.as_millis() as u64,
+            request_id = entry.request_id.as_deref().unwrap_or(""),
+            "the provider queued the job: looking again later"
+        );
+        Outcome::Pending { after, attempts }
+    }
+
+    fn count_possibly_billed(&self, progress: &mut Progress, n: u32) {
+        progress.possibly_billed = n;
+        crate::worker::metrics::possibly_billed(&self.route.name, n as u64);
+        if n > 0 {
+            warn!(
+                possibly_billed = n,
+                "requests that may have been billed without an image"
+            );
+        }
+    }
+
+    /// Every image is stored: the record, then the event.
+    async fn succeed(&self, progress: Progress) -> Outcome {
+        let event =
+            self.p
+                .events
+                .succeeded(self.job, self.route, &self.request, progress, self.started);
+        let record = match serde_json::to_vec(&event) {
+            Ok(r) => bytes::Bytes::from(r),
+            Err(e) => {
+                return self
+                    .p
+                    .events
+                    .unrecorded(event, Failure::transient(e.to_string()));
+            }
+        };
+        if let Err(failure) = self.p.images.store_record(self.job, self.dir, record).await {
+            return self.storage_down(failure);
+        }
+        info!(
+            images = event.data.images.len(),
+            calls = event.data.attempts,
+            "job succeeded"
+        );
+        Outcome::Finished {
+            event: Box::new(event),
+            settle: Settle::Ack,
+        }
+    }
+
+    fn stored(&self, event: CloudEvent, why: &str) -> Outcome {
+        info!("{why}: publishing it again without a provider call");
+        Outcome::Finished {
+            event: Box::new(event),
+            settle: Settle::Ack,
+        }
+    }
+
+    fn failed(&self, progress: Progress, failure: Failure) -> Outcome {
+        self.p.events.failed(
+            self.job,
+            self.route,
+            &self.request,
+            progress,
+            failure,
+            self.started,
+        )
+    }
+
+    /// The job's provider is paused: the job waits in a delay queue (no attempt counted), unless
+    /// every provider is paused: then the worker stops taking jobs and the job goes back.
+    fn provider_paused(&self, wait: Duration, attempts: u32) -> Outcome {
+        if let Some((reason, message)) = self.p.routes.all_paused() {
+            return Outcome::Return {
+                reason: ReturnReason::Stop { reason, message },
+            };
+        }
+        let after = wait.max(Duration::from_secs(1));
+        info!(provider = %self.route.name, after_secs = after.as_secs(),
+            "the job's provider is paused: the job waits in a delay queue");
+        Outcome::Defer { after, attempts }
+    }
+
+    /// Stops taking jobs after a storage failure (retries exhausted): the job goes back untouched.
+    fn storage_down(&self, failure: Failure) -> Outcome {
+        match failure.storage_down() {
+            Failure::Stop {
+                reason, message, ..
+            } => {
+                warn!(error = %message, "storage keeps failing: the job goes back to the queue");
+                self.halt.cancel();
+                Outcome::Return {
+                    reason: ReturnReason::Stop { reason, message },
+                }
+            }
+            other => {
+                // Not a transient storage failure (a bug or a refused key): give it back too,
+                // it costs nothing to try again later.
+                warn!(error = %other, "storage failed: the job goes back to the queue");
+                Outcome::Return {
+                    reason: ReturnReason::Halted,
+                }
+            }
+        }
+    }
+}

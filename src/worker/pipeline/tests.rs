@@ -1,0 +1,506 @@
+//! The pipeline without a broker: the fs store in a temporary directory, stub providers that
+//! answer as scripted, and paused time. One test per outcome.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::future::BoxFuture;
+use tokio_util::sync::CancellationToken;
+
+use super::*;
+use crate::config::{Settings, Sources};
+use crate::domain::error::ProviderDetail;
+use crate::provider::{
+    Answer, Capabilities, GeneratedImage, Generation, Handle, ImageProvider, JobDefaults, Journal,
+    Mode, Sizes,
+};
+use crate::storage::fs::FsStore;
+use crate::worker::providers::Route;
+
+/// What a stub answers to its next request.
+enum Scripted {
+    /// The images asked for.
+    Images,
+    /// Fewer images than asked for.
+    Short(u8),
+    /// Queued: look again after this long.
+    Pending(Duration),
+    Fail(Failure),
+}
+
+struct Stub {
+    capabilities: Capabilities,
+    defaults: JobDefaults,
+    script: Mutex<VecDeque<Scripted>>,
+    submits: AtomicU32,
+    polls: AtomicU32,
+}
+
+impl Stub {
+    fn new(images_per_call: u8, mode: Mode) -> Arc<Self> {
+        Arc::new(Self {
+            capabilities: Capabilities {
+                images_per_call,
+                sizes: Sizes::Any,
+                formats: None,
+                seed: false,
+                negative_prompt: false,
+                transparency: true,
+                mode,
+            },
+            defaults: JobDefaults {
+                model: "stub-model".into(),
+                size: "64x64".into(),
+                quality: None,
+                output_format: Some("png".into()),
+                background: None,
+            },
+            script: Mutex::default(),
+            submits: AtomicU32::new(0),
+            polls: AtomicU32::new(0),
+        })
+    }
+
+    fn then(&self, answer: Scripted) -> &Self {
+        self.script.lock().unwrap().push_back(answer);
+        self
+    }
+
+    fn submits(&self) -> u32 {
+        self.submits.load(Ordering::SeqCst)
+    }
+
+    fn polls(&self) -> u32 {
+        self.polls.load(Ordering::SeqCst)
+    }
+
+    fn answer(&self, request: &ImageRequest) -> Result<Answer, Failure> {
+        let next = self.script.lock().unwrap().pop_front();
+        let count = match next.unwrap_or(Scripted::Images) {
+            Scripted::Images => request.count,
+            Scripted::Short(n) => n,
+            Scripted::Pending(after) => {
+                return Ok(Answer::Pending {
+                    handle: Handle(serde_json::json!({"id": "req-1"})),
+                    after,
+                    request_id: Some("req-1".into()),
+                });
+            }
+            Scripted::Fail(failure) => return Err(failure),
+        };
+        let images = (0..count)
+            .map(|i| GeneratedImage {
+                data: Bytes::from(
+                    [
+                        &b"\x89PNG\r\n\x1a\n"[..],
+                        format!("{} {i}", request.prompt).as_bytes(),
+                    ]
+                    .concat(),
+                ),
+                content_type: "image/png",
+                extension: "png",
+                revised_prompt: None,
+            })
+            .collect::<Vec<_>>();
+        Ok(Answer::Done(Generation {
+            usage: crate::domain::cost::Usage {
+                images: images.len() as u32,
+                ..Default::default()
+            },
+            images,
+            reported_usage: None,
+            model: Some(request.model.clone()),
+            request_id: Some("req-1".into()),
+            rate_limits: None,
+        }))
+    }
+}
+
+impl ImageProvider for Stub {
+    fn kind(&self) -> &'static str {
+        "stub"
+    }
+
+    fn capabilities(&self) -> &Capabilities {
+        &self.capabilities
+    }
+
+    fn defaults(&self) -> &JobDefaults {
+        &self.defaults
+    }
+
+    fn submit<'a>(
+        &'a self,
+        request: &'a ImageRequest,
+        _journal: &'a dyn Journal,
+    ) -> BoxFuture<'a, Result<Answer, Failure>> {
+        self.submits.fetch_add(1, Ordering::SeqCst);
+        Box::pin(async move { self.answer(request) })
+    }
+
+    fn poll<'a>(
+        &'a self,
+        handle: &'a Handle,
+        request: &'a ImageRequest,
+        _journal: &'a dyn Journal,
+    ) -> BoxFuture<'a, Result<Answer, Failure>> {
+        self.polls.fetch_add(1, Ordering::SeqCst);
+        assert_eq!(handle.0["id"], "req-1", "the handle from the journal");
+        Box::pin(async move { self.answer(request) })
+    }
+}
+
+struct Setup {
+    pipeline: Pipeline,
+    dir: tempfile::TempDir,
+}
+
+fn settings(root: &std::path::Path) -> Settings {
+    Settings::load_with_overrides(
+        &Sources::default(),
+        &[
+            ("storage.kind", "fs".into()),
+            ("storage.root", root.display().to_string()),
+            ("retry.initial_delay_ms", "10".into()),
+            ("retry.max_delay_ms", "50".into()),
+        ],
+    )
+    .unwrap()
+}
+
+/// A pipeline over `providers` (the first is the default), on a fresh fs store.
+fn setup(providers: &[(&str, Arc<Stub>)]) -> Setup {
+    let dir = tempfile::tempdir().unwrap();
+    let settings = settings(dir.path());
+    let base = settings.default_provider();
+    let routes = providers
+        .iter()
+        .map(|(name, stub)| {
+            let provider: Arc<dyn ImageProvider> = stub.clone();
+            Route::new(name, provider, base, Duration::from_secs(60))
+        })
+        .collect();
+    let store = Arc::new(FsStore::new(dir.path()).unwrap());
+    let pipeline = Pipeline::new(&settings, Routes::new(routes, providers[0].0), store);
+    Setup { pipeline, dir }
+}
+
+/// A pipeline over one stub provider named `a`.
+fn single(images_per_call: u8, mode: Mode) -> (Arc<Stub>, Setup) {
+    let stub = Stub::new(images_per_call, mode);
+    let setup = setup(&[("a", stub.clone())]);
+    (stub, setup)
+}
+
+impl Setup {
+    async fn process(&self, body: serde_json::Value) -> Outcome {
+        self.process_with(body, &CancellationToken::new()).await
+    }
+
+    async fn process_with(&self, body: serde_json::Value, halt: &CancellationToken) -> Outcome {
+        let body = serde_json::to_vec(&body).unwrap();
+        self.pipeline
+            .process(
+                Delivery {
+                    body: &body,
+                    message_id: None,
+                    attempts: 0,
+                    probe: false,
+                },
+                halt,
+            )
+            .await
+    }
+
+    /// Processes a job that must finish (succeed or fail).
+    async fn finish(&self, body: serde_json::Value) -> (CloudEvent, Settle) {
+        finished(self.process(body).await)
+    }
+
+    fn exists(&self, key: &str) -> bool {
+        self.dir.path().join(key).exists()
+    }
+}
+
+fn finished(outcome: Outcome) -> (CloudEvent, Settle) {
+    match outcome {
+        Outcome::Finished { event, settle } => (*event, settle),
+        other => panic!("not finished: {other:?}"),
+    }
+}
+
+fn stop(reason: StopReason) -> Failure {
+    Failure::Stop {
+        reason,
+        message: "You exceeded your current quota".into(),
+        detail: Box::default(),
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_job_succeeds_and_its_images_and_record_are_stored() {
+    let (stub, s) = single(10, Mode::Synchronous);
+    let (event, settle) = s
+        .finish(serde_json::json!({"id": "j1", "prompt": "p", "n": 2}))
+        .await;
+    assert_eq!(settle, Settle::Ack);
+    assert_eq!(event.data.status, Status::Succeeded);
+    assert_eq!(event.data.images.len(), 2);
+    assert_eq!(event.data.model.as_deref(), Some("stub-model"));
+    assert_eq!(stub.submits(), 1);
+    assert!(s.exists("images/_/j1/0.png") && s.exists("images/_/j1/1.png"));
+    assert!(s.exists("images/_/j1/result.json"));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_provider_of_one_image_per_call_gets_as_many_calls_as_the_job_needs() {
+    let (stub, s) = single(1, Mode::Synchronous);
+    let (event, _) = s
+        .finish(serde_json::json!({"id": "j3", "prompt": "p", "n": 3}))
+        .await;
+    assert_eq!(event.data.status, Status::Succeeded);
+    let indices: Vec<u32> = event.data.images.iter().map(|i| i.index).collect();
+    assert_eq!(indices, [0, 1, 2]);
+    assert_eq!(
+        stub.submits(),
+        3,
+        "one call per image, none counted as failed"
+    );
+    assert_eq!(event.data.attempts, 3);
+    // A short answer of a provider that gives several is a failure, retried for the rest.
+    let (stub, s) = single(4, Mode::Synchronous);
+    stub.then(Scripted::Short(1));
+    let (event, _) = s
+        .finish(serde_json::json!({"id": "j4", "prompt": "p", "n": 4}))
+        .await;
+    assert_eq!(event.data.images.len(), 4);
+    assert_eq!(stub.submits(), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_refused_prompt_fails_once_and_is_dead_lettered_with_its_record() {
+    let (stub, s) = single(10, Mode::Synchronous);
+    stub.then(Scripted::Fail(Failure::Permanent {
+        kind: ErrorKind::ContentPolicy,
+        message: "rejected by the safety system".into(),
+        detail: Box::new(ProviderDetail {
+            status: Some(400),
+            code: Some("moderation_blocked".into()),
+            ..ProviderDetail::default()
+        }),
+    }));
+    let (event, settle) = s
+        .finish(serde_json::json!({"id": "bad", "prompt": "p"}))
+        .await;
+    assert_eq!(settle, Settle::DeadLetter);
+    assert_eq!(event.data.status, Status::Failed);
+    let error = event.data.error.unwrap();
+    assert_eq!(error.kind, ErrorKind::ContentPolicy);
+    assert_eq!(error.provider_code.as_deref(), Some("moderation_blocked"));
+    assert_eq!(stub.submits(), 1, "never retried");
+    assert!(s.exists("images/_/bad/failed.json"));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_request_beyond_the_providers_capabilities_fails_before_any_call() {
+    let (stub, s) = single(10, Mode::Synchronous);
+    for (job, says) in [
+        (
+            serde_json::json!({"id": "s", "prompt": "p", "seed": 4}),
+            "takes no seed",
+        ),
+        (
+            serde_json::json!({"id": "np", "prompt": "p", "negative_prompt": "text"}),
+            "takes no negative_prompt",
+        ),
+    ] {
+        let (event, settle) = s.finish(job).await;
+        assert_eq!(settle, Settle::DeadLetter);
+        let error = event.data.error.unwrap();
+        assert_eq!(error.kind, ErrorKind::InvalidJob);
+        assert!(
+            error
+                .message
+                .contains(&format!("provider a (kind stub) {says}")),
+            "{}",
+            error.message
+        );
+    }
+    assert_eq!(stub.submits(), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_long_server_delay_defers_the_job_with_its_attempt_counted() {
+    let (stub, s) = single(10, Mode::Synchronous);
+    stub.then(Scripted::Fail(Failure::Retryable {
+        message: "Rate limit reached".into(),
+        after: Some(Duration::from_secs(90)),
+        possibly_billed: false,
+        detail: Box::default(),
+    }));
+    match s
+        .process(serde_json::json!({"id": "slow", "prompt": "p"}))
+        .await
+    {
+        Outcome::Defer { after, attempts } => {
+            assert_eq!(after, Duration::from_secs(90));
+            assert_eq!(attempts, 1);
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(stub.submits(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_queued_job_is_polled_with_its_journal_handle_never_submitted_again() {
+    let (stub, s) = single(1, Mode::SubmitAndPoll);
+    stub.then(Scripted::Pending(Duration::from_secs(5)))
+        .then(Scripted::Pending(Duration::from_secs(5)));
+    let job = serde_json::json!({"id": "q", "prompt": "p"});
+    for round in 0..2 {
+        match s.process(job.clone()).await {
+            Outcome::Pending { after, attempts } => {
+                assert_eq!(after, Duration::from_secs(5));
+                assert_eq!(attempts, 0, "not ready is not a failed attempt");
+            }
+            other => panic!("round {round}: {other:?}"),
+        }
+        assert!(s.exists("images/_/q/journal/pending.json"));
+        let route = s.pipeline.routes().get(None).unwrap();
+        assert_eq!(
+            route.throttle.state().in_flight,
+            0,
+            "a pending job holds no slot"
+        );
+    }
+    assert_eq!((stub.submits(), stub.polls()), (1, 1));
+    let (event, _) = s.finish(job).await;
+    assert_eq!(event.data.status, Status::Succeeded);
+    assert_eq!((stub.submits(), stub.polls()), (1, 2));
+    assert_eq!(event.data.attempts, 1, "one submit, polls are not calls");
+    assert!(!s.exists("images/_/q/journal/pending.json"));
+}
+
+#[tokio::test(start_paused = true)]
+async fn quota_pauses_the_only_provider_and_returns_its_jobs_untouched() {
+    let (stub, s) = single(10, Mode::Synchronous);
+    stub.then(Scripted::Fail(stop(StopReason::QuotaExhausted)));
+    for id in ["first", "second"] {
+        match s
+            .process(serde_json::json!({"id": id, "prompt": "p"}))
+            .await
+        {
+            Outcome::Return {
+                reason: ReturnReason::Stop { reason, .. },
+            } => assert_eq!(reason, StopReason::QuotaExhausted),
+            other => panic!("{id}: {other:?}"),
+        }
+    }
+    assert_eq!(stub.submits(), 1, "a paused provider is not called");
+    // After the probe interval, one job is its probe: it gets through and the provider resumes.
+    tokio::time::advance(Duration::from_secs(61)).await;
+    let (event, _) = s
+        .finish(serde_json::json!({"id": "third", "prompt": "p"}))
+        .await;
+    assert_eq!(event.data.status, Status::Succeeded);
+    assert!(s.pipeline.routes().all_paused().is_none());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_worker_that_stops_taking_jobs_returns_the_waiting_ones_untouched() {
+    let (stub, s) = single(10, Mode::Synchronous);
+    let halt = CancellationToken::new();
+    halt.cancel();
+    match s
+        .process_with(serde_json::json!({"id": "late", "prompt": "p"}), &halt)
+        .await
+    {
+        Outcome::Return {
+            reason: ReturnReason::Halted,
+        } => {}
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(stub.submits(), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_stored_result_is_published_again_without_a_call() {
+    let (stub, s) = single(10, Mode::Synchronous);
+    let job = serde_json::json!({"id": "again", "prompt": "p", "n": 2});
+    let (first, _) = s.finish(job.clone()).await;
+    let (second, settle) = s.finish(job).await;
+    assert_eq!(settle, Settle::Ack);
+    assert_eq!(second, first, "the very same event, from the record");
+    assert_eq!(stub.submits(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_live_lease_of_another_worker_defers_the_job() {
+    let (stub, s) = single(10, Mode::Synchronous);
+    let pipeline = Setup {
+        pipeline: s
+            .pipeline
+            .with_leases("me".into(), Duration::from_secs(30), 3),
+        dir: s.dir,
+    };
+    let expires = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+        + 20_000;
+    let lease = serde_json::json!({"owner": "another-worker", "expires_unix_ms": expires});
+    std::fs::create_dir_all(pipeline.dir.path().join("images/_/held")).unwrap();
+    std::fs::write(
+        pipeline.dir.path().join("images/_/held/lease.json"),
+        lease.to_string(),
+    )
+    .unwrap();
+    match pipeline
+        .process(serde_json::json!({"id": "held", "prompt": "p"}))
+        .await
+    {
+        Outcome::Defer { after, attempts } => {
+            assert!(
+                after > Duration::from_secs(15) && after <= Duration::from_secs(20),
+                "{after:?}"
+            );
+            assert_eq!(attempts, 0);
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(stub.submits(), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn one_paused_provider_defers_its_jobs_while_another_serves() {
+    let out_of_quota = Stub::new(10, Mode::Synchronous);
+    out_of_quota.then(Scripted::Fail(stop(StopReason::QuotaExhausted)));
+    let healthy = Stub::new(10, Mode::Synchronous);
+    let s = setup(&[("a", out_of_quota.clone()), ("b", healthy.clone())]);
+    for id in ["a1", "a2"] {
+        match s
+            .process(serde_json::json!({"id": id, "prompt": "p"}))
+            .await
+        {
+            Outcome::Defer { after, attempts } => {
+                assert!(
+                    after >= Duration::from_secs(59),
+                    "until the probe: {after:?}"
+                );
+                assert_eq!(attempts, 0, "a paused provider costs its jobs no attempt");
+            }
+            other => panic!("{id}: {other:?}"),
+        }
+    }
+    assert_eq!(out_of_quota.submits(), 1);
+    let (event, _) = s
+        .finish(serde_json::json!({"id": "b1", "prompt": "p", "provider": "b"}))
+        .await;
+    assert_eq!(event.data.status, Status::Succeeded);
+    assert_eq!(healthy.submits(), 1);
+    let a = s.pipeline.routes().get(Some("a")).unwrap();
+    assert_eq!(a.paused().map(|(r, _)| r), Some(StopReason::QuotaExhausted));
+}
