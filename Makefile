@@ -46,7 +46,7 @@ deploy-check:
 ##   IMAGE_KB=, BENCH_ARGS= (other harness options, e.g. "--repeat 2 --wait-idle-secs 600").
 ##   Prints a table; writes .bench/latest.json and .bench/<time>-<scenario>.json.
 bench: services
-	$(CARGO) build --release --bin imagegen --bin imagegen-fakes
+	$(CARGO) build --release --workspace --bin imagegen --bin imagegen-fakes
 	@# cargo bench relinks target/release/imagegen with dev-dependency features: run a copy.
 	mkdir -p .bench && cp target/release/imagegen target/release/imagegen-fakes .bench/
 	$(CARGO) bench --bench pipeline -- --bin .bench/imagegen --scenario $(or $(SCENARIO),all) \
