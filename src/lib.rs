@@ -34,9 +34,10 @@
 //!     headers.
 //! - [`config`]: typed settings, layered from `config/*.toml` and the environment, validated at
 //!   start-up ([`config::sections`], [`config::providers`]).
-//! - [`domain`]: the job contract ([`domain::job`]), the result event ([`domain::event`]), the
-//!   error taxonomy ([`domain::error`]), costs ([`domain::cost`]), reported rate limits
-//!   ([`domain::limits`]) and where objects live ([`domain::keys`]).
+//! - [`domain`]: the job contract ([`domain::job`], read with [`domain::json`], which refuses
+//!   a key named twice), the result event ([`domain::event`]), the error taxonomy
+//!   ([`domain::error`]), costs ([`domain::cost`]), reported rate limits ([`domain::limits`])
+//!   and where objects live ([`domain::keys`]).
 //!
 //! The fake provider APIs the tests and the benchmark use are a crate of their own
 //! (`imagegen-fakes`, in `fakes/`): the shipped binary does not contain them.

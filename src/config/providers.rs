@@ -23,6 +23,7 @@ use serde::de::DeserializeOwned;
 use super::sections::{LimitsSettings, RetrySettings, WorkerSettings};
 use super::{ConfigError, in_range, invalid};
 use crate::domain::cost::PriceTable;
+use crate::domain::job::RESERVED_PARAMS;
 
 /// The kinds of provider this worker has a driver for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -155,6 +156,9 @@ pub struct ProviderSettings {
     pub retry: RetrySettings,
     /// Its prices.
     pub pricing: PriceTable,
+    /// Fields of a job's `params` this provider accepts beyond those its kind takes (a host
+    /// that speaks a kind's protocol with fields of its own). Never a field the worker controls.
+    pub params_allowed: Vec<String>,
 }
 
 /// What [`resolve`] makes of the `[providers]` tables.
@@ -298,6 +302,21 @@ fn resolve_one(
             n as usize
         }
     };
+    let params_allowed = match table.remove("params_allowed") {
+        None => Vec::new(),
+        Some(v) => v
+            .try_deserialize::<Vec<String>>()
+            .map_err(|e| invalid(format!("{section}.params_allowed"), e.to_string()))?,
+    };
+    if let Some(p) = params_allowed
+        .iter()
+        .find(|p| p.is_empty() || RESERVED_PARAMS.contains(&p.as_str()))
+    {
+        return Err(invalid(
+            format!("{section}.params_allowed"),
+            format!("names {p:?}: a field the worker controls (or none) cannot be allowed"),
+        ));
+    }
     let limits: LimitsSettings = overlaid(cfg, "limits", table.remove("limits"), &section)?;
     limits.validate(&format!("{section}.limits"), concurrency)?;
     let retry: RetrySettings = overlaid(cfg, "retry", table.remove("retry"), &section)?;
@@ -329,6 +348,7 @@ fn resolve_one(
         limits,
         retry,
         pricing,
+        params_allowed,
     })
 }
 

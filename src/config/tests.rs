@@ -278,6 +278,18 @@ fn provider_tables_are_checked_like_any_section() {
         let e = load(overrides).expect_err("must be rejected").to_string();
         assert!(names.iter().all(|n| e.contains(n)), "{overrides:?}: {e}");
     }
+    // A field the worker controls cannot be allowed through params; others can.
+    let e =
+        load_toml("[providers.p]\nkind = \"placeholder\"\nparams_allowed = [\"steps\", \"n\"]\n")
+            .unwrap_err()
+            .to_string();
+    assert!(
+        e.contains("providers.p.params_allowed") && e.contains("\"n\""),
+        "{e}"
+    );
+    let s =
+        load_toml("[providers.p]\nkind = \"placeholder\"\nparams_allowed = [\"steps\"]\n").unwrap();
+    assert_eq!(s.providers[0].params_allowed, ["steps"]);
     // A spend cap needs every provider priced.
     let e = load_toml(
         "[budget]\nmax_worker_usd = 5.0\n[providers.a]\nkind = \"placeholder\"\n\

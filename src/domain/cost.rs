@@ -59,6 +59,10 @@ pub struct PriceTable {
     pub per_megapixel: Vec<UnitPrice>,
     #[serde(default)]
     pub per_credit: Vec<UnitPrice>,
+    /// USD per image for a model that no list prices, marked as an estimate; 0: none (the
+    /// model is unpriced: its cost is unknown, and with a spend cap its jobs are refused).
+    #[serde(default)]
+    pub fallback_usd_per_image: f64,
 }
 
 /// What one call (or a job's calls, summed) used, in the units providers bill by. Fields a
@@ -138,7 +142,8 @@ impl PriceTable {
             })
             .chain(self.per_image.iter().map(|p| p.usd))
             .chain(self.per_megapixel.iter().map(|p| p.usd))
-            .chain(self.per_credit.iter().map(|p| p.usd));
+            .chain(self.per_credit.iter().map(|p| p.usd))
+            .chain([self.fallback_usd_per_image]);
         for p in prices {
             if !p.is_finite() || p < 0.0 {
                 return Err(format!("prices must be finite and not negative, got {p}"));
@@ -153,6 +158,7 @@ impl PriceTable {
             && self.per_image.is_empty()
             && self.per_megapixel.is_empty()
             && self.per_credit.is_empty()
+            && self.fallback_usd_per_image == 0.0
     }
 
     /// The cost of a purchase, or `None` when no price applies to the model.
@@ -182,7 +188,12 @@ impl PriceTable {
         if let Some(usd) = unit(&self.per_credit) {
             return Some(exact(usd * u.credits));
         }
-        let price = self.models.iter().find(|m| matches(&m.model, p.model))?;
+        let Some(price) = self.models.iter().find(|m| matches(&m.model, p.model)) else {
+            return (self.fallback_usd_per_image > 0.0).then_some(Cost {
+                usd: self.fallback_usd_per_image * u.images as f64,
+                estimated: true,
+            });
+        };
         let per = |tokens: f64, usd_per_mtok: f64| tokens * usd_per_mtok / 1_000_000.0;
         Some(exact(
             per(u.input_text_tokens, price.text_input_usd_per_mtok)
@@ -218,6 +229,7 @@ mod tests {
                 model: "sd3.5-large".into(),
                 usd: 0.01,
             }],
+            fallback_usd_per_image: 0.0,
         }
     }
 
@@ -284,6 +296,18 @@ mod tests {
         let sd = table().cost(purchase("sd3.5-large", &usage)).unwrap();
         assert!((sd.usd - 0.13).abs() < 1e-12, "{sd:?}");
         assert_eq!(table().cost(purchase("some-other-model", &usage)), None);
+        // A fallback price prices what no list knows, per image and as an estimate.
+        let fallback = PriceTable {
+            fallback_usd_per_image: 0.05,
+            ..table()
+        };
+        assert_eq!(
+            fallback.cost(purchase("some-other-model", &usage)),
+            Some(Cost {
+                usd: 0.1,
+                estimated: true
+            })
+        );
         assert!(!matches("gpt-image-2", "gpt-image-2.5"));
         assert!(matches("gpt-image-2*", "gpt-image-2.5"));
     }

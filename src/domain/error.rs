@@ -137,6 +137,18 @@ impl Failure {
         }
     }
 
+    /// Whether the provider may have billed the call although it failed (a timeout or reset
+    /// after the request was sent, an answer too big, unreadable or not downloadable).
+    pub fn possibly_billed(&self) -> bool {
+        matches!(
+            self,
+            Failure::Retryable {
+                possibly_billed: true,
+                ..
+            }
+        )
+    }
+
     pub fn message(&self) -> &str {
         match self {
             Failure::Permanent { message, .. }

@@ -132,7 +132,9 @@ impl Job {
                     .filter(|i| is_valid_name(i))
                     .map(str::to_string)
                     .unwrap_or_else(fallback_id),
-                batch: batch.filter(|b| is_valid_name(b)).map(str::to_string),
+                batch: batch
+                    .filter(|b| is_valid_name(b) && *b != super::keys::NO_BATCH)
+                    .map(str::to_string),
                 metadata,
                 message,
             };
@@ -159,7 +161,7 @@ impl Job {
                 ));
             }
         };
-        let value: Value = match serde_json::from_str(text) {
+        let value: Value = match super::json::parse_unique(text) {
             Ok(v) => v,
             Err(e) => {
                 return Err(reject(
@@ -201,12 +203,25 @@ impl Job {
                 message,
             )
         };
-        if !value.is_object() {
+        let Some(object) = value.as_object() else {
             return Err(fail("message must be a JSON object".into()));
+        };
+        // `null` is no value: the schema refuses it, and so does the worker, rather than read it
+        // as a field left out.
+        if let Some(key) = object.iter().find_map(|(k, v)| v.is_null().then_some(k)) {
+            return Err(fail(format!(
+                "`{}` is null: leave the field out or give it a value",
+                truncate(key, 64)
+            )));
         }
         let wire: WireJob =
             serde_json::from_value(value).map_err(|e| fail(format!("invalid job: {e}")))?;
 
+        if wire.version == Some(0) {
+            return Err(fail(
+                "job schema version 0 does not exist: versions start at 1".into(),
+            ));
+        }
         if let Some(v) = wire.version
             && v > JOB_SCHEMA_VERSION
         {
@@ -235,6 +250,12 @@ impl Job {
             return Err(fail(format!(
                 "batch {:?} must be 1-{MAX_ID_LEN} characters of [A-Za-z0-9._-] and not only dots",
                 truncate(b, 140)
+            )));
+        }
+        if wire.batch.as_deref() == Some(super::keys::NO_BATCH) {
+            return Err(fail(format!(
+                "batch {:?} is reserved: it is where jobs without a batch are stored",
+                super::keys::NO_BATCH
             )));
         }
         let prompt = match wire.prompt {
@@ -363,7 +384,8 @@ impl Job {
 }
 
 fn valid_option(v: &str) -> bool {
-    !v.is_empty() && v.len() <= MAX_OPTION_LEN && !v.chars().any(char::is_control)
+    // Characters, as the schema's maxLength counts them (not bytes).
+    !v.is_empty() && v.chars().count() <= MAX_OPTION_LEN && !v.chars().any(char::is_control)
 }
 
 fn truncate(s: &str, max: usize) -> String {
@@ -524,6 +546,33 @@ mod tests {
             ),
             (br#"{"id":"a","prompt":"p","seed":-1}"#.to_vec(), "seed"),
             (br#"{"id":"a","prompt":"p","size":""}"#.to_vec(), "`size`"),
+            // A second value of a field is not a silent override.
+            (
+                br#"{"id":"a","prompt":"p","n":1,"n":10}"#.to_vec(),
+                "duplicate key \"n\"",
+            ),
+            (
+                br#"{"id":"a","prompt":"p","params":{"user":"u","user":"v"}}"#.to_vec(),
+                "duplicate key \"user\"",
+            ),
+            // null is not a field left out; version 0 does not exist.
+            (
+                br#"{"id":"a","prompt":"p","model":null}"#.to_vec(),
+                "`model` is null",
+            ),
+            (
+                br#"{"id":"a","prompt":"p","n":null}"#.to_vec(),
+                "`n` is null",
+            ),
+            (
+                br#"{"id":"a","prompt":"p","version":0}"#.to_vec(),
+                "version 0",
+            ),
+            // `_` is the directory of jobs without a batch.
+            (
+                br#"{"id":"a","batch":"_","prompt":"p"}"#.to_vec(),
+                "reserved",
+            ),
         ];
         for (body, expected) in cases {
             let err = Job::parse(&body, None, &rules()).expect_err(&String::from_utf8_lossy(&body));

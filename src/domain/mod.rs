@@ -6,5 +6,6 @@ pub mod cost;
 pub mod error;
 pub mod event;
 pub mod job;
+pub mod json;
 pub mod keys;
 pub mod limits;

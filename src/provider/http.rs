@@ -8,6 +8,7 @@ use std::time::Duration;
 use reqwest::header::HeaderMap;
 
 use crate::domain::error::{ErrorKind, Failure, ProviderDetail, StopReason, with_causes};
+use crate::domain::limits::{MAX_REPORTED_DELAY, reported_delay};
 
 /// Error bodies are small; never read more than this of one.
 pub const MAX_ERROR_BODY: usize = 64 * 1024;
@@ -26,22 +27,22 @@ pub fn header_str(headers: &HeaderMap, name: &str) -> Option<String> {
 /// The server's requested delay: `retry-after-ms` (float milliseconds, as OpenAI and Azure
 /// send it), else `retry-after` (seconds, or an HTTP date).
 pub fn retry_after(headers: &HeaderMap) -> Option<Duration> {
-    if let Some(ms) =
-        header_str(headers, "retry-after-ms").and_then(|v| v.trim().parse::<f64>().ok())
-        && ms.is_finite()
-        && ms >= 0.0
+    if let Some(after) = header_str(headers, "retry-after-ms")
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .and_then(|ms| reported_delay(ms / 1000.0))
     {
-        return Some(Duration::from_secs_f64(ms / 1000.0));
+        return Some(after);
     }
     let value = header_str(headers, "retry-after")?;
     let value = value.trim();
     if let Ok(secs) = value.parse::<f64>() {
-        return (secs.is_finite() && secs >= 0.0).then(|| Duration::from_secs_f64(secs));
+        return reported_delay(secs);
     }
     let at = httpdate::parse_http_date(value).ok()?;
     Some(
         at.duration_since(std::time::SystemTime::now())
-            .unwrap_or(Duration::ZERO),
+            .unwrap_or(Duration::ZERO)
+            .min(MAX_REPORTED_DELAY),
     )
 }
 
@@ -173,6 +174,21 @@ mod tests {
             "{d:?}"
         );
         assert_eq!(retry_after(&headers(&[("retry-after", "soon")])), None);
+        // Hostile values are bounded, never a panic or a wait of years.
+        for (name, value) in [
+            ("retry-after", "1e300"),
+            ("retry-after", "18446744073709551616"),
+            ("retry-after-ms", "1e300"),
+            ("retry-after", "Fri, 31 Dec 9999 23:59:59 GMT"),
+        ] {
+            assert_eq!(
+                retry_after(&headers(&[(name, value)])),
+                Some(MAX_REPORTED_DELAY),
+                "{name}: {value}"
+            );
+        }
+        assert_eq!(retry_after(&headers(&[("retry-after", "-5")])), None);
+        assert_eq!(retry_after(&headers(&[("retry-after", "NaN")])), None);
         assert_eq!(retry_after(&headers(&[])), None);
     }
 

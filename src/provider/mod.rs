@@ -141,6 +141,52 @@ pub fn build(settings: &ProviderSettings) -> anyhow::Result<Arc<dyn ImageProvide
     })
 }
 
+/// The largest image a provider's answer may hold, in pixels (a 16K-by-16K image is far beyond
+/// what any image API makes): a larger header is a broken or hostile answer, refused before
+/// anything allocates for it.
+pub const MAX_IMAGE_PIXELS: u64 = 16_384 * 16_384;
+
+/// The image formats a provider's answer may hold.
+const ANSWER_FORMATS: [(image::ImageFormat, &str, &str); 3] = [
+    (image::ImageFormat::Png, "image/png", "png"),
+    (image::ImageFormat::Jpeg, "image/jpeg", "jpeg"),
+    (image::ImageFormat::WebP, "image/webp", "webp"),
+];
+
+/// Checks that a provider answered an image: PNG, JPEG or WebP by its magic numbers, with a
+/// header that decodes to at most [`MAX_IMAGE_PIXELS`]. Returns its content type and file
+/// extension; an HTML error page, an empty `b64_json` or a truncated file is an error saying
+/// why (a provider error: the call may have been billed).
+pub fn check_image(data: &[u8]) -> Result<(&'static str, &'static str), String> {
+    let format = image::guess_format(data).ok();
+    let Some((format, content_type, extension)) = ANSWER_FORMATS
+        .into_iter()
+        .find(|(f, ..)| Some(*f) == format)
+    else {
+        let start: String = data.iter().take(16).map(|b| format!("{b:02x}")).collect();
+        return Err(format!(
+            "{} bytes that are not a PNG, JPEG or WebP image (they start with {})",
+            data.len(),
+            if start.is_empty() { "nothing" } else { &start }
+        ));
+    };
+    let mut reader = image::ImageReader::with_format(std::io::Cursor::new(data), format);
+    let mut limits = image::Limits::default();
+    limits.max_image_width = Some(16_384);
+    limits.max_image_height = Some(16_384);
+    limits.max_alloc = Some(MAX_IMAGE_PIXELS * 4);
+    reader.limits(limits);
+    let (width, height) = reader
+        .into_dimensions()
+        .map_err(|e| format!("a {extension} image whose header does not decode: {e}"))?;
+    if width == 0 || height == 0 || u64::from(width) * u64::from(height) > MAX_IMAGE_PIXELS {
+        return Err(format!(
+            "a {extension} image of {width}x{height} pixels (at most {MAX_IMAGE_PIXELS})"
+        ));
+    }
+    Ok((content_type, extension))
+}
+
 /// The content type and file extension of image bytes, by their magic numbers; `declared` (the
 /// requested output format) is the fallback.
 pub fn sniff(data: &[u8], declared: &str) -> (&'static str, &'static str) {
@@ -182,5 +228,38 @@ mod tests {
         );
         assert_eq!(sniff(b"????", "webp"), ("image/webp", "webp"));
         assert_eq!(sniff(b"????", "tiff"), ("application/octet-stream", "bin"));
+    }
+
+    fn png(width: u32, height: u32, body: bool) -> Vec<u8> {
+        let mut out = Vec::new();
+        let mut encoder = png::Encoder::new(&mut out, width, height);
+        encoder.set_color(png::ColorType::Grayscale);
+        let mut writer = encoder.write_header().unwrap();
+        if body {
+            writer
+                .write_image_data(&vec![7u8; (width * height) as usize])
+                .unwrap();
+        }
+        drop(writer);
+        out
+    }
+
+    #[test]
+    fn only_real_images_of_sane_size_pass_the_check() {
+        assert_eq!(check_image(&png(4, 3, true)), Ok(("image/png", "png")));
+        for (bytes, why) in [
+            (
+                b"<html><body>502 Bad Gateway</body></html>".to_vec(),
+                "not a PNG",
+            ),
+            (Vec::new(), "start with nothing"),
+            (b"\x89PNG\r\n\x1a\n".to_vec(), "does not decode"),
+            (b"GIF89a\x01\x00\x01\x00".to_vec(), "not a PNG"),
+            // A header that promises 4 gigapixels: refused before anything is allocated.
+            (png(65_535, 65_535, false), "png image"),
+        ] {
+            let err = check_image(&bytes).expect_err(why);
+            assert!(err.contains(why), "{why}: {err}");
+        }
     }
 }

@@ -28,6 +28,8 @@ const CAPABILITIES: Capabilities = Capabilities {
     negative_prompt: true,
     transparency: true,
     mode: Mode::Synchronous,
+    // It renders from the prompt alone: a job's params would change nothing.
+    params: &[],
 };
 
 pub struct Placeholder {

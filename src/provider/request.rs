@@ -144,6 +144,10 @@ pub struct Capabilities {
     /// Whether it can make a transparent background.
     pub transparency: bool,
     pub mode: Mode,
+    /// The request fields of its own API that a job may set through `params` (an allow-list:
+    /// anything else, `"N"` or `"n "` included, is refused before any call). A provider's
+    /// config extends it with `params_allowed`.
+    pub params: &'static [&'static str],
 }
 
 impl Capabilities {
@@ -182,6 +186,25 @@ impl Capabilities {
             return Some("cannot make a transparent background".into());
         }
         None
+    }
+
+    /// The first of the request's `params` that neither the provider nor `also` (its
+    /// configured `params_allowed`) takes, with the message that says what it takes.
+    pub fn params_refusal(&self, request: &ImageRequest, also: &[String]) -> Option<String> {
+        let key = request.params.keys().find(|k| {
+            !self.params.contains(&k.as_str()) && !also.iter().any(|a| a == k.as_str())
+        })?;
+        let mut taken: Vec<&str> = self.params.to_vec();
+        taken.extend(also.iter().map(String::as_str));
+        let taken = if taken.is_empty() {
+            "none".to_string()
+        } else {
+            taken.join(", ")
+        };
+        Some(format!(
+            "takes no `params.{}` (it takes: {taken}; params_allowed in its config adds more)",
+            key.escape_debug().take(64).collect::<String>()
+        ))
     }
 }
 
@@ -239,6 +262,7 @@ mod tests {
             negative_prompt: false,
             transparency: false,
             mode: Mode::SubmitAndPoll,
+            params: &["user"],
         };
         let with = |f: &dyn Fn(&mut ImageRequest)| {
             let mut r = request();
@@ -284,6 +308,40 @@ mod tests {
         assert!(pixels.refusal(&big).unwrap().contains("at most 2048"));
         big.size = Size::parse("2048x1024");
         assert_eq!(pixels.refusal(&big), None);
+    }
+
+    #[test]
+    fn params_are_an_allow_list_per_provider_extended_by_config() {
+        let caps = Capabilities {
+            images_per_call: 1,
+            sizes: Sizes::Any,
+            formats: None,
+            seed: false,
+            negative_prompt: false,
+            transparency: false,
+            mode: Mode::Synchronous,
+            params: &["user", "moderation"],
+        };
+        let with = |params: Value, also: &[String]| {
+            let mut r = request();
+            r.params = params.as_object().unwrap().clone();
+            caps.params_refusal(&r, also)
+        };
+        assert_eq!(
+            with(serde_json::json!({"user": "u", "moderation": "low"}), &[]),
+            None
+        );
+        // Near misses of a worker-controlled field are not passed through.
+        for near in ["N", "n ", "Model", "size\u{0}"] {
+            let why = with(serde_json::json!({ near: 10 }), &[]).expect(near);
+            assert!(why.contains("user, moderation"), "{why}");
+        }
+        let why = with(serde_json::json!({"steps": 4}), &[]).unwrap();
+        assert!(why.contains("`params.steps`"), "{why}");
+        assert_eq!(
+            with(serde_json::json!({"steps": 4}), &["steps".to_string()]),
+            None
+        );
     }
 
     #[test]

@@ -39,8 +39,15 @@ const MARKER_WINDOW_MS: u64 = 120_000;
 
 const MICROS: f64 = 1_000_000.0;
 
+/// The most one call is charged: a cost beyond any real call (a broken or hostile usage report)
+/// counts as this, so that it trips the caps without overflowing the counters.
+const MAX_CHARGE_USD: f64 = 1_000_000.0;
+
 fn micros(usd: f64) -> u64 {
-    (usd.max(0.0) * MICROS).round() as u64
+    if usd.is_nan() || usd <= 0.0 {
+        return 0;
+    }
+    (usd.min(MAX_CHARGE_USD) * MICROS).round() as u64
 }
 
 fn usd(micros: u64) -> f64 {
@@ -242,6 +249,21 @@ impl Budget {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_cost_beyond_any_call_trips_the_caps_without_overflowing() {
+        assert_eq!(micros(f64::INFINITY), micros(MAX_CHARGE_USD));
+        assert_eq!(micros(1e300), micros(MAX_CHARGE_USD));
+        assert_eq!(micros(f64::NAN), 0);
+        assert_eq!(micros(-3.0), 0);
+        let mut total = 0u64;
+        for _ in 0..1000 {
+            total = total
+                .checked_add(micros(f64::INFINITY))
+                .expect("no overflow");
+        }
+        assert!(usd(total) >= MAX_CHARGE_USD);
+    }
 
     #[test]
     fn markers_are_counted_once_and_old_names_are_forgotten() {

@@ -23,6 +23,7 @@ pub const STORAGE_DURATION: &str = "imagegen_storage_request_duration_seconds";
 pub const IMAGES: &str = "imagegen_images_generated_total";
 pub const COST: &str = "imagegen_cost_usd_total";
 pub const POSSIBLY_BILLED: &str = "imagegen_possibly_billed_total";
+pub const JOB_PANICS: &str = "imagegen_job_panics_total";
 pub const REGENERATED: &str = "imagegen_images_lost_total";
 pub const RECONNECTS: &str = "imagegen_broker_reconnects_total";
 pub const PAUSED: &str = "imagegen_paused";
@@ -99,6 +100,10 @@ fn describe() {
         "USD spent, from reported usage and the price table (estimates included)."
     );
     describe_counter!(
+        JOB_PANICS,
+        "Jobs whose processing panicked (a bug): each is deferred as a failed attempt."
+    );
+    describe_counter!(
         POSSIBLY_BILLED,
         "Failed provider calls that may have been billed (timeout or reset after sending)."
     );
@@ -163,6 +168,10 @@ const COST_MICROS: &str = "imagegen_cost_microusd_total";
 
 pub fn possibly_billed(provider: &str, n: u64) {
     counter!(POSSIBLY_BILLED, "provider" => provider.to_string()).increment(n);
+}
+
+pub fn job_panicked(provider: &str) {
+    counter!(JOB_PANICS, "provider" => provider.to_string()).increment(1);
 }
 
 pub fn images_lost(n: u64) {

@@ -17,9 +17,10 @@ use tracing::{error, info};
 use super::retry::RetryPolicy;
 use super::throttle::Throttle;
 use crate::config::{ProviderSettings, Settings};
-use crate::domain::cost::PriceTable;
+use crate::domain::cost::{Cost, PriceTable, Purchase};
 use crate::domain::error::StopReason;
 use crate::provider::ImageProvider;
+use crate::provider::ImageRequest;
 
 /// One provider and the worker's state of it.
 pub struct Route {
@@ -29,6 +30,8 @@ pub struct Route {
     pub throttle: Throttle,
     pub retry: RetryPolicy,
     pub prices: PriceTable,
+    /// `params` fields jobs may set beyond those its kind takes (`params_allowed`).
+    params_allowed: Vec<String>,
     probe_every: Duration,
     pause: Mutex<Option<Paused>>,
     /// True while paused; jobs waiting for a call slot watch it.
@@ -66,10 +69,54 @@ impl Route {
             throttle: Throttle::from_settings(settings),
             retry: RetryPolicy::from_settings(&settings.retry),
             prices: settings.pricing.clone(),
+            params_allowed: settings.params_allowed.clone(),
             probe_every,
             pause: Mutex::new(None),
             paused_tx: watch::Sender::new(false),
         }
+    }
+
+    /// Why this provider cannot do what `request` asks (a size, a format, a field of
+    /// `params` it does not take), naming the provider: the job fails before any call.
+    pub fn refusal(&self, request: &ImageRequest) -> Option<String> {
+        let caps = self.provider.capabilities();
+        let why = caps
+            .refusal(request)
+            .or_else(|| caps.params_refusal(request, &self.params_allowed))?;
+        Some(format!(
+            "provider {} (kind {}) {why}",
+            self.name,
+            self.provider.kind()
+        ))
+    }
+
+    /// Why a job of `request` must not be bought under a spend cap: its model has no price here
+    /// (and no fallback price is set), so it would count as $0 against every cap.
+    pub fn unpriced(&self, request: &ImageRequest) -> Option<String> {
+        self.estimated_cost(request).is_none().then(|| {
+            format!(
+                "model {:?} of provider {} has no price, and a spend cap is set: add its price \
+                 to [pricing] (or providers.{}.pricing), or set pricing.fallback_usd_per_image",
+                request.model, self.name, self.name
+            )
+        })
+    }
+
+    /// What `request` would cost by this provider's estimate of its usage; `None` when its
+    /// model has no price.
+    pub fn estimated_cost(&self, request: &ImageRequest) -> Option<Cost> {
+        let usage = self.provider.estimate(request);
+        self.prices
+            .cost(Purchase {
+                model: &request.model,
+                size: &request.size_text(),
+                quality: request.quality.as_deref().unwrap_or(""),
+                usage: &usage,
+            })
+            .map(|c| Cost {
+                estimated: true,
+                ..c
+            })
     }
 
     fn state(&self) -> MutexGuard<'_, Option<Paused>> {

@@ -32,7 +32,7 @@ use tracing::{debug, info};
 
 use crate::config::ProviderSettings;
 use crate::domain::error::Failure;
-use crate::domain::limits::RateLimits;
+use crate::domain::limits::{MAX_REPORTED_COUNT, RateLimits};
 
 /// Pacing never spaces calls by more than this many times the limit's own period.
 const MAX_SLOWDOWN: f64 = 16.0;
@@ -413,7 +413,11 @@ impl Throttle {
             } else {
                 x * x
             };
-            let interval = Duration::from_secs_f64(1.0 / (calls_per_sec * speed));
+            // Never longer than until the account's bucket is full again, whatever the numbers
+            // (a tiny limit, a huge usage per call).
+            let interval = Duration::try_from_secs_f64(1.0 / (calls_per_sec * speed))
+                .unwrap_or(q.reset)
+                .min(q.reset);
             slowest = slowest.max(interval);
         }
         slowest
@@ -431,7 +435,10 @@ impl Throttle {
         if let Some(limits) = limits {
             s.observed = Some((limits, Instant::now()));
         }
-        if let Some(tokens) = tokens.filter(|t| *t > 0.0) {
+        if let Some(tokens) = tokens
+            .filter(|t| *t > 0.0 && t.is_finite())
+            .map(|t| t.min(MAX_REPORTED_COUNT))
+        {
             s.tokens_per_call = Some(match s.tokens_per_call {
                 Some(avg) => avg * 0.9 + tokens * 0.1,
                 None => tokens,
@@ -720,5 +727,20 @@ mod tests {
         // Headers older than their reset are forgotten.
         tokio::time::sleep(Duration::from_secs(61)).await;
         assert_eq!(throttle.state().pacing_ms, 0);
+        // Hostile numbers (a limit of one a minute, a call that reports 1e300 tokens) pace no
+        // longer than the bucket's reset, and never panic.
+        let hostile = RateLimits {
+            requests: None,
+            tokens: Some(Quota {
+                limit: 1.0,
+                remaining: 0.0,
+                reset: Duration::from_secs(5),
+            }),
+        };
+        throttle
+            .acquire(1)
+            .await
+            .finish(Feedback::Done, Some(hostile), Some(1e300));
+        assert_eq!(throttle.state().pacing_ms, 5000);
     }
 }

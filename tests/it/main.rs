@@ -7,6 +7,7 @@
 mod batch;
 mod budget;
 mod cli;
+mod contract;
 mod dlq;
 mod gallery;
 mod helpers;

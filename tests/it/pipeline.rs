@@ -157,6 +157,39 @@ async fn server_errors_are_retried_then_succeed() {
 }
 
 #[tokio::test]
+async fn an_answer_that_is_not_an_image_is_a_billed_provider_error_not_a_png() {
+    let env = TestEnv::new(Store::S3).await;
+    // The first answer is a 200 whose b64_json holds an HTML page; the retry gets an image.
+    env.fake()
+        .push_rule(rule("html page", Fault::NotAnImage, Some(1)));
+    let mut listener = env.listen().await;
+    let worker = env.start_worker().await;
+    env.publish(json!({"id": "nai", "prompt": "an html page"}))
+        .await;
+    let event = env.events(&mut listener, 1, WAIT).await.remove(0);
+    assert_eq!(event.data.status, Status::Succeeded);
+    assert_eq!(event.data.attempts, 2);
+    assert_eq!(event.data.possibly_billed, 1);
+    assert!(
+        event.data.cost_estimated,
+        "the unanswered call is charged as an estimate"
+    );
+    assert_eq!(env.fake().billed_for("html page"), 2);
+    let store = env.store().await;
+    let bytes = store
+        .get(&event.data.images[0].key)
+        .await
+        .unwrap()
+        .expect("image stored");
+    assert!(
+        bytes.starts_with(b"\x89PNG"),
+        "only the real image is stored"
+    );
+    worker.shutdown().await.unwrap();
+    env.cleanup().await;
+}
+
+#[tokio::test]
 async fn retries_are_bounded_and_end_in_retries_exhausted() {
     let env = TestEnv::with(Store::Fs, &[("retry.max_attempts", "3".into())]).await;
     env.fake()

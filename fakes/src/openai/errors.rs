@@ -267,7 +267,7 @@ impl ApiError {
                 ),
             ),
             // Handled before errors are built; kept total for safety.
-            Fault::Hang { .. } | Fault::Reset => Self::new(
+            Fault::Hang { .. } | Fault::Reset | Fault::NotAnImage => Self::new(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "server_error",
                 Some("server_error"),

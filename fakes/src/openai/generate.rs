@@ -55,6 +55,7 @@ impl FakeApi {
         }
 
         let mut delay = *lock(&self.inner.latency);
+        let mut not_an_image = false;
         let result = match (self.check_auth(&headers), &parsed) {
             (Err(e), _) => Err(e),
             (Ok(()), Err(_)) => Err(ApiError::unparsable_body()),
@@ -65,6 +66,10 @@ impl FakeApi {
                 }
                 Some(Fault::Hang { secs }) => {
                     delay += Duration::try_from_secs_f64(secs).unwrap_or_default();
+                    validate(value)
+                }
+                Some(Fault::NotAnImage) => {
+                    not_an_image = true;
                     validate(value)
                 }
                 Some(fault) => Err(ApiError::from_fault(&fault, value, &request_id)),
@@ -88,7 +93,7 @@ impl FakeApi {
         let (status, body, extra) = match result {
             Ok(req) => {
                 let host = headers.get(header::HOST).and_then(|h| h.to_str().ok());
-                let body = self.success_body(&req, seq, host);
+                let body = self.success_body(&req, seq, host, not_an_image);
                 let mut counters = lock(&self.inner.counters);
                 counters.stats.billed += 1;
                 counters.stats.images += req.n;
@@ -135,7 +140,13 @@ impl FakeApi {
 
     /// The 200 body. Base64 needs no JSON escaping, so the images are written directly rather
     /// than through serde_json (which is slow on large strings in unoptimised test builds).
-    fn success_body(&self, req: &GenRequest, seq: u64, host: Option<&str>) -> String {
+    fn success_body(
+        &self,
+        req: &GenRequest,
+        seq: u64,
+        host: Option<&str>,
+        not_an_image: bool,
+    ) -> String {
         let (text_tokens, image_tokens) = req.usage_tokens();
         let created = SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -175,6 +186,11 @@ impl FakeApi {
                 }
                 files.push_back((name, bytes));
                 out.push_str(&json!({ "url": url }).to_string());
+            } else if not_an_image {
+                let page = b"<html><head><title>502 Bad Gateway</title></head></html>";
+                out.push_str("{\"b64_json\":\"");
+                out.push_str(&base64_simd::STANDARD.encode_to_string(page));
+                out.push_str("\"}");
             } else {
                 out.push_str("{\"b64_json\":\"");
                 png.write_b64(&text, &mut out);

@@ -116,6 +116,9 @@ pub enum Fault {
     Hang { secs: f64 },
     /// Close the connection abruptly (TCP reset) after reading the request, without a response.
     Reset,
+    /// A 200 answer, billed, whose `b64_json` holds no image but an HTML error page (what a
+    /// broken gateway or a provider bug hands back).
+    NotAnImage,
 }
 
 /// Counters since the fake was created.

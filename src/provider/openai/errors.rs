@@ -11,7 +11,7 @@ use reqwest::header::HeaderMap;
 use serde::Deserialize;
 
 use crate::domain::error::{ErrorKind, Failure, ProviderDetail, StopReason};
-use crate::domain::limits::{Quota, RateLimits};
+use crate::domain::limits::{MAX_REPORTED_COUNT, MAX_REPORTED_DELAY, Quota, RateLimits};
 use crate::provider::http::by_status;
 
 /// The error object of an OpenAI-style error body: `{"error": {"message", "type", "param", "code"}}`.
@@ -155,11 +155,16 @@ pub fn rate_limits(headers: &HeaderMap) -> Option<RateLimits> {
             .ok()?;
         let reset = get(format!("x-ratelimit-reset-{what}"))
             .and_then(parse_go_duration)
-            .unwrap_or(Duration::from_secs(60));
-        (limit.is_finite() && limit > 0.0 && remaining.is_finite()).then_some(Quota {
-            limit,
-            remaining: remaining.clamp(0.0, limit),
-            reset,
+            .unwrap_or(Duration::from_secs(60))
+            .min(MAX_REPORTED_DELAY);
+        // A limit below one a minute is no limit an account has: the header is broken.
+        (limit.is_finite() && limit >= 1.0 && remaining.is_finite()).then(|| {
+            let limit = limit.min(MAX_REPORTED_COUNT);
+            Quota {
+                limit,
+                remaining: remaining.clamp(0.0, limit),
+                reset,
+            }
         })
     };
     let limits = RateLimits {
@@ -253,6 +258,33 @@ mod tests {
             "a missing reset means a minute"
         );
         assert_eq!(rate_limits(&HeaderMap::new()), None);
+
+        // Hostile values: a limit too small to be one is ignored, huge ones are bounded.
+        let of = |pairs: &[(&'static str, &'static str)]| {
+            let mut h = HeaderMap::new();
+            for (k, v) in pairs {
+                h.insert(*k, HeaderValue::from_static(v));
+            }
+            rate_limits(&h)
+        };
+        for tiny in ["0", "1e-300", "-5", "NaN"] {
+            let h = [
+                ("x-ratelimit-limit-requests", tiny),
+                ("x-ratelimit-remaining-requests", "0"),
+            ];
+            assert_eq!(of(&h), None, "{tiny}");
+        }
+        let huge = of(&[
+            ("x-ratelimit-limit-requests", "1e308"),
+            ("x-ratelimit-remaining-requests", "1e308"),
+            ("x-ratelimit-reset-requests", "99999999999h"),
+        ])
+        .unwrap()
+        .requests
+        .unwrap();
+        assert_eq!(huge.limit, MAX_REPORTED_COUNT);
+        assert_eq!(huge.remaining, MAX_REPORTED_COUNT);
+        assert_eq!(huge.reset, MAX_REPORTED_DELAY);
     }
 
     fn body(json: &str) -> ApiErrorBody {

@@ -24,7 +24,7 @@ use super::http::{
 };
 use super::{
     Answer, Capabilities, GeneratedImage, Generation, ImageProvider, ImageRequest, JobDefaults,
-    Journal, Mode, Size, Sizes, sniff,
+    Journal, Mode, Size, Sizes, check_image,
 };
 use crate::config::{AuthScheme, OpenAiSettings};
 use crate::domain::cost::Usage;
@@ -41,6 +41,9 @@ const CAPABILITIES: Capabilities = Capabilities {
     negative_prompt: false,
     transparency: true,
     mode: Mode::Synchronous,
+    // The request fields of the Images API that have no neutral field (image-apis.md), and
+    // `style` of the DALL-E-style hosts that still take it.
+    params: &["user", "moderation", "output_compression", "style"],
 };
 
 pub struct OpenAi {
@@ -161,17 +164,26 @@ impl OpenAi {
             .await
             .map_err(|f| with_request_id(f, &request_id))?;
         let answer = decode_answer(body).map_err(|f| with_request_id(f, &request_id))?;
-        let declared = answer
-            .output_format
-            .or_else(|| request.output_format.clone())
-            .unwrap_or_default();
         let mut images = Vec::with_capacity(answer.images.len());
         for (data, revised_prompt) in answer.images {
             let data = match data {
                 ImageBytes::Decoded(data) => data,
                 ImageBytes::Url(url) => self.download(&url).await?,
             };
-            let (content_type, extension) = sniff(&data, &declared);
+            let (content_type, extension) = check_image(&data).map_err(|why| {
+                with_request_id(
+                    billed_failure(format!("the provider's image is not one: {why}")),
+                    &request_id,
+                )
+            })?;
+            if let Some(declared) = &answer.output_format
+                && declared.as_str() != extension
+                && !(declared == "jpg" && extension == "jpeg")
+            {
+                // The bytes decide; the answer's own word is only worth a note.
+                tracing::debug!(declared = %declared, actual = extension,
+                    "the provider's output_format does not match its image");
+            }
             images.push(GeneratedImage {
                 data,
                 content_type,

@@ -103,12 +103,20 @@ impl AttemptContext<'_> {
         };
         super::super::metrics::provider_call(&route.name, status, started.elapsed());
         // Counted before the slot is free, so that the next call's budget check sees it.
-        if let Ok(Answer::Done(g)) = &answer
-            && !g.images.is_empty()
-        {
-            let cost = self.cost(g);
+        let spent = match &answer {
+            Ok(Answer::Done(g)) if !g.images.is_empty() => {
+                super::super::metrics::images_generated(&route.name, g.images.len() as u64);
+                Some(self.cost(g))
+            }
+            // Paid for, maybe, with nothing to show: charged at the request's estimate, so that
+            // a provider that keeps failing after billing cannot spend past the caps.
+            Err(f) if f.possibly_billed() && !polling => {
+                Some(route.estimated_cost(self.request).map_or(0.0, |c| c.usd))
+            }
+            _ => None,
+        };
+        if let Some(cost) = spent {
             super::super::metrics::cost(&route.name, cost);
-            super::super::metrics::images_generated(&route.name, g.images.len() as u64);
             if let Some(budget) = self.budget {
                 budget
                     .record(self.job.batch.as_deref(), &self.job.id, cost)

@@ -7,7 +7,7 @@ use serde_json::Value;
 use tracing::warn;
 
 use super::{Outcome, Settle};
-use crate::domain::cost::{Purchase, Usage};
+use crate::domain::cost::{Cost, Purchase, Usage};
 use crate::domain::error::{ErrorKind, Failure};
 use crate::domain::event::{
     CloudEvent, EVENT_SCHEMA_VERSION, EventError, ResultData, Status, StoredImage,
@@ -27,6 +27,9 @@ pub struct Progress {
     /// Images the provider returned to this worker for this job.
     pub bought: u32,
     pub possibly_billed: u32,
+    /// What the calls that may have been billed without an answer would have bought, by the
+    /// provider's estimate (charged as an estimate).
+    pub billed_unanswered: Option<Usage>,
     /// What the provider reported, summed over calls (its own vocabulary, for the event).
     pub reported_usage: Option<Value>,
     /// The neutral usage, summed over calls (for the price).
@@ -154,15 +157,39 @@ impl Events {
             ..self.data(&job.id, job.batch.clone(), status, started)
         };
         data.images.sort_by_key(|i| i.index);
-        if progress.bought == 0 {
+        let price = |model: &str, usage: &Usage| {
+            route.prices.cost(Purchase {
+                model,
+                size: &request.size_text(),
+                quality: request.quality.as_deref().unwrap_or(""),
+                usage,
+            })
+        };
+        let bought = if progress.bought == 0 {
             // Nothing was bought here (stored images reused, or no provider call).
-            data.cost_usd = Some(0.0);
-        } else if let Some(cost) = route.prices.cost(Purchase {
-            model: data.model.as_deref().unwrap_or(&request.model),
-            size: &request.size_text(),
-            quality: request.quality.as_deref().unwrap_or(""),
-            usage: &progress.usage,
-        }) {
+            Some(Cost {
+                usd: 0.0,
+                estimated: false,
+            })
+        } else {
+            price(
+                data.model.as_deref().unwrap_or(&request.model),
+                &progress.usage,
+            )
+        };
+        let unanswered = progress
+            .billed_unanswered
+            .map(|usage| price(&request.model, &usage));
+        let cost = match (bought, unanswered) {
+            (bought, None) => bought,
+            (Some(a), Some(Some(b))) => Some(Cost {
+                usd: a.usd + b.usd,
+                estimated: true,
+            }),
+            // Part of it has no price: the whole is unknown.
+            _ => None,
+        };
+        if let Some(cost) = cost {
             data.cost_usd = Some(cost.usd);
             data.cost_estimated = cost.estimated;
         }

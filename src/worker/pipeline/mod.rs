@@ -21,10 +21,13 @@ pub mod journal;
 pub mod lease;
 pub mod run;
 
+use std::any::Any;
 use std::collections::HashMap;
+use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use futures_util::FutureExt;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, info_span, warn};
 
@@ -33,7 +36,7 @@ use self::images::Images;
 use self::lease::Leases;
 use self::run::JobRun;
 use super::budget::Budget;
-use super::providers::Routes;
+use super::providers::{Route, Routes};
 use super::retry::RetryPolicy;
 use super::spool::Spool;
 use crate::config::Settings;
@@ -204,7 +207,18 @@ impl Pipeline {
                 halt,
                 started,
             };
-            let outcome = run.run().instrument(span.clone()).await;
+            // A panic (a bug, or an answer no check foresaw) ends this attempt, not the worker:
+            // the job is deferred with the attempt counted, and its message is settled.
+            let outcome = match AssertUnwindSafe(run.run().instrument(span.clone()))
+                .catch_unwind()
+                .await
+            {
+                Ok(outcome) => outcome,
+                Err(panic) => {
+                    let _entered = span.enter();
+                    panicked(route, delivery.attempts, panic.as_ref())
+                }
+            };
             if let Outcome::Finished { event, .. } = &outcome
                 && event.data.status == Status::Failed
             {
@@ -265,6 +279,23 @@ impl Pipeline {
                 format!("batch {batch} was cancelled before the job started"),
             )
         })
+    }
+}
+
+/// A job whose processing panicked: a failed attempt (it may have come after the request was
+/// sent), deferred like any retry so that its message is settled and the attempts counted.
+fn panicked(route: &Route, attempts: u32, panic: &(dyn Any + Send)) -> Outcome {
+    let what = panic
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("a panic without a message");
+    tracing::error!(provider = %route.name, panic = what,
+        "processing the job panicked: it is deferred as a failed attempt");
+    super::metrics::job_panicked(&route.name);
+    Outcome::Defer {
+        after: route.retry.initial_delay.max(Duration::from_secs(1)),
+        attempts: attempts + 1,
     }
 }
 

@@ -37,13 +37,13 @@ pub(super) struct JobRun<'a> {
 impl JobRun<'_> {
     pub(super) async fn run(&self) -> Outcome {
         let progress = Progress::new(self.delivery.attempts);
-        if let Some(why) = self.route.provider.capabilities().refusal(&self.request) {
-            let failure = Failure::invalid_job(format!(
-                "provider {} (kind {}) {why}",
-                self.route.name,
-                self.route.provider.kind()
-            ));
-            return self.failed(progress, failure);
+        if let Some(why) = self.route.refusal(&self.request) {
+            return self.failed(progress, Failure::invalid_job(why));
+        }
+        if self.p.budget.is_some()
+            && let Some(why) = self.route.unpriced(&self.request)
+        {
+            return self.failed(progress, Failure::invalid_job(why));
         }
         let listing = match self.p.images.list(self.dir).await {
             Ok(listing) => listing,
@@ -243,6 +243,14 @@ impl JobRun<'_> {
                 Attempt::Failed(failure) => {
                     if let Some(probe) = probe {
                         probe.through();
+                    }
+                    if failure.possibly_billed() && !polling {
+                        let mut estimate = route.provider.estimate(&request);
+                        estimate.estimated = true;
+                        progress
+                            .billed_unanswered
+                            .get_or_insert_with(Default::default)
+                            .add(&estimate);
                     }
                     failure
                 }

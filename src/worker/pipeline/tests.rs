@@ -29,6 +29,8 @@ enum Scripted {
     /// Queued: look again after this long.
     Pending(Duration),
     Fail(Failure),
+    /// A bug in the driver.
+    Panic,
 }
 
 struct Stub {
@@ -50,6 +52,7 @@ impl Stub {
                 negative_prompt: false,
                 transparency: true,
                 mode,
+                params: &["user"],
             },
             defaults: JobDefaults {
                 model: "stub-model".into(),
@@ -90,6 +93,7 @@ impl Stub {
                 });
             }
             Scripted::Fail(failure) => return Err(failure),
+            Scripted::Panic => panic!("the driver hit a bug"),
         };
         let images = (0..count)
             .map(|i| GeneratedImage {
@@ -158,23 +162,27 @@ struct Setup {
     dir: tempfile::TempDir,
 }
 
-fn settings(root: &std::path::Path) -> Settings {
-    Settings::load_with_overrides(
-        &Sources::default(),
-        &[
-            ("storage.kind", "fs".into()),
-            ("storage.root", root.display().to_string()),
-            ("retry.initial_delay_ms", "10".into()),
-            ("retry.max_delay_ms", "50".into()),
-        ],
-    )
-    .unwrap()
+fn settings(root: &std::path::Path, extra: &[(&str, &str)]) -> Settings {
+    let mut overrides = vec![
+        ("storage.kind", "fs".to_string()),
+        ("storage.root", root.display().to_string()),
+        ("retry.initial_delay_ms", "10".into()),
+        ("retry.max_delay_ms", "50".into()),
+    ];
+    overrides.extend(extra.iter().map(|(k, v)| (*k, v.to_string())));
+    Settings::load_with_overrides(&Sources::default(), &overrides).unwrap()
 }
 
 /// A pipeline over `providers` (the first is the default), on a fresh fs store.
 fn setup(providers: &[(&str, Arc<Stub>)]) -> Setup {
+    setup_with(providers, &[])
+}
+
+/// The same with settings changed by `extra`; with a spend cap among them, the pipeline has
+/// a budget.
+fn setup_with(providers: &[(&str, Arc<Stub>)], extra: &[(&str, &str)]) -> Setup {
     let dir = tempfile::tempdir().unwrap();
-    let settings = settings(dir.path());
+    let settings = settings(dir.path(), extra);
     let base = settings.default_provider();
     let routes = providers
         .iter()
@@ -183,8 +191,15 @@ fn setup(providers: &[(&str, Arc<Stub>)]) -> Setup {
             Route::new(name, provider, base, Duration::from_secs(60))
         })
         .collect();
-    let store = Arc::new(FsStore::new(dir.path()).unwrap());
-    let pipeline = Pipeline::new(&settings, Routes::new(routes, providers[0].0), store);
+    let store: Arc<dyn ObjectStore> = Arc::new(FsStore::new(dir.path()).unwrap());
+    let mut pipeline = Pipeline::new(
+        &settings,
+        Routes::new(routes, providers[0].0),
+        store.clone(),
+    );
+    if let Some(budget) = Budget::from_settings(&settings, store) {
+        pipeline = pipeline.with_budget(budget);
+    }
     Setup { pipeline, dir }
 }
 
@@ -503,4 +518,113 @@ async fn one_paused_provider_defers_its_jobs_while_another_serves() {
     assert_eq!(healthy.submits(), 1);
     let a = s.pipeline.routes().get(Some("a")).unwrap();
     assert_eq!(a.paused().map(|(r, _)| r), Some(StopReason::QuotaExhausted));
+}
+
+#[tokio::test(start_paused = true)]
+async fn under_a_spend_cap_an_unpriced_model_is_refused_before_any_call() {
+    // The stub's model has no price: counted as $0, it would escape the cap.
+    let stub = Stub::new(10, Mode::Synchronous);
+    let s = setup_with(&[("a", stub.clone())], &[("budget.max_worker_usd", "5")]);
+    let (event, settle) = s
+        .finish(serde_json::json!({"id": "u1", "prompt": "p"}))
+        .await;
+    assert_eq!(settle, Settle::DeadLetter);
+    let error = event.data.error.expect("an error");
+    assert_eq!(error.kind, ErrorKind::InvalidJob);
+    assert!(
+        error.message.contains("\"stub-model\""),
+        "{}",
+        error.message
+    );
+    assert_eq!(stub.submits(), 0);
+
+    // With a fallback price, the job is bought and charged at that price, as an estimate.
+    let stub = Stub::new(10, Mode::Synchronous);
+    let s = setup_with(
+        &[("a", stub.clone())],
+        &[
+            ("budget.max_worker_usd", "5"),
+            ("pricing.fallback_usd_per_image", "0.25"),
+        ],
+    );
+    let (event, _) = s
+        .finish(serde_json::json!({"id": "u2", "prompt": "p", "n": 2}))
+        .await;
+    assert_eq!(event.data.status, Status::Succeeded);
+    assert_eq!(event.data.cost_usd, Some(0.5));
+    assert!(event.data.cost_estimated);
+    assert_eq!(stub.submits(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn params_a_provider_does_not_take_fail_the_job_before_any_call() {
+    let (stub, s) = single(10, Mode::Synchronous);
+    for (id, params) in [
+        ("p1", serde_json::json!({"N": 10})),
+        ("p2", serde_json::json!({"n ": 10})),
+        ("p3", serde_json::json!({"steps": 4})),
+    ] {
+        let (event, settle) = s
+            .finish(serde_json::json!({"id": id, "prompt": "p", "params": params}))
+            .await;
+        assert_eq!(settle, Settle::DeadLetter, "{id}");
+        let error = event.data.error.expect("an error");
+        assert_eq!(error.kind, ErrorKind::InvalidJob);
+        assert!(
+            error.message.contains("it takes: user"),
+            "{}",
+            error.message
+        );
+    }
+    assert_eq!(stub.submits(), 0);
+    // What it takes passes through.
+    let (event, _) = s
+        .finish(serde_json::json!({"id": "p4", "prompt": "p", "params": {"user": "u"}}))
+        .await;
+    assert_eq!(event.data.status, Status::Succeeded);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_call_that_may_have_been_billed_is_charged_as_an_estimate() {
+    // The first call times out after sending (maybe billed); the retry succeeds.
+    let stub = Stub::new(10, Mode::Synchronous);
+    stub.then(Scripted::Fail(Failure::Retryable {
+        message: "operation timed out".into(),
+        after: None,
+        possibly_billed: true,
+        detail: Box::default(),
+    }));
+    let s = setup_with(
+        &[("a", stub.clone())],
+        &[
+            ("budget.max_worker_usd", "5"),
+            ("pricing.fallback_usd_per_image", "0.25"),
+        ],
+    );
+    let (event, _) = s
+        .finish(serde_json::json!({"id": "b1", "prompt": "p", "n": 2}))
+        .await;
+    assert_eq!(event.data.status, Status::Succeeded);
+    assert_eq!(stub.submits(), 2);
+    assert_eq!(event.data.possibly_billed, 1);
+    // Two images bought, and two that may have been billed without an answer.
+    assert_eq!(event.data.cost_usd, Some(1.0));
+    assert!(event.data.cost_estimated);
+    let budget = s.pipeline.budget.as_ref().unwrap();
+    assert_eq!(budget.worker_spent_usd(), 1.0, "the caps saw both calls");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_panic_in_a_job_defers_it_as_a_failed_attempt_and_the_worker_goes_on() {
+    let (stub, s) = single(10, Mode::Synchronous);
+    stub.then(Scripted::Panic);
+    let job = serde_json::json!({"id": "bug", "prompt": "p"});
+    match s.process(job.clone()).await {
+        Outcome::Defer { attempts, .. } => assert_eq!(attempts, 1),
+        other => panic!("not deferred: {other:?}"),
+    }
+    // The same pipeline serves the job's next delivery.
+    let (event, _) = s.finish(job).await;
+    assert_eq!(event.data.status, Status::Succeeded);
+    assert_eq!(stub.submits(), 2);
 }
