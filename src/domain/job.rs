@@ -31,6 +31,12 @@ pub const RESERVED_PARAMS: &[&str] = &[
 ];
 
 const MAX_ID_LEN: usize = 128;
+
+/// How deep `metadata` may nest (objects and arrays within it). The JSON reader stops at 128
+/// levels of a whole document, and the metadata sits deeper in a stored record (inside the
+/// event's `data`) than in the job: a bound well below that keeps every accepted job's record
+/// readable again.
+pub const MAX_METADATA_DEPTH: usize = 32;
 const MAX_OPTION_LEN: usize = 64;
 
 /// Bounds applied while parsing (from the settings: see `Settings::job_rules`).
@@ -191,6 +197,7 @@ impl Job {
             // Only echo metadata that respects its own size limit.
             let metadata = if serde_json::to_vec(&loose_metadata).map_or(0, |v| v.len())
                 <= rules.max_metadata_bytes
+                && depth(&loose_metadata) <= MAX_METADATA_DEPTH
             {
                 loose_metadata.clone()
             } else {
@@ -343,6 +350,17 @@ impl Job {
             None => Value::Null,
             Some(m) => {
                 let m = Value::Object(m);
+                let levels = depth(&m);
+                if levels > MAX_METADATA_DEPTH {
+                    return Err(reject(
+                        Some(&id),
+                        wire.batch.as_deref(),
+                        Value::Null,
+                        format!(
+                            "`metadata` nests {levels} levels deep, more than {MAX_METADATA_DEPTH}"
+                        ),
+                    ));
+                }
                 let size = serde_json::to_vec(&m).map_or(usize::MAX, |v| v.len());
                 if size > rules.max_metadata_bytes {
                     return Err(reject(
@@ -380,6 +398,15 @@ impl Job {
     /// The key directory of this job's objects.
     pub fn dir(&self, prefix: &str) -> String {
         super::keys::job_dir(prefix, self.batch.as_deref(), &self.id)
+    }
+}
+
+/// Levels of objects and arrays in `v`: 0 for a scalar, 1 for `{}`.
+fn depth(v: &Value) -> usize {
+    match v {
+        Value::Object(map) => 1 + map.values().map(depth).max().unwrap_or(0),
+        Value::Array(items) => 1 + items.iter().map(depth).max().unwrap_or(0),
+        _ => 0,
     }
 }
 
@@ -584,6 +611,49 @@ mod tests {
             );
             assert!(is_valid_name(&err.job_id), "{}", err.job_id);
         }
+    }
+
+    #[test]
+    fn metadata_is_accepted_only_as_deep_as_its_record_can_be_read_back() {
+        let nested = |levels: usize| {
+            let mut text = String::from("1");
+            for _ in 0..levels {
+                text = format!("{{\"k\":{text}}}");
+            }
+            format!(r#"{{"id":"deep","prompt":"p","metadata":{text}}}"#)
+        };
+        let roomy = JobRules {
+            max_metadata_bytes: 4096,
+            ..rules()
+        };
+        let err = Job::parse(nested(MAX_METADATA_DEPTH + 1).as_bytes(), None, &roomy)
+            .expect_err("too deep");
+        assert!(err.message.contains("levels deep"), "{}", err.message);
+        let job = Job::parse(nested(MAX_METADATA_DEPTH).as_bytes(), None, &roomy).unwrap();
+        // The record that carries it is read back as it was written.
+        let data = crate::domain::event::ResultData {
+            schema_version: 1,
+            job_id: job.id.clone(),
+            batch: None,
+            status: crate::domain::event::Status::Succeeded,
+            images: Vec::new(),
+            error: None,
+            attempts: 1,
+            possibly_billed: 0,
+            model: None,
+            revised_prompt: None,
+            usage: None,
+            cost_usd: None,
+            cost_estimated: false,
+            duration_ms: 1,
+            provider_request_id: None,
+            refusal: None,
+            metadata: job.metadata.clone(),
+        };
+        let event = crate::domain::event::CloudEvent::new("src", data);
+        let record = serde_json::to_vec(&event).unwrap();
+        let back: crate::domain::event::CloudEvent = serde_json::from_slice(&record).unwrap();
+        assert_eq!(back, event);
     }
 
     #[test]
