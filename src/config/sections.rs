@@ -34,6 +34,9 @@ pub struct AmqpSettings {
     pub connect_timeout_secs: u64,
     /// Largest AMQP frame offered to the broker, in bytes.
     pub frame_max: u32,
+    /// Key of the seal on the worker's own headers (the count of failed attempts), the same on
+    /// every worker of a fleet. A secret: never logged. Empty: a random key of each process.
+    pub header_key: SecretString,
 }
 
 impl AmqpSettings {

@@ -27,6 +27,7 @@ use tracing::{error, info, warn};
 use super::health::Health;
 use super::pipeline::Pipeline;
 use super::settle::{Context, Handled, Waiting, handle, nack};
+use crate::amqp::headers::HeaderSeal;
 use crate::amqp::publisher::Publisher;
 use crate::amqp::{connect, topology};
 use crate::config::Settings;
@@ -54,6 +55,8 @@ pub struct Worker {
     settings: Settings,
     pipeline: Arc<Pipeline>,
     health: Arc<Health>,
+    /// Seals the worker's own headers and checks them on delivery.
+    seal: Arc<HeaderSeal>,
 }
 
 impl Worker {
@@ -65,6 +68,7 @@ impl Worker {
             super::metrics::provider_paused(&route.name, None);
         }
         Self {
+            seal: Arc::new(HeaderSeal::new(&settings.amqp.header_key)),
             settings,
             pipeline: Arc::new(pipeline),
             health: Arc::default(),
@@ -187,6 +191,7 @@ impl Worker {
         let mut waiting: DelayQueue<(AmqpDelivery, Instant)> = DelayQueue::new();
         let context = Context {
             pipeline: self.pipeline.clone(),
+            seal: self.seal.clone(),
             publisher: publisher.clone(),
             settings: Arc::new(s.clone()),
             stop: stop_tx,

@@ -25,10 +25,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use super::pipeline::{Delivery, Outcome, Pipeline, ReturnReason, Settle};
-use crate::amqp::headers::{
-    ATTEMPTS_HEADER, ERROR_KIND_HEADER, ERROR_MESSAGE_HEADER, attempts_of, attempts_value,
-    with_headers,
-};
+use crate::amqp::headers::{ERROR_KIND_HEADER, ERROR_MESSAGE_HEADER, HeaderSeal, with_headers};
 use crate::amqp::publisher::Publisher;
 use crate::config::Settings;
 use crate::domain::error::StopReason;
@@ -38,6 +35,8 @@ use crate::domain::event::EventError;
 #[derive(Clone)]
 pub(super) struct Context {
     pub pipeline: Arc<Pipeline>,
+    /// Seals the count of failed attempts on the messages the worker republishes.
+    pub seal: Arc<HeaderSeal>,
     pub publisher: Arc<Publisher>,
     pub settings: Arc<Settings>,
     /// Where a stop request goes (every provider paused, storage down, the spend cap).
@@ -97,7 +96,7 @@ pub(super) async fn handle(
         .message_id()
         .as_ref()
         .map(|m| m.as_str().to_string());
-    let attempts = attempts_of(&delivery.properties);
+    let attempts = cx.seal.attempts_of(&delivery.properties, &delivery.data);
     let outcome = cx
         .pipeline
         .process(
@@ -188,7 +187,7 @@ async fn delay(delivery: &AmqpDelivery, cx: &Context, after: Duration, attempts:
     let (queue, tier) = cx.settings.delay_queue(after);
     let properties = with_headers(
         &delivery.properties,
-        &[(ATTEMPTS_HEADER, attempts_value(attempts))],
+        &cx.seal.attempts_headers(attempts, &delivery.data),
     );
     match cx
         .publisher
@@ -228,6 +227,7 @@ async fn dead_letter(
             )
         })
         .unwrap_or(("unknown", String::new()));
+    let [count, seal] = cx.seal.attempts_headers(attempts, &delivery.data);
     let properties = with_headers(
         &delivery.properties,
         &[
@@ -239,7 +239,8 @@ async fn dead_letter(
                 ERROR_MESSAGE_HEADER,
                 AMQPValue::LongString(LongString::from(message)),
             ),
-            (ATTEMPTS_HEADER, attempts_value(attempts)),
+            count,
+            seal,
         ],
     );
     let queue = &cx.settings.amqp.dead_letter_queue;

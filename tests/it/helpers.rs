@@ -17,6 +17,7 @@ use lapin::options::{
 };
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Connection};
+use secrecy::ExposeSecret;
 use serde_json::Value;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -122,6 +123,8 @@ impl TestEnv {
         // Short delay tiers keep delayed-retry tests quick (and fewer queues per test).
         settings.amqp.delay_tiers_secs = vec![1, 3];
         settings.amqp.connection_name = format!("it-{id}");
+        // One fleet: every worker of the test, in this process or its own, shares the key.
+        settings.amqp.header_key = format!("it-{id}-header-key").into();
         settings.validate().expect("test settings are valid");
         let connection = connect(&settings, "test")
             .await
@@ -184,14 +187,19 @@ impl TestEnv {
     /// Publishes a raw body to the jobs queue with plain lapin calls, as any AMQP client would
     /// (no imagegen code involved), and waits for the broker's confirm.
     pub async fn publish_raw(&self, body: &[u8], message_id: Option<&str>) {
-        let channel = self.connection.create_channel().await.unwrap();
-        channel.confirm_select(Default::default()).await.unwrap();
         let mut props = BasicProperties::default()
             .with_content_type("application/json".into())
             .with_delivery_mode(2);
         if let Some(id) = message_id {
             props = props.with_message_id(id.into());
         }
+        self.publish_with(body, props).await;
+    }
+
+    /// Publishes a job body with these properties, as any producer could.
+    pub async fn publish_with(&self, body: &[u8], props: BasicProperties) {
+        let channel = self.connection.create_channel().await.unwrap();
+        channel.confirm_select(Default::default()).await.unwrap();
         let confirm = channel
             .basic_publish(
                 "".into(),
@@ -382,6 +390,7 @@ impl TestEnv {
             .env("IMAGEGEN__AMQP__RESULTS_QUEUE", &a.results_queue)
             .env("IMAGEGEN__AMQP__DELAY_TIERS_SECS", tiers.join(","))
             .env("IMAGEGEN__AMQP__CONNECTION_NAME", &a.connection_name)
+            .env("IMAGEGEN__AMQP__HEADER_KEY", a.header_key.expose_secret())
             .env("IMAGEGEN__LOG__FORMAT", "json")
             .env("IMAGEGEN__HTTP__LISTEN", &self.settings.http.listen)
             .env("IMAGEGEN__STORAGE__PREFIX", &self.settings.storage.prefix)

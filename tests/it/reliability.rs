@@ -193,6 +193,37 @@ async fn attempts_are_counted_across_deliveries_until_retries_are_exhausted() {
 }
 
 #[tokio::test]
+async fn a_count_of_failed_attempts_set_by_a_producer_is_not_believed() {
+    let env = TestEnv::new(Store::Fs).await;
+    let mut listener = env.listen().await;
+    let worker = env.start_worker().await;
+    // A producer claims 99 failed attempts, with a seal of its own making.
+    let mut headers = lapin::types::FieldTable::default();
+    headers.insert("x-imagegen-attempts".into(), AMQPValue::LongInt(99));
+    headers.insert(
+        "x-imagegen-seal".into(),
+        AMQPValue::LongString("ab".repeat(32).into()),
+    );
+    let props = lapin::BasicProperties::default()
+        .with_content_type("application/json".into())
+        .with_delivery_mode(2)
+        .with_headers(headers);
+    env.publish_with(br#"{"id":"forged","prompt":"a forged count"}"#, props)
+        .await;
+    let event = env.events(&mut listener, 1, WAIT).await.remove(0);
+    assert_eq!(
+        event.data.status,
+        Status::Succeeded,
+        "{:?}",
+        event.data.error
+    );
+    assert_eq!(event.data.attempts, 1);
+    assert_eq!(env.fake().calls_for("forged count"), 1);
+    worker.shutdown().await.unwrap();
+    env.cleanup().await;
+}
+
+#[tokio::test]
 async fn the_same_job_delivered_twice_at_once_is_bought_once() {
     let env = TestEnv::new(Store::S3).await;
     env.fake().set_latency(Duration::from_millis(500));
