@@ -107,6 +107,9 @@ pub struct OpenAiSettings {
     pub connect_timeout_secs: u64,
     /// Largest answer accepted, in bytes.
     pub max_response_bytes: usize,
+    /// Hosts (`host:port`) that images answered by URL may come from over plain http or from a
+    /// private address, besides the base URL's own. Others must be https and public.
+    pub download_hosts: Vec<String>,
 }
 
 /// Kind `placeholder`: a PNG rendered from the prompt.

@@ -17,6 +17,7 @@
 //! its usage in the neutral [`Usage`], which the prices in config turn into a cost.
 
 pub mod buffers;
+pub mod fetch;
 pub mod http;
 pub mod openai;
 pub mod placeholder;

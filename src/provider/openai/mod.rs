@@ -18,6 +18,7 @@ use serde_json::{Map, Value};
 use self::answer::{ImageBytes, decode_answer};
 use self::errors::{ApiErrorBody, classify, rate_limits};
 use super::buffers::BufferPool;
+use super::fetch::FetchRules;
 use super::http::{
     MAX_ERROR_BODY, USER_AGENT, billed_failure, header_str, read_limited, retry_after,
     transport_failure, with_request_id,
@@ -28,7 +29,7 @@ use super::{
 };
 use crate::config::{AuthScheme, OpenAiSettings};
 use crate::domain::cost::Usage;
-use crate::domain::error::Failure;
+use crate::domain::error::{Failure, with_causes};
 
 /// Retries of one image download (the image is paid for: retrying the call would buy it again).
 const DOWNLOAD_RETRIES: usize = 3;
@@ -51,6 +52,8 @@ pub struct OpenAi {
     /// For images answered by URL: no API key (the URLs are pre-signed, maybe on another host).
     /// Made on first use: most models answer with base64.
     downloads: tokio::sync::OnceCell<reqwest::Client>,
+    /// Where images answered by URL may come from.
+    fetch_rules: FetchRules,
     connect_timeout: Duration,
     request_timeout: Duration,
     endpoint: String,
@@ -88,10 +91,17 @@ impl OpenAi {
             .connect_timeout(Duration::from_secs(settings.connect_timeout_secs))
             .timeout(Duration::from_secs(settings.request_timeout_secs))
             .pool_idle_timeout(Duration::from_secs(90))
+            // The key goes to the base URL alone: the Images API never redirects, and a
+            // redirect (to any host) would carry a custom header such as `api-key` along.
+            .redirect(reqwest::redirect::Policy::none())
             .build()?;
         Ok(Self {
             client,
             downloads: tokio::sync::OnceCell::new(),
+            fetch_rules: FetchRules::exempting(
+                std::iter::once(settings.base_url.as_str())
+                    .chain(settings.download_hosts.iter().map(String::as_str)),
+            ),
             connect_timeout: Duration::from_secs(settings.connect_timeout_secs),
             request_timeout: Duration::from_secs(settings.request_timeout_secs),
             endpoint: format!(
@@ -165,7 +175,14 @@ impl OpenAi {
             .map_err(|f| with_request_id(f, &request_id))?;
         let answer = decode_answer(body).map_err(|f| with_request_id(f, &request_id))?;
         let mut images = Vec::with_capacity(answer.images.len());
-        for (data, revised_prompt) in answer.images {
+        if answer.images.len() > request.count as usize {
+            tracing::warn!(
+                answered = answer.images.len(),
+                asked = request.count,
+                "the provider answered more images than asked: only the first are taken"
+            );
+        }
+        for (data, revised_prompt) in answer.images.into_iter().take(request.count as usize) {
             let data = match data {
                 ImageBytes::Decoded(data) => data,
                 ImageBytes::Url(url) => self.download(&url).await?,
@@ -212,20 +229,31 @@ impl OpenAi {
         let client = self
             .downloads
             .get_or_try_init(|| async {
-                reqwest::Client::builder()
-                    .user_agent(USER_AGENT)
-                    .connect_timeout(self.connect_timeout)
-                    .timeout(self.request_timeout)
-                    .build()
+                self.fetch_rules
+                    .client(self.connect_timeout, self.request_timeout, None)
             })
             .await
             .map_err(|e| billed_failure(format!("no HTTP client for the image download: {e}")))?;
+        let parsed = reqwest::Url::parse(url)
+            .map_err(|e| billed_failure(format!("the image URL is not a URL: {e}")))?;
+        if let Err(why) = self.fetch_rules.check(&parsed) {
+            return Err(billed_failure(format!("the image URL was refused: {why}")));
+        }
         let fetch = || async {
             let response = client
                 .get(url)
                 .send()
                 .await
-                .map_err(|e| (true, format!("downloading the generated image failed: {e}")))?;
+                // A refused redirect is final; a lost connection is worth another try.
+                .map_err(|e| {
+                    (
+                        !e.is_redirect(),
+                        format!(
+                            "downloading the generated image failed: {}",
+                            with_causes(&e)
+                        ),
+                    )
+                })?;
             let status = response.status();
             if !status.is_success() {
                 let transient = status.is_server_error() || status.as_u16() == 429;
@@ -333,6 +361,9 @@ fn estimate_images(request: &ImageRequest, images: u32) -> Usage {
         ..Usage::default()
     }
 }
+
+#[cfg(test)]
+mod hosts_tests;
 
 #[cfg(test)]
 mod tests {
