@@ -33,6 +33,9 @@ pub enum ErrorKind {
     Cancelled,
     /// The job's `deadline` passed before it started.
     Expired,
+    /// The job's id (in its batch) was used before by a job with other fields: the stored
+    /// result belongs to that one, and is not handed to this one.
+    Conflict,
 }
 
 impl ErrorKind {
@@ -45,6 +48,7 @@ impl ErrorKind {
             ErrorKind::BudgetExceeded => "budget_exceeded",
             ErrorKind::Cancelled => "cancelled",
             ErrorKind::Expired => "expired",
+            ErrorKind::Conflict => "conflict",
         }
     }
 }
@@ -147,6 +151,14 @@ impl Failure {
                 ..
             }
         )
+    }
+
+    /// The kind of a permanent failure.
+    pub fn kind(&self) -> Option<ErrorKind> {
+        match self {
+            Failure::Permanent { kind, .. } => Some(*kind),
+            _ => None,
+        }
     }
 
     pub fn message(&self) -> &str {

@@ -61,6 +61,11 @@ pub struct ResultData {
     /// The provider's refusal details (moderation categories) when it gave them.
     pub refusal: Option<Value>,
     pub metadata: Value,
+    /// The job's fingerprint ([`crate::domain::job::Job::fingerprint`]): a later job under the
+    /// same id with another fingerprint does not receive this result. Absent from records
+    /// stored before it existed (they match any job).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job_fingerprint: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -395,6 +395,36 @@ impl Job {
         })
     }
 
+    /// A digest of what the job asks for, as its producer wrote it (prompt, provider, model,
+    /// size, quality, format, background, n, seed, negative prompt, params; not the defaults
+    /// config fills in, nor the id, batch, metadata or deadline). Stored with its results, so
+    /// that another job under the same id never receives them.
+    pub fn fingerprint(&self) -> String {
+        let mut fields = Map::new();
+        let mut put = |name: &str, value: Option<Value>| {
+            if let Some(v) = value {
+                fields.insert(name.to_string(), v);
+            }
+        };
+        let text = |s: &Option<String>| s.clone().map(Value::String);
+        put("prompt", Some(Value::String(self.prompt.clone())));
+        put("negative_prompt", text(&self.negative_prompt));
+        put("provider", text(&self.provider));
+        put("model", text(&self.model));
+        put("size", text(&self.size));
+        put("quality", text(&self.quality));
+        put("output_format", text(&self.output_format));
+        put("background", text(&self.background));
+        put("n", Some(Value::from(self.n)));
+        put("seed", self.seed.map(Value::from));
+        if !self.params.is_empty() {
+            put("params", Some(Value::Object(self.params.clone())));
+        }
+        let mut canonical = Vec::new();
+        write_canonical(&Value::Object(fields), &mut canonical);
+        format!("f1-{}", &hex::encode(Sha256::digest(&canonical))[..32])
+    }
+
     /// The key directory of this job's objects.
     pub fn dir(&self, prefix: &str) -> String {
         super::keys::job_dir(prefix, self.batch.as_deref(), &self.id)
@@ -649,6 +679,7 @@ mod tests {
             provider_request_id: None,
             refusal: None,
             metadata: job.metadata.clone(),
+            job_fingerprint: Some(job.fingerprint()),
         };
         let event = crate::domain::event::CloudEvent::new("src", data);
         let record = serde_json::to_vec(&event).unwrap();

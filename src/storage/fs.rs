@@ -135,6 +135,8 @@ impl ObjectStore for FsStore {
                     size: m.len(),
                     content_type: None,
                     sha256: None,
+                    // A directory keeps no metadata: only result records carry fingerprints here.
+                    fingerprint: None,
                 })),
                 Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
                 Err(e) => Err(io_error("head", key, e)),

@@ -20,6 +20,8 @@ use crate::domain::error::{Failure, StopReason};
 
 /// Object metadata key holding the job id.
 pub const META_JOB_ID: &str = "job-id";
+/// Metadata key of an image's job fingerprint (see `Job::fingerprint`).
+pub const META_FINGERPRINT: &str = "job-fingerprint";
 /// Object metadata key holding the hex SHA-256 of the object's bytes.
 pub const META_SHA256: &str = "sha256";
 
@@ -92,6 +94,8 @@ pub struct ObjectInfo {
     pub content_type: Option<String>,
     /// From the object's metadata, when it was written by imagegen.
     pub sha256: Option<String>,
+    /// The fingerprint of the job that stored it, from its metadata (stores that keep it).
+    pub fingerprint: Option<String>,
 }
 
 /// An object to write.

@@ -412,6 +412,37 @@ async fn only_missing_images_are_generated_again() {
 }
 
 #[tokio::test]
+async fn images_of_another_job_under_the_same_id_are_not_reused() {
+    let env = TestEnv::new(Store::S3).await;
+    // Another job under this id stored image 0 of its own, then died before its record.
+    let store = env.store().await;
+    let key = format!("it/{}/images/_/reused-id/0.png", env.id);
+    store
+        .put(PutObject {
+            key: &key,
+            data: bytes::Bytes::from_static(b"\x89PNG\r\n\x1a\nsomeone else's"),
+            content_type: "image/png",
+            metadata: &[("job-fingerprint", "f1-of-another-job".into())],
+            sha256: None,
+        })
+        .await
+        .unwrap();
+    let mut listener = env.listen().await;
+    let worker = env.start_worker().await;
+    env.publish(json!({"id": "reused-id", "prompt": "my own picture"}))
+        .await;
+    let event = env.events(&mut listener, 1, WAIT).await.remove(0);
+    assert_valid("result-event.schema.json", &event_json(&event));
+    assert_eq!(event.data.status, Status::Failed);
+    assert_eq!(event.data.error.as_ref().unwrap().kind.as_str(), "conflict");
+    assert!(event.data.images.is_empty());
+    assert_eq!(env.fake().stats().requests, 0, "nothing bought");
+    env.wait_dead_letters(1, WAIT).await;
+    worker.shutdown().await.unwrap();
+    env.cleanup().await;
+}
+
+#[tokio::test]
 async fn quota_exhausted_stops_taking_jobs_and_loses_nothing() {
     let env = TestEnv::new(Store::Fs).await;
     env.fake().push_rule(Rule {

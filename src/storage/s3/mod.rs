@@ -44,7 +44,8 @@ use self::credentials::CredentialsCache;
 use self::endpoint::BucketEndpoint;
 use self::xml::{error_body, listing_page};
 use super::{
-    ListPage, META_SHA256, ObjectInfo, ObjectStore, PutObject, StorageError, StorageErrorKind,
+    ListPage, META_FINGERPRINT, META_SHA256, ObjectInfo, ObjectStore, PutObject, StorageError,
+    StorageErrorKind,
 };
 use crate::config::StorageSettings;
 use crate::domain::error::with_causes;
@@ -418,6 +419,7 @@ impl ObjectStore for S3Store {
                     .unwrap_or(0),
                 content_type: header("content-type"),
                 sha256: header(&format!("x-amz-meta-{META_SHA256}")),
+                fingerprint: header(&format!("x-amz-meta-{META_FINGERPRINT}")),
             }))
         })
     }

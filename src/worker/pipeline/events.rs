@@ -114,6 +114,7 @@ impl Events {
             provider_request_id: None,
             refusal: None,
             metadata: Value::Null,
+            job_fingerprint: None,
         }
     }
 
@@ -154,6 +155,7 @@ impl Events {
             usage: progress.reported_usage,
             provider_request_id: progress.request_id,
             metadata: job.metadata.clone(),
+            job_fingerprint: Some(job.fingerprint()),
             ..self.data(&job.id, job.batch.clone(), status, started)
         };
         data.images.sort_by_key(|i| i.index);

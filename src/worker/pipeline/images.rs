@@ -15,7 +15,7 @@ use crate::domain::event::{CloudEvent, StoredImage};
 use crate::domain::job::Job;
 use crate::domain::keys;
 use crate::provider::{GeneratedImage, sniff};
-use crate::storage::{META_JOB_ID, META_SHA256, ObjectStore, PutObject};
+use crate::storage::{META_FINGERPRINT, META_JOB_ID, META_SHA256, ObjectStore, PutObject};
 
 /// The keys of a job's directory.
 pub struct Listing {
@@ -98,6 +98,11 @@ impl Images {
             let Some(info) = self.store.head(key).await.map_err(Failure::from)? else {
                 continue;
             };
+            if let Some(theirs) = &info.fingerprint
+                && *theirs != job.fingerprint()
+            {
+                return Err(conflict(job));
+            }
             let (sha256, content_type) = match info.sha256 {
                 Some(sha) => (sha, info.content_type),
                 None => {
@@ -179,6 +184,7 @@ impl Images {
         let metadata = [
             (META_JOB_ID, job.id.clone()),
             (META_SHA256, sha256.to_string()),
+            (META_FINGERPRINT, job.fingerprint()),
         ];
         self.retried("an image upload", || async {
             self.store
@@ -278,5 +284,19 @@ impl Images {
         if let Err(e) = put {
             warn!(error = %e, "could not store the failed job's record");
         }
+    }
+}
+
+/// The failure of a job whose id was used before by another job: what is stored is not its.
+pub fn conflict(job: &Job) -> Failure {
+    Failure::Permanent {
+        kind: crate::domain::error::ErrorKind::Conflict,
+        message: format!(
+            "job id {:?} (batch {}) was used before by a job with other fields: its stored \
+             results are not handed to this one; give this job its own id",
+            job.id,
+            job.batch.as_deref().unwrap_or("none")
+        ),
+        detail: Box::default(),
     }
 }

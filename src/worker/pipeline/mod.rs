@@ -219,8 +219,10 @@ impl Pipeline {
                     panicked(route, delivery.attempts, panic.as_ref())
                 }
             };
+            // A conflict's directory holds another job's results: nothing of this one goes there.
             if let Outcome::Finished { event, .. } = &outcome
                 && event.data.status == Status::Failed
+                && event.data.error.as_ref().map(|e| e.kind) != Some(ErrorKind::Conflict)
             {
                 self.images
                     .store_failure(&dir, event)

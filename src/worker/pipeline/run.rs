@@ -9,7 +9,7 @@ use tracing::{debug, info, warn};
 
 use super::attempt::{Attempt, AttemptContext, Halt};
 use super::events::Progress;
-use super::images::Listing;
+use super::images::{Listing, conflict};
 use super::journal::{PendingEntry, StoreJournal};
 use super::lease::LeaseState;
 use super::{Delivery, Outcome, Pipeline, ReturnReason, Settle};
@@ -52,6 +52,9 @@ impl JobRun<'_> {
         let record_key = keys::record(self.dir);
         if listing.has(&record_key) {
             match self.p.images.stored_event(&record_key).await {
+                Ok(Some(event)) if !self.same_job(&event) => {
+                    return self.failed(progress, conflict(self.job));
+                }
                 Ok(Some(event)) => return self.stored(event, "result already stored"),
                 Ok(None) => {}
                 Err(failure) => return self.storage_down(failure),
@@ -60,6 +63,9 @@ impl JobRun<'_> {
         let mut progress = progress;
         match self.p.images.reuse(self.job, self.dir, &listing).await {
             Ok(images) => progress.images = images,
+            Err(failure) if failure.kind() == Some(ErrorKind::Conflict) => {
+                return self.failed(progress, failure);
+            }
             Err(failure) => return self.storage_down(failure),
         }
         if let Err(failure) = self
@@ -79,6 +85,9 @@ impl JobRun<'_> {
                         // that no one else can start buying.
                         if let Ok(Some(event)) = self.p.images.stored_event(&record_key).await {
                             guard.release().await;
+                            if !self.same_job(&event) {
+                                return self.failed(progress, conflict(self.job));
+                            }
                             return self.stored(event, "result stored by another worker meanwhile");
                         }
                         Some(guard)
@@ -397,6 +406,16 @@ impl JobRun<'_> {
             event: Box::new(event),
             settle: Settle::Ack,
         }
+    }
+
+    /// Whether a stored result is this job's: its fingerprint matches, or it has none (stored
+    /// before fingerprints existed).
+    fn same_job(&self, event: &CloudEvent) -> bool {
+        event
+            .data
+            .job_fingerprint
+            .as_ref()
+            .is_none_or(|theirs| *theirs == self.job.fingerprint())
     }
 
     fn stored(&self, event: CloudEvent, why: &str) -> Outcome {

@@ -628,3 +628,48 @@ async fn a_panic_in_a_job_defers_it_as_a_failed_attempt_and_the_worker_goes_on()
     assert_eq!(event.data.status, Status::Succeeded);
     assert_eq!(stub.submits(), 2);
 }
+
+#[tokio::test(start_paused = true)]
+async fn another_job_under_a_used_id_fails_as_a_conflict_instead_of_taking_its_result() {
+    let (stub, s) = single(10, Mode::Synchronous);
+    let (first, _) = s
+        .finish(serde_json::json!({"id": "same", "prompt": "a red fox"}))
+        .await;
+    assert_eq!(first.data.status, Status::Succeeded);
+    assert!(first.data.job_fingerprint.is_some());
+    // Another prompt under the same id: not the fox.
+    let (event, settle) = s
+        .finish(serde_json::json!({"id": "same", "prompt": "a blue whale"}))
+        .await;
+    assert_eq!(settle, Settle::DeadLetter);
+    assert_eq!(
+        event.data.error.expect("an error").kind,
+        ErrorKind::Conflict
+    );
+    assert!(event.data.images.is_empty());
+    assert!(
+        !s.exists("images/_/same/failed.json"),
+        "nothing written there"
+    );
+    // The job itself, sent again (with other metadata), still gets its stored result.
+    let (again, _) = s
+        .finish(serde_json::json!({"id": "same", "prompt": "a red fox", "metadata": {"k": 1}}))
+        .await;
+    assert_eq!(again, first);
+    assert_eq!(stub.submits(), 1);
+
+    // A record stored before fingerprints existed matches any job, as it did.
+    let record = s.dir.path().join("images/_/same/result.json");
+    let mut old: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&record).unwrap()).unwrap();
+    old["data"]
+        .as_object_mut()
+        .unwrap()
+        .remove("job_fingerprint");
+    std::fs::write(&record, serde_json::to_vec(&old).unwrap()).unwrap();
+    let (event, _) = s
+        .finish(serde_json::json!({"id": "same", "prompt": "a blue whale"}))
+        .await;
+    assert_eq!(event.data.status, Status::Succeeded);
+    assert_eq!(stub.submits(), 1);
+}
