@@ -66,6 +66,13 @@ pub struct ResultData {
     /// stored before it existed (they match any job).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub job_fingerprint: Option<String>,
+    /// The AMQP `message_id` of the message the job came in, as the producer set it, so that
+    /// it can match the event to what it sent (even when the job's own id was invalid).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message_id: Option<String>,
+    /// The AMQP `correlation_id` of the message the job came in, as the producer set it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub correlation_id: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -680,6 +680,8 @@ mod tests {
             refusal: None,
             metadata: job.metadata.clone(),
             job_fingerprint: Some(job.fingerprint()),
+            message_id: None,
+            correlation_id: None,
         };
         let event = crate::domain::event::CloudEvent::new("src", data);
         let record = serde_json::to_vec(&event).unwrap();

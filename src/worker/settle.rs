@@ -96,6 +96,11 @@ pub(super) async fn handle(
         .message_id()
         .as_ref()
         .map(|m| m.as_str().to_string());
+    let correlation_id = delivery
+        .properties
+        .correlation_id()
+        .as_ref()
+        .map(|m| m.as_str().to_string());
     let attempts = cx.seal.attempts_of(&delivery.properties, &delivery.data);
     let outcome = cx
         .pipeline
@@ -103,6 +108,7 @@ pub(super) async fn handle(
             Delivery {
                 body: &delivery.data,
                 message_id: message_id.as_deref(),
+                correlation_id: correlation_id.as_deref(),
                 attempts,
                 probe,
             },

@@ -443,6 +443,37 @@ async fn images_of_another_job_under_the_same_id_are_not_reused() {
 }
 
 #[tokio::test]
+async fn an_invalid_job_is_reported_with_the_producers_message_and_correlation_ids() {
+    let env = TestEnv::new(Store::Fs).await;
+    let mut listener = env.listen().await;
+    let worker = env.start_worker().await;
+    // The job's own id is invalid: the event's job id is a digest, and the producer matches
+    // it by the ids it gave the message.
+    let props = lapin::BasicProperties::default()
+        .with_content_type("application/json".into())
+        .with_message_id("msg-0042".into())
+        .with_correlation_id("req-7f3a".into());
+    env.publish_with(br#"{"id":"bad/id","prompt":"p"}"#, props)
+        .await;
+    let event = env.events(&mut listener, 1, WAIT).await.remove(0);
+    assert_valid("result-event.schema.json", &event_json(&event));
+    assert_eq!(
+        event.data.error.as_ref().unwrap().kind.as_str(),
+        "invalid_job"
+    );
+    assert!(
+        event.data.job_id.starts_with("invalid-"),
+        "{}",
+        event.data.job_id
+    );
+    assert_eq!(event.data.message_id.as_deref(), Some("msg-0042"));
+    assert_eq!(event.data.correlation_id.as_deref(), Some("req-7f3a"));
+    env.wait_dead_letters(1, WAIT).await;
+    worker.shutdown().await.unwrap();
+    env.cleanup().await;
+}
+
+#[tokio::test]
 async fn quota_exhausted_stops_taking_jobs_and_loses_nothing() {
     let env = TestEnv::new(Store::Fs).await;
     env.fake().push_rule(Rule {

@@ -16,6 +16,38 @@ use crate::domain::job::{InvalidJob, Job};
 use crate::provider::{Generation, ImageRequest};
 use crate::worker::providers::Route;
 
+/// The message properties a producer matches events by, as it set them.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Origin<'a> {
+    pub message_id: Option<&'a str>,
+    pub correlation_id: Option<&'a str>,
+}
+
+impl Origin<'_> {
+    /// At most this many characters of a producer's id are echoed.
+    const MAX_CHARS: usize = 256;
+
+    fn message_id(&self) -> Option<String> {
+        self.message_id
+            .map(|s| s.chars().take(Self::MAX_CHARS).collect())
+    }
+
+    fn correlation_id(&self) -> Option<String> {
+        self.correlation_id
+            .map(|s| s.chars().take(Self::MAX_CHARS).collect())
+    }
+}
+
+/// What a job's event is built from, besides its progress.
+#[derive(Clone, Copy)]
+pub struct JobEvent<'a> {
+    pub job: &'a Job,
+    pub route: &'a Route,
+    pub request: &'a ImageRequest,
+    pub origin: Origin<'a>,
+    pub started: Instant,
+}
+
 /// Progress of one job in this delivery: what is stored, what was bought, what it cost.
 #[derive(Debug, Default)]
 pub struct Progress {
@@ -115,12 +147,16 @@ impl Events {
             refusal: None,
             metadata: Value::Null,
             job_fingerprint: None,
+            message_id: None,
+            correlation_id: None,
         }
     }
 
     /// A message that is not a valid job: dead-lettered, with what is wrong.
-    pub fn invalid(&self, invalid: &InvalidJob, started: Instant) -> Outcome {
+    pub fn invalid(&self, invalid: &InvalidJob, origin: Origin<'_>, started: Instant) -> Outcome {
         let data = ResultData {
+            message_id: origin.message_id(),
+            correlation_id: origin.correlation_id(),
             error: Some(EventError::from_failure(
                 ErrorKind::InvalidJob,
                 &invalid.failure(),
@@ -137,16 +173,17 @@ impl Events {
     }
 
     /// What the job came to, priced.
-    fn of_job(
-        &self,
-        job: &Job,
-        route: &Route,
-        request: &ImageRequest,
-        progress: Progress,
-        status: Status,
-        started: Instant,
-    ) -> ResultData {
+    fn of_job(&self, run: JobEvent<'_>, progress: Progress, status: Status) -> ResultData {
+        let JobEvent {
+            job,
+            route,
+            request,
+            origin,
+            started,
+        } = run;
         let mut data = ResultData {
+            message_id: origin.message_id(),
+            correlation_id: origin.correlation_id(),
             images: progress.images,
             attempts: progress.prior + progress.calls,
             possibly_billed: progress.possibly_billed,
@@ -199,29 +236,14 @@ impl Events {
     }
 
     /// A succeeded job's event (also its record).
-    pub fn succeeded(
-        &self,
-        job: &Job,
-        route: &Route,
-        request: &ImageRequest,
-        progress: Progress,
-        started: Instant,
-    ) -> CloudEvent {
-        let data = self.of_job(job, route, request, progress, Status::Succeeded, started);
+    pub fn succeeded(&self, run: JobEvent<'_>, progress: Progress) -> CloudEvent {
+        let data = self.of_job(run, progress, Status::Succeeded);
         CloudEvent::new(&self.source, data)
     }
 
     /// A job that failed for good.
-    pub fn failed(
-        &self,
-        job: &Job,
-        route: &Route,
-        request: &ImageRequest,
-        progress: Progress,
-        failure: Failure,
-        started: Instant,
-    ) -> Outcome {
-        let data = self.of_job(job, route, request, progress, Status::Failed, started);
+    pub fn failed(&self, run: JobEvent<'_>, progress: Progress, failure: Failure) -> Outcome {
+        let data = self.of_job(run, progress, Status::Failed);
         self.fail(data, failure)
     }
 

@@ -31,7 +31,7 @@ use futures_util::FutureExt;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, info_span, warn};
 
-use self::events::Events;
+use self::events::{Events, Origin};
 use self::images::Images;
 use self::lease::Leases;
 use self::run::JobRun;
@@ -53,11 +53,23 @@ pub struct Delivery<'a> {
     pub body: &'a [u8],
     /// The AMQP `message_id`, the job id when the body has none.
     pub message_id: Option<&'a str>,
+    /// The AMQP `correlation_id`, echoed in the job's event.
+    pub correlation_id: Option<&'a str>,
     /// Provider attempts that failed on earlier deliveries (the `x-imagegen-attempts` header).
     pub attempts: u32,
     /// The worker's probe while every provider is paused: the job's provider is tried even
     /// though it is paused.
     pub probe: bool,
+}
+
+impl<'a> Delivery<'a> {
+    /// The properties the producer matches the job's event by.
+    pub fn origin(&self) -> Origin<'a> {
+        Origin {
+            message_id: self.message_id,
+            correlation_id: self.correlation_id,
+        }
+    }
 }
 
 /// What to do with the message after processing.
@@ -176,7 +188,7 @@ impl Pipeline {
             Ok(job) => job,
             Err(invalid) => {
                 warn!(job_id = %invalid.job_id, error = %invalid.message, "invalid job");
-                return self.events.invalid(&invalid, started);
+                return self.events.invalid(&invalid, delivery.origin(), started);
             }
         };
         let span = info_span!("job", job_id = %job.id, batch = job.batch.as_deref().unwrap_or("_"));
@@ -188,7 +200,7 @@ impl Pipeline {
                 metadata: job.metadata.clone(),
                 message: failure.message().to_string(),
             };
-            return self.events.invalid(&invalid, started);
+            return self.events.invalid(&invalid, delivery.origin(), started);
         };
         let dir = job.dir(&self.prefix);
         let lock = {

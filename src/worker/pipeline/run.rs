@@ -8,7 +8,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::attempt::{Attempt, AttemptContext, Halt};
-use super::events::Progress;
+use super::events::{JobEvent, Progress};
 use super::images::{Listing, conflict};
 use super::journal::{PendingEntry, StoreJournal};
 use super::lease::LeaseState;
@@ -381,10 +381,7 @@ impl JobRun<'_> {
 
     /// Every image is stored: the record, then the event.
     async fn succeed(&self, progress: Progress) -> Outcome {
-        let event =
-            self.p
-                .events
-                .succeeded(self.job, self.route, &self.request, progress, self.started);
+        let event = self.p.events.succeeded(self.event(), progress);
         let record = match serde_json::to_vec(&event) {
             Ok(r) => bytes::Bytes::from(r),
             Err(e) => {
@@ -427,14 +424,18 @@ impl JobRun<'_> {
     }
 
     fn failed(&self, progress: Progress, failure: Failure) -> Outcome {
-        self.p.events.failed(
-            self.job,
-            self.route,
-            &self.request,
-            progress,
-            failure,
-            self.started,
-        )
+        self.p.events.failed(self.event(), progress, failure)
+    }
+
+    /// What this job's event is built from.
+    fn event(&self) -> JobEvent<'_> {
+        JobEvent {
+            job: self.job,
+            route: self.route,
+            request: &self.request,
+            origin: self.delivery.origin(),
+            started: self.started,
+        }
     }
 
     /// The job's provider is paused: the job waits in a delay queue (no attempt counted), unless

@@ -222,6 +222,7 @@ impl Setup {
                 Delivery {
                     body: &body,
                     message_id: None,
+                    correlation_id: None,
                     attempts: 0,
                     probe: false,
                 },
