@@ -1,8 +1,17 @@
 //! `fs` storage: objects are files under a root directory, written atomically (a temporary file
 //! in the same directory, then a rename), so a reader never sees half an image.
+//!
+//! Keys come from jobs, so a key is a relative path that never leaves the root: no `..`, and
+//! no symbolic link is followed on the way (a link planted under the root cannot lead a read or
+//! a write elsewhere). Files are created readable by their owner alone (0600, directories
+//! 0700). Temporary files carry a `~` (a character no id, batch or record name has), so a
+//! listing skips them and nothing else: ids that start with a dot are listed like any other.
+//! Temporary files left by a crashed write are removed at start-up, once old enough not to be
+//! another process's write in progress.
 
 use std::io::ErrorKind;
 use std::path::{Component, Path, PathBuf};
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use futures_util::future::BoxFuture;
@@ -25,19 +34,98 @@ fn io_error(op: &'static str, key: &str, e: std::io::Error) -> StorageError {
     }
 }
 
+/// Temporary files start with this (a dot and a `~`): no key the worker writes does.
+const TEMP_MARK: &str = ".~";
+
+/// A temporary file this old is a crashed write's, not a write in progress.
+const STALE_TEMP: Duration = Duration::from_secs(3600);
+
 pub struct FsStore {
     root: PathBuf,
     location: String,
+    /// Where the start-up check writes its probe (`storage.prefix`).
+    prefix: String,
 }
 
 impl FsStore {
     pub fn new(root: &Path) -> std::io::Result<Self> {
-        std::fs::create_dir_all(root)?;
+        Self::with_prefix(root, "")
+    }
+
+    /// A store whose start-up check writes under `prefix` (`storage.prefix`), not beside it.
+    pub fn with_prefix(root: &Path, prefix: &str) -> std::io::Result<Self> {
+        create_dirs(root)?;
         let root = std::fs::canonicalize(root)?;
         Ok(Self {
             location: root.display().to_string(),
             root,
+            prefix: prefix.to_string(),
         })
+    }
+
+    /// Refuses a path under the root that goes through a symbolic link (the root itself was
+    /// resolved once, when the store was made).
+    async fn no_links(&self, op: &'static str, key: &str, path: &Path) -> Result<(), StorageError> {
+        let Ok(relative) = path.strip_prefix(&self.root) else {
+            return Err(invalid(op, key, "the key leaves the root"));
+        };
+        let mut at = self.root.clone();
+        for part in relative.components() {
+            at.push(part);
+            match tokio::fs::symlink_metadata(&at).await {
+                Ok(m) if m.file_type().is_symlink() => {
+                    return Err(invalid(
+                        op,
+                        key,
+                        "the key goes through a symbolic link: not followed",
+                    ));
+                }
+                Ok(_) => {}
+                // What does not exist yet cannot be a link.
+                Err(e) if e.kind() == ErrorKind::NotFound => return Ok(()),
+                Err(e) => return Err(io_error(op, key, e)),
+            }
+        }
+        Ok(())
+    }
+
+    /// The path of `key`, checked: relative, inside the root, through no link.
+    async fn checked(&self, op: &'static str, key: &str) -> Result<PathBuf, StorageError> {
+        let path = self.path(op, key)?;
+        self.no_links(op, key, &path).await?;
+        Ok(path)
+    }
+
+    /// Writes `data` to a new temporary file beside `path`, owner-only; returns its path.
+    async fn write_temp(&self, path: &Path, data: &Bytes) -> std::io::Result<PathBuf> {
+        let dir = path.parent().unwrap_or(&self.root).to_path_buf();
+        let name = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("object")
+            .to_string();
+        let tmp = dir.join(format!("{TEMP_MARK}{name}.tmp-{:016x}", fastrand::u64(..)));
+        let data = data.clone();
+        let target = tmp.clone();
+        let written = tokio::task::spawn_blocking(move || {
+            create_dirs(&dir)?;
+            let mut options = std::fs::OpenOptions::new();
+            options.write(true).create_new(true);
+            #[cfg(unix)]
+            std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+            let mut file = options.open(&target)?;
+            std::io::Write::write_all(&mut file, &data)
+        })
+        .await
+        .map_err(std::io::Error::other)
+        .and_then(|r| r);
+        match written {
+            Ok(()) => Ok(tmp),
+            Err(e) => {
+                let _ = tokio::fs::remove_file(&tmp).await;
+                Err(e)
+            }
+        }
     }
 
     fn path(&self, op: &'static str, key: &str) -> Result<PathBuf, StorageError> {
@@ -58,20 +146,71 @@ impl FsStore {
     }
 
     async fn write(&self, object: PutObject<'_>) -> Result<(), StorageError> {
-        let path = self.path("put", object.key)?;
+        let path = self.checked("put", object.key).await?;
         let err = |e: std::io::Error| io_error("put", object.key, e);
-        let dir = path.parent().unwrap_or(&self.root);
-        tokio::fs::create_dir_all(dir).await.map_err(err)?;
-        let name = path
-            .file_name()
-            .and_then(|n| n.to_str())
-            .unwrap_or("object");
-        let tmp = dir.join(format!(".{name}.tmp-{:016x}", fastrand::u64(..)));
-        if let Err(e) = tokio::fs::write(&tmp, &object.data).await {
+        let tmp = self.write_temp(&path, &object.data).await.map_err(err)?;
+        // A rename replaces a link at the final name rather than writing through it.
+        if let Err(e) = tokio::fs::rename(&tmp, &path).await {
             let _ = tokio::fs::remove_file(&tmp).await;
             return Err(err(e));
         }
-        tokio::fs::rename(&tmp, &path).await.map_err(err)
+        Ok(())
+    }
+
+    /// Removes the temporary files of writes that crashed, older than [`STALE_TEMP`].
+    async fn remove_stale_temps(&self) {
+        let root = self.root.clone();
+        let removed = tokio::task::spawn_blocking(move || {
+            let mut removed = 0u64;
+            let mut pending = vec![root];
+            let now = SystemTime::now();
+            while let Some(dir) = pending.pop() {
+                let Ok(entries) = std::fs::read_dir(&dir) else {
+                    continue;
+                };
+                for entry in entries.flatten() {
+                    let Ok(kind) = entry.file_type() else {
+                        continue;
+                    };
+                    if kind.is_dir() {
+                        pending.push(entry.path());
+                    } else if kind.is_file()
+                        && entry.file_name().to_string_lossy().starts_with(TEMP_MARK)
+                        && entry
+                            .metadata()
+                            .and_then(|m| m.modified())
+                            .is_ok_and(|at| now.duration_since(at).unwrap_or_default() > STALE_TEMP)
+                        && std::fs::remove_file(entry.path()).is_ok()
+                    {
+                        removed += 1;
+                    }
+                }
+            }
+            removed
+        })
+        .await
+        .unwrap_or(0);
+        if removed > 0 {
+            tracing::info!(removed, "removed temporary files of writes that crashed");
+        }
+    }
+}
+
+/// Creates a directory and its parents, owner-only where they are new.
+fn create_dirs(dir: &Path) -> std::io::Result<()> {
+    let mut builder = std::fs::DirBuilder::new();
+    builder.recursive(true);
+    #[cfg(unix)]
+    std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
+    builder.create(dir)
+}
+
+fn invalid(op: &'static str, key: &str, message: &str) -> StorageError {
+    StorageError {
+        op,
+        key: key.into(),
+        kind: StorageErrorKind::Invalid,
+        message: message.into(),
     }
 }
 
@@ -85,16 +224,11 @@ impl ObjectStore for FsStore {
         object: PutObject<'a>,
     ) -> BoxFuture<'a, Result<bool, StorageError>> {
         Box::pin(async move {
-            let path = self.path("put", object.key)?;
+            let path = self.checked("put", object.key).await?;
             let err = |e: std::io::Error| io_error("put", object.key, e);
-            if let Some(dir) = path.parent() {
-                tokio::fs::create_dir_all(dir).await.map_err(err)?;
-            }
             // Written whole to a temporary file, then hard-linked into place: the link fails if
             // the name exists, so exactly one writer wins and no reader sees a partial file.
-            let dir = path.parent().unwrap_or(&self.root);
-            let tmp = dir.join(format!(".put-if-absent.tmp-{:016x}", fastrand::u64(..)));
-            tokio::fs::write(&tmp, &object.data).await.map_err(err)?;
+            let tmp = self.write_temp(&path, &object.data).await.map_err(err)?;
             let linked = tokio::fs::hard_link(&tmp, &path).await;
             let _ = tokio::fs::remove_file(&tmp).await;
             match linked {
@@ -107,7 +241,7 @@ impl ObjectStore for FsStore {
 
     fn delete<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<(), StorageError>> {
         Box::pin(async move {
-            let path = self.path("delete", key)?;
+            let path = self.checked("delete", key).await?;
             match tokio::fs::remove_file(path).await {
                 Ok(()) => Ok(()),
                 Err(e) if e.kind() == ErrorKind::NotFound => Ok(()),
@@ -118,7 +252,7 @@ impl ObjectStore for FsStore {
 
     fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<Bytes>, StorageError>> {
         Box::pin(async move {
-            let path = self.path("get", key)?;
+            let path = self.checked("get", key).await?;
             match tokio::fs::read(&path).await {
                 Ok(data) => Ok(Some(Bytes::from(data))),
                 Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
@@ -129,7 +263,7 @@ impl ObjectStore for FsStore {
 
     fn head<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<ObjectInfo>, StorageError>> {
         Box::pin(async move {
-            let path = self.path("head", key)?;
+            let path = self.checked("head", key).await?;
             match tokio::fs::metadata(&path).await {
                 Ok(m) => Ok(Some(ObjectInfo {
                     size: m.len(),
@@ -154,7 +288,8 @@ impl ObjectStore for FsStore {
             // without a delimiter, the listing is recursive.
             let dir_key = prefix.trim_end_matches('/');
             let mut keys = Vec::new();
-            let mut pending = vec![(self.path("list", dir_key)?, dir_key.to_string())];
+            let start = self.checked("list", dir_key).await?;
+            let mut pending = vec![(start, dir_key.to_string())];
             while let Some((dir, key)) = pending.pop() {
                 let mut entries = match tokio::fs::read_dir(&dir).await {
                     Ok(entries) => entries,
@@ -163,7 +298,7 @@ impl ObjectStore for FsStore {
                 };
                 while let Ok(Some(entry)) = entries.next_entry().await {
                     let name = entry.file_name().to_string_lossy().into_owned();
-                    if name.starts_with('.') {
+                    if name.starts_with(TEMP_MARK) {
                         continue; // files being written, probes
                     }
                     match entry.file_type().await {
@@ -191,12 +326,15 @@ impl ObjectStore for FsStore {
 
     fn check(&self) -> BoxFuture<'_, Result<(), StorageError>> {
         Box::pin(async move {
-            let probe = self
-                .root
-                .join(format!(".imagegen-check-{:016x}", fastrand::u64(..)));
-            let result = tokio::fs::write(&probe, b"ok").await;
-            let _ = tokio::fs::remove_file(&probe).await;
-            result.map_err(|e| {
+            self.remove_stale_temps().await;
+            // Under storage.prefix, where the worker writes, not beside it.
+            let key = format!("{}{TEMP_MARK}imagegen-check", self.prefix);
+            let probe = self.checked("check", &key).await?;
+            let result = self.write_temp(&probe, &Bytes::from_static(b"ok")).await;
+            if let Ok(tmp) = &result {
+                let _ = tokio::fs::remove_file(tmp).await;
+            }
+            result.map(drop).map_err(|e| {
                 let mut error = io_error("check", &self.location, e);
                 error.message = format!("storage.root is not writable: {}", error.message);
                 error
@@ -314,5 +452,99 @@ mod listing_tests {
         ));
         let e = io_error("put", "k", std::io::Error::from(ErrorKind::TimedOut));
         assert!(crate::domain::error::Failure::from(e).is_retryable());
+    }
+}
+
+#[cfg(all(test, unix))]
+mod hostile_tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    use super::*;
+
+    fn object(key: &str) -> PutObject<'_> {
+        PutObject::new(key, Bytes::from_static(b"png"), "image/png")
+    }
+
+    #[tokio::test]
+    async fn a_symbolic_link_under_the_root_is_never_followed() {
+        let (dir, store) = tests::store();
+        let outside = tempfile::tempdir().unwrap();
+        std::fs::write(outside.path().join("secret"), b"do not read").unwrap();
+        std::fs::create_dir_all(dir.path().join("images")).unwrap();
+        std::os::unix::fs::symlink(outside.path(), dir.path().join("images/b")).unwrap();
+        std::os::unix::fs::symlink(
+            outside.path().join("secret"),
+            dir.path().join("images/file.png"),
+        )
+        .unwrap();
+        for key in ["images/b/secret", "images/file.png"] {
+            let e = store.get(key).await.unwrap_err();
+            assert_eq!(e.kind, StorageErrorKind::Invalid, "{key}");
+            assert!(store.head(key).await.is_err(), "{key}");
+        }
+        assert!(store.put(object("images/b/j/0.png")).await.is_err());
+        assert!(
+            store
+                .put_if_absent(object("images/b/j/1.png"))
+                .await
+                .is_err()
+        );
+        assert!(store.list("images/b/", None).await.is_err());
+        assert!(
+            !outside.path().join("j").exists(),
+            "nothing written outside"
+        );
+    }
+
+    #[tokio::test]
+    async fn objects_are_owner_only_and_dot_ids_are_listed() {
+        let (dir, store) = tests::store();
+        store.put(object("images/_/.hidden/0.png")).await.unwrap();
+        assert!(
+            store
+                .put_if_absent(object("images/_/.hidden/lease"))
+                .await
+                .unwrap()
+        );
+        let mode = |p: &str| {
+            std::fs::metadata(dir.path().join(p))
+                .unwrap()
+                .permissions()
+                .mode()
+                & 0o777
+        };
+        assert_eq!(mode("images/_/.hidden/0.png"), 0o600);
+        assert_eq!(mode("images/_/.hidden/lease"), 0o600);
+        assert_eq!(mode("images/_/.hidden"), 0o700);
+        let listed = store.list("images/_/.hidden/", None).await.unwrap().keys;
+        assert_eq!(listed, ["images/_/.hidden/0.png", "images/_/.hidden/lease"]);
+    }
+
+    #[tokio::test]
+    async fn the_check_cleans_crashed_writes_and_probes_under_the_prefix() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FsStore::with_prefix(dir.path(), "tenant/").unwrap();
+        let jobs = dir.path().join("tenant/images/_/j");
+        std::fs::create_dir_all(&jobs).unwrap();
+        let stale = jobs.join(".~0.png.tmp-0000000000000001");
+        let fresh = jobs.join(".~1.png.tmp-0000000000000002");
+        std::fs::write(&stale, b"half").unwrap();
+        std::fs::write(&fresh, b"half").unwrap();
+        let old = SystemTime::now() - STALE_TEMP - Duration::from_secs(60);
+        std::fs::File::options()
+            .write(true)
+            .open(&stale)
+            .unwrap()
+            .set_modified(old)
+            .unwrap();
+        store.check().await.unwrap();
+        assert!(!stale.exists(), "a crashed write's leftover is removed");
+        assert!(fresh.exists(), "a write that may be in progress is kept");
+        // Nothing was written beside the prefix.
+        let beside: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(beside, ["tenant"]);
     }
 }

@@ -209,6 +209,9 @@ pub async fn list_all(
 pub async fn from_settings(settings: &Settings) -> anyhow::Result<Arc<dyn ObjectStore>> {
     Ok(match settings.storage.kind {
         StorageKind::S3 => Arc::new(s3::S3Store::new(&settings.storage).await?),
-        StorageKind::Fs => Arc::new(fs::FsStore::new(&settings.storage.root)?),
+        StorageKind::Fs => Arc::new(fs::FsStore::with_prefix(
+            &settings.storage.root,
+            &settings.storage.prefix,
+        )?),
     })
 }
