@@ -380,14 +380,18 @@ async fn run(cli: Cli, preloaded: Option<Settings>) -> anyhow::Result<ExitCode> 
                     "{:<40} {:<16} {:<18} {:>8}  message",
                     "job", "batch", "reason", "attempts"
                 );
+                // Whatever a producer put in a message reaches a terminal only escaped.
+                let shown = |s: Option<&str>, none: &str| {
+                    s.map_or_else(|| none.to_string(), output::printable)
+                };
                 for l in &letters {
                     println!(
                         "{:<40} {:<16} {:<18} {:>8}  {}",
-                        l.job_id.as_deref().unwrap_or("-"),
-                        l.batch.as_deref().unwrap_or("-"),
-                        l.reason,
+                        shown(l.job_id.as_deref(), "-"),
+                        shown(l.batch.as_deref(), "-"),
+                        output::printable(&l.reason),
                         l.attempts,
-                        l.message.as_deref().unwrap_or("")
+                        shown(l.message.as_deref(), "")
                     );
                 }
                 eprintln!(

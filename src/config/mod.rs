@@ -107,6 +107,9 @@ pub struct Sources {
     pub file: Option<PathBuf>,
     /// Read the process environment (standard variables and `IMAGEGEN__*`).
     pub use_env: bool,
+    /// With `use_env`: these variables instead of the process's (tests, tools). `None`: the
+    /// process's own.
+    pub env: Option<Vec<(String, String)>>,
 }
 
 impl Sources {
@@ -117,6 +120,7 @@ impl Sources {
             config_dir: std::env::var_os("IMAGEGEN_CONFIG_DIR").map(PathBuf::from),
             file,
             use_env: true,
+            env: None,
         }
     }
 }
@@ -188,12 +192,49 @@ impl Settings {
             builder = builder.add_source(config::File::from(file.as_path()).required(true));
         }
         if sources.use_env {
+            let vars: Vec<(String, String)> = sources
+                .env
+                .clone()
+                .unwrap_or_else(|| std::env::vars().collect());
+            let set = |name: &str| {
+                vars.iter()
+                    .any(|(n, _)| n == name || *n == format!("{name}_FILE"))
+            };
             for (var, key) in standard {
                 let prefixed = format!("{ENV_PREFIX}__{}", key.replace('.', "__").to_uppercase());
-                if let (Ok(value), Err(_)) = (std::env::var(var), std::env::var(&prefixed))
+                if set(&prefixed) {
+                    continue;
+                }
+                if let Some(value) = env_or_file(&vars, var)?
                     && !value.is_empty()
                 {
                     builder = builder.set_override(key.as_str(), value)?;
+                }
+            }
+            // IMAGEGEN__SECTION__KEY_FILE=/run/secrets/key sets section.key to the file's text.
+            let mut plain = config::Map::new();
+            let mut from_files = Vec::new();
+            for (name, value) in &vars {
+                let Some(rest) = name.strip_prefix(&format!("{ENV_PREFIX}__")) else {
+                    continue;
+                };
+                match rest.strip_suffix("_FILE") {
+                    Some(base) => {
+                        if vars
+                            .iter()
+                            .any(|(n, _)| *n == format!("{ENV_PREFIX}__{base}"))
+                        {
+                            return Err(invalid(
+                                name.clone(),
+                                format!("is set beside {ENV_PREFIX}__{base}: set one of them"),
+                            ));
+                        }
+                        let key = base.to_lowercase().replace("__", ".");
+                        from_files.push((key, read_secret_file(name, value)?));
+                    }
+                    None => {
+                        plain.insert(name.clone(), value.clone());
+                    }
                 }
             }
             builder = builder.add_source(
@@ -203,8 +244,12 @@ impl Settings {
                     .try_parsing(true)
                     // IMAGEGEN__AMQP__DELAY_TIERS_SECS=5,30,120
                     .list_separator(",")
-                    .with_list_parse_key("amqp.delay_tiers_secs"),
+                    .with_list_parse_key("amqp.delay_tiers_secs")
+                    .source(Some(plain)),
             );
+            for (key, value) in from_files {
+                builder = builder.set_override(key, value)?;
+            }
         }
         for (key, value) in overrides {
             builder = builder.set_override(*key, value.as_str())?;
@@ -364,17 +409,50 @@ pub fn redact_url(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
         return "****".into();
     };
-    let (authority, tail) = match rest.find('/') {
-        Some(i) => rest.split_at(i),
-        None => (rest, ""),
-    };
-    match authority.rsplit_once('@') {
+    // The password may hold any character, `/`, `?`, `#` and `@` included (not all users
+    // percent-encode it): everything up to the last `@` is user information. Hiding too much
+    // (a path with an `@`) is the safe way to be wrong.
+    match rest.rsplit_once('@') {
         Some((userinfo, host)) => {
             let user = userinfo.split(':').next().unwrap_or("");
-            format!("{scheme}://{user}:****@{host}{tail}")
+            let user = if user.contains(['/', '?', '#']) {
+                "****"
+            } else {
+                user
+            };
+            format!("{scheme}://{user}:****@{host}")
         }
         None => url.to_string(),
     }
+}
+
+/// The value of variable `var`, or the text of the file that `{var}_FILE` names (as mounted
+/// from a Kubernetes Secret); `None` when neither is set.
+fn env_or_file(vars: &[(String, String)], var: &str) -> Result<Option<String>, ConfigError> {
+    let get = |name: &str| vars.iter().find(|(n, _)| n == name).map(|(_, v)| v.clone());
+    let file_var = format!("{var}_FILE");
+    match (get(var), get(&file_var)) {
+        (Some(_), Some(_)) => Err(invalid(
+            file_var,
+            format!("is set beside {var}: set one of them"),
+        )),
+        (Some(value), None) => Ok(Some(value)),
+        (None, Some(path)) => read_secret_file(&file_var, &path).map(Some),
+        (None, None) => Ok(None),
+    }
+}
+
+/// A secret from a file: its text without the final line break. The error names the variable
+/// and the path, never the content.
+fn read_secret_file(var: &str, path: &str) -> Result<String, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        invalid(
+            var.to_string(),
+            format!("names {path}, which cannot be read: {e}"),
+        )
+    })?;
+    let text = text.strip_suffix('\n').unwrap_or(&text);
+    Ok(text.strip_suffix('\r').unwrap_or(text).to_string())
 }
 
 /// Reads a settings file for tests and tools without touching the process environment.

@@ -155,6 +155,14 @@ fn secrets_stay_out_of_debug_output() {
         assert!(!debug.contains(secret), "{secret} leaked: {debug}");
     }
     assert_eq!(s.amqp_url_redacted(), "amqp://bob:****@rabbit:5672/%2f");
+    // Any character in a password, encoded or not.
+    for password in ["pa/ss", "p?w#1", "a@b", "x:y", "%2Fenc", "s/p@c#e?"] {
+        let url = format!("amqp://bob:{password}@rabbit:5672/%2f");
+        let shown = super::redact_url(&url);
+        assert!(!shown.contains(password), "{url} -> {shown}");
+        assert!(shown.ends_with("@rabbit:5672/%2f"), "{shown}");
+    }
+    assert_eq!(super::redact_url("amqp://rabbit/%2f"), "amqp://rabbit/%2f");
 }
 
 /// Loads the defaults and a file of these contents.
@@ -431,4 +439,59 @@ fn default_toml_documents_every_field_and_nothing_else() {
     assert!(problems.is_empty(), "{problems:#?}");
     // The walk reached the providers' defaults, not only the top.
     assert!(DEFAULT_TOML.contains("[provider_defaults.openai]"));
+}
+
+#[test]
+fn secrets_come_from_the_files_that_file_variables_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = |name: &str, text: &str| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, text).unwrap();
+        path.display().to_string()
+    };
+    let var = |k: &str, v: String| (k.to_string(), v);
+    let env = vec![
+        var("IMAGEGEN__PROVIDERS__OPENAI__KIND", "openai".into()),
+        var("OPENAI_API_KEY_FILE", file("openai", "sk-from-a-file\n")),
+        var(
+            "AMQP_URL_FILE",
+            file("amqp", "amqp://u:p@rabbit:5672/%2f\r\n"),
+        ),
+        var("IMAGEGEN__AMQP__HEADER_KEY_FILE", file("seal", "fleet-key")),
+    ];
+    let load = |env: Vec<(String, String)>| {
+        Settings::load(&Sources {
+            use_env: true,
+            env: Some(env),
+            ..Sources::default()
+        })
+    };
+    let s = load(env.clone()).unwrap();
+    let KindSettings::Openai(openai) = &s.default_provider().kind else {
+        panic!("kind openai")
+    };
+    assert_eq!(openai.api_key.expose_secret(), "sk-from-a-file");
+    assert_eq!(s.amqp.url.expose_secret(), "amqp://u:p@rabbit:5672/%2f");
+    assert_eq!(s.amqp.header_key.expose_secret(), "fleet-key");
+
+    // A variable and its file variable both set: refused, naming them.
+    let mut both = env.clone();
+    both.push(var("IMAGEGEN__AMQP__HEADER_KEY", "other".into()));
+    let e = load(both).unwrap_err().to_string();
+    assert!(e.contains("IMAGEGEN__AMQP__HEADER_KEY_FILE"), "{e}");
+    // A file that cannot be read: the variable and the path, never a secret.
+    let mut missing = env;
+    missing.push(var(
+        "IMAGEGEN__STORAGE__SECRET_ACCESS_KEY_FILE",
+        "/nonexistent/s3".into(),
+    ));
+    let e = load(missing).unwrap_err().to_string();
+    assert!(
+        e.contains("SECRET_ACCESS_KEY_FILE") && e.contains("/nonexistent/s3"),
+        "{e}"
+    );
+    assert!(
+        !e.contains("sk-from-a-file") && !e.contains("fleet-key"),
+        "{e}"
+    );
 }

@@ -86,7 +86,8 @@ pub fn billed_failure(message: String) -> Failure {
 pub fn transport_failure(error: reqwest::Error) -> Failure {
     let possibly_billed = !error.is_connect() && !error.is_builder();
     Failure::Retryable {
-        message: with_causes(&error),
+        // Without the URL: a query string may hold a signature or a key (`?key=`, a SAS token).
+        message: with_causes(&error.without_url()),
         after: None,
         possibly_billed,
         detail: Box::default(),
@@ -148,6 +149,20 @@ mod tests {
             h.insert(*k, HeaderValue::from_str(v).unwrap());
         }
         h
+    }
+
+    #[tokio::test]
+    async fn a_transport_failure_never_shows_the_url_and_its_query() {
+        crate::install_crypto_provider();
+        // Nothing listens on port 1: the connection is refused at once, on loopback.
+        let error = reqwest::Client::new()
+            .post("http://127.0.0.1:1/v1/images?key=SECRET-KEY&sig=SECRET-SIG")
+            .send()
+            .await
+            .unwrap_err();
+        let failure = transport_failure(error);
+        assert!(!failure.message().contains("SECRET"), "{failure:?}");
+        assert!(!failure.possibly_billed(), "never connected: not billed");
     }
 
     #[test]

@@ -250,7 +250,7 @@ impl OpenAi {
                         !e.is_redirect(),
                         format!(
                             "downloading the generated image failed: {}",
-                            with_causes(&e)
+                            with_causes(&e.without_url())
                         ),
                     )
                 })?;

@@ -225,7 +225,10 @@ impl S3Store {
         if !body.is_empty() {
             builder = builder.body(body);
         }
-        builder.send().await.map_err(|e| failed(with_causes(&e)))
+        builder
+            .send()
+            .await
+            .map_err(|e| failed(with_causes(&e.without_url())))
     }
 
     async fn put_object(
@@ -396,7 +399,7 @@ impl ObjectStore for S3Store {
             let data = response
                 .bytes()
                 .await
-                .map_err(|e| unavailable("get", key, with_causes(&e)))?;
+                .map_err(|e| unavailable("get", key, with_causes(&e.without_url())))?;
             Ok(Some(data))
         })
     }
@@ -449,7 +452,7 @@ impl ObjectStore for S3Store {
             let body = response
                 .bytes()
                 .await
-                .map_err(|e| unavailable("list", prefix, with_causes(&e)))?;
+                .map_err(|e| unavailable("list", prefix, with_causes(&e.without_url())))?;
             listing_page(&body).map_err(|message| StorageError {
                 op: "list",
                 key: prefix.into(),
