@@ -8,6 +8,7 @@ use serde_json::Value;
 use sha2::{Digest, Sha256};
 
 use super::error::{ErrorKind, Failure};
+use super::json::RawJson;
 
 /// Version of the `data` schema (`schemas/result-event.schema.json`).
 pub const EVENT_SCHEMA_VERSION: u32 = 1;
@@ -60,7 +61,8 @@ pub struct ResultData {
     pub provider_request_id: Option<String>,
     /// The provider's refusal details (moderation categories) when it gave them.
     pub refusal: Option<Value>,
-    pub metadata: Value,
+    /// The job's `metadata`, byte for byte as its producer wrote it.
+    pub metadata: RawJson,
     /// The job's fingerprint ([`crate::domain::job::Job::fingerprint`]): a later job under the
     /// same id with another fingerprint does not receive this result. Absent from records
     /// stored before it existed (they match any job).

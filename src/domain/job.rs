@@ -10,6 +10,7 @@ use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 
 use super::error::Failure;
+use super::json::RawJson;
 
 /// The job schema version this worker understands.
 /// Version 2 added `provider`, `negative_prompt` and `seed`; version 1 jobs are version 2 jobs
@@ -70,7 +71,8 @@ pub struct Job {
     pub seed: Option<u64>,
     pub n: u8,
     pub params: Map<String, Value>,
-    pub metadata: Value,
+    /// As the producer wrote it, byte for byte (`null` when absent).
+    pub metadata: RawJson,
     /// Past this instant the job ends as `expired`, without a provider call.
     pub deadline: Option<time::OffsetDateTime>,
 }
@@ -103,7 +105,8 @@ pub struct InvalidJob {
     /// The job's id when it had a valid one, else `invalid-` and a digest of the message body.
     pub job_id: String,
     pub batch: Option<String>,
-    pub metadata: Value,
+    /// As the producer wrote it, byte for byte (`null` when absent).
+    pub metadata: RawJson,
     pub message: String,
 }
 
@@ -132,8 +135,8 @@ impl Job {
         rules: &JobRules,
     ) -> Result<Job, InvalidJob> {
         let fallback_id = || format!("invalid-{}", &hex::encode(Sha256::digest(body))[..24]);
-        let reject =
-            |id: Option<&str>, batch: Option<&str>, metadata: Value, message: String| InvalidJob {
+        let reject = |id: Option<&str>, batch: Option<&str>, metadata: RawJson, message: String| {
+            InvalidJob {
                 job_id: id
                     .filter(|i| is_valid_name(i))
                     .map(str::to_string)
@@ -143,12 +146,13 @@ impl Job {
                     .map(str::to_string),
                 metadata,
                 message,
-            };
+            }
+        };
         if body.len() > rules.max_message_bytes {
             return Err(reject(
                 message_id,
                 None,
-                Value::Null,
+                RawJson::null(),
                 format!(
                     "message is {} bytes, larger than worker.max_message_bytes ({})",
                     body.len(),
@@ -162,7 +166,7 @@ impl Job {
                 return Err(reject(
                     message_id,
                     None,
-                    Value::Null,
+                    RawJson::null(),
                     format!("message is not UTF-8: {e}"),
                 ));
             }
@@ -173,7 +177,7 @@ impl Job {
                 return Err(reject(
                     message_id,
                     None,
-                    Value::Null,
+                    RawJson::null(),
                     format!("message is not JSON: {e}"),
                 ));
             }
@@ -193,15 +197,19 @@ impl Job {
             .filter(|m| m.is_object())
             .cloned()
             .unwrap_or(Value::Null);
+        // The metadata as written, when the body is an object that has one.
+        let raw_metadata = super::json::raw_field(text, "metadata");
         let fail = |message: String| {
-            // Only echo metadata that respects its own size limit.
-            let metadata = if serde_json::to_vec(&loose_metadata).map_or(0, |v| v.len())
-                <= rules.max_metadata_bytes
-                && depth(&loose_metadata) <= MAX_METADATA_DEPTH
-            {
-                loose_metadata.clone()
-            } else {
-                Value::Null
+            // Only echo metadata that respects its own limits.
+            let metadata = match raw_metadata {
+                Some(raw)
+                    if loose_metadata.is_object()
+                        && raw.get().len() <= rules.max_metadata_bytes
+                        && depth(&loose_metadata) <= MAX_METADATA_DEPTH =>
+                {
+                    RawJson::from_raw(raw)
+                }
+                _ => RawJson::null(),
             };
             reject(
                 loose_id.as_deref(),
@@ -346,34 +354,35 @@ impl Job {
                 "`params.{key}` is controlled by the worker; use the top-level field or leave it out"
             )));
         }
-        let metadata = match wire.metadata {
-            None => Value::Null,
-            Some(m) => {
+        let metadata = match (wire.metadata, raw_metadata) {
+            (None, _) => RawJson::null(),
+            (Some(_), None) => return Err(fail("`metadata` could not be read as written".into())),
+            (Some(m), Some(raw)) => {
                 let m = Value::Object(m);
                 let levels = depth(&m);
                 if levels > MAX_METADATA_DEPTH {
                     return Err(reject(
                         Some(&id),
                         wire.batch.as_deref(),
-                        Value::Null,
+                        RawJson::null(),
                         format!(
                             "`metadata` nests {levels} levels deep, more than {MAX_METADATA_DEPTH}"
                         ),
                     ));
                 }
-                let size = serde_json::to_vec(&m).map_or(usize::MAX, |v| v.len());
+                let size = raw.get().len();
                 if size > rules.max_metadata_bytes {
                     return Err(reject(
                         Some(&id),
                         wire.batch.as_deref(),
-                        Value::Null,
+                        RawJson::null(),
                         format!(
                             "`metadata` is {size} bytes of JSON, more than worker.max_metadata_bytes ({})",
                             rules.max_metadata_bytes
                         ),
                     ));
                 }
-                m
+                RawJson::from_raw(raw)
             }
         };
         Ok(Job {
@@ -687,6 +696,25 @@ mod tests {
         let record = serde_json::to_vec(&event).unwrap();
         let back: crate::domain::event::CloudEvent = serde_json::from_slice(&record).unwrap();
         assert_eq!(back, event);
+    }
+
+    #[test]
+    fn metadata_is_kept_as_written_byte_for_byte() {
+        let written = r#"{ "z": 1, "a": 1e29, "b": 100.0, "c": -0.0, "s": "\u00e9", "n": [1.50] }"#;
+        let body = format!(r#"{{"id":"m","prompt":"p","metadata":{written}}}"#);
+        let job = Job::parse(body.as_bytes(), None, &rules_with_room()).unwrap();
+        assert_eq!(job.metadata.get(), written);
+        // An invalid job echoes it the same way.
+        let body = format!(r#"{{"id":"m","prompt":"","metadata":{written}}}"#);
+        let invalid = Job::parse(body.as_bytes(), None, &rules_with_room()).unwrap_err();
+        assert_eq!(invalid.metadata.get(), written);
+    }
+
+    fn rules_with_room() -> JobRules {
+        JobRules {
+            max_metadata_bytes: 4096,
+            ..rules()
+        }
     }
 
     #[test]

@@ -5,9 +5,91 @@
 
 use std::fmt;
 
-use serde::Deserialize;
 use serde::de::{self, Deserializer, MapAccess, SeqAccess, Visitor};
+use serde::{Deserialize, Serialize, Serializer};
+use serde_json::value::RawValue;
 use serde_json::{Map, Number, Value};
+
+/// JSON text kept exactly as it was written: key order, number forms (`1e29`, `100.0`,
+/// `-0.0`), escapes and spacing. A job's `metadata` is echoed in its events as this, untouched.
+#[derive(Clone)]
+pub struct RawJson(Box<RawValue>);
+
+impl RawJson {
+    /// `null`.
+    pub fn null() -> Self {
+        Self(RawValue::from_string("null".into()).expect("null is JSON"))
+    }
+
+    /// The text of `raw`, owned.
+    pub fn from_raw(raw: &RawValue) -> Self {
+        Self(raw.to_owned())
+    }
+
+    /// A value written out by serde_json (for JSON that was not received as text).
+    pub fn from_value(value: &Value) -> Self {
+        serde_json::value::to_raw_value(value).map_or_else(|_| Self::null(), Self)
+    }
+
+    /// The JSON text.
+    pub fn get(&self) -> &str {
+        self.0.get()
+    }
+
+    pub fn is_null(&self) -> bool {
+        self.get().trim() == "null"
+    }
+
+    /// The value the text holds.
+    pub fn to_value(&self) -> Value {
+        serde_json::from_str(self.get()).unwrap_or(Value::Null)
+    }
+}
+
+impl Default for RawJson {
+    fn default() -> Self {
+        Self::null()
+    }
+}
+
+impl PartialEq for RawJson {
+    fn eq(&self, other: &Self) -> bool {
+        self.get() == other.get()
+    }
+}
+
+/// The same JSON value, whatever its spelling.
+impl PartialEq<Value> for RawJson {
+    fn eq(&self, other: &Value) -> bool {
+        self.to_value() == *other
+    }
+}
+
+impl fmt::Debug for RawJson {
+    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str(self.get())
+    }
+}
+
+impl Serialize for RawJson {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        self.0.serialize(serializer)
+    }
+}
+
+impl<'de> Deserialize<'de> for RawJson {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        Box::<RawValue>::deserialize(deserializer).map(Self)
+    }
+}
+
+/// The text of a JSON object's top-level `key`, as written (None when absent). `text` is known
+/// to be JSON with no key named twice.
+pub fn raw_field<'a>(text: &'a str, key: &str) -> Option<&'a RawValue> {
+    let fields: std::collections::HashMap<String, &'a RawValue> =
+        serde_json::from_str(text).ok()?;
+    fields.get(key).copied()
+}
 
 /// Parses `text` as JSON, refusing any object (at any depth) with a duplicate key. The error
 /// names the key and where it is.

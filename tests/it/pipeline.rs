@@ -474,6 +474,33 @@ async fn an_invalid_job_is_reported_with_the_producers_message_and_correlation_i
 }
 
 #[tokio::test]
+async fn metadata_comes_back_in_the_event_and_the_record_exactly_as_written() {
+    let env = TestEnv::new(Store::Fs).await;
+    let mut listener = env.listen().await;
+    let worker = env.start_worker().await;
+    let written = r#"{"z":1,"a":1e29,"b":100.0,"c":-0.0,"row":"\u00e9"}"#;
+    let body = format!(r#"{{"id":"exact","prompt":"p","metadata":{written}}}"#);
+    env.publish_raw(body.as_bytes(), None).await;
+    let event = env.events(&mut listener, 1, WAIT).await.remove(0);
+    assert_eq!(event.data.status, Status::Succeeded);
+    assert_eq!(event.data.metadata.get(), written);
+    let record = env
+        .store()
+        .await
+        .get(&format!("it/{}/images/_/exact/result.json", env.id))
+        .await
+        .unwrap()
+        .expect("record stored");
+    let record = String::from_utf8(record.to_vec()).unwrap();
+    assert!(
+        record.contains(&format!(r#""metadata":{written}"#)),
+        "{record}"
+    );
+    worker.shutdown().await.unwrap();
+    env.cleanup().await;
+}
+
+#[tokio::test]
 async fn quota_exhausted_stops_taking_jobs_and_loses_nothing() {
     let env = TestEnv::new(Store::Fs).await;
     env.fake().push_rule(Rule {

@@ -145,7 +145,7 @@ async fn frames_are_small_and_larger_messages_still_go_through() {
         imagegen::domain::event::Status::Succeeded
     );
     assert_eq!(
-        events[0].data.metadata["note"].as_str(),
+        events[0].data.metadata.to_value()["note"].as_str(),
         Some(note.as_str())
     );
     assert_eq!(env.fake().stats().requests, 1);

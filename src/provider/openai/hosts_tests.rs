@@ -197,3 +197,59 @@ async fn a_download_redirected_off_the_allowed_hosts_is_refused() {
     assert_eq!(elsewhere.hits.load(Ordering::SeqCst), 0);
     assert_eq!(elsewhere.with_key.load(Ordering::SeqCst), 0);
 }
+
+#[tokio::test]
+async fn an_answer_or_a_download_over_the_size_cap_is_cut_off_as_billed() {
+    let big = "x".repeat(8 * 1024);
+    let limited = |base: &str| {
+        let settings = crate::config::Settings::load_with_overrides(
+            &crate::config::Sources::default(),
+            &[
+                ("providers.openai.kind", "openai".into()),
+                ("providers.openai.api_key", "sk-secret".into()),
+                ("providers.openai.base_url", base.into()),
+                ("providers.openai.max_response_bytes", "4096".into()),
+            ],
+        )
+        .unwrap();
+        let crate::config::KindSettings::Openai(openai) = &settings.default_provider().kind else {
+            panic!("kind openai")
+        };
+        OpenAi::new(openai, 1).unwrap()
+    };
+    // The answer itself.
+    let base = provider_host(
+        StatusCode::OK,
+        None,
+        format!(r#"{{"data":[],"x":"{big}"}}"#),
+    )
+    .await;
+    let failure = limited(&base)
+        .submit(&request(), &NoJournal)
+        .await
+        .expect_err("too big");
+    assert!(failure.possibly_billed(), "{failure:?}");
+    assert!(
+        failure.message().contains("max_response_bytes"),
+        "{failure:?}"
+    );
+    // An image answered by URL, from the provider's own host.
+    let file = provider_host(StatusCode::OK, None, big).await;
+    let file_url = file.replace("/v1", "/image.png");
+    let base = provider_host(
+        StatusCode::OK,
+        None,
+        format!(r#"{{"data":[{{"url":"{file_url}"}}]}}"#),
+    )
+    .await;
+    let mut provider = limited(&base);
+    provider.fetch_rules = FetchRules::exempting([file.as_str()]);
+    let failure = provider
+        .submit(&request(), &NoJournal)
+        .await
+        .expect_err("too big");
+    assert!(
+        failure.message().contains("max_response_bytes"),
+        "{failure:?}"
+    );
+}

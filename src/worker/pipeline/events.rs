@@ -13,6 +13,7 @@ use crate::domain::event::{
     CloudEvent, EVENT_SCHEMA_VERSION, EventError, ResultData, Status, StoredImage,
 };
 use crate::domain::job::{InvalidJob, Job};
+use crate::domain::json::RawJson;
 use crate::provider::{Generation, ImageRequest};
 use crate::worker::providers::Route;
 
@@ -145,7 +146,7 @@ impl Events {
             duration_ms: started.elapsed().as_millis() as u64,
             provider_request_id: None,
             refusal: None,
-            metadata: Value::Null,
+            metadata: RawJson::null(),
             job_fingerprint: None,
             message_id: None,
             correlation_id: None,
