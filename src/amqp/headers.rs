@@ -6,7 +6,7 @@
 //! with no failed attempts, not a job failed without a call.
 
 use lapin::BasicProperties;
-use lapin::types::{AMQPValue, LongString};
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use ring::hmac;
 use secrecy::{ExposeSecret, SecretString};
 use sha2::{Digest, Sha256};
@@ -113,6 +113,74 @@ pub fn attempts_of(properties: &BasicProperties) -> u32 {
     }
 }
 
+/// Header saying how many of the producer's headers were left off a republished message.
+pub const HEADERS_DROPPED_HEADER: &str = "x-imagegen-headers-dropped";
+
+/// Room kept in a frame for the content header's other properties (`message_id`,
+/// `content_type`, `correlation_id`, ...: short strings of at most 255 bytes each).
+const OTHER_PROPERTIES: usize = 2048;
+
+/// The message's properties with `ours` set, for a message the worker republishes (to a delay
+/// queue, to the dead-letter queue). The broker cannot split a content header across frames:
+/// when the producer's headers and ours would not fit in a frame of `frame_max` bytes, the
+/// producer's headers are left off (their count in [`HEADERS_DROPPED_HEADER`]), so that the
+/// republish always goes through and never closes a connection.
+pub fn republish_properties(
+    properties: &BasicProperties,
+    ours: &[(&str, AMQPValue)],
+    frame_max: u32,
+) -> BasicProperties {
+    let with_ours = with_headers(properties, ours);
+    let budget = (frame_max as usize).saturating_sub(OTHER_PROPERTIES);
+    let size = with_ours
+        .headers()
+        .as_ref()
+        .map_or(0, |h| table_size(h.inner()));
+    if size <= budget {
+        return with_ours;
+    }
+    let dropped = properties.headers().as_ref().map_or(0, |h| h.inner().len());
+    warn!(
+        header_bytes = size,
+        frame_max,
+        dropped,
+        "the message's headers do not fit in a frame: the producer's are left off"
+    );
+    let mut table = FieldTable::default();
+    for (k, v) in ours {
+        table.insert((*k).into(), v.clone());
+    }
+    table.insert(
+        HEADERS_DROPPED_HEADER.into(),
+        AMQPValue::LongUInt(dropped.min(u32::MAX as usize) as u32),
+    );
+    properties.clone().with_headers(table)
+}
+
+/// The bytes a field table takes on the wire (AMQP 0-9-1 encoding, as RabbitMQ reads it).
+pub fn table_size(table: &std::collections::BTreeMap<ShortString, AMQPValue>) -> usize {
+    4 + table
+        .iter()
+        .map(|(k, v)| 1 + k.as_str().len() + value_size(v))
+        .sum::<usize>()
+}
+
+fn value_size(value: &AMQPValue) -> usize {
+    1 + match value {
+        AMQPValue::Boolean(_) | AMQPValue::ShortShortInt(_) | AMQPValue::ShortShortUInt(_) => 1,
+        AMQPValue::ShortInt(_) | AMQPValue::ShortUInt(_) => 2,
+        AMQPValue::LongInt(_) | AMQPValue::LongUInt(_) | AMQPValue::Float(_) => 4,
+        AMQPValue::LongLongInt(_) | AMQPValue::Double(_) | AMQPValue::Timestamp(_) => 8,
+        AMQPValue::DecimalValue(_) => 5,
+        AMQPValue::ShortString(s) => 1 + s.as_str().len(),
+        AMQPValue::LongString(s) => 4 + s.as_bytes().len(),
+        AMQPValue::ByteArray(b) => 4 + b.as_slice().len(),
+        AMQPValue::FieldArray(a) => 4 + a.as_slice().iter().map(value_size).sum::<usize>(),
+        AMQPValue::FieldTable(t) => table_size(t.inner()),
+        AMQPValue::Void => 0,
+    }
+}
+
 /// The message's properties with `headers` set (others kept).
 pub fn with_headers(
     properties: &BasicProperties,
@@ -139,6 +207,38 @@ mod tests {
             &BasicProperties::default(),
             &seal.attempts_headers(attempts, body),
         )
+    }
+
+    #[test]
+    fn a_republished_message_keeps_the_producers_headers_only_when_they_fit_a_frame() {
+        let producer = |bytes: usize| {
+            with_headers(
+                &BasicProperties::default(),
+                &[("x-note", AMQPValue::LongString("n".repeat(bytes).into()))],
+            )
+        };
+        let ours = [(
+            ERROR_MESSAGE_HEADER,
+            AMQPValue::LongString("e".repeat(1000).into()),
+        )];
+        let header =
+            |p: &BasicProperties, k: &str| p.headers().as_ref().unwrap().inner().get(k).cloned();
+        let kept = republish_properties(&producer(1000), &ours, 16384);
+        assert!(header(&kept, "x-note").is_some());
+        assert!(header(&kept, HEADERS_DROPPED_HEADER).is_none());
+        // 14 KB of the producer's plus 1 KB of ours: over a 16 KiB frame less the room kept.
+        let cut = republish_properties(&producer(14_000), &ours, 16384);
+        assert!(header(&cut, "x-note").is_none());
+        assert!(header(&cut, ERROR_MESSAGE_HEADER).is_some());
+        assert_eq!(
+            header(&cut, HEADERS_DROPPED_HEADER),
+            Some(AMQPValue::LongUInt(1))
+        );
+        assert!(table_size(cut.headers().as_ref().unwrap().inner()) < 16384 - OTHER_PROPERTIES);
+        // The size is counted as the wire counts it.
+        let mut t = FieldTable::default();
+        t.insert("k".into(), AMQPValue::LongString("abc".into()));
+        assert_eq!(table_size(t.inner()), 4 + (1 + 1) + (1 + 4 + 3));
     }
 
     #[test]

@@ -25,7 +25,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use super::pipeline::{Delivery, Outcome, Pipeline, ReturnReason, Settle};
-use crate::amqp::headers::{ERROR_KIND_HEADER, ERROR_MESSAGE_HEADER, HeaderSeal, with_headers};
+use crate::amqp::headers::{
+    ERROR_KIND_HEADER, ERROR_MESSAGE_HEADER, HeaderSeal, republish_properties,
+};
 use crate::amqp::publisher::Publisher;
 use crate::config::Settings;
 use crate::domain::error::StopReason;
@@ -191,9 +193,10 @@ pub(super) async fn handle(
 /// Sends a job through the delay queue that covers `after` (with confirm), then acks it.
 async fn delay(delivery: &AmqpDelivery, cx: &Context, after: Duration, attempts: u32) -> Handled {
     let (queue, tier) = cx.settings.delay_queue(after);
-    let properties = with_headers(
+    let properties = republish_properties(
         &delivery.properties,
         &cx.seal.attempts_headers(attempts, &delivery.data),
+        cx.settings.amqp.frame_max,
     );
     match cx
         .publisher
@@ -234,7 +237,7 @@ async fn dead_letter(
         })
         .unwrap_or(("unknown", String::new()));
     let [count, seal] = cx.seal.attempts_headers(attempts, &delivery.data);
-    let properties = with_headers(
+    let properties = republish_properties(
         &delivery.properties,
         &[
             (
@@ -248,6 +251,7 @@ async fn dead_letter(
             count,
             seal,
         ],
+        cx.settings.amqp.frame_max,
     );
     let queue = &cx.settings.amqp.dead_letter_queue;
     match cx

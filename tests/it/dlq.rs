@@ -162,3 +162,48 @@ async fn a_poison_message_that_kills_its_worker_ends_in_the_dead_letter_queue() 
     }
     env.cleanup().await;
 }
+
+#[tokio::test]
+async fn a_job_whose_headers_nearly_fill_a_frame_is_dead_lettered_once_with_one_event() {
+    let env = TestEnv::new(Store::Fs).await;
+    let mut listener = env.listen().await;
+    let worker = env.start_worker().await;
+    // 15.8 KB of the producer's headers fit the worker's 16 KiB frames; with the worker's own
+    // error headers beside them (a message of 1000 characters), they would not.
+    let mut headers = lapin::types::FieldTable::default();
+    headers.insert(
+        "x-trace".into(),
+        lapin::types::AMQPValue::LongString("t".repeat(15_800).into()),
+    );
+    let props = lapin::BasicProperties::default()
+        .with_content_type("application/json".into())
+        .with_headers(headers);
+    // Invalid (an unknown field with a long name): dead-lettered with a long message.
+    let body = format!(r#"{{"id":"heavy","prompt":"p","{}":1}}"#, "f".repeat(1200));
+    env.publish_with(body.as_bytes(), props).await;
+    let events = env.events(&mut listener, 1, WAIT).await;
+    assert_eq!(events[0].data.status, Status::Failed);
+    env.wait_dead_letters(1, WAIT).await;
+    // No redelivery publishes the failure again.
+    let more =
+        tokio::time::timeout(Duration::from_secs(3), env.events(&mut listener, 1, WAIT)).await;
+    assert!(more.is_err(), "a second event: {more:?}");
+    let dead = env.drain_dead_letters().await;
+    assert_eq!(dead.len(), 1);
+    let headers = dead[0].1.headers().clone().unwrap();
+    let h = headers.inner();
+    assert!(
+        h.get("x-trace").is_none(),
+        "the producer's headers were left off"
+    );
+    assert_eq!(
+        h.get("x-imagegen-headers-dropped"),
+        Some(&lapin::types::AMQPValue::LongUInt(1))
+    );
+    assert_eq!(
+        h.get("x-imagegen-error-kind"),
+        Some(&lapin::types::AMQPValue::LongString("invalid_job".into()))
+    );
+    worker.shutdown().await.unwrap();
+    env.cleanup().await;
+}
