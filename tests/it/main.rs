@@ -11,6 +11,7 @@ mod contract;
 mod dlq;
 mod gallery;
 mod helpers;
+mod hostile_frames;
 mod ops;
 mod pipeline;
 mod proxy;
