@@ -68,8 +68,8 @@ impl AmqpSettings {
             1,
             600,
         )?;
-        // 4096 is AMQP's smallest frame. Above RabbitMQ's default, 128 KiB, only the buffers grow.
-        in_range("amqp.frame_max", self.frame_max.into(), 4096, 131_072)?;
+        // 4096 is AMQP's smallest frame; a broker configured above 1 MiB frames is unheard of.
+        in_range("amqp.frame_max", self.frame_max.into(), 4096, 1 << 20)?;
         let tiers = &self.delay_tiers_secs;
         if tiers.is_empty() || tiers.windows(2).any(|w| w[0] >= w[1]) || tiers[0] == 0 {
             return Err(invalid(

@@ -16,7 +16,9 @@ use std::time::{Duration, SystemTime};
 use bytes::Bytes;
 use futures_util::future::BoxFuture;
 
-use super::{ListPage, ObjectInfo, ObjectStore, PutObject, StorageError, StorageErrorKind};
+use super::{
+    ListPage, META_FINGERPRINT, ObjectInfo, ObjectStore, PutObject, StorageError, StorageErrorKind,
+};
 
 /// A file-system error as a storage error of the matching kind.
 fn io_error(op: &'static str, key: &str, e: std::io::Error) -> StorageError {
@@ -148,6 +150,17 @@ impl FsStore {
     async fn write(&self, object: PutObject<'_>) -> Result<(), StorageError> {
         let path = self.checked("put", object.key).await?;
         let err = |e: std::io::Error| io_error("put", object.key, e);
+        // A directory keeps no metadata: the job fingerprint goes to a file of its own beside
+        // the object, written first, so that an object never exists without it.
+        if let Some((_, fingerprint)) = object.metadata.iter().find(|(k, _)| *k == META_FINGERPRINT)
+        {
+            let side = fingerprint_path(&path);
+            let tmp = self
+                .write_temp(&side, &Bytes::from(fingerprint.clone()))
+                .await
+                .map_err(err)?;
+            tokio::fs::rename(&tmp, &side).await.map_err(err)?;
+        }
         let tmp = self.write_temp(&path, &object.data).await.map_err(err)?;
         // A rename replaces a link at the final name rather than writing through it.
         if let Err(e) = tokio::fs::rename(&tmp, &path).await {
@@ -175,7 +188,7 @@ impl FsStore {
                     if kind.is_dir() {
                         pending.push(entry.path());
                     } else if kind.is_file()
-                        && entry.file_name().to_string_lossy().starts_with(TEMP_MARK)
+                        && is_temp(&entry.file_name().to_string_lossy())
                         && entry
                             .metadata()
                             .and_then(|m| m.modified())
@@ -194,6 +207,20 @@ impl FsStore {
             tracing::info!(removed, "removed temporary files of writes that crashed");
         }
     }
+}
+
+/// Whether a file is a write's temporary file (not a fingerprint kept beside an object).
+fn is_temp(name: &str) -> bool {
+    name.starts_with(TEMP_MARK) && name.contains(".tmp-")
+}
+
+/// Where the job fingerprint of the object at `path` is kept (a name listings skip).
+fn fingerprint_path(path: &Path) -> PathBuf {
+    let name = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or("object");
+    path.with_file_name(format!("{TEMP_MARK}fingerprint-{name}"))
 }
 
 /// Creates a directory and its parents, owner-only where they are new.
@@ -242,6 +269,7 @@ impl ObjectStore for FsStore {
     fn delete<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<(), StorageError>> {
         Box::pin(async move {
             let path = self.checked("delete", key).await?;
+            let _ = tokio::fs::remove_file(fingerprint_path(&path)).await;
             match tokio::fs::remove_file(path).await {
                 Ok(()) => Ok(()),
                 Err(e) if e.kind() == ErrorKind::NotFound => Ok(()),
@@ -269,8 +297,9 @@ impl ObjectStore for FsStore {
                     size: m.len(),
                     content_type: None,
                     sha256: None,
-                    // A directory keeps no metadata: only result records carry fingerprints here.
-                    fingerprint: None,
+                    fingerprint: tokio::fs::read_to_string(fingerprint_path(&path))
+                        .await
+                        .ok(),
                 })),
                 Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
                 Err(e) => Err(io_error("head", key, e)),

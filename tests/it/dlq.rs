@@ -165,7 +165,8 @@ async fn a_poison_message_that_kills_its_worker_ends_in_the_dead_letter_queue() 
 
 #[tokio::test]
 async fn a_job_whose_headers_nearly_fill_a_frame_is_dead_lettered_once_with_one_event() {
-    let env = TestEnv::new(Store::Fs).await;
+    // Small frames (a broker configured so), where the worker's own headers make the difference.
+    let env = TestEnv::with(Store::Fs, &[("amqp.frame_max", "16384".into())]).await;
     let mut listener = env.listen().await;
     let worker = env.start_worker().await;
     // 15.8 KB of the producer's headers fit the worker's 16 KiB frames; with the worker's own

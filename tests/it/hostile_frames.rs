@@ -229,3 +229,33 @@ async fn properties_that_are_not_utf8_cost_no_connection_and_no_job() {
     worker.shutdown().await.unwrap();
     env.cleanup().await;
 }
+
+#[tokio::test]
+async fn a_job_with_headers_larger_than_small_frames_is_processed_like_any_other() {
+    let env = TestEnv::new(Store::Fs).await;
+    let mut listener = env.listen().await;
+    let worker = env.start_worker().await;
+    // 100 KB of headers: one content header frame, which a 16 KiB frame could not carry.
+    let mut headers = lapin::types::FieldTable::default();
+    headers.insert(
+        "x-trace".into(),
+        lapin::types::AMQPValue::LongString("t".repeat(100_000).into()),
+    );
+    let props = lapin::BasicProperties::default()
+        .with_content_type("application/json".into())
+        .with_headers(headers);
+    env.publish_with(br#"{"id":"wide","prompt":"a lighthouse"}"#, props)
+        .await;
+    env.publish(json!({"id": "plain", "prompt": "a fox"})).await;
+    let mut events = env.events(&mut listener, 2, WAIT).await;
+    events.sort_by(|a, b| a.data.job_id.cmp(&b.data.job_id));
+    assert_eq!(events[0].data.job_id, "plain");
+    assert_eq!(events[1].data.job_id, "wide");
+    for event in &events {
+        assert_eq!(event.data.status, Status::Succeeded);
+        assert_eq!(event.data.attempts, 1);
+    }
+    assert_eq!(env.fake().stats().requests, 2, "each job bought once");
+    worker.shutdown().await.unwrap();
+    env.cleanup().await;
+}

@@ -116,11 +116,11 @@ async fn an_unroutable_publish_is_an_error_not_a_success() {
 }
 
 #[tokio::test]
-async fn frames_are_small_and_larger_messages_still_go_through() {
+async fn frames_are_the_brokers_and_larger_messages_still_go_through() {
     let env = TestEnv::new(Store::Fs).await;
-    // amqp.frame_max is offered and accepted: the AMQP client's buffers are 32 frames each.
-    assert_eq!(env.settings.amqp.frame_max, 16384);
-    assert_eq!(env.connection.configuration().frame_max(), 16384);
+    // amqp.frame_max is offered and accepted: RabbitMQ's own 128 KiB.
+    assert_eq!(env.settings.amqp.frame_max, 131_072);
+    assert_eq!(env.connection.configuration().frame_max(), 131_072);
     // A frame_max in the URL wins.
     let mut settings = env.settings.clone();
     settings.amqp.url = format!("{}?frame_max=8192", crate::helpers::amqp_url()).into();

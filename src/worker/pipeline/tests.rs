@@ -674,3 +674,24 @@ async fn another_job_under_a_used_id_fails_as_a_conflict_instead_of_taking_its_r
     assert_eq!(event.data.status, Status::Succeeded);
     assert_eq!(stub.submits(), 1);
 }
+
+#[tokio::test(start_paused = true)]
+async fn on_the_fs_store_too_images_of_another_job_under_the_same_id_are_not_reused() {
+    let (stub, s) = single(1, Mode::Synchronous);
+    // A job of 2 images stored one, then its worker died before the second and the record.
+    stub.then(Scripted::Images)
+        .then(Scripted::Fail(stop(StopReason::QuotaExhausted)));
+    let first = s
+        .process(serde_json::json!({"id": "half", "prompt": "a red fox", "n": 2}))
+        .await;
+    assert!(matches!(first, Outcome::Return { .. }), "{first:?}");
+    assert!(s.exists("images/_/half/0.png"));
+    // Another job under the same id does not take that image.
+    let (event, _) = s
+        .finish(serde_json::json!({"id": "half", "prompt": "a blue whale", "n": 2}))
+        .await;
+    assert_eq!(
+        event.data.error.expect("an error").kind,
+        ErrorKind::Conflict
+    );
+}
