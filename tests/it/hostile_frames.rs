@@ -108,39 +108,27 @@ impl RawPublisher {
         publish.extend(short(queue.as_bytes()));
         publish.push(0);
         self.send(1, 1, &method(60, 40, &publish)).await;
-        let mut flags = 0u16;
-        let mut list = Vec::new();
-        // In the order of the property flags, highest bit first.
-        for property in properties {
-            if let Property::ContentType(v) = property {
-                flags |= 1 << 15;
-                list.extend(short(v));
-            }
-        }
-        for property in properties {
-            if let Property::Headers(fields) = property {
-                flags |= 1 << 13;
-                let mut table = Vec::new();
-                for (name, value) in fields {
-                    table.extend(short(name));
-                    table.push(b'S');
-                    table.extend(long(value));
+        // Each property with its flag bit; the list goes in the order of the bits, highest first.
+        let mut encoded: Vec<(u8, Vec<u8>)> = properties
+            .iter()
+            .map(|property| match property {
+                Property::ContentType(v) => (15, short(v)),
+                Property::Headers(fields) => {
+                    let mut table = Vec::new();
+                    for (name, value) in fields {
+                        table.extend(short(name));
+                        table.push(b'S');
+                        table.extend(long(value));
+                    }
+                    (13, long(&table))
                 }
-                list.extend(long(&table));
-            }
-        }
-        for property in properties {
-            if let Property::CorrelationId(v) = property {
-                flags |= 1 << 10;
-                list.extend(short(v));
-            }
-        }
-        for property in properties {
-            if let Property::MessageId(v) = property {
-                flags |= 1 << 7;
-                list.extend(short(v));
-            }
-        }
+                Property::CorrelationId(v) => (10, short(v)),
+                Property::MessageId(v) => (7, short(v)),
+            })
+            .collect();
+        encoded.sort_by(|a, b| b.0.cmp(&a.0));
+        let flags = encoded.iter().fold(0u16, |f, (bit, _)| f | 1 << bit);
+        let list: Vec<u8> = encoded.into_iter().flat_map(|(_, bytes)| bytes).collect();
         let mut header = 60u16.to_be_bytes().to_vec();
         header.extend_from_slice(&0u16.to_be_bytes());
         header.extend_from_slice(&(body.len() as u64).to_be_bytes());

@@ -71,21 +71,37 @@ impl Journal for NoJournal {
     }
 }
 
-fn provider(base_url: &str) -> OpenAi {
+/// The settings of a provider of kind openai at `base_url`, its key sent as `api-key`, with
+/// `extra` settings of its own.
+fn settings(base_url: &str, extra: &[(&str, &str)]) -> OpenAiSettings {
+    let mut overrides = vec![
+        ("providers.openai.kind".to_string(), "openai".to_string()),
+        ("providers.openai.api_key".into(), "sk-secret".into()),
+        ("providers.openai.auth".into(), "api-key".into()),
+        ("providers.openai.base_url".into(), base_url.into()),
+    ];
+    overrides.extend(
+        extra
+            .iter()
+            .map(|(k, v)| (format!("providers.openai.{k}"), v.to_string())),
+    );
+    let overrides: Vec<(&str, String)> = overrides
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.clone()))
+        .collect();
     let settings = crate::config::Settings::load_with_overrides(
         &crate::config::Sources::default(),
-        &[
-            ("providers.openai.kind", "openai".into()),
-            ("providers.openai.api_key", "sk-secret".into()),
-            ("providers.openai.auth", "api-key".into()),
-            ("providers.openai.base_url", base_url.into()),
-        ],
+        &overrides,
     )
     .unwrap();
     let crate::config::KindSettings::Openai(openai) = &settings.default_provider().kind else {
         panic!("kind openai")
     };
-    OpenAi::new(openai, 1).unwrap()
+    openai.clone()
+}
+
+fn provider(base_url: &str) -> OpenAi {
+    OpenAi::new(&settings(base_url, &[]), 1).unwrap()
 }
 
 fn request() -> ImageRequest {
@@ -174,19 +190,7 @@ async fn a_download_redirected_off_the_allowed_hosts_is_refused() {
         .next()
         .unwrap()
         .to_string();
-    let settings = crate::config::Settings::load_with_overrides(
-        &crate::config::Sources::default(),
-        &[
-            ("providers.openai.kind", "openai".into()),
-            ("providers.openai.api_key", "sk-secret".into()),
-            ("providers.openai.base_url", base.clone()),
-        ],
-    )
-    .unwrap();
-    let crate::config::KindSettings::Openai(openai) = &settings.default_provider().kind else {
-        panic!("kind openai")
-    };
-    let mut openai = openai.clone();
+    let mut openai = settings(&base, &[]);
     openai.download_hosts = vec![file_host];
     let failure = OpenAi::new(&openai, 1)
         .unwrap()
@@ -201,22 +205,8 @@ async fn a_download_redirected_off_the_allowed_hosts_is_refused() {
 #[tokio::test]
 async fn an_answer_or_a_download_over_the_size_cap_is_cut_off_as_billed() {
     let big = "x".repeat(8 * 1024);
-    let limited = |base: &str| {
-        let settings = crate::config::Settings::load_with_overrides(
-            &crate::config::Sources::default(),
-            &[
-                ("providers.openai.kind", "openai".into()),
-                ("providers.openai.api_key", "sk-secret".into()),
-                ("providers.openai.base_url", base.into()),
-                ("providers.openai.max_response_bytes", "4096".into()),
-            ],
-        )
-        .unwrap();
-        let crate::config::KindSettings::Openai(openai) = &settings.default_provider().kind else {
-            panic!("kind openai")
-        };
-        OpenAi::new(openai, 1).unwrap()
-    };
+    let limited =
+        |base: &str| OpenAi::new(&settings(base, &[("max_response_bytes", "4096")]), 1).unwrap();
     // The answer itself.
     let base = provider_host(
         StatusCode::OK,
