@@ -126,7 +126,7 @@ impl RawPublisher {
                 Property::MessageId(v) => (7, short(v)),
             })
             .collect();
-        encoded.sort_by(|a, b| b.0.cmp(&a.0));
+        encoded.sort_by_key(|(bit, _)| std::cmp::Reverse(*bit));
         let flags = encoded.iter().fold(0u16, |f, (bit, _)| f | 1 << bit);
         let list: Vec<u8> = encoded.into_iter().flat_map(|(_, bytes)| bytes).collect();
         let mut header = 60u16.to_be_bytes().to_vec();
