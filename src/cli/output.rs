@@ -26,30 +26,4 @@ pub fn progress_bar(len: u64, what: &str) -> indicatif::ProgressBar {
     bar
 }
 
-/// `s` with its control characters escaped (`\u{1b}`, `\n`, ...), for a terminal: text from a
-/// message can then neither move the cursor, nor recolour the screen, nor forge a line.
-pub fn printable(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for c in s.chars() {
-        if c.is_control() {
-            out.extend(c.escape_default());
-        } else {
-            out.push(c);
-        }
-    }
-    out
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn control_characters_are_escaped_and_the_rest_kept() {
-        assert_eq!(printable("job-1 é ✓"), "job-1 é ✓");
-        assert_eq!(
-            printable("a\u{1b}[2Jb\nc\u{7}\u{9b}d"),
-            "a\\u{1b}[2Jb\\nc\\u{7}\\u{9b}d"
-        );
-    }
-}
+pub use crate::domain::printable;

@@ -145,7 +145,9 @@ impl Job {
                     .filter(|b| is_valid_name(b) && *b != super::keys::NO_BATCH)
                     .map(str::to_string),
                 metadata,
-                message,
+                // What the producer wrote may be quoted in it (serde names an unknown field
+                // as it was sent): escaped here, for every log, event and header it reaches.
+                message: super::printable(&message),
             }
         };
         if body.len() > rules.max_message_bytes {
@@ -715,6 +717,18 @@ mod tests {
             max_metadata_bytes: 4096,
             ..rules()
         }
+    }
+
+    #[test]
+    fn what_a_producer_wrote_reaches_messages_only_escaped() {
+        let body = "{\"id\":\"a\",\"prompt\":\"p\",\"x\\u001b[2J\\n\":1}";
+        let err = Job::parse(body.as_bytes(), None, &rules()).unwrap_err();
+        assert!(err.message.contains("x\\u{1b}[2J\\n"), "{}", err.message);
+        assert!(
+            !err.message.chars().any(char::is_control),
+            "{:?}",
+            err.message
+        );
     }
 
     #[test]

@@ -232,7 +232,10 @@ async fn dead_letter(
         .map(|e| {
             (
                 e.kind.as_str(),
-                e.message.chars().take(1000).collect::<String>(),
+                crate::domain::printable(&e.message)
+                    .chars()
+                    .take(1000)
+                    .collect::<String>(),
             )
         })
         .unwrap_or(("unknown", String::new()));

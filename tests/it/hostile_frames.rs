@@ -247,3 +247,46 @@ async fn a_job_with_headers_larger_than_small_frames_is_processed_like_any_other
     worker.shutdown().await.unwrap();
     env.cleanup().await;
 }
+
+#[tokio::test]
+async fn dlq_list_and_replay_read_every_hostile_dead_letter_and_show_it_escaped() {
+    let env = TestEnv::new(Store::Fs).await;
+    let dead = env.settings.amqp.dead_letter_queue.clone();
+    // A message_id that is not UTF-8 and one that would clear a terminal, bodies that are not
+    // jobs: nothing a listing may stop at.
+    RawPublisher::connect()
+        .await
+        .publish(&dead, b"\xff not json", &[Property::MessageId(b"m-\xff")])
+        .await;
+    RawPublisher::connect()
+        .await
+        .publish(
+            &dead,
+            br#"{"prompt":"p"}"#,
+            &[Property::MessageId(b"m-\x1b[2J")],
+        )
+        .await;
+    let out = env.command().args(["dlq", "list"]).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("m-\u{fffd}"), "{text}");
+    assert!(text.contains("m-\\u{1b}[2J"), "{text}");
+    assert!(
+        !text.contains('\u{1b}'),
+        "no raw escape reaches the terminal: {text:?}"
+    );
+    assert_eq!(
+        crate::dlq::dlq_list(&env).len(),
+        2,
+        "both listed, none taken"
+    );
+    // A replay reads them all too: they go back to the jobs queue.
+    let report = crate::dlq::dlq_replay(&env, &["--include-invalid"]);
+    assert_eq!(report["replayed"], 2, "{report}");
+    assert_eq!(env.ready(&env.settings.amqp.jobs_queue).await, 2);
+    env.cleanup().await;
+}
