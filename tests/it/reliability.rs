@@ -498,13 +498,20 @@ async fn sigterm_during_a_run_lets_in_flight_jobs_finish_and_loses_nothing() {
             .await;
     }
     let first = env.spawn_worker(data.path(), &vars);
-    let second = env.spawn_worker(data.path(), &vars);
-    // Once the run is well under way, ask the first worker to stop, mid-call.
+    // Once the run is well under way, ask the worker to stop, mid-call: its calls run in step
+    // (8 at a time, 600 ms each), so right after a round of answers it has a new round in flight.
     let deadline = Instant::now() + WAIT;
     while env.fake().stats().billed < 40 {
         assert!(Instant::now() < deadline, "the run never got going");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    let round = env.fake().stats().billed;
+    while env.fake().stats().billed == round {
+        assert!(Instant::now() < deadline, "no answer came");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let second = env.spawn_worker(data.path(), &vars);
     let stopped_at = Instant::now();
     assert_eq!(stop_process(first).await.code(), Some(0));
     // It waited for its calls in flight (600 ms each) rather than dropping them.
