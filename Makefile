@@ -2,10 +2,11 @@
 SHELL := /bin/bash
 export PATH := $(HOME)/.cargo/bin:/usr/local/sbin:/usr/sbin:/sbin:$(PATH)
 CARGO ?= cargo
-# The test runner, installed at this version when missing.
+# The test runner and the dependency checker, installed at these versions when missing.
 NEXTEST_VERSION := 0.9.114
+DENY_VERSION := 0.20.2
 
-.PHONY: run test services services-rabbitmq build deploy-check lint fmt check unit it clean-data bench
+.PHONY: run test services services-rabbitmq build deploy-check deny lint fmt check unit it clean-data bench
 
 ## run: process examples/prompts.txt with the placeholder provider and ./data (no API key, no S3)
 run: services-rabbitmq
@@ -13,7 +14,7 @@ run: services-rabbitmq
 	APP_ENV=local ./target/debug/imagegen run examples/prompts.txt
 
 ## test: install and start RabbitMQ and Garage if needed, then run every check and test
-test: services lint deploy-check
+test: services lint deny deploy-check
 	@command -v cargo-nextest >/dev/null || $(CARGO) install cargo-nextest --version $(NEXTEST_VERSION) --locked
 	@# Benches are built and linted (clippy --all-targets) but not run here: `make bench`.
 	$(CARGO) nextest run --workspace --lib --bins --tests --no-fail-fast -E 'not test(/^serial::/)'
@@ -25,6 +26,12 @@ services:
 
 services-rabbitmq:
 	bash scripts/services.sh rabbitmq
+
+## deny: the rules of deny.toml that need no network (bans, licenses, sources); the advisory
+##   check needs the RustSec database: `cargo deny check advisories` where it can be fetched
+deny:
+	@command -v cargo-deny >/dev/null || $(CARGO) install cargo-deny --version $(DENY_VERSION) --locked
+	$(CARGO) deny --offline --log-level error check bans licenses sources
 
 lint:
 	$(CARGO) fmt --all -- --check
