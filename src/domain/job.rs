@@ -432,7 +432,7 @@ impl Job {
             put("params", Some(Value::Object(self.params.clone())));
         }
         let mut canonical = Vec::new();
-        write_canonical(&Value::Object(fields), &mut canonical);
+        super::json::write_canonical(&Value::Object(fields), &mut canonical);
         format!("f1-{}", &hex::encode(Sha256::digest(&canonical))[..32])
     }
 
@@ -468,42 +468,11 @@ pub fn derive_id(batch: Option<&str>, job: &Value, occurrence: u32) -> String {
     h.update(batch.unwrap_or("").as_bytes());
     h.update([0]);
     let mut canonical = Vec::new();
-    write_canonical(job, &mut canonical);
+    super::json::write_canonical(job, &mut canonical);
     h.update(&canonical);
     h.update([0]);
     h.update(occurrence.to_be_bytes());
     format!("j-{}", &hex::encode(h.finalize())[..32])
-}
-
-/// JSON with object keys sorted at every level, whatever serde_json's map order is.
-fn write_canonical(v: &Value, out: &mut Vec<u8>) {
-    match v {
-        Value::Object(map) => {
-            let mut keys: Vec<&String> = map.keys().collect();
-            keys.sort();
-            out.push(b'{');
-            for (i, k) in keys.into_iter().enumerate() {
-                if i > 0 {
-                    out.push(b',');
-                }
-                out.extend(serde_json::to_vec(k).unwrap_or_default());
-                out.push(b':');
-                write_canonical(&map[k], out);
-            }
-            out.push(b'}');
-        }
-        Value::Array(items) => {
-            out.push(b'[');
-            for (i, item) in items.iter().enumerate() {
-                if i > 0 {
-                    out.push(b',');
-                }
-                write_canonical(item, out);
-            }
-            out.push(b']');
-        }
-        scalar => out.extend(serde_json::to_vec(scalar).unwrap_or_default()),
-    }
 }
 
 #[cfg(test)]

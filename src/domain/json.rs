@@ -2,6 +2,9 @@
 //! object that names a key twice is refused instead of keeping the last value silently (a job
 //! with a second `"n": 10` would otherwise buy ten images that its producer's own tools, which
 //! may keep the first, never showed).
+//!
+//! Also the JSON kept as written ([`RawJson`], a job's metadata) and the canonical form that job
+//! ids and fingerprints are digests of ([`write_canonical`]).
 
 use std::fmt;
 
@@ -172,6 +175,37 @@ impl<'de> Visitor<'de> for UniqueVisitor {
             object.insert(key, value);
         }
         Ok(Value::Object(object))
+    }
+}
+
+/// JSON with object keys sorted at every level, whatever serde_json's map order is.
+pub fn write_canonical(v: &Value, out: &mut Vec<u8>) {
+    match v {
+        Value::Object(map) => {
+            let mut keys: Vec<&String> = map.keys().collect();
+            keys.sort();
+            out.push(b'{');
+            for (i, k) in keys.into_iter().enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                out.extend(serde_json::to_vec(k).unwrap_or_default());
+                out.push(b':');
+                write_canonical(&map[k], out);
+            }
+            out.push(b'}');
+        }
+        Value::Array(items) => {
+            out.push(b'[');
+            for (i, item) in items.iter().enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                write_canonical(item, out);
+            }
+            out.push(b']');
+        }
+        scalar => out.extend(serde_json::to_vec(scalar).unwrap_or_default()),
     }
 }
 
