@@ -8,12 +8,18 @@
 - Alert rules and the Grafana dashboard: well formed, and every imagegen_* metric they use is one
   that src/worker/metrics.rs exports; every alert has a runbook section in docs/operations.md.
 - The Dockerfile builds with `make build`, and the Makefile's build is `cargo build --release --locked`.
+- Every image reference (compose `image:`, Kubernetes containers after the kustomizations' `images`
+  rewrites, Dockerfile `FROM`) is pinned: it has a tag or a digest, the tag is not `latest` nor
+  major-only (`4-management`, `rust:1-bookworm`), a tag without any version (`nonroot`,
+  `management`) comes with a digest, and the project's own images (imagegen, imagegen-fakes) carry
+  the crate's version from Cargo.toml.
 """
 import json
 import pathlib
 import re
 import subprocess
 import sys
+import tomllib
 
 import yaml
 
@@ -117,6 +123,114 @@ if "RUN make build" not in dockerfile:
     fail("deploy/Dockerfile must build with `make build`")
 if not re.search(r"^build:.*\n\t\$\(CARGO\) build --release --locked --bin imagegen", makefile, re.M):
     fail("Makefile: `build` must be `cargo build --release --locked --bin imagegen`")
+
+# Images: pinned to a release (or a digest), never floating.
+CRATE_VERSION = tomllib.loads((ROOT / "Cargo.toml").read_text())["package"]["version"]
+OWN_IMAGES = {"imagegen", "imagegen-fakes"}
+DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
+# A tag whose version is a major number alone: `4`, `v2`, `4-management`, `1-bookworm`.
+MAJOR_ONLY = re.compile(r"v?\d{1,3}(?:[-_][A-Za-z].*)?")
+
+
+def split_image(ref):
+    """(repository, tag or None, digest or None) of an image reference."""
+    name, _, digest = ref.partition("@")
+    head, slash, last = name.rpartition("/")
+    repo_last, colon, tag = last.partition(":")
+    return head + slash + repo_last, (tag if colon else None), (digest or None)
+
+
+def image_problem(ref):
+    repo, tag, digest = split_image(ref)
+    if digest is not None and not DIGEST.fullmatch(digest):
+        return f"malformed digest {digest!r}"
+    if tag is None and digest is None:
+        return "no tag: it means `latest`"
+    if tag == "latest":
+        return "`latest` is not a version"
+    if repo.rsplit("/", 1)[-1] in OWN_IMAGES:
+        if tag is not None and tag != CRATE_VERSION:
+            return f"the project's image must carry the crate's version {CRATE_VERSION} (Cargo.toml)"
+        return None
+    if digest is None and MAJOR_ONLY.fullmatch(tag):
+        return "a major-only tag follows every release of that major: pin a full version"
+    if digest is None and not re.search(r"\d", tag):
+        return "a tag without a version is moved by every release: pin a version or a digest"
+    return None
+
+
+def check_images(where, refs):
+    problems = [(ref, image_problem(ref)) for ref in refs]
+    for ref, problem in problems:
+        if problem:
+            fail(f"{where}: image {ref}: {problem}")
+    if not any(problem for _, problem in problems):
+        print(f"ok {where} ({len(refs)} image(s) pinned)")
+
+
+compose = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())
+check_images(
+    "deploy/docker-compose.yml",
+    [svc["image"] for svc in compose.get("services", {}).values() if "image" in svc],
+)
+
+# Kubernetes: the kustomizations' `images` entries rewrite the containers' images by name.
+rewrites = {}
+for kustomization in sorted((DEPLOY / "k8s").rglob("kustomization.yaml")):
+    for entry in yaml.safe_load(kustomization.read_text()).get("images", []):
+        rewrites[entry["name"]] = entry
+
+
+def container_images(node):
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key in ("containers", "initContainers", "ephemeralContainers") and isinstance(value, list):
+                yield from (c["image"] for c in value if isinstance(c, dict) and "image" in c)
+            else:
+                yield from container_images(value)
+    elif isinstance(node, list):
+        for item in node:
+            yield from container_images(item)
+
+
+def rewritten(ref):
+    repo, tag, digest = split_image(ref)
+    entry = rewrites.get(repo)
+    if entry is None:
+        return ref
+    repo = entry.get("newName", repo)
+    tag = str(entry["newTag"]) if "newTag" in entry else tag
+    digest = entry.get("digest", digest)
+    return repo + (f":{tag}" if tag is not None else "") + (f"@{digest}" if digest else "")
+
+
+k8s_refs = []
+for path in manifests:
+    for doc in yaml.safe_load_all(path.read_text()):
+        k8s_refs += [rewritten(ref) for ref in container_images(doc)]
+check_images("deploy/k8s", k8s_refs)
+
+# Dockerfile: every FROM that is not an earlier stage, with the ARGs declared before the first FROM.
+args, stages, from_refs, in_stage = {}, {"scratch"}, [], False
+for line in (DEPLOY / "Dockerfile").read_text().splitlines():
+    words = line.split()
+    if not words or words[0].startswith("#"):
+        continue
+    if words[0].upper() == "ARG" and not in_stage:
+        name, _, value = " ".join(words[1:]).partition("=")
+        if value.strip().strip('"'):
+            args[name.strip()] = value.strip().strip('"')
+    elif words[0].upper() == "FROM":
+        in_stage = True
+        words = [w for w in words[1:] if not w.startswith("--")]
+        ref = re.sub(r"\$\{(\w+)\}|\$(\w+)", lambda m: args.get(m[1] or m[2], m[0]), words[0])
+        if "$" in ref:
+            fail(f"deploy/Dockerfile: FROM {words[0]}: needs an ARG with a default value before the first FROM")
+        elif ref.lower() not in stages:
+            from_refs.append(ref)
+        if len(words) >= 3 and words[1].upper() == "AS":
+            stages.add(words[2].lower())
+check_images("deploy/Dockerfile", from_refs)
 
 if errors:
     print(f"{len(errors)} problem(s) in deploy/")

@@ -70,10 +70,13 @@ pub mod amqp;
 pub mod cli;
 #[deny(missing_docs)]
 pub mod config;
-pub mod domain;
 pub mod provider;
 pub mod storage;
 pub mod worker;
+
+/// The domain, from the core crate (`imagegen-core`), where it is fuzzed and property-tested
+/// alone.
+pub use imagegen_core::domain;
 
 /// Makes ring the process's TLS crypto provider (reqwest, lapin and the S3 client all use rustls
 /// with ring; this avoids building a second crypto library). Idempotent.

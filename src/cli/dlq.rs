@@ -11,11 +11,13 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions, QueueDeclareOptions};
-use lapin::types::{AMQPValue, FieldTable};
+use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection};
 use serde::Serialize;
 
-use crate::amqp::headers::{ATTEMPTS_HEADER, ERROR_KIND_HEADER, ERROR_MESSAGE_HEADER};
+use crate::amqp::headers::{
+    ERROR_KIND_HEADER, ERROR_MESSAGE_HEADER, claimed_attempts, latest_death, text,
+};
 use crate::amqp::publisher::Publisher;
 use crate::amqp::{AmqpError, connect};
 use crate::config::Settings;
@@ -55,21 +57,6 @@ pub struct ReplayFilter {
     pub include_invalid: bool,
 }
 
-fn header<'a>(properties: &'a BasicProperties, name: &str) -> Option<&'a AMQPValue> {
-    properties
-        .headers()
-        .as_ref()
-        .and_then(|h| h.inner().get(name))
-}
-
-fn text(value: Option<&AMQPValue>) -> Option<String> {
-    match value? {
-        AMQPValue::LongString(s) => Some(s.to_string()),
-        AMQPValue::ShortString(s) => Some(s.as_str().to_string()),
-        _ => None,
-    }
-}
-
 /// Reads a dead letter's story from its body and headers.
 pub fn describe(body: &[u8], properties: &BasicProperties) -> DeadLetter {
     let json: Option<serde_json::Value> = serde_json::from_slice(body).ok();
@@ -85,41 +72,19 @@ pub fn describe(body: &[u8], properties: &BasicProperties) -> DeadLetter {
             .as_ref()
             .map(|m| m.as_str().to_string())
     });
-    let (broker_reason, deaths) = match header(properties, "x-death") {
-        Some(AMQPValue::FieldArray(entries)) => {
-            let first = entries.as_slice().first().and_then(|e| match e {
-                AMQPValue::FieldTable(t) => Some(t.inner().clone()),
-                _ => None,
-            });
-            let reason = first.as_ref().and_then(|t| text(t.get("reason")));
-            let count = first
-                .as_ref()
-                .and_then(|t| match t.get("count") {
-                    Some(AMQPValue::LongLongInt(n)) => Some(*n as u64),
-                    Some(AMQPValue::LongInt(n)) => Some(*n as u64),
-                    _ => None,
-                })
-                .unwrap_or(0);
-            (reason, count)
-        }
-        _ => (None, 0),
-    };
-    let kind = text(header(properties, ERROR_KIND_HEADER));
-    let attempts = match header(properties, ATTEMPTS_HEADER) {
-        Some(AMQPValue::LongInt(n)) => (*n).max(0) as u32,
-        Some(AMQPValue::LongLongInt(n)) => (*n).max(0) as u32,
-        _ => 0,
-    };
+    let headers = properties.headers().as_ref();
+    let death = latest_death(headers).unwrap_or_default();
+    let kind = text(headers, ERROR_KIND_HEADER);
     DeadLetter {
         job_id,
         batch: field("batch"),
         reason: kind
-            .or_else(|| broker_reason.clone())
+            .or_else(|| death.reason.clone())
             .unwrap_or_else(|| "unknown".into()),
-        message: text(header(properties, ERROR_MESSAGE_HEADER)),
-        attempts,
-        broker_reason,
-        deaths,
+        message: text(headers, ERROR_MESSAGE_HEADER),
+        attempts: claimed_attempts(headers),
+        broker_reason: death.reason,
+        deaths: death.count,
         bytes: body.len(),
     }
 }
@@ -250,7 +215,8 @@ pub async fn replay(settings: &Settings, filter: &ReplayFilter) -> anyhow::Resul
 #[cfg(test)]
 mod tests {
     use super::*;
-    use lapin::types::{FieldArray, LongString};
+    use crate::amqp::headers::ATTEMPTS_HEADER;
+    use lapin::types::{AMQPValue, FieldArray, LongString};
 
     #[test]
     fn a_worker_dead_letter_tells_its_kind_and_a_broker_one_its_reason() {

@@ -1,50 +1,19 @@
-//! What every HTTP provider shares: reading answers within a size limit, classifying transport
-//! errors (was the request possibly billed?), the standard `retry-after` header, and the
-//! status-code defaults of the taxonomy. Each provider reads its own error bodies first and
-//! falls back to [`by_status`].
+//! What every HTTP provider shares that does I/O: reading answers within a size limit, and
+//! classifying transport errors (was the request possibly billed?). The pure parts (the
+//! `retry-after` header, the status-code defaults of the taxonomy) are in the core crate and
+//! re-exported here.
 
-use std::time::Duration;
+pub use imagegen_core::http::{
+    billed_failure, by_status, header_str, retry_after, with_request_id,
+};
 
-use reqwest::header::HeaderMap;
-
-use crate::domain::error::{ErrorKind, Failure, ProviderDetail, StopReason, with_causes};
-use crate::domain::limits::{MAX_REPORTED_DELAY, reported_delay};
+use crate::domain::error::{Failure, with_causes};
 
 /// Error bodies are small; never read more than this of one.
 pub const MAX_ERROR_BODY: usize = 64 * 1024;
 
 /// The user agent of every provider request.
 pub const USER_AGENT: &str = concat!("imagegen/", env!("CARGO_PKG_VERSION"));
-
-/// A header's value as text, when it is text.
-pub fn header_str(headers: &HeaderMap, name: &str) -> Option<String> {
-    headers
-        .get(name)
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_string)
-}
-
-/// The server's requested delay: `retry-after-ms` (float milliseconds, as OpenAI and Azure
-/// send it), else `retry-after` (seconds, or an HTTP date).
-pub fn retry_after(headers: &HeaderMap) -> Option<Duration> {
-    if let Some(after) = header_str(headers, "retry-after-ms")
-        .and_then(|v| v.trim().parse::<f64>().ok())
-        .and_then(|ms| reported_delay(ms / 1000.0))
-    {
-        return Some(after);
-    }
-    let value = header_str(headers, "retry-after")?;
-    let value = value.trim();
-    if let Ok(secs) = value.parse::<f64>() {
-        return reported_delay(secs);
-    }
-    let at = httpdate::parse_http_date(value).ok()?;
-    Some(
-        at.duration_since(std::time::SystemTime::now())
-            .unwrap_or(Duration::ZERO)
-            .min(MAX_REPORTED_DELAY),
-    )
-}
 
 /// Reads a body into `buf`, refusing more than `limit` bytes. The request was answered, so a
 /// failure here may have been billed.
@@ -71,16 +40,6 @@ pub async fn read_limited(
     Ok(())
 }
 
-/// A failure after the request may have reached the provider: it may have been billed.
-pub fn billed_failure(message: String) -> Failure {
-    Failure::Retryable {
-        message,
-        after: None,
-        possibly_billed: true,
-        detail: Box::default(),
-    }
-}
-
 /// Classifies a transport error: a connection that never opened cannot have been billed; a
 /// timeout or reset after the request was sent may have been.
 pub fn transport_failure(error: reqwest::Error) -> Failure {
@@ -94,62 +53,9 @@ pub fn transport_failure(error: reqwest::Error) -> Failure {
     }
 }
 
-/// Attaches the provider's request id to a retryable failure.
-pub fn with_request_id(mut failure: Failure, request_id: &Option<String>) -> Failure {
-    if let Failure::Retryable { detail, .. } = &mut failure {
-        detail.request_id.clone_from(request_id);
-    }
-    failure
-}
-
-/// The taxonomy's defaults by status, for an answer whose body said nothing more precise:
-/// 401 and 403 stop taking jobs (credentials, account); 408, 409, 429 and 5xx are retried
-/// (after `after` when the server gave it); any other status is a permanent `invalid_request`.
-/// `should_retry` (a provider's explicit hint, such as OpenAI's `x-should-retry`) overrides the
-/// retry decision, never a stop.
-pub fn by_status(
-    status: u16,
-    message: String,
-    after: Option<Duration>,
-    should_retry: Option<bool>,
-    detail: Box<ProviderDetail>,
-) -> Failure {
-    if matches!(status, 401 | 403) {
-        return Failure::Stop {
-            reason: StopReason::Unauthorized,
-            message,
-            detail,
-        };
-    }
-    let retryable_status = matches!(status, 408 | 409 | 429) || status >= 500;
-    if should_retry.unwrap_or(retryable_status) {
-        Failure::Retryable {
-            message,
-            after,
-            possibly_billed: false,
-            detail,
-        }
-    } else {
-        Failure::Permanent {
-            kind: ErrorKind::InvalidRequest,
-            message,
-            detail,
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use reqwest::header::HeaderValue;
-
-    fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {
-        let mut h = HeaderMap::new();
-        for (k, v) in pairs {
-            h.insert(*k, HeaderValue::from_str(v).unwrap());
-        }
-        h
-    }
 
     #[tokio::test]
     async fn a_transport_failure_never_shows_the_url_and_its_query() {
@@ -163,71 +69,5 @@ mod tests {
         let failure = transport_failure(error);
         assert!(!failure.message().contains("SECRET"), "{failure:?}");
         assert!(!failure.possibly_billed(), "never connected: not billed");
-    }
-
-    #[test]
-    fn retry_after_prefers_milliseconds_then_seconds_then_dates() {
-        assert_eq!(
-            retry_after(&headers(&[
-                ("retry-after-ms", "1500.5"),
-                ("retry-after", "9")
-            ])),
-            Some(Duration::from_secs_f64(1.5005))
-        );
-        assert_eq!(
-            retry_after(&headers(&[("retry-after", "2")])),
-            Some(Duration::from_secs(2))
-        );
-        let later = std::time::SystemTime::now() + Duration::from_secs(30);
-        let d = retry_after(&headers(&[(
-            "retry-after",
-            &httpdate::fmt_http_date(later),
-        )]))
-        .unwrap();
-        assert!(
-            d > Duration::from_secs(25) && d <= Duration::from_secs(30),
-            "{d:?}"
-        );
-        assert_eq!(retry_after(&headers(&[("retry-after", "soon")])), None);
-        // Hostile values are bounded, never a panic or a wait of years.
-        for (name, value) in [
-            ("retry-after", "1e300"),
-            ("retry-after", "18446744073709551616"),
-            ("retry-after-ms", "1e300"),
-            ("retry-after", "Fri, 31 Dec 9999 23:59:59 GMT"),
-        ] {
-            assert_eq!(
-                retry_after(&headers(&[(name, value)])),
-                Some(MAX_REPORTED_DELAY),
-                "{name}: {value}"
-            );
-        }
-        assert_eq!(retry_after(&headers(&[("retry-after", "-5")])), None);
-        assert_eq!(retry_after(&headers(&[("retry-after", "NaN")])), None);
-        assert_eq!(retry_after(&headers(&[])), None);
-    }
-
-    #[test]
-    fn statuses_default_to_the_taxonomy_and_a_hint_overrides_retries_only() {
-        let of = |status, hint| by_status(status, "m".into(), None, hint, Box::default());
-        for status in [408, 409, 429, 500, 502, 503, 504] {
-            assert!(of(status, None).is_retryable(), "{status}");
-        }
-        for status in [400, 404, 413, 422] {
-            assert!(
-                matches!(
-                    of(status, None),
-                    Failure::Permanent {
-                        kind: ErrorKind::InvalidRequest,
-                        ..
-                    }
-                ),
-                "{status}"
-            );
-        }
-        assert!(matches!(of(401, None), Failure::Stop { .. }));
-        assert!(matches!(of(403, Some(true)), Failure::Stop { .. }));
-        assert!(of(400, Some(true)).is_retryable());
-        assert!(!of(503, Some(false)).is_retryable());
     }
 }

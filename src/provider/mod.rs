@@ -16,7 +16,8 @@
 //! status-code defaults are shared in [`http`]), reads its own rate-limit headers, and reports
 //! its usage in the neutral [`Usage`], which the prices in config turn into a cost.
 
-pub mod buffers;
+/// The answer buffers, from the core crate (its answer readers decode into them).
+pub use imagegen_core::buffers;
 pub mod fetch;
 pub mod http;
 pub mod openai;

@@ -3,8 +3,8 @@
 //! formats as open strings. Its answers are read in [`answer`], its errors and rate-limit headers
 //! in [`errors`].
 
-pub mod answer;
-pub mod errors;
+/// Reading its answers, error bodies and rate-limit headers: in the core crate, fuzzed there.
+pub use imagegen_core::openai::{answer, errors};
 
 use std::time::Duration;
 

@@ -12,9 +12,9 @@ use bytes::Bytes;
 use serde::Deserialize;
 use serde_json::Value;
 
+use crate::buffers::PooledBuf;
 use crate::domain::error::Failure;
-use crate::provider::buffers::PooledBuf;
-use crate::provider::http::billed_failure;
+use crate::http::billed_failure;
 
 #[derive(Deserialize)]
 struct ImagesResponse<'a> {
@@ -43,13 +43,13 @@ struct ImageData<'a> {
 struct Borrowed<'a>(#[serde(borrow)] Cow<'a, str>);
 
 /// Where an answer's image is.
-pub(super) enum ImageBytes {
+pub enum ImageBytes {
     Decoded(Bytes),
     Url(String),
 }
 
 /// A 200 answer, its images decoded.
-pub(super) struct Answer {
+pub struct Answer {
     pub images: Vec<(ImageBytes, Option<String>)>,
     pub usage: Option<Value>,
     pub output_format: Option<String>,
@@ -59,7 +59,7 @@ pub(super) struct Answer {
 /// image is written over the text it came from. No second copy of an image ever exists: the
 /// peak is the body itself (4/3 of the images), and the images are uploaded from it; it goes
 /// back to its pool when the last of them is dropped.
-pub(super) fn decode_answer(mut body: PooledBuf) -> Result<Answer, Failure> {
+pub fn decode_answer(mut body: PooledBuf) -> Result<Answer, Failure> {
     // The megabytes of base64 are located with a SIMD search for their closing quotes, and the
     // JSON parser only reads the rest (a few hundred bytes). When that is not possible (an
     // escape inside the base64), the parser reads the whole answer.
@@ -201,7 +201,7 @@ fn base64_spans(body: &[u8]) -> Option<Vec<Range<usize>>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::provider::buffers::BufferPool;
+    use crate::buffers::BufferPool;
 
     #[test]
     fn tolerant_parsing_keeps_images_with_unexpected_fields() {

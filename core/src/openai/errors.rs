@@ -7,12 +7,12 @@
 
 use std::time::Duration;
 
-use reqwest::header::HeaderMap;
+use http::HeaderMap;
 use serde::Deserialize;
 
 use crate::domain::error::{ErrorKind, Failure, ProviderDetail, StopReason};
 use crate::domain::limits::{MAX_REPORTED_COUNT, MAX_REPORTED_DELAY, Quota, RateLimits};
-use crate::provider::http::by_status;
+use crate::http::by_status;
 
 /// The error object of an OpenAI-style error body: `{"error": {"message", "type", "param", "code"}}`.
 #[derive(Debug, Default, Deserialize)]
@@ -211,7 +211,7 @@ pub fn parse_go_duration(s: &str) -> Option<Duration> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use reqwest::header::HeaderValue;
+    use http::HeaderValue;
 
     #[test]
     fn go_durations_parse_like_openai_sends_them() {

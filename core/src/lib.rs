@@ -1,0 +1,20 @@
+//! imagegen's pure part: plain data and rules, and the readers of everything that arrives from
+//! outside. Nothing here does I/O, starts a runtime or talks to a broker, a provider or a store,
+//! so every parser can be fuzzed and property-tested alone (`fuzz/`), and the worker (the
+//! `imagegen` crate) builds on it.
+//!
+//! - [`domain`]: the job contract, the result event, the error taxonomy, costs, reported rate
+//!   limits and where objects live.
+//! - Readers of what arrives from outside, each of which turns anything, however hostile, into
+//!   a value or a classified failure, never a panic:
+//!   - [`http`]: the headers and statuses every HTTP provider shares (`retry-after`);
+//!   - [`openai`]: the Images API's answers, error bodies and rate-limit headers;
+//!   - [`amqp`]: the headers of a message (the sealed count of failed attempts, the failure the
+//!     worker recorded, the broker's death records).
+//! - [`buffers`]: the image-sized buffers answers are read and decoded into.
+
+pub mod amqp;
+pub mod buffers;
+pub mod domain;
+pub mod http;
+pub mod openai;
