@@ -5,8 +5,14 @@ CARGO ?= cargo
 # The test runner and the dependency checker, installed at these versions when missing.
 NEXTEST_VERSION := 0.9.114
 DENY_VERSION := 0.20.2
+CARGO_FUZZ_VERSION := 0.13.1
+# The fuzz targets (fuzz/fuzz_targets/), each a reader of outside input in the core crate.
+FUZZ_TARGETS := job openai_answer http_headers amqp_headers
+# cargo fuzz builds with the sanitizer flags of a nightly compiler; the one toolchain here is
+# stable, and RUSTC_BOOTSTRAP lets it take them (for the fuzz build only).
+FUZZ := RUSTC_BOOTSTRAP=1 $(CARGO) fuzz
 
-.PHONY: run test services services-rabbitmq build deploy-check deny lint fmt check unit it clean-data bench
+.PHONY: run test services services-rabbitmq build deploy-check deny lint fmt check unit it clean-data bench fuzz fuzz-smoke fuzz-tool
 
 ## run: process examples/prompts.txt with the placeholder provider and ./data (no API key, no S3)
 run: services-rabbitmq
@@ -14,7 +20,7 @@ run: services-rabbitmq
 	APP_ENV=local ./target/debug/imagegen run examples/prompts.txt
 
 ## test: install and start RabbitMQ and Garage if needed, then run every check and test
-test: services lint deny deploy-check
+test: services lint deny deploy-check fuzz-smoke
 	@command -v cargo-nextest >/dev/null || $(CARGO) install cargo-nextest --version $(NEXTEST_VERSION) --locked
 	@# Benches are built and linted (clippy --all-targets) but not run here: `make bench`.
 	$(CARGO) nextest run --workspace --lib --bins --tests --no-fail-fast -E 'not test(/^serial::/)'
@@ -31,7 +37,29 @@ services-rabbitmq:
 ##   check needs the RustSec database: `cargo deny check advisories` where it can be fetched
 deny:
 	@command -v cargo-deny >/dev/null || $(CARGO) install cargo-deny --version $(DENY_VERSION) --locked
+	@# The crates of every platform (a build fetches only this one's), for the license check.
+	$(CARGO) fetch --locked
 	$(CARGO) deny --offline --log-level error check bans licenses sources
+
+## fuzz: run each fuzz target for FUZZ_SECS seconds (default 300) from its committed seeds
+##   (fuzz/seeds/) and the corpus grown so far (fuzz/corpus/, not committed). A crash stops the
+##   run and leaves its input in fuzz/artifacts/<target>/: reproduce it with
+##   `RUSTC_BOOTSTRAP=1 cargo fuzz run <target> <file>`. FUZZ_TARGETS= picks targets.
+fuzz: fuzz-tool
+	@for target in $(FUZZ_TARGETS); do \
+		mkdir -p fuzz/corpus/$$target && \
+		$(FUZZ) run -O $$target fuzz/corpus/$$target fuzz/seeds/$$target -- \
+			-max_total_time=$(or $(FUZZ_SECS),300) -max_len=65536 -print_final_stats=1 || exit 1; \
+	done
+
+## fuzz-smoke: what `make test` runs: every seed of every target, then a few seconds of fuzzing
+fuzz-smoke:
+	$(MAKE) fuzz FUZZ_SECS=$(or $(FUZZ_SECS),5)
+
+fuzz-tool:
+	@command -v cargo-fuzz >/dev/null || $(CARGO) install cargo-fuzz --version $(CARGO_FUZZ_VERSION) --locked
+	@# cargo fuzz has no --locked: the fuzz workspace's lock file is checked here.
+	$(CARGO) fetch --locked --manifest-path fuzz/Cargo.toml
 
 lint:
 	$(CARGO) fmt --all -- --check

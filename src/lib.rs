@@ -6,8 +6,9 @@
 //!
 //! # Layout
 //!
-//! Dependencies run one way, from the top of this list to the bottom: nothing imports [`cli`],
-//! and [`domain`] imports nothing of the crate.
+//! Dependencies run one way, from the top of this list to the bottom: nothing imports [`cli`].
+//! The pure part (the domain, and the readers of every input from outside) is the core crate,
+//! `imagegen-core`, which imports nothing of this one and is fuzzed alone (`fuzz/`).
 //!
 //! - [`cli`]: the command line (the binary's `main` only calls [`cli::main`]).
 //!   - [`cli::enqueue`] (reading job files, templates and variations, publishing with confirms),
@@ -27,14 +28,14 @@
 //!   - [`provider`]: the provider contract ([`provider::ImageProvider`], the neutral
 //!     [`provider::request`]), the drivers ([`provider::openai`], [`provider::placeholder`]),
 //!     the HTTP helpers they share ([`provider::http`]), and the answer buffers they read into
-//!     ([`provider::buffers`]: below the worker, because drivers fill them);
+//!     ([`provider::buffers`], from the core crate, whose answer readers decode into them);
 //!   - [`storage`]: object stores ([`storage::s3`], [`storage::fs`]) behind
 //!     [`storage::ObjectStore`], and what is known of a batch ([`storage::batches`]);
 //!   - [`amqp`]: connections, topology, confirmed publishing, result listeners, the worker's
 //!     headers.
 //! - [`config`]: typed settings, layered from `config/*.toml` and the environment, validated at
 //!   start-up ([`config::sections`], [`config::providers`]).
-//! - [`domain`]: the job contract ([`domain::job`], read with [`domain::json`], which refuses
+//! - [`domain`] (from the core crate): the job contract ([`domain::job`], read with [`domain::json`], which refuses
 //!   a key named twice), the result event ([`domain::event`]), the error taxonomy
 //!   ([`domain::error`]), costs ([`domain::cost`]), reported rate limits ([`domain::limits`])
 //!   and where objects live ([`domain::keys`]).

@@ -259,6 +259,21 @@ mod tests {
     }
 
     #[test]
+    fn names_and_strings_that_are_not_utf8_are_read_within_a_short_strings_length() {
+        // A table of one entry: a 255-byte name of invalid bytes (its value an empty long
+        // string).
+        let mut entry = vec![255];
+        entry.extend([0xfe; 255]);
+        entry.extend(b"S\0\0\0\0");
+        let mut wire = (entry.len() as u32).to_be_bytes().to_vec();
+        wire.extend(entry);
+        let (rest, t) = amq_protocol_types::parsing::parse_field_table(&wire[..]).unwrap();
+        assert!(rest.is_empty());
+        let name = t.inner().keys().next().unwrap();
+        assert_eq!(name.as_str(), "\u{fffd}".repeat(85));
+    }
+
+    #[test]
     fn a_tables_size_is_counted_as_the_wire_counts_it() {
         let t = table(&[("k", AMQPValue::LongString("abc".into()))]);
         assert_eq!(table_size(t.inner()), 4 + (1 + 1) + (1 + 4 + 3));

@@ -180,12 +180,25 @@ async fn properties_that_are_not_utf8_cost_no_connection_and_no_job() {
             &[Property::Headers(vec![(b"x-\xff\xfe", b"v")])],
         )
         .await;
+    // 255 invalid bytes: three times as long once each is U+FFFD, longer than a short string
+    // may be (the fuzz target amqp_headers found that this panicked the client's parser).
+    RawPublisher::connect()
+        .await
+        .publish(
+            &queue,
+            &job("long-bad-header-name"),
+            &[
+                Property::MessageId(&[0xff; 255]),
+                Property::Headers(vec![(&[0xfe; 255], b"v")]),
+            ],
+        )
+        .await;
     // And jobs from a well-behaved client around them.
     env.publish(json!({"id": "plain-1", "prompt": "a fox"}))
         .await;
     env.publish(json!({"id": "plain-2", "prompt": "a whale"}))
         .await;
-    let mut events = env.events(&mut listener, 5, WAIT).await;
+    let mut events = env.events(&mut listener, 6, WAIT).await;
     events.sort_by(|a, b| a.data.job_id.cmp(&b.data.job_id));
     let ids: Vec<&str> = events.iter().map(|e| e.data.job_id.as_str()).collect();
     assert_eq!(
@@ -194,6 +207,7 @@ async fn properties_that_are_not_utf8_cost_no_connection_and_no_job() {
             "bad-content-type",
             "bad-header-name",
             "bad-message-id",
+            "long-bad-header-name",
             "plain-1",
             "plain-2"
         ]
@@ -213,7 +227,13 @@ async fn properties_that_are_not_utf8_cost_no_connection_and_no_job() {
         Some("m-\u{fffd}\u{fffd}")
     );
     assert_eq!(events[2].data.correlation_id.as_deref(), Some("c-\u{fffd}"));
-    assert_eq!(env.fake().stats().requests, 5, "each job bought once");
+    let long = events[3].data.message_id.as_deref().unwrap_or_default();
+    assert_eq!(
+        long,
+        "\u{fffd}".repeat(85),
+        "cut to a short string's 255 bytes"
+    );
+    assert_eq!(env.fake().stats().requests, 6, "each job bought once");
     worker.shutdown().await.unwrap();
     env.cleanup().await;
 }

@@ -81,7 +81,8 @@ pub struct Job {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct WireJob {
-    version: Option<u32>,
+    #[serde(default, deserialize_with = "whole_number")]
+    version: Option<u64>,
     id: Option<String>,
     prompt: Option<String>,
     batch: Option<String>,
@@ -93,10 +94,33 @@ struct WireJob {
     quality: Option<String>,
     output_format: Option<String>,
     background: Option<String>,
+    #[serde(default, deserialize_with = "whole_number")]
     n: Option<u64>,
     params: Option<Map<String, Value>>,
     metadata: Option<Map<String, Value>>,
     deadline: Option<String>,
+}
+
+/// A whole number from 0 to `u64::MAX`, written as JSON writes it: `2`, or `2.0` as some
+/// producers' JSON libraries do (JSON Schema's `integer` accepts both).
+fn whole(v: &Value) -> Option<u64> {
+    v.as_u64().or_else(|| {
+        v.as_f64()
+            .filter(|f| f.fract() == 0.0 && *f >= 0.0 && *f < 18_446_744_073_709_551_616.0)
+            .map(|f| f as u64)
+    })
+}
+
+/// Deserializes a field that holds a whole number ([`whole`]).
+fn whole_number<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    let v = Value::deserialize(d)?;
+    whole(&v).map(Some).ok_or_else(|| {
+        serde::de::Error::custom(format!(
+            "invalid type: {}, expected a whole number from 0 to {}",
+            truncate(&v.to_string(), 40),
+            u64::MAX
+        ))
+    })
 }
 
 /// A job that could not be accepted, with the id to report it under.
@@ -240,7 +264,7 @@ impl Job {
             ));
         }
         if let Some(v) = wire.version
-            && v > JOB_SCHEMA_VERSION
+            && v > u64::from(JOB_SCHEMA_VERSION)
         {
             return Err(fail(format!(
                 "job schema version {v} is newer than this worker supports ({JOB_SCHEMA_VERSION}); \
@@ -276,7 +300,7 @@ impl Job {
             )));
         }
         let prompt = match wire.prompt {
-            Some(p) if !p.trim().is_empty() => p,
+            Some(p) if !is_blank(&p) => p,
             Some(_) => return Err(fail("`prompt` is empty".into())),
             None => return Err(fail("`prompt` is required".into())),
         };
@@ -317,7 +341,7 @@ impl Job {
         }
         let seed = match wire.seed {
             None => None,
-            Some(v) => Some(v.as_u64().ok_or_else(|| {
+            Some(v) => Some(whole(&v).ok_or_else(|| {
                 fail(format!(
                     "`seed` {} must be a whole number from 0 to {}",
                     truncate(&v.to_string(), 40),
@@ -332,7 +356,7 @@ impl Job {
                     rules.max_prompt_chars
                 )));
             }
-            Some(p) if p.trim().is_empty() => None,
+            Some(p) if is_blank(&p) => None,
             other => other,
         };
         let deadline = match wire.deadline {
@@ -449,6 +473,26 @@ fn depth(v: &Value) -> usize {
         Value::Array(items) => 1 + items.iter().map(depth).max().unwrap_or(0),
         _ => 0,
     }
+}
+
+/// True when `s` has nothing but white space as the schema's prompt pattern spells it out:
+/// ECMAScript's white space and line terminators (what `\\s` means in JSON Schema), which are
+/// Unicode's space separators, tab, the line breaks, vertical tab, form feed and U+FEFF, but not
+/// U+0085 (which Rust's `char::is_whitespace` includes).
+fn is_blank(s: &str) -> bool {
+    s.chars().all(|c| {
+        matches!(
+            c,
+            '\t' | '\n' | '\u{b}' | '\u{c}' | '\r' | ' ' | '\u{a0}' | '\u{1680}' | '\u{2000}'
+                ..='\u{200a}'
+                    | '\u{2028}'
+                    | '\u{2029}'
+                    | '\u{202f}'
+                    | '\u{205f}'
+                    | '\u{3000}'
+                    | '\u{feff}'
+        )
+    })
 }
 
 fn valid_option(v: &str) -> bool {

@@ -145,3 +145,97 @@ mod tests {
         assert!(probe("p/", 1).starts_with("p/.imagegen/"));
     }
 }
+
+#[cfg(test)]
+mod properties {
+    use proptest::prelude::*;
+    use serde_json::json;
+
+    use super::*;
+    use crate::domain::job::{Job, JobRules};
+
+    /// Ids and batch names as hostile producers write them: valid ones, path pieces, and any
+    /// text.
+    fn name() -> impl Strategy<Value = String> {
+        prop_oneof![
+            prop::sample::select(vec![".", "..", "...", "_", "a/..", "./a", "a//b", ""])
+                .prop_map(String::from),
+            "[A-Za-z0-9._-]{1,12}",
+            "[./\\\\_]{1,4}",
+            "[a-z./]{0,6}/[a-z./]{0,6}",
+            "\\PC{0,8}",
+            "[A-Za-z0-9]{120,130}",
+        ]
+    }
+
+    /// Prefixes that `storage.prefix` accepts: relative, without a `..` segment.
+    fn prefix() -> impl Strategy<Value = String> {
+        prop_oneof![
+            Just(String::new()),
+            "([a-z0-9._-]{1,6}/){1,3}",
+            "[a-z]{1,6}",
+            Just("./tenant//a/".to_string()),
+        ]
+        .prop_filter("a valid prefix", |p| {
+            !p.starts_with('/') && !p.split('/').any(|part| part == "..")
+        })
+    }
+
+    proptest! {
+        /// Every key of a job the parser accepts stays below the storage prefix, and what
+        /// follows the prefix has no segment that a store resolving paths would move up or
+        /// stay on (`..`, `.`, an empty one).
+        #[test]
+        fn every_key_of_an_accepted_job_stays_under_the_prefix(
+            prefix in prefix(),
+            id in proptest::option::of(name()),
+            batch in proptest::option::of(name()),
+            message_id in name(),
+        ) {
+            let mut job = json!({"prompt": "a lighthouse"});
+            if let Some(id) = &id {
+                job["id"] = json!(id);
+            }
+            if let Some(batch) = &batch {
+                job["batch"] = json!(batch);
+            }
+            let rules = JobRules {
+                max_message_bytes: 1 << 20,
+                max_prompt_chars: 100,
+                max_metadata_bytes: 1024,
+                providers: vec![],
+            };
+            let body = serde_json::to_vec(&job).unwrap();
+            let Ok(job) = Job::parse(&body, Some(&message_id), &rules) else {
+                return Ok(());
+            };
+            let dir = job.dir(&prefix);
+            let keys = [
+                dir.clone(),
+                image(&dir, 0, "png"),
+                record(&dir),
+                failed_record(&dir),
+                lease(&dir),
+                journal(&dir, PENDING_JOURNAL_NAME),
+            ];
+            let batch_keys = job.batch.as_deref().map(|b| {
+                [
+                    batch_images(&prefix, b),
+                    batch_record(&prefix, b),
+                    cancelled(&prefix, b),
+                    spend_dir(&prefix, b),
+                ]
+            });
+            for key in keys.iter().chain(batch_keys.iter().flatten()) {
+                let rest = key.strip_prefix(prefix.as_str());
+                prop_assert!(rest.is_some(), "{key:?} is not under {prefix:?}");
+                let rest = rest.unwrap().trim_end_matches('/');
+                prop_assert!(
+                    rest.split('/').all(|part| !matches!(part, "" | "." | "..")),
+                    "{key:?}: a segment leaves or stays"
+                );
+            }
+            prop_assert!(dir.starts_with(&batch_images(&prefix, job.batch.as_deref().unwrap_or(NO_BATCH))));
+        }
+    }
+}

@@ -219,10 +219,21 @@ fn make_str<I: Input<Item = u8>>(i: I) -> Result<String, std::string::FromUtf8Er
     // A short string that is not UTF-8 (a message_id, a content_type, a header name sent by any
     // client) is read with U+FFFD in place of the invalid bytes instead of failing the parse:
     // a parse failure here closes the whole connection, for every message in flight on it.
+    // Each U+FFFD takes three bytes where the invalid byte took one: the text is cut, at a
+    // character boundary, to the 255 bytes a short string may hold (`ShortString::from` panics
+    // on a longer one).
     let bytes: Vec<u8> = i.iter_elements().collect();
     Ok(match String::from_utf8(bytes) {
         Ok(s) => s,
-        Err(e) => String::from_utf8_lossy(e.as_bytes()).into_owned(),
+        Err(e) => {
+            let mut s = String::from_utf8_lossy(e.as_bytes()).into_owned();
+            let mut end = s.len().min(MAX_SHORT_STRING_LENGTH);
+            while !s.is_char_boundary(end) {
+                end -= 1;
+            }
+            s.truncate(end);
+            s
+        }
     })
 }
 

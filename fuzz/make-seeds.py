@@ -1,0 +1,215 @@
+#!/usr/bin/env python3
+"""Writes the seed corpus of the fuzz targets (seeds/<target>/<name>): well-formed inputs, and
+the hostile ones the worker's hardening is about. Run from fuzz/ after changing a seed here; the
+seeds are committed, the corpus a fuzzer grows is not (corpus/, ignored)."""
+import base64
+import json
+import os
+import struct
+
+SEEDS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "seeds")
+
+
+def write(target, name, data):
+    folder = os.path.join(SEEDS, target)
+    os.makedirs(folder, exist_ok=True)
+    if isinstance(data, str):
+        data = data.encode()
+    with open(os.path.join(folder, name), "wb") as f:
+        f.write(data)
+
+
+def nested(levels):
+    text = "1"
+    for _ in range(levels):
+        text = '{"a":' + text + "}"
+    return text
+
+
+# The job parser (fuzz_targets/job.rs).
+JOBS = {
+    "minimal": '{"prompt":"a lighthouse at dusk"}',
+    "full": json.dumps({
+        "version": 2, "id": "job-1", "batch": "b-1", "provider": "openai",
+        "prompt": "a red fox", "negative_prompt": "blur", "seed": 42, "model": "gpt-image-1",
+        "size": "1024x1536", "quality": "high", "output_format": "webp", "background": "opaque",
+        "n": 3, "params": {"user": "u-1", "moderation": "low"},
+        "metadata": {"campaign": "spring", "tags": ["a", "b"], "n": 1.5e3},
+        "deadline": "2030-01-01T00:00:00Z",
+    }),
+    "duplicate-field": '{"id":"a","prompt":"p","n":1,"n":10}',
+    "duplicate-param": '{"id":"a","prompt":"p","params":{"user":"u","user":"v"}}',
+    "metadata-33-levels": '{"id":"a","prompt":"p","metadata":' + nested(33) + "}",
+    "metadata-32-levels": '{"id":"a","prompt":"p","metadata":' + nested(32) + "}",
+    "metadata-exact-bytes": '{"id":"m","prompt":"p","metadata":{"x":1.0e0,"y":"\\u00e9"}}',
+    "id-dotdot": '{"id":"..","prompt":"p"}',
+    "id-slash": '{"id":"a/../../etc","prompt":"p"}',
+    "batch-reserved": '{"id":"a","batch":"_","prompt":"p"}',
+    "batch-traversal": '{"id":"a","batch":"../x","prompt":"p"}',
+    "n-huge": '{"id":"a","prompt":"p","n":18446744073709551616}',
+    "seed-negative": '{"id":"a","prompt":"p","seed":-1}',
+    "seed-float": '{"id":"a","prompt":"p","seed":1e400}',
+    "worker-param": '{"id":"a","prompt":"p","params":{"model":"x","stream":true}}',
+    "unknown-field-control-chars": '{"id":"a","prompt":"p","\\u001b[2Jx":1}',
+    "prompt-control-chars": '{"id":"a","prompt":"\\u001b]0;owned\\u0007 a cat"}',
+    "null-field": '{"id":"a","prompt":"p","model":null}',
+    "version-0": '{"id":"a","prompt":"p","version":0}',
+    "deadline-bad": '{"id":"a","prompt":"p","deadline":"9999-99-99T99:99:99Z"}',
+    "unknown-provider": '{"id":"a","prompt":"p","provider":"nope"}',
+    "not-json": "not json",
+    "array": "[1,2]",
+    "bom": "\ufeff" + '{"prompt":"p"}',
+}
+for name, text in JOBS.items():
+    write("job", name, text)
+write("job", "not-utf8", b'\xff\xfe{"prompt":"p"}')
+write("job", "unicode-prompt", '{"id":"u","prompt":"灯台 🌅 é\u0301"}')
+
+# The OpenAI Images API's answers (fuzz_targets/openai_answer.rs).
+PNG = bytes.fromhex("89504e470d0a1a0a0000000d49484452")
+B64 = base64.b64encode(PNG).decode()
+ANSWERS = {
+    "b64": json.dumps({"created": 1, "data": [{"b64_json": B64, "revised_prompt": "r"}],
+                       "usage": {"input_tokens": 10, "output_tokens": 4160,
+                                 "total_tokens": 4170}, "output_format": "png"}),
+    "b64-two": json.dumps({"data": [{"b64_json": B64}, {"b64_json": base64.b64encode(b"x" * 40).decode()}]}),
+    "b64-escaped-slash": '{"data":[{"b64_json":"' + base64.b64encode(b"\xff\xff\xff" * 4).decode().replace("/", "\\/") + '"}]}',
+    "b64-null-then-url": '{"data":[{"b64_json":null,"url":"https://example.com/i.png"}]}',
+    "url": '{"data":[{"url":"https://oaidalleapiprodscus.blob.core.windows.net/private/img.png?sig=x"}]}',
+    "b64-invalid": '{"data":[{"b64_json":"!!!!"}]}',
+    "key-inside-a-string": '{"data":[{"revised_prompt":"say \\"b64_json\\": \\"x\\"","b64_json":"' + B64 + '"}]}',
+    "key-outside-data": '{"b64_json":"' + B64 + '","data":[]}',
+    "spaces": '{ "data" : [ { "b64_json" : "' + B64 + '" } ] }',
+    "empty": "{}",
+    "data-not-array": '{"data":{"b64_json":"AAAA"}}',
+    "error-quota": '{"error":{"message":"You exceeded your current quota","type":"insufficient_quota","param":null,"code":"insufficient_quota"}}',
+    "error-refusal": '{"error":{"message":"Your request was rejected by the safety system.","type":"image_generation_user_error","param":null,"code":"moderation_blocked"}}',
+    "error-azure-filter": '{"error":{"code":"content_policy_violation","message":"filtered","inner_error":{"code":"ResponsibleAIPolicyViolation","content_filter_results":{"violence":{"filtered":true,"severity":"high"}}}}}',
+    "error-numeric-code": '{"error":{"message":"","code":429}}',
+    "error-model": '{"error":{"message":"Your organization must be verified to use the model gpt-image-1","type":"invalid_request_error","code":null}}',
+}
+for name, text in ANSWERS.items():
+    write("openai_answer", name, text)
+
+# Rate-limit and retry headers (fuzz_targets/http_headers.rs): `N:value` sets the Nth name the
+# readers look at, `name: value` any other.
+NAMES = ["retry-after", "retry-after-ms", "x-ratelimit-limit-requests",
+         "x-ratelimit-remaining-requests", "x-ratelimit-reset-requests",
+         "x-ratelimit-limit-tokens", "x-ratelimit-remaining-tokens", "x-ratelimit-reset-tokens"]
+
+
+def headers(pairs):
+    out = b""
+    for name, value in pairs:
+        key = bytes([NAMES.index(name)]) if name in NAMES else name.encode()
+        out += key + b":" + value.encode() + b"\n"
+    return out
+
+
+HEADERS = {
+    "openai-limits": [("x-ratelimit-limit-requests", "50"), ("x-ratelimit-remaining-requests", "49"),
+                      ("x-ratelimit-reset-requests", "1.2s"), ("x-ratelimit-limit-tokens", "100000"),
+                      ("x-ratelimit-remaining-tokens", "95000"), ("x-ratelimit-reset-tokens", "6m0s")],
+    "retry-after-seconds": [("retry-after", "20")],
+    "retry-after-ms": [("retry-after-ms", "1500.5"), ("retry-after", "9")],
+    "retry-after-date": [("retry-after", "Fri, 31 Dec 1999 23:59:59 GMT")],
+    "retry-after-far-date": [("retry-after", "Fri, 31 Dec 9999 23:59:59 GMT")],
+    "retry-after-huge": [("retry-after", "1e300")],
+    "retry-after-overflow": [("retry-after", "18446744073709551616")],
+    "retry-after-negative": [("retry-after", "-5")],
+    "retry-after-nan": [("retry-after-ms", "NaN")],
+    "limits-huge": [("x-ratelimit-limit-requests", "1e308"), ("x-ratelimit-remaining-requests", "1e309"),
+                    ("x-ratelimit-reset-requests", "99999999h")],
+    "limits-negative": [("x-ratelimit-limit-tokens", "-1"), ("x-ratelimit-remaining-tokens", "-1")],
+    "limits-zero": [("x-ratelimit-limit-requests", "0.5"), ("x-ratelimit-remaining-requests", "0")],
+    "go-durations": [("x-ratelimit-limit-requests", "5"), ("x-ratelimit-remaining-requests", "5"),
+                     ("x-ratelimit-reset-requests", "1h2m3.5s250us12ns")],
+    "go-duration-bad": [("x-ratelimit-limit-requests", "5"), ("x-ratelimit-remaining-requests", "5"),
+                        ("x-ratelimit-reset-requests", "1.2.3xs")],
+    "other-header": [("x-request-id", "req_123"), ("retry-after", "  7  ")],
+}
+for name, pairs in HEADERS.items():
+    write("http_headers", name, headers(pairs))
+
+
+# AMQP field tables (fuzz_targets/amqp_headers.rs), AMQP 0-9-1 as RabbitMQ encodes them.
+def short(b):
+    return bytes([len(b)]) + b
+
+
+def long(b):
+    return struct.pack(">I", len(b)) + b
+
+
+def value(v):
+    kind, payload = v
+    if kind == "S":
+        return b"S" + long(payload)
+    # RabbitMQ's codes, which the client follows: `s` is a signed 16-bit integer (a short
+    # string in the specification), and a value cannot be a short string.
+    if kind == "s":
+        return b"s" + struct.pack(">h", payload)
+    if kind == "u":
+        return b"u" + struct.pack(">H", payload)
+    if kind == "b":
+        return b"b" + struct.pack(">b", payload)
+    if kind == "B":
+        return b"B" + bytes([payload])
+    if kind == "d":
+        return b"d" + struct.pack(">d", payload)
+    if kind == "f":
+        return b"f" + struct.pack(">f", payload)
+    if kind == "I":
+        return b"I" + struct.pack(">i", payload)
+    if kind == "l":
+        return b"l" + struct.pack(">q", payload)
+    if kind == "i":
+        return b"i" + struct.pack(">I", payload)
+    if kind == "t":
+        return b"t" + bytes([payload])
+    if kind == "T":
+        return b"T" + struct.pack(">Q", payload)
+    if kind == "F":
+        return b"F" + table(payload)
+    if kind == "A":
+        return b"A" + long(b"".join(value(x) for x in payload))
+    if kind == "x":
+        return b"x" + long(payload)
+    if kind == "D":
+        return b"D" + bytes([payload[0]]) + struct.pack(">I", payload[1])
+    if kind == "V":
+        return b"V"
+    raise ValueError(kind)
+
+
+def table(entries):
+    return long(b"".join(short(k) + value(v) for k, v in entries))
+
+
+DEATH = [(b"x-death", ("A", [("F", [(b"reason", ("S", b"delivery_limit")), (b"count", ("l", 3)),
+                                   (b"queue", ("S", b"imagegen.jobs")), (b"time", ("T", 1700000000))])]))]
+TABLES = {
+    "empty": [],
+    "attempts-unsealed": [(b"x-imagegen-attempts", ("I", 99))],
+    "attempts-forged-seal": [(b"x-imagegen-attempts", ("I", 3)), (b"x-imagegen-seal", ("S", b"00" * 32))],
+    "attempts-seal-not-hex": [(b"x-imagegen-attempts", ("l", 2)), (b"x-imagegen-seal", ("S", b"zz\xff"))],
+    "attempts-string": [(b"x-imagegen-attempts", ("S", b"18446744073709551617"))],
+    "attempts-negative": [(b"x-imagegen-attempts", ("l", -(2 ** 63)))],
+    "dead-letter": [(b"x-imagegen-error-kind", ("S", b"content_policy")),
+                    (b"x-imagegen-error", ("S", b"refused \x1b[2J")),
+                    (b"x-imagegen-attempts", ("i", 1))] + DEATH,
+    "death-not-a-table": [(b"x-death", ("A", [("S", b"x"), ("V", None)]))],
+    "death-empty": [(b"x-death", ("A", []))],
+    "key-not-utf8": [(b"x-\xff\xfe", ("S", b"v\xc3"))],
+    # Three bytes of U+FFFD for each: longer than a short string once read.
+    "key-255-invalid-bytes": [(b"\xfe" * 255, ("S", b"\xff" * 255))],
+    "nested": [(b"a", ("F", [(b"b", ("F", [(b"c", ("A", [("F", [])] * 3))]))]))],
+    "every-type": [(b"s", ("s", -2)), (b"u", ("u", 2)), (b"b", ("b", -1)), (b"B", ("B", 255)),
+                   (b"d", ("d", float("nan"))), (b"f", ("f", 1.5)), (b"S", ("S", b"long")), (b"I", ("I", -1)), (b"l", ("l", 1)),
+                   (b"i", ("i", 7)), (b"t", ("t", 1)), (b"T", ("T", 5)), (b"x", ("x", b"\x00\x01")),
+                   (b"D", ("D", (2, 12345))), (b"V", ("V", None))],
+    "headers-dropped": [(b"x-imagegen-headers-dropped", ("i", 4000000000))],
+}
+for name, entries in TABLES.items():
+    write("amqp_headers", name, table(entries))
+write("amqp_headers", "length-lies", struct.pack(">I", 0xFFFFFFFF) + b"\x01a")
