@@ -67,6 +67,17 @@ const CORPUS: &[&str] = &[
     r#"{"prompt":"p","seed":-1}"#,
     r#"{"prompt":"p","seed":1.5}"#,
     r#"{"prompt":"p","deadline":"tomorrow"}"#,
+    // RFC 3339's date-time, as JSON Schema's format reads it: `T` (or `t`), an offset.
+    r#"{"prompt":"p","deadline":"2026-12-01t18:00:00z"}"#,
+    r#"{"prompt":"p","deadline":"2026-12-01T18:00:00.123+01:00"}"#,
+    r#"{"prompt":"p","deadline":"2026-12-01 18:00:00Z"}"#,
+    r#"{"prompt":"p","deadline":"2026-12-01_18:00:00Z"}"#,
+    r#"{"prompt":"p","deadline":"2026-02-30T00:00:00Z"}"#,
+    r#"{"prompt":"p","deadline":"2026-12-31T23:59:60Z"}"#,
+    r#"{"prompt":"p","deadline":"2026-06-30T12:00:60Z"}"#,
+    r#"{"prompt":"p","deadline":"2026-12-01T18:00:00"}"#,
+    r#"{"prompt":"p","deadline":"2026-12-01T18:00:00+24:00"}"#,
+    r#"{"prompt":"p","deadline":"2026-12-01"}"#,
     r#"{"prompt":"p","params":{"model":"x"}}"#,
     r#"{"prompt":"p","params":[]}"#,
     r#"{"prompt":"p","metadata":[]}"#,
@@ -308,7 +319,7 @@ mod generated {
     }
 
     proptest! {
-        #![proptest_config(ProptestConfig::with_cases(2000))]
+        #![proptest_config(ProptestConfig::with_cases(10_000))]
 
         #[test]
         fn the_schema_and_the_parser_accept_the_same_generated_jobs(job in job()) {

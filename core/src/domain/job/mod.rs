@@ -361,15 +361,20 @@ impl Job {
         };
         let deadline = match wire.deadline {
             None => None,
-            Some(d) => Some(
-                time::OffsetDateTime::parse(&d, &time::format_description::well_known::Rfc3339)
-                    .map_err(|_| {
-                        fail(format!(
-                            "`deadline` {:?} is not an RFC 3339 date-time (2026-12-01T18:00:00Z)",
-                            truncate(&d, 80)
-                        ))
-                    })?,
-            ),
+            Some(d) => {
+                // The time crate takes any character between date and time; RFC 3339's
+                // grammar (and JSON Schema's `date-time`) only `T` or `t`.
+                let rfc3339 = &time::format_description::well_known::Rfc3339;
+                let parsed = matches!(d.as_bytes().get(10), Some(b'T' | b't'))
+                    .then(|| time::OffsetDateTime::parse(&d, rfc3339).ok())
+                    .flatten();
+                Some(parsed.ok_or_else(|| {
+                    fail(format!(
+                        "`deadline` {:?} is not an RFC 3339 date-time (2026-12-01T18:00:00Z)",
+                        truncate(&d, 80)
+                    ))
+                })?)
+            }
         };
         let params = wire.params.unwrap_or_default();
         if let Some(key) = params
