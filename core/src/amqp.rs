@@ -61,19 +61,26 @@ impl HeaderSeal {
     /// this body; 0 otherwise.
     pub fn believed_attempts(&self, headers: Option<&FieldTable>, body: &[u8]) -> u32 {
         let attempts = claimed_attempts(headers);
+        if self.seals(attempts, headers, body) {
+            attempts
+        } else {
+            0
+        }
+    }
+
+    /// True when `headers` carry this fleet's seal of `attempts` (as [`claimed_attempts`] read
+    /// it) for this body. A count of 0 needs no seal.
+    pub fn seals(&self, attempts: u32, headers: Option<&FieldTable>, body: &[u8]) -> bool {
         if attempts == 0 {
-            return 0;
+            return true;
         }
         let seal = headers.and_then(|h| match h.inner().get(SEAL_HEADER) {
             Some(AMQPValue::LongString(s)) => hex::decode(s.as_bytes()).ok(),
             _ => None,
         });
-        match seal {
-            Some(seal) if hmac::verify(&self.key, &signed_input(attempts, body), &seal).is_ok() => {
-                attempts
-            }
-            _ => 0,
-        }
+        seal.is_some_and(|seal| {
+            hmac::verify(&self.key, &signed_input(attempts, body), &seal).is_ok()
+        })
     }
 }
 

@@ -41,15 +41,15 @@ impl HeaderSeal {
     /// The count of failed attempts a message carries, when the worker wrote it; 0 otherwise.
     pub fn attempts_of(&self, properties: &BasicProperties, body: &[u8]) -> u32 {
         let headers = properties.headers().as_ref();
-        let believed = self.0.believed_attempts(headers, body);
         let claimed = claimed_attempts(headers);
-        if believed != claimed {
-            warn!(
-                attempts = claimed,
-                "the message's {ATTEMPTS_HEADER} is not sealed by a worker of this fleet: ignored"
-            );
+        if self.0.seals(claimed, headers, body) {
+            return claimed;
         }
-        believed
+        warn!(
+            attempts = claimed,
+            "the message's {ATTEMPTS_HEADER} is not sealed by a worker of this fleet: ignored"
+        );
+        0
     }
 }
 

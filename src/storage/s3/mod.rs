@@ -19,20 +19,16 @@
 
 mod credentials;
 mod endpoint;
+mod request;
 mod xml;
 
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use aws_config::BehaviorVersion;
 use aws_credential_types::Credentials;
 use aws_sdk_s3::Client;
 use aws_sdk_s3::config::{Region, RequestChecksumCalculation, ResponseChecksumValidation};
-use aws_sigv4::http_request::{
-    PayloadChecksumKind, PercentEncodingMode, SignableBody, SignableRequest, SigningSettings,
-    UriPathNormalizationMode, sign,
-};
 use aws_smithy_http_client::tls;
-use aws_smithy_runtime_api::client::identity::Identity;
 use aws_types::service_config::ServiceConfigKey;
 use bytes::Bytes;
 use futures_util::future::BoxFuture;
@@ -42,7 +38,8 @@ use secrecy::ExposeSecret;
 
 use self::credentials::CredentialsCache;
 use self::endpoint::BucketEndpoint;
-use self::xml::{error_body, listing_page};
+use self::request::{Request, failure, unavailable};
+use self::xml::listing_page;
 use super::{
     ListPage, META_FINGERPRINT, META_SHA256, ObjectInfo, ObjectStore, PutObject, StorageError,
     StorageErrorKind,
@@ -59,9 +56,6 @@ const KEY: &AsciiSet = &NON_ALPHANUMERIC
     .remove(b'/');
 /// Query values: as keys, and `/` too.
 const QUERY: &AsciiSet = &KEY.add(b'/');
-
-/// SHA-256 of an empty body.
-const EMPTY_SHA256: &str = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
 
 pub struct S3Store {
     bucket: String,
@@ -172,65 +166,6 @@ impl S3Store {
         format!("{}/{}", self.base, utf8_percent_encode(key, KEY))
     }
 
-    /// Signs and sends one request. `payload_sha256`: the body's hex SHA-256 when the caller
-    /// has it (otherwise the signer hashes the body).
-    async fn send(&self, request: Request<'_>) -> Result<reqwest::Response, StorageError> {
-        let Request {
-            op,
-            key,
-            method,
-            url,
-            headers,
-            body,
-            payload_sha256,
-        } = request;
-        let failed = |message: String| unavailable(op, key, message);
-        let credentials = self.credentials.get().await.map_err(failed)?;
-        let identity = Identity::from(credentials);
-        let mut settings = SigningSettings::default();
-        settings.percent_encoding_mode = PercentEncodingMode::Single;
-        settings.payload_checksum_kind = PayloadChecksumKind::XAmzSha256;
-        settings.uri_path_normalization_mode = UriPathNormalizationMode::Disabled;
-        let params = aws_sigv4::sign::v4::SigningParams::builder()
-            .identity(&identity)
-            .region(&self.signing_region)
-            .name("s3")
-            .time(SystemTime::now())
-            .settings(settings)
-            .build()
-            .map_err(|e| failed(e.to_string()))?
-            .into();
-        let payload = match payload_sha256 {
-            Some(hex) => SignableBody::Precomputed(hex.to_string()),
-            None if body.is_empty() => SignableBody::Precomputed(EMPTY_SHA256.into()),
-            None => SignableBody::Bytes(&body),
-        };
-        let signable = SignableRequest::new(
-            method.as_str(),
-            url.as_str(),
-            headers.iter().map(|(k, v)| (k.as_str(), v.as_str())),
-            payload,
-        )
-        .map_err(|e| failed(e.to_string()))?;
-        let (instructions, _) = sign(signable, &params)
-            .map_err(|e| failed(e.to_string()))?
-            .into_parts();
-        let mut builder = self.http.request(method, &url);
-        for (name, value) in &headers {
-            builder = builder.header(name, value);
-        }
-        for (name, value) in instructions.headers() {
-            builder = builder.header(name, value);
-        }
-        if !body.is_empty() {
-            builder = builder.body(body);
-        }
-        builder
-            .send()
-            .await
-            .map_err(|e| failed(with_causes(&e.without_url())))
-    }
-
     async fn put_object(
         &self,
         object: PutObject<'_>,
@@ -283,82 +218,6 @@ impl S3Store {
             StatusCode::NOT_FOUND => Ok(None),
             _ => Err(failure(op, key, response).await),
         }
-    }
-}
-
-/// One request to the store, before signing.
-struct Request<'a> {
-    op: &'static str,
-    /// The object key (or prefix, or bucket) the request is about, for errors.
-    key: &'a str,
-    method: Method,
-    url: String,
-    headers: Vec<(String, String)>,
-    body: Bytes,
-    payload_sha256: Option<&'a str>,
-}
-
-impl<'a> Request<'a> {
-    fn empty(op: &'static str, key: &'a str, method: Method, url: String) -> Self {
-        Self {
-            op,
-            key,
-            method,
-            url,
-            headers: Vec::new(),
-            body: Bytes::new(),
-            payload_sha256: None,
-        }
-    }
-}
-
-/// A store's refusal: the HTTP status with S3's error code and message when the body has them.
-async fn failure(op: &'static str, key: &str, response: reqwest::Response) -> StorageError {
-    let status = response.status();
-    let body = response.bytes().await.unwrap_or_default();
-    let message = match error_body(&body) {
-        Some((code, message)) if !message.is_empty() => {
-            format!("HTTP {}: {code}: {message}", status.as_u16())
-        }
-        Some((code, _)) => format!("HTTP {}: {code}", status.as_u16()),
-        None => format!("HTTP {}", status),
-    };
-    StorageError {
-        op,
-        key: key.into(),
-        kind: kind_of(status, &body),
-        message,
-    }
-}
-
-/// What kind of failure an S3 status (and error code) is.
-fn kind_of(status: StatusCode, body: &[u8]) -> StorageErrorKind {
-    let code = error_body(body).map(|(code, _)| code).unwrap_or_default();
-    match status.as_u16() {
-        401 | 403 => StorageErrorKind::Denied,
-        404 => StorageErrorKind::NotFound,
-        412 => StorageErrorKind::PreconditionFailed,
-        429 | 503 => StorageErrorKind::Throttled,
-        // A wrong region in the signature, a bad access key: configuration, not an outage.
-        400 if matches!(
-            code.as_str(),
-            "AuthorizationHeaderMalformed" | "InvalidAccessKeyId" | "SignatureDoesNotMatch"
-        ) =>
-        {
-            StorageErrorKind::Denied
-        }
-        408 | 409 | 500.. => StorageErrorKind::Unavailable,
-        _ => StorageErrorKind::Invalid,
-    }
-}
-
-/// A request that got no answer: the store is unreachable (or credentials could not be had).
-fn unavailable(op: &'static str, key: &str, message: String) -> StorageError {
-    StorageError {
-        op,
-        key: key.into(),
-        kind: StorageErrorKind::Unavailable,
-        message,
     }
 }
 
