@@ -1,19 +1,36 @@
-//! Image-sized buffers reused from one job to the next.
+//! The memory of provider answers: a byte budget, and the image-sized buffers reused within it.
 //!
-//! Every answer of an image API is hundreds of kilobytes to megabytes of base64. Allocating a
-//! fresh buffer per answer costs a worker twice: the kernel maps and clears new pages for each
-//! one, and glibc's heap fragments when such buffers are freed on other threads than the ones
-//! that allocated them, so the peak creeps up with the number of jobs. A small pool avoids both:
-//! an answer is read into a buffer taken from the pool, decoded in place, uploaded from there,
-//! and the buffer goes back to the pool when the last reference to the image is dropped.
+//! Every answer of an image API is hundreds of kilobytes to megabytes of base64, and a worker
+//! may have hundreds of calls in flight: if they are answered at the same moment, holding every
+//! answer at once would take gigabytes. So an answer is read only once it has a reservation of
+//! its bytes in one budget shared by every provider of the worker (`worker.answer_memory_bytes`):
 //!
-//! The pool never holds more buffers than were in use at the same time, and at most `keep` of
-//! them: its memory is bounded by `keep x` the largest answer accepted
-//! (`provider.max_response_bytes`).
+//! - A reservation is taken whole or waited for: an answer never starts with part of its bytes,
+//!   so no two answers can each hold half of what the other needs. Waiters are served in
+//!   arrival order (the first one gathers the room that frees up; every other holder has all it
+//!   needs and gives it back without waiting).
+//! - One answer larger than the whole budget takes the whole budget: it proceeds alone.
+//! - Until its reservation is granted, an answer waits in the kernel's socket buffers (the caller
+//!   does not read its body). The wait is not counted in the request's timeout.
+//! - The answer is read into a buffer of this pool, decoded in place and uploaded from there; its
+//!   reservation ends when the last reference to its images is dropped.
+//! - Request bodies (reference images) take reservations from the same budget ([`Reservation`]).
+//!
+//! Buffers are reused because allocating a fresh one per answer costs a worker twice: the kernel
+//! maps and clears new pages for each, and glibc's heap fragments when such buffers are freed on
+//! other threads than the ones that allocated them. An idle buffer keeps its reservation, so the
+//! bytes of answers being read or uploaded plus the idle buffers never exceed the budget (bar the
+//! one answer larger than it). Idle buffers are freed as soon as someone waits for the budget, or
+//! a new answer needs room that they hold.
 
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use bytes::Bytes;
+use tokio::sync::Semaphore;
+
+/// The budget is kept in units of this many bytes.
+const UNIT: usize = 1024;
 
 #[derive(Clone)]
 pub struct BufferPool {
@@ -21,64 +38,230 @@ pub struct BufferPool {
 }
 
 struct Inner {
-    free: Mutex<Vec<Vec<u8>>>,
-    keep: usize,
+    /// The budget's free units.
+    units: Semaphore,
+    /// The whole budget, in units.
+    total: u32,
+    idle: Mutex<Vec<Idle>>,
+    /// Reservations waiting for units: while any does, returned buffers are freed, not kept.
+    waiting: AtomicUsize,
+}
+
+/// An idle buffer and the units it holds.
+struct Idle {
+    buf: Vec<u8>,
+    units: u32,
 }
 
 impl BufferPool {
-    /// A pool keeping at most `keep` idle buffers (0 disables reuse).
-    pub fn new(keep: usize) -> Self {
+    /// A pool whose answers (and idle buffers) hold at most `budget_bytes` at once.
+    pub fn new(budget_bytes: usize) -> Self {
+        let total = budget_bytes
+            .div_ceil(UNIT)
+            .clamp(1, (u32::MAX as usize).min(Semaphore::MAX_PERMITS)) as u32;
         Self {
             inner: Arc::new(Inner {
-                free: Mutex::new(Vec::with_capacity(keep)),
-                keep,
+                units: Semaphore::new(total as usize),
+                total,
+                idle: Mutex::new(Vec::new()),
+                waiting: AtomicUsize::new(0),
             }),
         }
     }
 
-    /// An empty buffer with room for at least `capacity` bytes: the most recently returned one
-    /// when it is big enough, a new one otherwise.
-    pub fn take(&self, capacity: usize) -> PooledBuf {
-        let reused = {
-            let mut free = self.inner.free.lock().unwrap_or_else(|e| e.into_inner());
-            match free.iter().rposition(|b| b.capacity() >= capacity) {
-                Some(i) => Some(free.swap_remove(i)),
-                None => {
-                    // The smallest idle buffer is too small for the answers coming now: it makes
-                    // room for one that is not.
-                    if let Some(i) = (0..free.len()).min_by_key(|&i| free[i].capacity()) {
-                        drop(free.swap_remove(i));
-                    }
-                    None
-                }
+    /// A pool with a budget too large to bind (tests, fuzzing, one-off reads).
+    pub fn unbounded() -> Self {
+        Self::new(usize::MAX)
+    }
+
+    /// The budget, in bytes.
+    pub fn budget(&self) -> usize {
+        self.inner.total as usize * UNIT
+    }
+
+    /// The units of `bytes`, clamped to the whole budget (one answer may always proceed alone).
+    fn units_of(&self, bytes: usize) -> u32 {
+        bytes.div_ceil(UNIT).clamp(1, self.inner.total as usize) as u32
+    }
+
+    /// An empty buffer for an answer of `bytes` bytes, once the budget has room for them: an idle
+    /// buffer big enough when there is one (at once: it holds its reservation), else a new one.
+    /// Waits, in arrival order, while the budget is held by other answers.
+    pub async fn take(&self, bytes: usize) -> PooledBuf {
+        if let Some(buf) = self.try_take(bytes) {
+            return buf;
+        }
+        let units = self.units_of(bytes);
+        let _waiting = Waiting::new(&self.inner.waiting);
+        // Idle buffers hold units that a waiter needs: after `Waiting` is counted no buffer is
+        // kept, and those already idle are freed now.
+        self.free_idle(usize::MAX);
+        let permit = self
+            .inner
+            .units
+            .acquire_many(units)
+            .await
+            .expect("the budget's semaphore is never closed");
+        permit.forget();
+        self.new_buf(bytes, units)
+    }
+
+    /// [`take`](Self::take) without waiting: `None` when the budget has no room now.
+    pub fn try_take(&self, bytes: usize) -> Option<PooledBuf> {
+        if let Some(idle) = self.reuse(bytes) {
+            return Some(PooledBuf {
+                buf: idle.buf,
+                units: idle.units,
+                pool: Some(self.inner.clone()),
+            });
+        }
+        let units = self.units_of(bytes);
+        loop {
+            if let Ok(permit) = self.inner.units.try_acquire_many(units) {
+                permit.forget();
+                return Some(self.new_buf(bytes, units));
+            }
+            // The room may be held by idle buffers too small for this answer: free one, retry.
+            if !self.free_idle(1) {
+                return None;
+            }
+        }
+    }
+
+    /// Reserves `bytes` of the budget for bytes held elsewhere (a request body being sent),
+    /// all or nothing, waiting in arrival order like [`take`](Self::take).
+    pub async fn reserve(&self, bytes: usize) -> Reservation {
+        let units = self.units_of(bytes);
+        let permit = match self.inner.units.try_acquire_many(units) {
+            Ok(permit) => permit,
+            Err(_) => {
+                let _waiting = Waiting::new(&self.inner.waiting);
+                self.free_idle(usize::MAX);
+                self.inner
+                    .units
+                    .acquire_many(units)
+                    .await
+                    .expect("the budget's semaphore is never closed")
             }
         };
+        permit.forget();
+        Reservation {
+            units,
+            pool: self.inner.clone(),
+        }
+    }
+
+    fn new_buf(&self, bytes: usize, units: u32) -> PooledBuf {
         PooledBuf {
-            buf: reused.unwrap_or_else(|| Vec::with_capacity(capacity)),
+            // Never more than the reservation: a larger answer grows the buffer as it arrives.
+            buf: Vec::with_capacity(bytes.min(units as usize * UNIT)),
+            units,
             pool: Some(self.inner.clone()),
         }
     }
 
+    /// The smallest idle buffer with room for `bytes`.
+    fn reuse(&self, bytes: usize) -> Option<Idle> {
+        let mut idle = self.inner.lock_idle();
+        let i = (0..idle.len())
+            .filter(|&i| idle[i].buf.capacity() >= bytes)
+            .min_by_key(|&i| idle[i].buf.capacity())?;
+        Some(idle.swap_remove(i))
+    }
+
+    /// Frees up to `n` idle buffers, smallest first, giving their units back. Whether any was.
+    fn free_idle(&self, n: usize) -> bool {
+        let freed: Vec<Idle> = {
+            let mut idle = self.inner.lock_idle();
+            idle.sort_unstable_by_key(|i| std::cmp::Reverse(i.buf.capacity()));
+            let keep = idle.len().saturating_sub(n);
+            idle.drain(keep..).collect()
+        };
+        let units: usize = freed.iter().map(|i| i.units as usize).sum();
+        drop(freed);
+        self.inner.units.add_permits(units);
+        units > 0
+    }
+
     /// Idle buffers held now.
     pub fn idle(&self) -> usize {
+        self.inner.lock_idle().len()
+    }
+
+    /// Bytes of the budget held now, by answers, request bodies and idle buffers.
+    pub fn held(&self) -> usize {
+        (self.inner.total as usize - self.inner.units.available_permits()) * UNIT
+    }
+
+    /// Bytes of the budget held by idle buffers.
+    pub fn idle_bytes(&self) -> usize {
         self.inner
-            .free
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .len()
+            .lock_idle()
+            .iter()
+            .map(|i| i.units as usize * UNIT)
+            .sum()
     }
 }
 
-/// A buffer that goes back to its pool when dropped. `freeze` turns it into `Bytes` that do
-/// the same when their last clone is dropped.
+impl Inner {
+    fn lock_idle(&self) -> MutexGuard<'_, Vec<Idle>> {
+        self.idle.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// Counts a waiting reservation for as long as it waits (a cancelled wait included).
+struct Waiting<'a>(&'a AtomicUsize);
+
+impl<'a> Waiting<'a> {
+    fn new(count: &'a AtomicUsize) -> Self {
+        count.fetch_add(1, Ordering::SeqCst);
+        Self(count)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// Part of the budget held for bytes that live elsewhere; given back when dropped.
+pub struct Reservation {
+    units: u32,
+    pool: Arc<Inner>,
+}
+
+impl Reservation {
+    /// The bytes reserved.
+    pub fn bytes(&self) -> usize {
+        self.units as usize * UNIT
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        self.pool.units.add_permits(self.units as usize);
+    }
+}
+
+/// A buffer that goes back to its pool, with its reservation, when dropped. `freeze` turns it
+/// into `Bytes` that do the same when their last clone is dropped.
 pub struct PooledBuf {
     buf: Vec<u8>,
+    /// The budget's units this buffer holds.
+    units: u32,
     pool: Option<Arc<Inner>>,
 }
 
 impl PooledBuf {
     pub fn freeze(self) -> Bytes {
         Bytes::from_owner(self)
+    }
+
+    /// The bytes of the budget this buffer holds: what it may grow to and stay within the
+    /// budget (an answer larger than the whole budget grows past it, alone).
+    pub fn reserved(&self) -> usize {
+        self.units as usize * UNIT
     }
 }
 
@@ -106,53 +289,28 @@ impl Drop for PooledBuf {
         let Some(pool) = self.pool.take() else { return };
         let mut buf = std::mem::take(&mut self.buf);
         buf.clear();
-        let mut free = pool.free.lock().unwrap_or_else(|e| e.into_inner());
-        if free.len() < pool.keep && buf.capacity() > 0 {
-            free.push(buf);
+        // Kept only within its own reservation, and only while no one waits for the budget.
+        let keep = buf.capacity() > 0
+            && buf.capacity() <= self.units as usize * UNIT
+            && pool.waiting.load(Ordering::SeqCst) == 0;
+        if keep {
+            pool.lock_idle().push(Idle {
+                buf,
+                units: self.units,
+            });
+            // A reservation that started waiting meanwhile must not wait for this one.
+            if pool.waiting.load(Ordering::SeqCst) > 0 {
+                let freed: Vec<Idle> = std::mem::take(&mut *pool.lock_idle());
+                let units: usize = freed.iter().map(|i| i.units as usize).sum();
+                drop(freed);
+                pool.units.add_permits(units);
+            }
+        } else {
+            drop(buf);
+            pool.units.add_permits(self.units as usize);
         }
-        // Otherwise `buf` is freed here, after the lock (locals drop in reverse order).
     }
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_dropped_image_gives_its_buffer_back_for_the_next_answer() {
-        let pool = BufferPool::new(2);
-        let mut buf = pool.take(1000);
-        buf.extend_from_slice(b"hello world");
-        let first = buf.as_ptr();
-        let bytes = buf.freeze();
-        let image = bytes.slice(6..);
-        drop(bytes);
-        assert_eq!(pool.idle(), 0, "a slice still holds the buffer");
-        assert_eq!(&image[..], b"world");
-        drop(image);
-        assert_eq!(pool.idle(), 1);
-        let again = pool.take(500);
-        assert!(again.is_empty());
-        assert_eq!(again.as_ptr(), first, "the same allocation is reused");
-        assert_eq!(pool.idle(), 0);
-    }
-
-    #[test]
-    fn too_small_buffers_are_not_reused_and_the_pool_keeps_at_most_keep() {
-        let pool = BufferPool::new(2);
-        let small = pool.take(10);
-        drop(small);
-        assert_eq!(pool.idle(), 1);
-        let big = pool.take(4096);
-        assert!(big.capacity() >= 4096);
-        assert_eq!(pool.idle(), 0, "the idle one was too small: it is freed");
-        let others: Vec<_> = (0..3).map(|_| pool.take(4096)).collect();
-        drop(big);
-        drop(others);
-        assert_eq!(pool.idle(), 2);
-        assert!(BufferPool::new(0).take(1).capacity() >= 1);
-        let none = BufferPool::new(0);
-        drop(none.take(8));
-        assert_eq!(none.idle(), 0);
-    }
-}
+mod tests;

@@ -98,6 +98,9 @@ pub struct WorkerSettings {
     pub threads: usize,
     /// Most unacknowledged jobs held (AMQP prefetch); 0: derived from the concurrency.
     pub prefetch: u16,
+    /// Bytes of provider answers (and request bodies) held at once by all providers together,
+    /// idle reusable buffers included; an answer waits for room before its body is read.
+    pub answer_memory_bytes: usize,
     /// Seconds in-flight jobs get to finish after SIGTERM before they are returned.
     pub shutdown_grace_secs: u64,
     /// While a provider (or the whole worker) is paused, one real job is tried this often.
@@ -124,6 +127,12 @@ impl WorkerSettings {
         if self.prefetch != 0 {
             in_range("worker.prefetch", self.prefetch as u64, 1, 2000)?;
         }
+        in_range(
+            "worker.answer_memory_bytes",
+            self.answer_memory_bytes as u64,
+            1 << 20,
+            1 << 40,
+        )?;
         in_range(
             "worker.shutdown_grace_secs",
             self.shutdown_grace_secs,

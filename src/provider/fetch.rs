@@ -79,20 +79,23 @@ impl FetchRules {
     }
 
     /// An HTTP client that follows these rules (no credentials of any provider: downloads
-    /// carry none). `inner` resolves names (the system's resolver when `None`; tests give
+    /// carry none). `timeout`: of a whole request, body included (`None`: the caller keeps it). `inner` resolves names (the system's resolver when `None`; tests give
     /// their own).
     pub fn client(
         &self,
         connect_timeout: Duration,
-        timeout: Duration,
+        timeout: Option<Duration>,
         inner: Option<Arc<dyn Resolve>>,
     ) -> reqwest::Result<reqwest::Client> {
         let rules = self.clone();
         let redirects = self.clone();
-        reqwest::Client::builder()
+        let mut builder = reqwest::Client::builder();
+        if let Some(timeout) = timeout {
+            builder = builder.timeout(timeout);
+        }
+        builder
             .user_agent(super::http::USER_AGENT)
             .connect_timeout(connect_timeout)
-            .timeout(timeout)
             .dns_resolver(Arc::new(GuardedResolver { rules, inner }))
             .redirect(reqwest::redirect::Policy::custom(move |attempt| {
                 if attempt.previous().len() >= MAX_REDIRECTS {

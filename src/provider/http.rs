@@ -7,6 +7,11 @@ pub use imagegen_core::http::{
     billed_failure, by_status, header_str, retry_after, with_request_id,
 };
 
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use super::buffers::{BufferPool, PooledBuf};
 use crate::domain::error::{Failure, with_causes};
 
 /// Error bodies are small; never read more than this of one.
@@ -38,6 +43,97 @@ pub async fn read_limited(
         buf.extend_from_slice(&chunk);
     }
     Ok(())
+}
+
+/// The clock of one provider exchange: `request_timeout_secs` runs while the request is sent and
+/// while the provider works and answers, never while an answer waits for room in the answer
+/// memory (a timeout there would throw away an answer already paid for, and retry it).
+pub struct Clock {
+    deadline: Instant,
+    limit: Duration,
+}
+
+impl Clock {
+    pub fn start(limit: Duration) -> Self {
+        Self {
+            deadline: Instant::now() + limit,
+            limit,
+        }
+    }
+
+    /// Sends the request and waits for the answer's status and headers.
+    pub async fn send(
+        &self,
+        request: reqwest::RequestBuilder,
+    ) -> Result<reqwest::Response, Failure> {
+        self.within(request.send())
+            .await?
+            .map_err(transport_failure)
+    }
+
+    /// Runs `work` within what is left of the timeout.
+    pub async fn within<T>(&self, work: impl Future<Output = T>) -> Result<T, Failure> {
+        tokio::time::timeout_at(self.deadline, work)
+            .await
+            .map_err(|_| self.timed_out())
+    }
+
+    /// Reads an answer's body into a buffer of `memory`, at most `limit` bytes: first waits until
+    /// the budget has room for it (its `Content-Length`, or `limit` when it has none; the body
+    /// meanwhile stays in the socket), then reads it within what is left of the timeout.
+    pub async fn read(
+        &mut self,
+        memory: &BufferPool,
+        response: reqwest::Response,
+        limit: usize,
+    ) -> Result<PooledBuf, Failure> {
+        let expected = response.content_length().map(|n| n as usize);
+        let reserve = match expected {
+            Some(n) if n > limit => {
+                return Err(billed_failure(format!(
+                    "the provider's response is {n} bytes, more than its max_response_bytes ({limit})"
+                )));
+            }
+            Some(n) => n,
+            None => limit.min(memory.budget()),
+        };
+        let waiting = Instant::now();
+        let mut buf = memory.take(reserve).await;
+        let waited = waiting.elapsed();
+        if waited > Duration::from_millis(100) {
+            tracing::debug!(
+                waited_ms = waited.as_millis() as u64,
+                bytes = reserve,
+                "an answer waited for room in the answer memory"
+            );
+        }
+        self.deadline += waited;
+        self.within(read_limited(response, limit, &mut buf))
+            .await?
+            .map(|()| buf)
+    }
+
+    /// An error body: small, read within the timeout, outside the answer memory.
+    pub async fn read_error(&self, response: reqwest::Response) -> Vec<u8> {
+        let mut body = Vec::new();
+        let _ = self
+            .within(read_limited(response, MAX_ERROR_BODY, &mut body))
+            .await;
+        body
+    }
+
+    /// No answer in time, after the request was sent: it may have been billed.
+    fn timed_out(&self) -> Failure {
+        Failure::Retryable {
+            message: format!(
+                "no complete answer within the provider's request_timeout_secs ({} s)",
+                self.limit.as_secs()
+            ),
+            after: None,
+            possibly_billed: true,
+            detail: Box::default(),
+        }
+    }
 }
 
 /// Classifies a transport error: a connection that never opened cannot have been billed; a

@@ -135,10 +135,13 @@ pub trait ImageProvider: Send + Sync {
     }
 }
 
-/// Builds a configured provider.
-pub fn build(settings: &ProviderSettings) -> anyhow::Result<Arc<dyn ImageProvider>> {
+/// Builds a configured provider; `memory`: the worker's answer memory, shared by its providers.
+pub fn build(
+    settings: &ProviderSettings,
+    memory: &buffers::BufferPool,
+) -> anyhow::Result<Arc<dyn ImageProvider>> {
     Ok(match &settings.kind {
-        KindSettings::Openai(s) => Arc::new(openai::OpenAi::new(s, settings.concurrency)?),
+        KindSettings::Openai(s) => Arc::new(openai::OpenAi::new(s, memory.clone())?),
         KindSettings::Placeholder(s) => Arc::new(placeholder::Placeholder::new(s)),
     })
 }

@@ -230,10 +230,18 @@ impl Routes {
     /// Builds every configured provider.
     pub fn from_settings(settings: &Settings) -> anyhow::Result<Self> {
         let probe = Duration::from_secs(settings.worker.pause_probe_secs);
+        let memory = crate::provider::buffers::BufferPool::new(settings.worker.answer_memory_bytes);
         let routes = settings
             .providers
             .iter()
-            .map(|p| Ok(Route::new(&p.name, crate::provider::build(p)?, p, probe)))
+            .map(|p| {
+                Ok(Route::new(
+                    &p.name,
+                    crate::provider::build(p, &memory)?,
+                    p,
+                    probe,
+                ))
+            })
             .collect::<anyhow::Result<Vec<_>>>()?;
         Ok(Self::new(routes, &settings.worker.default_provider))
     }

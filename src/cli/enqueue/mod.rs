@@ -145,7 +145,18 @@ impl<'a> Providers<'a> {
         let built = settings
             .providers
             .iter()
-            .map(|p| Ok((p.name.as_str(), (p, crate::provider::build(p)?))))
+            .map(|p| {
+                Ok((
+                    p.name.as_str(),
+                    (
+                        p,
+                        crate::provider::build(
+                            p,
+                            &crate::provider::buffers::BufferPool::unbounded(),
+                        )?,
+                    ),
+                ))
+            })
             .collect::<anyhow::Result<_>>()?;
         Ok(Self { settings, built })
     }

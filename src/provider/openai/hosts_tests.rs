@@ -60,7 +60,7 @@ async fn provider_host(status: StatusCode, location: Option<String>, body: Strin
     format!("http://{addr}/v1")
 }
 
-struct NoJournal;
+pub(super) struct NoJournal;
 
 impl Journal for NoJournal {
     fn get<'a>(&'a self, _: &'a str) -> BoxFuture<'a, Result<Option<Bytes>, Failure>> {
@@ -73,7 +73,7 @@ impl Journal for NoJournal {
 
 /// The settings of a provider of kind openai at `base_url`, its key sent as `api-key`, with
 /// `extra` settings of its own.
-fn settings(base_url: &str, extra: &[(&str, &str)]) -> OpenAiSettings {
+pub(super) fn settings(base_url: &str, extra: &[(&str, &str)]) -> OpenAiSettings {
     let mut overrides = vec![
         ("providers.openai.kind".to_string(), "openai".to_string()),
         ("providers.openai.api_key".into(), "sk-secret".into()),
@@ -101,7 +101,7 @@ fn settings(base_url: &str, extra: &[(&str, &str)]) -> OpenAiSettings {
 }
 
 fn provider(base_url: &str) -> OpenAi {
-    OpenAi::new(&settings(base_url, &[]), 1).unwrap()
+    OpenAi::new(&settings(base_url, &[]), BufferPool::unbounded()).unwrap()
 }
 
 fn request() -> ImageRequest {
@@ -192,7 +192,7 @@ async fn a_download_redirected_off_the_allowed_hosts_is_refused() {
         .to_string();
     let mut openai = settings(&base, &[]);
     openai.download_hosts = vec![file_host];
-    let failure = OpenAi::new(&openai, 1)
+    let failure = OpenAi::new(&openai, BufferPool::unbounded())
         .unwrap()
         .submit(&request(), &NoJournal)
         .await
@@ -205,8 +205,13 @@ async fn a_download_redirected_off_the_allowed_hosts_is_refused() {
 #[tokio::test]
 async fn an_answer_or_a_download_over_the_size_cap_is_cut_off_as_billed() {
     let big = "x".repeat(8 * 1024);
-    let limited =
-        |base: &str| OpenAi::new(&settings(base, &[("max_response_bytes", "4096")]), 1).unwrap();
+    let limited = |base: &str| {
+        OpenAi::new(
+            &settings(base, &[("max_response_bytes", "4096")]),
+            BufferPool::unbounded(),
+        )
+        .unwrap()
+    };
     // The answer itself.
     let base = provider_host(
         StatusCode::OK,

@@ -19,10 +19,7 @@ use self::answer::{ImageBytes, decode_answer};
 use self::errors::{ApiErrorBody, classify, rate_limits};
 use super::buffers::BufferPool;
 use super::fetch::FetchRules;
-use super::http::{
-    MAX_ERROR_BODY, USER_AGENT, billed_failure, header_str, read_limited, retry_after,
-    transport_failure, with_request_id,
-};
+use super::http::{Clock, USER_AGENT, billed_failure, header_str, retry_after, with_request_id};
 use super::{
     Answer, Capabilities, GeneratedImage, Generation, ImageProvider, ImageRequest, JobDefaults,
     Journal, Mode, Size, Sizes, check_image,
@@ -59,7 +56,8 @@ pub struct OpenAi {
     endpoint: String,
     response_format: Option<String>,
     max_response_bytes: usize,
-    /// Answers are read into these, decoded in place and uploaded from there.
+    /// The worker's answer memory: answers are read into its buffers once it has room for them,
+    /// decoded in place and uploaded from there.
     buffers: BufferPool,
     defaults: JobDefaults,
 }
@@ -69,8 +67,8 @@ fn optional(s: &str) -> Option<String> {
 }
 
 impl OpenAi {
-    /// `buffers`: how many answer buffers are kept for reuse (the provider's concurrency).
-    pub fn new(settings: &OpenAiSettings, buffers: usize) -> anyhow::Result<Self> {
+    /// `buffers`: the worker's answer memory, shared by its providers.
+    pub fn new(settings: &OpenAiSettings, buffers: BufferPool) -> anyhow::Result<Self> {
         crate::install_crypto_provider();
         let mut headers = HeaderMap::new();
         let key = settings.api_key.expose_secret();
@@ -89,7 +87,8 @@ impl OpenAi {
             .user_agent(USER_AGENT)
             .default_headers(headers)
             .connect_timeout(Duration::from_secs(settings.connect_timeout_secs))
-            .timeout(Duration::from_secs(settings.request_timeout_secs))
+            // No timeout of the client's own: `request_timeout_secs` is kept by each call's
+            // clock, which stops while an answer waits for room in the answer memory.
             .pool_idle_timeout(Duration::from_secs(90))
             // The key goes to the base URL alone: the Images API never redirects, and a
             // redirect (to any host) would carry a custom header such as `api-key` along.
@@ -110,7 +109,7 @@ impl OpenAi {
             ),
             response_format: optional(&settings.response_format),
             max_response_bytes: settings.max_response_bytes,
-            buffers: BufferPool::new(buffers),
+            buffers,
             defaults: JobDefaults {
                 model: settings.model.clone(),
                 size: settings.size.clone(),
@@ -142,13 +141,24 @@ impl OpenAi {
     }
 
     async fn call(&self, request: &ImageRequest) -> Result<Generation, Failure> {
-        let response = self
-            .client
-            .post(&self.endpoint)
-            .json(&self.body(request))
-            .send()
-            .await
-            .map_err(transport_failure)?;
+        let body = serde_json::to_vec(&self.body(request)).map_err(|e| Failure::Permanent {
+            kind: crate::domain::error::ErrorKind::InvalidRequest,
+            message: format!("the request could not be written as JSON: {e}"),
+            detail: Box::default(),
+        })?;
+        // The request body counts in the answer memory while it is being sent.
+        let sending = self.buffers.reserve(body.len()).await;
+        let mut clock = Clock::start(self.request_timeout);
+        let response = clock
+            .send(
+                self.client
+                    .post(&self.endpoint)
+                    .header(reqwest::header::CONTENT_TYPE, "application/json")
+                    .body(body),
+            )
+            .await;
+        drop(sending);
+        let response = response?;
         let status = response.status().as_u16();
         let request_id = header_str(response.headers(), "x-request-id");
         let rate_limits = rate_limits(response.headers());
@@ -156,8 +166,7 @@ impl OpenAi {
             let after = retry_after(response.headers());
             let should_retry =
                 header_str(response.headers(), "x-should-retry").map(|v| v == "true");
-            let mut body = Vec::new();
-            let _ = read_limited(response, MAX_ERROR_BODY, &mut body).await;
+            let body = clock.read_error(response).await;
             let mut failure = classify(
                 status,
                 &ApiErrorBody::parse(&body),
@@ -168,9 +177,8 @@ impl OpenAi {
             failure.detail_mut().rate_limits = rate_limits;
             return Err(failure);
         }
-        let expected = response.content_length().unwrap_or(0) as usize;
-        let mut body = self.buffers.take(expected.min(self.max_response_bytes));
-        read_limited(response, self.max_response_bytes, &mut body)
+        let body = clock
+            .read(&self.buffers, response, self.max_response_bytes)
             .await
             .map_err(|f| with_request_id(f, &request_id))?;
         let answer = decode_answer(body).map_err(|f| with_request_id(f, &request_id))?;
@@ -229,8 +237,9 @@ impl OpenAi {
         let client = self
             .downloads
             .get_or_try_init(|| async {
-                self.fetch_rules
-                    .client(self.connect_timeout, self.request_timeout, None)
+                // No timeout of the client's own: each download has a clock that stops while
+                // the image waits for room in the answer memory.
+                self.fetch_rules.client(self.connect_timeout, None, None)
             })
             .await
             .map_err(|e| billed_failure(format!("no HTTP client for the image download: {e}")))?;
@@ -240,10 +249,16 @@ impl OpenAi {
             return Err(billed_failure(format!("the image URL was refused: {why}")));
         }
         let fetch = || async {
-            let response = client
-                .get(url)
-                .send()
+            let mut clock = Clock::start(self.request_timeout);
+            let response = clock
+                .within(client.get(url).send())
                 .await
+                .map_err(|f| {
+                    (
+                        true,
+                        format!("downloading the generated image failed: {}", f.message()),
+                    )
+                })?
                 // A refused redirect is final; a lost connection is worth another try.
                 .map_err(|e| {
                     (
@@ -266,11 +281,11 @@ impl OpenAi {
             let too_large = response
                 .content_length()
                 .is_some_and(|n| n > self.max_response_bytes as u64);
-            let mut body = Vec::new();
-            read_limited(response, self.max_response_bytes, &mut body)
+            let body = clock
+                .read(&self.buffers, response, self.max_response_bytes)
                 .await
-                .map_err(|f| (!too_large, f.to_string()))?;
-            Ok(Bytes::from(body))
+                .map_err(|f| (!too_large, f.message().to_string()))?;
+            Ok(body.freeze())
         };
         fetch
             .retry(
@@ -364,6 +379,8 @@ fn estimate_images(request: &ImageRequest, images: u32) -> Usage {
 
 #[cfg(test)]
 mod hosts_tests;
+#[cfg(test)]
+mod memory_tests;
 
 #[cfg(test)]
 mod tests {
@@ -382,7 +399,7 @@ mod tests {
         let crate::config::KindSettings::Openai(openai) = &settings.default_provider().kind else {
             panic!("kind openai")
         };
-        let provider = OpenAi::new(openai, 1).unwrap();
+        let provider = OpenAi::new(openai, BufferPool::unbounded()).unwrap();
         let job = crate::domain::job::Job::parse(
             br#"{"id":"a","prompt":"p","n":3,"params":{"user":"u-1","output_compression":80}}"#,
             None,
