@@ -8,8 +8,10 @@
 //! One module per provider ([`openai`] today; more will follow). Each runs in-process (tests) or
 //! as the `imagegen-fakes` binary (benchmarks, the demo), misbehaves on demand and counts every
 //! call, so a test can prove that nothing was paid for twice. Pieces that any provider's fake
-//! needs (connections that can be reset, rate limits metered as token buckets) live at the root.
+//! needs (connections that can be reset, rate limits metered as token buckets, seeded latencies)
+//! live at the root.
 
 mod bucket;
+pub mod latency;
 mod net;
 pub mod openai;

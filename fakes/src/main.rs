@@ -25,13 +25,25 @@ enum Provider {
     #[command(after_help = "Examples:
   imagegen-fakes openai --listen 127.0.0.1:8080 --latency-ms 500 --image-bytes 300000
   imagegen-fakes openai --rpm 60   # an account limited to 60 requests a minute (429 beyond)
+  imagegen-fakes openai --latency-ms 10000 --jitter-ms 5000 --seed 7   # 5 to 15 s, seeded
+  imagegen-fakes openai --tick-ms 10000   # every answer at the next 10 s tick
   curl -H 'content-type: application/json' localhost:8080/_fake/rules -d '{\"fault\":{\"kind\":\"moderation\"},\"prompt_contains\":\"fox\",\"times\":1}'")]
     Openai {
         #[arg(long, default_value = "127.0.0.1:8080")]
         listen: String,
-        /// Latency added to every answer, in milliseconds.
+        /// Latency added to every answer, in milliseconds (the mean, with --jitter-ms).
         #[arg(long, default_value_t = 0)]
         latency_ms: u64,
+        /// Each call's latency is drawn uniformly from latency +- jitter, in milliseconds.
+        #[arg(long, default_value_t = 0)]
+        jitter_ms: u64,
+        /// Seeds the jitter: the n-th call gets the same latency in every run with this seed.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Hold each answer until the next multiple of this many milliseconds (counted from the
+        /// first call) after its latency: calls are answered in waves, all at one moment.
+        #[arg(long)]
+        tick_ms: Option<u64>,
         /// Approximate size of each generated image, in bytes.
         #[arg(long, default_value_t = 2048)]
         image_bytes: usize,
@@ -57,12 +69,18 @@ async fn main() -> ExitCode {
     let Provider::Openai {
         listen,
         latency_ms,
+        jitter_ms,
+        seed,
+        tick_ms,
         image_bytes,
         rpm,
         tpm,
     } = cli.provider;
     let api = openai::FakeApi::new(openai::FakeOptions {
         latency: Duration::from_millis(latency_ms),
+        jitter: Duration::from_millis(jitter_ms),
+        seed,
+        tick: tick_ms.map(Duration::from_millis),
         image_bytes,
         requests_per_minute: rpm,
         tokens_per_minute: tpm,

@@ -54,7 +54,7 @@ impl FakeApi {
             }
         }
 
-        let mut delay = *lock(&self.inner.latency);
+        let mut delay = self.delay_of(seq);
         let mut not_an_image = false;
         let result = match (self.check_auth(&headers), &parsed) {
             (Err(e), _) => Err(e),

@@ -9,7 +9,8 @@
 //! - `POST /_fake/rules` appends a JSON [`Rule`]; `DELETE /_fake/rules` removes all rules;
 //! - `GET /_fake/stats` returns [`Stats`]; `GET /_fake/calls?prompt_contains=X` returns
 //!   `{"calls": N, "billed": M}`;
-//! - `POST /_fake/latency` with `{"ms": 500}` sets the latency added before every response;
+//! - `POST /_fake/latency` with `{"ms": 500}` sets the latency added before every response (the
+//!   standalone server also takes a seeded jitter and a tick: [`crate::latency::Schedule`]);
 //! - `POST /_fake/limits` with `{"requests_per_minute": 300, "tokens_per_minute": null}` sets the
 //!   account's rate limits (`null`: unlimited).
 //!
@@ -47,14 +48,22 @@ use axum::body::Bytes;
 use axum::routing::{get, post};
 use tokio::net::TcpListener;
 
+use crate::latency::Schedule;
 use limits::AccountLimits;
 use png::PngTemplate;
 
 /// How the fake behaves when no [`Rule`] applies.
 #[derive(Clone, Debug)]
 pub struct FakeOptions {
-    /// Added before every response, success or error.
+    /// Added before every response, success or error: the mean latency (see `jitter`, `tick`).
     pub latency: Duration,
+    /// Each call's latency is drawn from `latency ± jitter`, by the seed and the call's number
+    /// ([`Schedule`]): the same run, the same latencies.
+    pub jitter: Duration,
+    pub seed: u64,
+    /// Answers are held until the next multiple of this after their latency, counted from the
+    /// first call: a wave of calls is answered at one moment.
+    pub tick: Option<Duration>,
     /// Approximate size in bytes of each generated PNG.
     pub image_bytes: usize,
     /// `None`: any non-empty Bearer token is accepted; `Some(k)`: only `k`, else 401.
@@ -69,6 +78,9 @@ impl Default for FakeOptions {
     fn default() -> Self {
         Self {
             latency: Duration::ZERO,
+            jitter: Duration::ZERO,
+            seed: 0,
+            tick: None,
             image_bytes: 2048,
             api_key: None,
             requests_per_minute: None,
@@ -148,7 +160,9 @@ pub struct FakeApi {
 
 struct Inner {
     api_key: Option<String>,
-    latency: Mutex<Duration>,
+    latency: Mutex<Schedule>,
+    /// When the first call arrived: the origin of the schedule's ticks.
+    first_call: std::sync::OnceLock<std::time::Instant>,
     rules: Mutex<Vec<Rule>>,
     counters: Mutex<Counters>,
     seq: AtomicU64,
@@ -197,7 +211,13 @@ impl FakeApi {
     pub fn new(opts: FakeOptions) -> Self {
         let inner = Inner {
             api_key: opts.api_key,
-            latency: Mutex::new(opts.latency),
+            latency: Mutex::new(Schedule {
+                base: opts.latency,
+                jitter: opts.jitter,
+                seed: opts.seed,
+                tick: opts.tick,
+            }),
+            first_call: std::sync::OnceLock::new(),
             rules: Mutex::default(),
             counters: Mutex::default(),
             seq: AtomicU64::new(0),
@@ -258,8 +278,21 @@ impl FakeApi {
         lock(&self.inner.rules).clear();
     }
 
+    /// A constant latency from now on.
     pub fn set_latency(&self, d: Duration) {
-        *lock(&self.inner.latency) = d;
+        *lock(&self.inner.latency) = Schedule::constant(d);
+    }
+
+    /// The latencies of the calls from now on.
+    pub fn set_schedule(&self, schedule: Schedule) {
+        *lock(&self.inner.latency) = schedule;
+    }
+
+    /// How long the `n`-th call (from 0), arriving now, waits before its answer.
+    fn delay_of(&self, n: u64) -> Duration {
+        let first = *self.inner.first_call.get_or_init(std::time::Instant::now);
+        let arrival = first.elapsed();
+        lock(&self.inner.latency).answer_at(n, arrival) - arrival
     }
 
     /// Sets the account's rate limits (`None`: unlimited), with full buckets.

@@ -1,0 +1,222 @@
+//! The tables printed after the runs, with the targets.
+
+use super::*;
+pub(crate) fn round(x: f64, digits: i32) -> f64 {
+    let f = 10f64.powi(digits);
+    (x * f).round() / f
+}
+
+/// Nearest-rank percentile of sorted values.
+pub(crate) fn percentile(sorted: &[u64], p: f64) -> Option<u64> {
+    if sorted.is_empty() {
+        return None;
+    }
+    let rank = ((p * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
+    Some(sorted[rank - 1])
+}
+
+/// The human-readable tables, with the targets.
+pub(crate) fn report(results: &[Value]) -> String {
+    let mut out = String::new();
+    let f = |v: &Value, p: &str| v.pointer(p).cloned().unwrap_or(Value::Null);
+    // serde_json's Display ignores widths: format through a String.
+    let s = |v: Value| match v {
+        Value::Null => "-".to_string(),
+        Value::String(s) => s,
+        v => v.to_string(),
+    };
+    let num = |v: Value, d: usize| match v.as_f64() {
+        Some(x) => format!("{x:.d$}"),
+        None => "-".into(),
+    };
+    let _ = writeln!(
+        out,
+        "{:<8} {:>6} {:>5} {:>6} {:>6} {:>8} {:>8} {:>7} {:>6} {:>8} {:>8} {:>7} {:>7} {:>6} {:>6} {:>5}",
+        "run",
+        "N",
+        "conc",
+        "lat_ms",
+        "img_KB",
+        "wall_s",
+        "jobs/s",
+        "bound",
+        "ratio",
+        "cpu_ms/j",
+        "rss_MiB",
+        "p50_ms",
+        "p99_ms",
+        "calls",
+        "billed",
+        "fail"
+    );
+    for r in results {
+        let _ = writeln!(
+            out,
+            "{:<8} {:>6} {:>5} {:>6} {:>6} {:>8} {:>8} {:>7} {:>6} {:>8} {:>8} {:>7} {:>7} {:>6} {:>6} {:>5}",
+            f(r, "/label").as_str().unwrap_or("?"),
+            s(f(r, "/n")),
+            s(f(r, "/concurrency")),
+            s(f(r, "/latency_ms")),
+            f(r, "/image_bytes").as_u64().map_or(0, |b| b / 1000),
+            num(f(r, "/wall_secs"), 2),
+            num(f(r, "/throughput_jobs_per_sec"), 1),
+            num(f(r, "/bound_jobs_per_sec"), 1),
+            num(f(r, "/ratio_to_bound"), 3),
+            num(f(r, "/worker_cpu_ms_per_job"), 3),
+            num(
+                json!(f(r, "/worker_peak_rss_kib").as_f64().map(|k| k / 1024.0)),
+                1
+            ),
+            s(f(r, "/job_duration_ms/p50")),
+            s(f(r, "/job_duration_ms/p99")),
+            s(f(r, "/fake_api/requests")),
+            s(f(r, "/fake_api/billed")),
+            s(f(r, "/events/failed")),
+        );
+    }
+    let _ = writeln!(
+        out,
+        "\nCPU seconds from the worker's start to the last event (host capacity = wall x cores):"
+    );
+    let _ = writeln!(
+        out,
+        "{:<8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>9} {:>9}  top other",
+        "run",
+        "worker",
+        "rabbitmq",
+        "garage",
+        "fake_api",
+        "harness",
+        "other",
+        "host_busy",
+        "capacity"
+    );
+    for r in results {
+        let c = |k: &str| num(f(r, &format!("/cpu_secs_during_run/{k}")), 2);
+        let top: Vec<String> = f(r, "/cpu_secs_during_run/top_other_processes")
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .take(3)
+                    .map(|p| format!("{} {}", p["comm"].as_str().unwrap_or("?"), p["cpu_secs"]))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let _ = writeln!(
+            out,
+            "{:<8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>9} {:>9}  {}",
+            f(r, "/label").as_str().unwrap_or("?"),
+            c("worker"),
+            c("rabbitmq"),
+            c("garage"),
+            c("fake_api"),
+            c("harness"),
+            c("other"),
+            c("host_busy"),
+            c("host_capacity"),
+            top.join(", ")
+        );
+    }
+    let _ = writeln!(out, "\nTargets:");
+    let mut lines = String::new();
+    let mut check = |label: &str, what: &str, value: Option<f64>, target: f64, at_least: bool| {
+        let out = &mut lines;
+        if let Some(v) = value {
+            let met = if at_least { v >= target } else { v <= target };
+            let op = if at_least { ">=" } else { "<=" };
+            let _ = writeln!(
+                out,
+                "  {label:<6} {what:<22} {v:>9.3} {op} {target:<6} {}",
+                if met { "met" } else { "MISSED" }
+            );
+        }
+    };
+    let mut skipped = Vec::new();
+    for r in results {
+        let label = f(r, "/label").as_str().unwrap_or("?").to_string();
+        if r["non_default_settings"]
+            .as_array()
+            .is_some_and(|a| !a.is_empty())
+        {
+            skipped.push(format!(
+                "  {label:<6} not checked: run with {}",
+                r["non_default_settings"]
+            ));
+            continue;
+        }
+        match f(r, "/scenario").as_str() {
+            Some("a") => {
+                check(
+                    &label,
+                    "ratio to bound",
+                    f(r, "/ratio_to_bound").as_f64(),
+                    TARGET_RATIO,
+                    true,
+                );
+                check(
+                    &label,
+                    "CPU ms per job",
+                    f(r, "/worker_cpu_ms_per_job").as_f64(),
+                    TARGET_CPU_MS_PER_JOB,
+                    false,
+                );
+                check(
+                    &label,
+                    "peak RSS MiB",
+                    f(r, "/worker_peak_rss_kib").as_f64().map(|k| k / 1024.0),
+                    TARGET_RSS_MIB,
+                    false,
+                );
+            }
+            Some("b") => {
+                check(
+                    &label,
+                    "CPU ms per job",
+                    f(r, "/worker_cpu_ms_per_job").as_f64(),
+                    TARGET_CPU_MS_PER_JOB,
+                    false,
+                );
+            }
+            _ => {}
+        }
+    }
+    out.push_str(&lines);
+    for line in skipped {
+        let _ = writeln!(out, "{line}");
+    }
+    let d: Vec<&Value> = results.iter().filter(|r| r["scenario"] == "d").collect();
+    for pair in d.chunks(2) {
+        if let [small, large] = pair {
+            let rss = |r: &Value| r["worker_peak_rss_kib"].as_f64().unwrap_or(0.0) / 1024.0;
+            let growth = rss(large) / rss(small).max(f64::MIN_POSITIVE);
+            let _ = writeln!(
+                out,
+                "  {:<6} peak RSS N={} {:.1} MiB vs N={} {:.1} MiB: x{growth:.2} {}",
+                large["label"].as_str().unwrap_or("d"),
+                small["n"],
+                rss(small),
+                large["n"],
+                rss(large),
+                if growth <= 1.10 {
+                    "flat (within 10%)"
+                } else {
+                    "NOT flat (grew more than 10%)"
+                }
+            );
+            let mib = |k: &str| {
+                large["worker_rss_kib_when_done"][k]
+                    .as_f64()
+                    .map_or("-".into(), |v| format!("{:.1}", v / 1024.0))
+            };
+            let _ = writeln!(
+                out,
+                "         RSS of the N={} worker at 10% / 50% / 90% of its events: {} / {} / {} MiB",
+                large["n"],
+                mib("10%"),
+                mib("50%"),
+                mib("90%")
+            );
+        }
+    }
+    out
+}

@@ -1,0 +1,503 @@
+//! One run: its queues, the fake API, the workers, the events, and what they cost.
+
+use super::*;
+/// Child processes of a run, killed if still running when dropped (on error).
+pub(crate) struct Proc {
+    name: &'static str,
+    child: Child,
+}
+
+impl Proc {
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// SIGTERM, then SIGKILL after `grace`. Returns the exit code.
+    async fn stop(&mut self, grace: Duration) -> Option<i32> {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + grace;
+        loop {
+            match self.child.try_wait() {
+                Ok(Some(status)) => return status.code(),
+                Ok(None) if Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                _ => {
+                    eprintln!("{} did not stop within {grace:?}: killing it", self.name);
+                    let _ = self.child.kill();
+                    return self.child.wait().ok().and_then(|s| s.code());
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// A run id that sorts after every earlier one: `r` (after any hex digit of the random ids of
+/// earlier versions of this harness), seconds since the epoch in hex, 4 random hex digits.
+///
+/// It is also the run's storage prefix. The worker lists each job's directory, and Garage's
+/// listing walks forward from the prefix over deleted objects (kept as tombstones for a day) until
+/// it finds live ones: with the prefixes of deleted runs sorting after this run's, that walk
+/// (and Garage's CPU) would grow with every earlier run.
+pub(crate) fn run_id() -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    format!("r{secs:08x}{:04x}", fastrand::u16(..))
+}
+
+pub(crate) fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+/// The overrides that point a worker at this run's queues, the fake and Garage: everything else
+/// stays at its default, concurrency excepted (and what `--set` changes, for diagnostics).
+pub(crate) fn overrides(
+    args: &Args,
+    id: &str,
+    fake_port: u16,
+    spec: &RunSpec,
+    spool: &Path,
+) -> Vec<(String, String)> {
+    let mut v: Vec<(&str, String)> = vec![
+        ("amqp.url", args.amqp_url.clone()),
+        ("amqp.jobs_queue", format!("bench.{id}.jobs")),
+        ("amqp.dead_letter_queue", format!("bench.{id}.dead")),
+        ("amqp.results_exchange", format!("bench.{id}.results")),
+        ("amqp.results_queue", format!("bench.{id}.results")),
+        ("amqp.connection_name", format!("bench-{id}")),
+        ("providers.openai.kind", "openai".into()),
+        (
+            "providers.openai.base_url",
+            format!("http://127.0.0.1:{fake_port}/v1"),
+        ),
+        ("providers.openai.api_key", "sk-bench".into()),
+        ("storage.kind", "s3".into()),
+        ("storage.bucket", S3_BUCKET.into()),
+        ("storage.endpoint_url", S3_ENDPOINT.into()),
+        ("storage.region", S3_REGION.into()),
+        ("storage.access_key_id", S3_KEY_ID.into()),
+        ("storage.secret_access_key", S3_SECRET.into()),
+        ("storage.prefix", format!("bench/{id}/")),
+        ("spool.dir", spool.display().to_string()),
+        // The health and metrics listener stays on, on loopback and a free port.
+        ("http.listen", "127.0.0.1:0".into()),
+        ("worker.concurrency", spec.concurrency.to_string()),
+    ];
+    v.extend(
+        args.set
+            .iter()
+            .filter_map(|kv| kv.split_once('='))
+            .map(|(k, val)| (k, val.to_string())),
+    );
+    v.into_iter().map(|(k, val)| (k.to_string(), val)).collect()
+}
+
+pub(crate) fn env_name(key: &str) -> String {
+    format!("IMAGEGEN__{}", key.replace('.', "__").to_uppercase())
+}
+
+pub(crate) async fn run_one(args: &Args, spec: &RunSpec, id: &str) -> anyhow::Result<Value> {
+    let run_dir = std::env::current_dir()?
+        .join(&args.out_dir)
+        .join("runs")
+        .join(format!("{}-{id}", spec.label.replace(['/', '#'], "-")));
+    std::fs::create_dir_all(&run_dir)?;
+    let fake_port = free_port()?;
+    let overrides = overrides(args, id, fake_port, spec, &run_dir.join("spool"));
+    let pairs: Vec<(&str, String)> = overrides
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.clone()))
+        .collect();
+    let settings =
+        Settings::load_with_overrides(&Sources::default(), &pairs).context("benchmark settings")?;
+    let connection = connect(&settings, "bench").await?;
+    // Ctrl-C ends the measurement (its child processes are killed on drop), not the clean-up.
+    let result = tokio::select! {
+        r = run_with_queues(args, spec, id, &run_dir, fake_port, &overrides, &settings, &connection) => r,
+        _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted")),
+    };
+
+    // Clean up whatever happened.
+    let a = &settings.amqp;
+    let mut queues = vec![
+        a.jobs_queue.clone(),
+        a.dead_letter_queue.clone(),
+        a.results_queue.clone(),
+    ];
+    queues.extend(
+        a.delay_tiers_secs
+            .iter()
+            .map(|t| settings.delay_queue_name(*t)),
+    );
+    for q in queues {
+        // A channel per delete: deleting a queue that is not there closes the channel.
+        if let Ok(channel) = connection.create_channel().await {
+            let _ = channel
+                .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
+                .await;
+        }
+    }
+    if let Ok(channel) = connection.create_channel().await {
+        let _ = channel
+            .exchange_delete(
+                a.results_exchange.as_str().into(),
+                ExchangeDeleteOptions::default(),
+            )
+            .await;
+    }
+    let _ = connection.close(200, "bench done".into()).await;
+    let _ = std::fs::remove_dir_all(run_dir.join("spool"));
+    result
+}
+
+#[allow(clippy::too_many_arguments)]
+pub(crate) async fn run_with_queues(
+    args: &Args,
+    spec: &RunSpec,
+    id: &str,
+    run_dir: &Path,
+    fake_port: u16,
+    overrides: &[(String, String)],
+    settings: &Settings,
+    connection: &lapin::Connection,
+) -> anyhow::Result<Value> {
+    // The run's queues, created with the worker's own arguments plus x-expires, so that an
+    // interrupted run leaves nothing behind for long; the worker accepts them as they are.
+    let expires = |mut t: FieldTable| {
+        t.insert("x-expires".into(), AMQPValue::LongInt(30 * 60 * 1000));
+        t
+    };
+    let a = &settings.amqp;
+    for (name, arguments) in topology::queues(settings) {
+        topology::ensure_queue(connection, &name, expires(arguments)).await?;
+    }
+    topology::declare(connection, settings).await?;
+
+    // The fake image API, its own process.
+    let mut fake = Proc {
+        name: "fake-api",
+        child: Command::new(&args.fake_bin)
+            .args([
+                "openai",
+                "--listen",
+                &format!("127.0.0.1:{fake_port}"),
+                "--latency-ms",
+                &spec.latency_ms.to_string(),
+                "--image-bytes",
+                &spec.image_bytes.to_string(),
+            ])
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(run_dir.join("fake-api.log"))?)
+            .spawn()
+            .context("starting the fake API")?,
+    };
+    let http = reqwest::Client::new();
+    let stats_url = format!("http://127.0.0.1:{fake_port}/_fake/stats");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while http.get(&stats_url).send().await.is_err() {
+        if Instant::now() > deadline || fake.child.try_wait()?.is_some() {
+            bail!(
+                "the fake API did not start (see {}/fake-api.log)",
+                run_dir.display()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // Listen before publishing, then publish every job before the worker starts.
+    let mut listener = ResultListener::open(connection, &a.results_exchange, "#").await?;
+    let batch = format!("bench-{id}");
+    let jobs: Vec<(String, Vec<u8>)> = (0..spec.n)
+        .map(|i| {
+            let job_id = format!("job-{i:06}");
+            let body = json!({
+                "id": job_id,
+                "batch": batch,
+                "prompt": format!("benchmark prompt {i}: a lighthouse on a cliff at dusk, oil painting"),
+            });
+            (job_id, body.to_string().into_bytes())
+        })
+        .collect();
+    let enqueue_started = Instant::now();
+    let published = publish_jobs(connection, &a.jobs_queue, &jobs).await?;
+    let enqueue_secs = enqueue_started.elapsed().as_secs_f64();
+    eprintln!("published {published} jobs in {enqueue_secs:.1} s; starting the worker");
+
+    let (busy_before, garage_before) =
+        wait_idle(Duration::from_secs(args.wait_idle_secs), args.idle_below).await;
+    eprintln!(
+        "before the worker's start: host {:.0}% busy, Garage using {:.2} cores",
+        busy_before * 100.0,
+        garage_before
+    );
+
+    // The worker, its own process: defaults, plus the overrides.
+    let before = CpuSnapshot::take();
+    let mut command = Command::new(&args.bin);
+    command
+        .arg("worker")
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(run_dir.join("worker.log"))?);
+    for (key, value) in overrides {
+        let key = match key.strip_prefix("providers.openai.") {
+            Some(rest) if args.legacy_provider => format!("provider.{rest}"),
+            _ => key.clone(),
+        };
+        command.env(env_name(&key), value);
+    }
+    let started = Instant::now();
+    let mut worker = Proc {
+        name: "worker",
+        child: command.spawn().context("starting the worker")?,
+    };
+
+    // Every job's event, once.
+    let mut pending: HashSet<&str> = jobs.iter().map(|(id, _)| id.as_str()).collect();
+    let mut durations = Vec::with_capacity(spec.n);
+    let (mut succeeded, mut failed, mut duplicates, mut attempts) = (0usize, 0usize, 0usize, 0u64);
+    let mut first_event = None;
+    let mut last_event = started;
+    let deadline = started + Duration::from_secs(args.timeout_secs);
+    // The worker's RSS about once a second: (seconds since its start, KiB, events so far).
+    let mut rss_samples: Vec<(f64, u64, usize)> = Vec::new();
+    let mut next_sample = started;
+    while !pending.is_empty() {
+        if Instant::now() >= next_sample {
+            if let Some(kib) = status_kib(worker.pid(), "VmRSS:") {
+                let t = round(started.elapsed().as_secs_f64(), 2);
+                rss_samples.push((t, kib, spec.n - pending.len()));
+            }
+            next_sample += Duration::from_secs(1);
+        }
+        let wait = deadline.saturating_duration_since(Instant::now());
+        match listener.next(wait.min(Duration::from_secs(1))).await? {
+            Some(event) => {
+                if !pending.remove(event.data.job_id.as_str()) {
+                    duplicates += 1;
+                    continue;
+                }
+                last_event = Instant::now();
+                first_event.get_or_insert(last_event);
+                durations.push(event.data.duration_ms);
+                attempts += u64::from(event.data.attempts);
+                match event.data.status {
+                    Status::Succeeded => succeeded += 1,
+                    Status::Failed => failed += 1,
+                }
+            }
+            None => {
+                if let Some(status) = worker.child.try_wait()? {
+                    bail!(
+                        "the worker exited ({status}) with {} events missing (see {}/worker.log)",
+                        pending.len(),
+                        run_dir.display()
+                    );
+                }
+                if Instant::now() >= deadline {
+                    bail!(
+                        "{} of {} events missing after {} s",
+                        pending.len(),
+                        spec.n,
+                        args.timeout_secs
+                    );
+                }
+            }
+        }
+    }
+    // Just before stopping the worker: its CPU time and memory, and everyone else's CPU.
+    let after = CpuSnapshot::take();
+    let worker_stat = proc_ticks(worker.pid()).context("reading the worker's /proc/PID/stat")?;
+    let (peak_rss_kib, rss_kib) = (
+        status_kib(worker.pid(), "VmHWM:"),
+        status_kib(worker.pid(), "VmRSS:"),
+    );
+    let threads = status_kib(worker.pid(), "Threads:");
+    // RSS when 10%, 50% and 90% of the events were in (from the samples).
+    let rss_at = |fraction: f64| {
+        let done = (spec.n as f64 * fraction) as usize;
+        rss_samples
+            .iter()
+            .find(|(_, _, d)| *d >= done)
+            .map(|(_, kib, _)| *kib)
+    };
+    let rss_progress = json!({ "10%": rss_at(0.1), "50%": rss_at(0.5), "90%": rss_at(0.9) });
+    // At most ~200 samples in the record.
+    let step = rss_samples.len().div_ceil(200).max(1);
+    let rss_series: Vec<_> = rss_samples.iter().step_by(step).collect();
+    let worker_exit = worker.stop(Duration::from_secs(60)).await;
+    let stats: Value = http.get(&stats_url).send().await?.json().await?;
+    fake.stop(Duration::from_secs(10)).await;
+    listener.close().await;
+
+    let tck = clock_ticks();
+    let window = last_event.duration_since(started).as_secs_f64();
+    let worker_cpu_ms = (worker_stat.1 as f64) * 1000.0 / tck;
+    durations.sort_unstable();
+    let bound =
+        (spec.latency_ms > 0).then(|| spec.concurrency as f64 / (spec.latency_ms as f64 / 1000.0));
+    let throughput = spec.n as f64 / window;
+    let cpu = after.delta(&before, worker.pid(), fake.pid(), tck);
+    let provider_latency = provider_latencies(&run_dir.join("worker.log"));
+    Ok(json!({
+        "scenario": spec.scenario,
+        "label": spec.label,
+        "run_id": id,
+        "n": spec.n,
+        "concurrency": spec.concurrency,
+        "latency_ms": spec.latency_ms,
+        "image_bytes": spec.image_bytes,
+        "enqueue_secs": round(enqueue_secs, 3),
+        "wall_secs": round(window, 3),
+        "first_event_secs": first_event.map(|t| round(t.duration_since(started).as_secs_f64(), 3)),
+        "throughput_jobs_per_sec": round(throughput, 2),
+        "bound_jobs_per_sec": bound.map(|b| round(b, 2)),
+        "ratio_to_bound": bound.map(|b| round(throughput / b, 4)),
+        "worker_cpu_ms": round(worker_cpu_ms, 1),
+        "worker_cpu_ms_per_job": round(worker_cpu_ms / spec.n as f64, 3),
+        "worker_peak_rss_kib": peak_rss_kib,
+        "worker_rss_at_end_kib": rss_kib,
+        "worker_threads": threads,
+        "non_default_settings": args.set,
+        "worker_rss_kib_when_done": rss_progress,
+        "worker_rss_samples_secs_kib_done": rss_series,
+        "worker_exit_code": worker_exit,
+        "job_duration_ms": {
+            "p50": percentile(&durations, 0.50),
+            "p99": percentile(&durations, 0.99),
+            "max": durations.last(),
+        },
+        "provider_call_ms_from_worker_log": provider_latency,
+        "events": { "succeeded": succeeded, "failed": failed, "duplicates": duplicates, "attempts": attempts },
+        "fake_api": stats,
+        "cpu_secs_during_run": cpu,
+        "host_busy_fraction_before": round(busy_before, 3),
+        "garage_cores_before": round(garage_before, 3),
+        "logs": run_dir.display().to_string(),
+    }))
+}
+
+/// Publishes the jobs to `queue` as a producer would: persistent JSON messages with a message id,
+/// with publisher confirms (up to 1000 unconfirmed at a time). Returns how many were confirmed.
+pub(crate) async fn publish_jobs(
+    connection: &lapin::Connection,
+    queue: &str,
+    jobs: &[(String, Vec<u8>)],
+) -> anyhow::Result<usize> {
+    let channel = connection.create_channel().await?;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
+    let mut confirmed = 0;
+    for chunk in jobs.chunks(1000) {
+        let mut pending = Vec::with_capacity(chunk.len());
+        for (id, body) in chunk {
+            let properties = BasicProperties::default()
+                .with_content_type("application/json".into())
+                .with_message_id(id.as_str().into())
+                .with_delivery_mode(2);
+            let options = BasicPublishOptions {
+                mandatory: true,
+                ..BasicPublishOptions::default()
+            };
+            pending.push(
+                channel
+                    .basic_publish("".into(), queue.into(), options, body, properties)
+                    .await?,
+            );
+        }
+        for confirm in pending {
+            match confirm.await? {
+                Confirmation::Ack(None) => confirmed += 1,
+                other => bail!("the broker did not confirm a job: {other:?}"),
+            }
+        }
+    }
+    let _ = channel.close(200, "published".into()).await;
+    Ok(confirmed)
+}
+
+/// p50/p99 of the provider call latencies the worker logs ("provider returned", latency_ms).
+pub(crate) fn provider_latencies(log: &Path) -> Option<Value> {
+    let text = std::fs::read_to_string(log).ok()?;
+    let mut v: Vec<u64> = text
+        .lines()
+        .filter(|l| l.contains("provider returned"))
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter_map(|l| l.pointer("/fields/latency_ms")?.as_u64())
+        .collect();
+    v.sort_unstable();
+    (!v.is_empty()).then(
+        || json!({ "calls": v.len(), "p50": percentile(&v, 0.5), "p99": percentile(&v, 0.99) }),
+    )
+}
+
+/// Deletes every object under `prefix` (with its own S3 client, set up like the worker's).
+pub(crate) async fn delete_objects(prefix: &str) -> anyhow::Result<usize> {
+    use aws_sdk_s3::config::{Region, RequestChecksumCalculation, ResponseChecksumValidation};
+    let http = aws_smithy_http_client::Builder::new()
+        .tls_provider(aws_smithy_http_client::tls::Provider::Rustls(
+            aws_smithy_http_client::tls::rustls_provider::CryptoMode::Ring,
+        ))
+        .build_https();
+    let shared = aws_config::defaults(aws_config::BehaviorVersion::latest())
+        .http_client(http)
+        .region(Region::new(S3_REGION))
+        .endpoint_url(S3_ENDPOINT)
+        .credentials_provider(aws_credential_types::Credentials::new(
+            S3_KEY_ID, S3_SECRET, None, None, "bench",
+        ))
+        .load()
+        .await;
+    let config = aws_sdk_s3::config::Builder::from(&shared)
+        .force_path_style(true)
+        .request_checksum_calculation(RequestChecksumCalculation::WhenRequired)
+        .response_checksum_validation(ResponseChecksumValidation::WhenRequired)
+        .build();
+    let client = aws_sdk_s3::Client::from_conf(config);
+    let mut deleted = 0;
+    loop {
+        let page = client
+            .list_objects_v2()
+            .bucket(S3_BUCKET)
+            .prefix(prefix)
+            .send()
+            .await?;
+        let keys: Vec<String> = page
+            .contents()
+            .iter()
+            .filter_map(|o| o.key().map(str::to_string))
+            .collect();
+        if keys.is_empty() {
+            return Ok(deleted);
+        }
+        let results: Vec<_> = futures_util::stream::iter(keys)
+            .map(|key| client.delete_object().bucket(S3_BUCKET).key(key).send())
+            .buffer_unordered(32)
+            .collect()
+            .await;
+        for r in results {
+            r?;
+            deleted += 1;
+        }
+    }
+}
