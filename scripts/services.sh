@@ -111,6 +111,8 @@ metadata_dir = "$GARAGE_DIR/meta"
 data_dir = "$GARAGE_DIR/data"
 db_engine = "sqlite"
 replication_factor = 1
+# Images are compressed already: zstd (Garage's default, level 1) would only spend CPU on them.
+compression_level = "none"
 
 rpc_bind_addr = "127.0.0.1:3901"
 rpc_public_addr = "127.0.0.1:3901"

@@ -115,7 +115,13 @@ impl CpuSnapshot {
     }
 
     /// CPU seconds used between `before` and `self`, by group.
-    pub(crate) fn delta(&self, before: &CpuSnapshot, worker: u32, fake: u32, tck: f64) -> Value {
+    pub(crate) fn delta(
+        &self,
+        before: &CpuSnapshot,
+        workers: &[u32],
+        fake: u32,
+        tck: f64,
+    ) -> Value {
         let me = std::process::id();
         let mut groups: BTreeMap<&str, u64> = BTreeMap::new();
         let mut others: HashMap<String, u64> = HashMap::new();
@@ -129,7 +135,7 @@ impl CpuSnapshot {
                 .map_or(0, |(_, t)| *t);
             let used = ticks.saturating_sub(prior);
             let group = match comm.as_str() {
-                _ if *pid == worker => "worker",
+                _ if workers.contains(pid) => "worker",
                 _ if *pid == fake => "fake_api",
                 _ if *pid == me => "harness",
                 "beam.smp" | "erl_child_setup" | "epmd" | "inet_gethost" => "rabbitmq",
@@ -218,4 +224,36 @@ pub(crate) fn machine_info(bin: &Path) -> Value {
         "git_src_dirty": command_output("git", &["status", "--porcelain", "--", "src"]).is_some(),
         "loadavg_at_start": std::fs::read_to_string("/proc/loadavg").ok().map(|s| s.trim().to_string()),
     })
+}
+
+/// The kernel's memory for the TCP sockets of each of `pids`, in bytes: receive queues,
+/// send queues and memory charged ahead (`ss -tmp`'s `skmem` r + w + f), which counts against
+/// a container's memory limit like its RSS does. `None` when `ss` cannot be run.
+pub(crate) fn socket_bytes(pids: &[u32]) -> Option<Vec<u64>> {
+    let out = Command::new("ss").args(["-tmnpH"]).output().ok()?;
+    if !out.status.success() {
+        return None;
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut totals = vec![0u64; pids.len()];
+    let mut owner: Option<usize> = None;
+    for line in text.lines() {
+        if let Some(at) = line.find("skmem:(") {
+            let Some(i) = owner.take() else { continue };
+            let fields = &line[at + 7..];
+            let fields = &fields[..fields.find(')').unwrap_or(fields.len())];
+            for field in fields.split(',') {
+                let (name, value) = field.split_at(field.find(|c: char| c.is_ascii_digit())?);
+                if matches!(name, "r" | "w" | "f") {
+                    totals[i] += value.parse::<u64>().unwrap_or(0);
+                }
+            }
+        }
+        if line.contains("users:(") {
+            owner = pids
+                .iter()
+                .position(|p| line.contains(&format!("pid={p},")));
+        }
+    }
+    Some(totals)
 }

@@ -24,6 +24,8 @@
 //! Needs RabbitMQ on 127.0.0.1:5672 and Garage on 127.0.0.1:3900 (`scripts/services.sh`) and a
 //! copy of the release binary at `--bin` (`make bench` does all of it).
 
+#![recursion_limit = "256"]
+
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -37,6 +39,7 @@ use imagegen::amqp::results::ResultListener;
 use imagegen::amqp::{connect, topology};
 use imagegen::config::{Settings, Sources};
 use imagegen::domain::event::Status;
+use imagegen_fakes::latency::Schedule;
 use lapin::options::{
     BasicPublishOptions, ConfirmSelectOptions, ExchangeDeleteOptions, QueueDeleteOptions,
 };
@@ -45,13 +48,16 @@ use lapin::{BasicProperties, Confirmation};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
+mod floor;
 mod host;
 mod report;
 mod run;
+mod scenarios;
 
 use host::*;
 use report::*;
 use run::*;
+use scenarios::*;
 
 /// Garage as `scripts/services.sh` sets it up.
 const S3_ENDPOINT: &str = "http://127.0.0.1:3900";
@@ -60,15 +66,22 @@ const S3_BUCKET: &str = "imagegen-dev";
 const S3_KEY_ID: &str = "GK1d3a9e0c5b7f2a4e6c8d0b1f";
 const S3_SECRET: &str = "9f8e7d6c5b4a39281706f5e4d3c2b1a09f8e7d6c5b4a39281706f5e4d3c2b1a0";
 
-/// Targets from the benchmark issue.
+/// Targets of scenario a and b (300 KB images).
 const TARGET_RATIO: f64 = 0.97;
 const TARGET_CPU_MS_PER_JOB: f64 = 1.5;
 const TARGET_RSS_MIB: f64 = 48.0;
+/// Targets of the big-image scenarios (jitter, burst) and the fleet.
+const TARGET_RATIO_TO_IDEAL: f64 = 0.95;
+const TARGET_CPU_MS_ABOVE_FLOOR: f64 = 1.5;
+const TARGET_BURST_RSS_MIB: f64 = 128.0;
+const TARGET_RSS_PER_SLOT_KIB: f64 = 64.0;
+const TARGET_FLEET_RATIO: f64 = 0.9;
+const TARGET_FLEET_429: f64 = 0.02;
 
 #[derive(Parser, Debug)]
 #[command(about = "End-to-end benchmark of the imagegen worker (RabbitMQ, Garage, fake image API)")]
 struct Args {
-    /// Scenarios to run: a, b, c, d, all, or a comma-separated list (a,b).
+    /// Scenarios to run: a, b, c, d, jitter, burst, fleet, all, or a comma-separated list (a,b).
     #[arg(long, default_value = "all")]
     scenario: String,
     /// Override the number of jobs (not with scenario d, which compares two sizes).
@@ -128,80 +141,6 @@ struct Args {
     bench: bool,
 }
 
-/// One run: a scenario's parameters.
-#[derive(Debug, Clone)]
-struct RunSpec {
-    scenario: &'static str,
-    label: String,
-    n: usize,
-    concurrency: usize,
-    latency_ms: u64,
-    image_bytes: usize,
-}
-
-fn spec(scenario: &'static str, n: usize, concurrency: usize, latency_ms: u64) -> RunSpec {
-    RunSpec {
-        scenario,
-        label: scenario.to_string(),
-        n,
-        concurrency,
-        latency_ms,
-        image_bytes: 300_000,
-    }
-}
-
-fn plan(args: &Args) -> anyhow::Result<Vec<RunSpec>> {
-    let names: Vec<&str> = if args.scenario == "all" {
-        vec!["a", "b", "c", "d"]
-    } else {
-        args.scenario.split(',').map(str::trim).collect()
-    };
-    let mut runs = Vec::new();
-    for name in names {
-        match name {
-            "a" => runs.push(spec("a", 2000, 32, 500)),
-            "b" => runs.push(spec("b", 1000, 32, 0)),
-            "c" => runs.push(spec("c", 300, 64, 2000)),
-            "d" => {
-                if args.n.is_some() {
-                    bail!("--n cannot be used with scenario d (it runs N=200 and N=20000)");
-                }
-                for n in [200, 20_000] {
-                    let mut s = spec("d", n, 32, 20);
-                    s.label = format!("d/{n}");
-                    runs.push(s);
-                }
-            }
-            other => bail!("unknown scenario {other:?}: expected a, b, c, d or all"),
-        }
-    }
-    for run in &mut runs {
-        if let Some(n) = args.n {
-            run.n = n;
-        }
-        if let Some(c) = args.concurrency {
-            run.concurrency = c;
-        }
-        if let Some(l) = args.latency_ms {
-            run.latency_ms = l;
-        }
-        if let Some(kb) = args.image_kb {
-            run.image_bytes = kb * 1000;
-        }
-        if run.n == 0 || run.concurrency == 0 {
-            bail!("--n and --concurrency must be at least 1");
-        }
-    }
-    let mut all = runs.clone();
-    for round in 2..=args.repeat {
-        all.extend(runs.iter().map(|r| RunSpec {
-            label: format!("{}#{round}", r.label),
-            ..r.clone()
-        }));
-    }
-    Ok(all)
-}
-
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let runs = plan(&args)?;
@@ -230,16 +169,41 @@ async fn run_all(args: Args, runs: Vec<RunSpec>) -> anyhow::Result<()> {
     let mut results = Vec::new();
     let mut failures = Vec::new();
     let mut prefixes = Vec::new();
+    // The floor of each image size, measured here and now.
+    let mut floors: BTreeMap<usize, Value> = BTreeMap::new();
+    for spec in &runs {
+        if let std::collections::btree_map::Entry::Vacant(e) = floors.entry(spec.image_bytes) {
+            let floor = floor::measure(spec.image_bytes)?;
+            eprintln!("floor: {floor}");
+            e.insert(floor);
+        }
+    }
     for spec in &runs {
         let id = run_id();
         prefixes.push(format!("bench/{id}/"));
         eprintln!(
-            "\n== run {}: N={} concurrency={} latency={} ms image={} bytes",
-            spec.label, spec.n, spec.concurrency, spec.latency_ms, spec.image_bytes
+            "\n== run {}: N={} workers={} concurrency={} latency={}+-{} ms tick={:?} rpm={:?} image={} bytes",
+            spec.label,
+            spec.n,
+            spec.workers,
+            spec.concurrency,
+            spec.latency_ms,
+            spec.jitter_ms,
+            spec.tick_ms,
+            spec.rpm,
+            spec.image_bytes
         );
         let outcome = run_one(&args, spec, &id).await;
         match outcome {
-            Ok(result) => {
+            Ok(mut result) => {
+                let floor = &floors[&spec.image_bytes];
+                if let (Some(cpu), Some(floor_ms)) = (
+                    result["worker_cpu_ms_per_job"].as_f64(),
+                    floor["floor_ms"].as_f64(),
+                ) {
+                    result["cpu_ms_above_floor"] = json!(round(cpu - floor_ms, 3));
+                }
+                result["floor"] = floor.clone();
                 eprintln!("{}", serde_json::to_string(&result)?);
                 results.push(result);
             }

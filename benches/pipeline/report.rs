@@ -74,6 +74,7 @@ pub(crate) fn report(results: &[Value]) -> String {
             s(f(r, "/events/failed")),
         );
     }
+    big_table(&mut out, results);
     let _ = writeln!(
         out,
         "\nCPU seconds from the worker's start to the last event (host capacity = wall x cores):"
@@ -177,6 +178,73 @@ pub(crate) fn report(results: &[Value]) -> String {
                     false,
                 );
             }
+            Some("jitter" | "burst") => {
+                let mib = |p: &str| f(r, p).as_f64().map(|k| k / 1024.0);
+                check(
+                    &label,
+                    "ratio to ideal",
+                    f(r, "/ratio_to_ideal").as_f64(),
+                    TARGET_RATIO_TO_IDEAL,
+                    true,
+                );
+                check(
+                    &label,
+                    "CPU ms above floor",
+                    f(r, "/cpu_ms_above_floor").as_f64(),
+                    TARGET_CPU_MS_ABOVE_FLOOR,
+                    false,
+                );
+                let limit = if f(r, "/scenario") == "burst" {
+                    Some(TARGET_BURST_RSS_MIB)
+                } else {
+                    // Idle RSS + the answer memory + 64 KiB per slot.
+                    mib("/worker_idle_rss_kib").map(|idle| {
+                        idle + f(r, "/answer_memory_bytes").as_f64().unwrap_or(0.0)
+                            / (1024.0 * 1024.0)
+                            + f(r, "/concurrency").as_f64().unwrap_or(0.0) * TARGET_RSS_PER_SLOT_KIB
+                                / 1024.0
+                    })
+                };
+                if let Some(limit) = limit {
+                    check(
+                        &label,
+                        "peak RSS MiB",
+                        mib("/worker_peak_rss_kib"),
+                        limit,
+                        false,
+                    );
+                }
+            }
+            Some("fleet")
+                if f(r, "/limit_jobs_per_sec").as_f64() < f(r, "/bound_jobs_per_sec").as_f64() =>
+            {
+                let limit = f(r, "/limit_jobs_per_sec")
+                    .as_f64()
+                    .unwrap_or(f64::INFINITY);
+                check(
+                    &label,
+                    "rate / limit after 1 min",
+                    f(r, "/rate_after_first_minute").as_f64().map(|x| x / limit),
+                    TARGET_FLEET_RATIO,
+                    true,
+                );
+                check(
+                    &label,
+                    "share of 429s",
+                    f(r, "/share_429").as_f64(),
+                    TARGET_FLEET_429,
+                    false,
+                );
+            }
+            Some("fleet") => {
+                check(
+                    &label,
+                    "ratio to k x C / L",
+                    f(r, "/ratio_to_bound").as_f64(),
+                    TARGET_FLEET_RATIO,
+                    true,
+                );
+            }
             _ => {}
         }
     }
@@ -219,4 +287,69 @@ pub(crate) fn report(results: &[Value]) -> String {
         }
     }
     out
+}
+
+/// The runs with jitter, ticks or several workers: against the ideal, the floor and the limit.
+fn big_table(out: &mut String, results: &[Value]) {
+    let big: Vec<&Value> = results
+        .iter()
+        .filter(|r| matches!(r["scenario"].as_str(), Some("jitter" | "burst" | "fleet")))
+        .collect();
+    if big.is_empty() {
+        return;
+    }
+    let num = |v: &Value, d: usize| match v.as_f64() {
+        Some(x) => format!("{x:.d$}"),
+        None => "-".into(),
+    };
+    let mib = |v: &Value| num(&json!(v.as_f64().map(|k| k / 1024.0)), 1);
+    let _ = writeln!(
+        out,
+        "\n{:<16} {:>5} {:>3} {:>4} {:>11} {:>6} {:>6} {:>7} {:>7} {:>6} {:>7} {:>6} {:>6} {:>6} {:>6} {:>6} {:>5} {:>6} {:>6}",
+        "run",
+        "N",
+        "k",
+        "conc",
+        "latency_ms",
+        "tick",
+        "img_KB",
+        "wall_s",
+        "ideal_s",
+        "ratio",
+        "mid/s",
+        "limit",
+        "429%",
+        "cpu/j",
+        "floor",
+        "above",
+        "idle",
+        "peakMB",
+        "sockMB"
+    );
+    for r in big {
+        let latency = format!("{}+-{}", r["latency_ms"], r["jitter_ms"]);
+        let _ = writeln!(
+            out,
+            "{:<16} {:>5} {:>3} {:>4} {:>11} {:>6} {:>6} {:>7} {:>7} {:>6} {:>7} {:>6} {:>6} {:>6} {:>6} {:>6} {:>5} {:>6} {:>6}",
+            r["label"].as_str().unwrap_or("?"),
+            r["n"],
+            r["workers"],
+            r["concurrency"],
+            latency,
+            r["tick_ms"].as_u64().map_or("-".into(), |t| t.to_string()),
+            r["image_bytes"].as_u64().map_or(0, |b| b / 1000),
+            num(&r["wall_secs"], 1),
+            num(&r["ideal_secs"], 1),
+            num(&r["ratio_to_ideal"], 3),
+            num(&r["rate_25_75_jobs_per_sec"], 1),
+            num(&r["limit_jobs_per_sec"], 1),
+            num(&json!(r["share_429"].as_f64().map(|x| x * 100.0)), 2),
+            num(&r["worker_cpu_ms_per_job"], 2),
+            num(&r["floor"]["floor_ms"], 2),
+            num(&r["cpu_ms_above_floor"], 2),
+            mib(&r["worker_idle_rss_kib"]),
+            mib(&r["worker_peak_rss_kib"]),
+            mib(&r["worker_peak_socket_kib"]),
+        );
+    }
 }

@@ -160,8 +160,56 @@ pub(crate) async fn run_one(args: &Args, spec: &RunSpec, id: &str) -> anyhow::Re
             .await;
     }
     let _ = connection.close(200, "bench done".into()).await;
-    let _ = std::fs::remove_dir_all(run_dir.join("spool"));
+    for index in (0..spec.workers).chain([99]) {
+        let _ = std::fs::remove_dir_all(run_dir.join(format!("spool-{index}")));
+    }
     result
+}
+
+/// The command that starts worker `index` of a run: defaults, plus the overrides, plus a
+/// connection name, spool and log of its own.
+fn worker_command(
+    args: &Args,
+    overrides: &[(String, String)],
+    run_dir: &Path,
+    index: usize,
+    log: &str,
+) -> anyhow::Result<Command> {
+    let mut command = Command::new(&args.bin);
+    command
+        .arg("worker")
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(run_dir.join(log))?);
+    for (key, value) in overrides {
+        let key = match key.strip_prefix("providers.openai.") {
+            Some(rest) if args.legacy_provider => format!("provider.{rest}"),
+            _ => key.clone(),
+        };
+        let value = match key.as_str() {
+            "amqp.connection_name" => format!("{value}-{index}"),
+            "spool.dir" => format!("{value}-{index}"),
+            _ => value.clone(),
+        };
+        command.env(env_name(&key), value);
+    }
+    Ok(command)
+}
+
+/// The RSS of a worker at rest: started on the run's (empty) queue, read once it consumes, then
+/// stopped. What the memory targets are counted from.
+async fn idle_rss_kib(args: &Args, overrides: &[(String, String)], run_dir: &Path) -> Option<u64> {
+    let mut command = worker_command(args, overrides, run_dir, 99, "worker-idle.log").ok()?;
+    let mut worker = Proc {
+        name: "idle worker",
+        child: command.spawn().ok()?,
+    };
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let rss = status_kib(worker.pid(), "VmRSS:");
+    worker.stop(Duration::from_secs(10)).await;
+    rss
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -188,18 +236,29 @@ pub(crate) async fn run_with_queues(
     topology::declare(connection, settings).await?;
 
     // The fake image API, its own process.
+    let mut fake_args = vec![
+        "openai".to_string(),
+        "--listen".into(),
+        format!("127.0.0.1:{fake_port}"),
+        "--latency-ms".into(),
+        spec.latency_ms.to_string(),
+        "--jitter-ms".into(),
+        spec.jitter_ms.to_string(),
+        "--seed".into(),
+        spec.seed.to_string(),
+        "--image-bytes".into(),
+        spec.image_bytes.to_string(),
+    ];
+    if let Some(tick) = spec.tick_ms {
+        fake_args.extend(["--tick-ms".into(), tick.to_string()]);
+    }
+    if let Some(rpm) = spec.rpm {
+        fake_args.extend(["--rpm".into(), rpm.to_string()]);
+    }
     let mut fake = Proc {
         name: "fake-api",
         child: Command::new(&args.fake_bin)
-            .args([
-                "openai",
-                "--listen",
-                &format!("127.0.0.1:{fake_port}"),
-                "--latency-ms",
-                &spec.latency_ms.to_string(),
-                "--image-bytes",
-                &spec.image_bytes.to_string(),
-            ])
+            .args(&fake_args)
             .env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
             .stdin(Stdio::null())
@@ -221,7 +280,9 @@ pub(crate) async fn run_with_queues(
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 
-    // Listen before publishing, then publish every job before the worker starts.
+    let idle_rss = idle_rss_kib(args, overrides, run_dir).await;
+
+    // Listen before publishing, then publish every job before the workers start.
     let mut listener = ResultListener::open(connection, &a.results_exchange, "#").await?;
     let batch = format!("bench-{id}");
     let jobs: Vec<(String, Vec<u8>)> = (0..spec.n)
@@ -238,59 +299,64 @@ pub(crate) async fn run_with_queues(
     let enqueue_started = Instant::now();
     let published = publish_jobs(connection, &a.jobs_queue, &jobs).await?;
     let enqueue_secs = enqueue_started.elapsed().as_secs_f64();
-    eprintln!("published {published} jobs in {enqueue_secs:.1} s; starting the worker");
+    eprintln!("published {published} jobs in {enqueue_secs:.1} s; starting the worker(s)");
 
     let (busy_before, garage_before) =
         wait_idle(Duration::from_secs(args.wait_idle_secs), args.idle_below).await;
     eprintln!(
-        "before the worker's start: host {:.0}% busy, Garage using {:.2} cores",
+        "before the workers' start: host {:.0}% busy, Garage using {:.2} cores",
         busy_before * 100.0,
         garage_before
     );
 
-    // The worker, its own process: defaults, plus the overrides.
+    // The workers, their own processes: defaults, plus the overrides.
     let before = CpuSnapshot::take();
-    let mut command = Command::new(&args.bin);
-    command
-        .arg("worker")
-        .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(run_dir.join("worker.log"))?);
-    for (key, value) in overrides {
-        let key = match key.strip_prefix("providers.openai.") {
-            Some(rest) if args.legacy_provider => format!("provider.{rest}"),
-            _ => key.clone(),
-        };
-        command.env(env_name(&key), value);
-    }
     let started = Instant::now();
-    let mut worker = Proc {
-        name: "worker",
-        child: command.spawn().context("starting the worker")?,
-    };
+    let mut workers = Vec::with_capacity(spec.workers);
+    for index in 0..spec.workers {
+        let log = if index == 0 {
+            "worker.log".to_string()
+        } else {
+            format!("worker-{index}.log")
+        };
+        let mut command = worker_command(args, overrides, run_dir, index, &log)?;
+        workers.push(Proc {
+            name: "worker",
+            child: command.spawn().context("starting a worker")?,
+        });
+    }
+    let pids: Vec<u32> = workers.iter().map(Proc::pid).collect();
 
     // Every job's event, once.
     let mut pending: HashSet<&str> = jobs.iter().map(|(id, _)| id.as_str()).collect();
     let mut durations = Vec::with_capacity(spec.n);
+    let mut event_secs = Vec::with_capacity(spec.n);
     let (mut succeeded, mut failed, mut duplicates, mut attempts) = (0usize, 0usize, 0usize, 0u64);
     let mut first_event = None;
     let mut last_event = started;
     let deadline = started + Duration::from_secs(args.timeout_secs);
-    // The worker's RSS about once a second: (seconds since its start, KiB, events so far).
+    // The first worker's RSS about once a second: (seconds since its start, KiB, events so far).
     let mut rss_samples: Vec<(f64, u64, usize)> = Vec::new();
+    // The most socket memory any worker held at a sample (every half second), in bytes.
+    let mut socket_peak: Option<u64> = None;
     let mut next_sample = started;
     while !pending.is_empty() {
         if Instant::now() >= next_sample {
-            if let Some(kib) = status_kib(worker.pid(), "VmRSS:") {
+            if let Some(kib) = status_kib(pids[0], "VmRSS:") {
                 let t = round(started.elapsed().as_secs_f64(), 2);
                 rss_samples.push((t, kib, spec.n - pending.len()));
             }
-            next_sample += Duration::from_secs(1);
+            if let Some(bytes) = socket_bytes(&pids) {
+                let most = bytes.into_iter().max().unwrap_or(0);
+                socket_peak = Some(socket_peak.unwrap_or(0).max(most));
+            }
+            next_sample += Duration::from_millis(500);
         }
-        let wait = deadline.saturating_duration_since(Instant::now());
-        match listener.next(wait.min(Duration::from_secs(1))).await? {
+        let wait = deadline
+            .saturating_duration_since(Instant::now())
+            .min(next_sample.saturating_duration_since(Instant::now()))
+            .max(Duration::from_millis(10));
+        match listener.next(wait).await? {
             Some(event) => {
                 if !pending.remove(event.data.job_id.as_str()) {
                     duplicates += 1;
@@ -298,6 +364,7 @@ pub(crate) async fn run_with_queues(
                 }
                 last_event = Instant::now();
                 first_event.get_or_insert(last_event);
+                event_secs.push(last_event.duration_since(started).as_secs_f64());
                 durations.push(event.data.duration_ms);
                 attempts += u64::from(event.data.attempts);
                 match event.data.status {
@@ -306,12 +373,14 @@ pub(crate) async fn run_with_queues(
                 }
             }
             None => {
-                if let Some(status) = worker.child.try_wait()? {
-                    bail!(
-                        "the worker exited ({status}) with {} events missing (see {}/worker.log)",
-                        pending.len(),
-                        run_dir.display()
-                    );
+                for worker in &mut workers {
+                    if let Some(status) = worker.child.try_wait()? {
+                        bail!(
+                            "a worker exited ({status}) with {} events missing (see {}/worker*.log)",
+                            pending.len(),
+                            run_dir.display()
+                        );
+                    }
                 }
                 if Instant::now() >= deadline {
                     bail!(
@@ -324,14 +393,18 @@ pub(crate) async fn run_with_queues(
             }
         }
     }
-    // Just before stopping the worker: its CPU time and memory, and everyone else's CPU.
+    // Just before stopping the workers: their CPU time and memory, and everyone else's CPU.
     let after = CpuSnapshot::take();
-    let worker_stat = proc_ticks(worker.pid()).context("reading the worker's /proc/PID/stat")?;
-    let (peak_rss_kib, rss_kib) = (
-        status_kib(worker.pid(), "VmHWM:"),
-        status_kib(worker.pid(), "VmRSS:"),
-    );
-    let threads = status_kib(worker.pid(), "Threads:");
+    let mut worker_ticks = 0;
+    for pid in &pids {
+        worker_ticks += proc_ticks(*pid)
+            .context("reading a worker's /proc/PID/stat")?
+            .1;
+    }
+    let peaks: Vec<Option<u64>> = pids.iter().map(|p| status_kib(*p, "VmHWM:")).collect();
+    let peak_rss_kib = peaks.iter().flatten().max().copied();
+    let rss_kib = status_kib(pids[0], "VmRSS:");
+    let threads = status_kib(pids[0], "Threads:");
     // RSS when 10%, 50% and 90% of the events were in (from the samples).
     let rss_at = |fraction: f64| {
         let done = (spec.n as f64 * fraction) as usize;
@@ -344,43 +417,83 @@ pub(crate) async fn run_with_queues(
     // At most ~200 samples in the record.
     let step = rss_samples.len().div_ceil(200).max(1);
     let rss_series: Vec<_> = rss_samples.iter().step_by(step).collect();
-    let worker_exit = worker.stop(Duration::from_secs(60)).await;
+    let mut exits = Vec::new();
+    for worker in &mut workers {
+        exits.push(worker.stop(Duration::from_secs(60)).await);
+    }
     let stats: Value = http.get(&stats_url).send().await?.json().await?;
     fake.stop(Duration::from_secs(10)).await;
     listener.close().await;
 
     let tck = clock_ticks();
     let window = last_event.duration_since(started).as_secs_f64();
-    let worker_cpu_ms = (worker_stat.1 as f64) * 1000.0 / tck;
+    let worker_cpu_ms = (worker_ticks as f64) * 1000.0 / tck;
     durations.sort_unstable();
     let bound =
-        (spec.latency_ms > 0).then(|| spec.concurrency as f64 / (spec.latency_ms as f64 / 1000.0));
+        (spec.latency_ms > 0).then(|| spec.slots() as f64 / (spec.latency_ms as f64 / 1000.0));
     let throughput = spec.n as f64 / window;
-    let cpu = after.delta(&before, worker.pid(), fake.pid(), tck);
+    // What the same latencies allow with nothing else taking time (rate limits aside).
+    let ideal = spec
+        .schedule()
+        .ideal_makespan(spec.n as u64, spec.slots())
+        .as_secs_f64();
+    let limited = spec
+        .limit_per_sec()
+        .filter(|l| bound.is_some_and(|b| *l < b));
+    // The steady rate: between the 25 % and the 75 % events.
+    let quartile = |q: f64| event_secs[((spec.n as f64 * q) as usize).min(spec.n - 1)];
+    let mid_rate = (spec.n >= 8).then(|| {
+        let (t25, t75) = (quartile(0.25), quartile(0.75));
+        (spec.n as f64 * 0.5) / (t75 - t25).max(f64::MIN_POSITIVE)
+    });
+    // With a binding account limit, the rate after the first minute (its bucket starts full).
+    let after_first_minute = limited.and_then(|_| {
+        let from = event_secs.iter().position(|t| *t >= 60.0)?;
+        let span = event_secs.last()? - event_secs[from];
+        (span > 10.0).then(|| (event_secs.len() - from) as f64 / span)
+    });
+    let requests = stats["requests"].as_f64().unwrap_or(0.0);
+    let too_many = stats["errors_by_status"]["429"].as_f64().unwrap_or(0.0);
+    let cpu = after.delta(&before, &pids, fake.pid(), tck);
     let provider_latency = provider_latencies(&run_dir.join("worker.log"));
     Ok(json!({
         "scenario": spec.scenario,
         "label": spec.label,
         "run_id": id,
         "n": spec.n,
+        "workers": spec.workers,
         "concurrency": spec.concurrency,
         "latency_ms": spec.latency_ms,
+        "jitter_ms": spec.jitter_ms,
+        "tick_ms": spec.tick_ms,
+        "seed": spec.seed,
+        "rpm": spec.rpm,
         "image_bytes": spec.image_bytes,
+        "answer_memory_bytes": settings.worker.answer_memory_bytes,
         "enqueue_secs": round(enqueue_secs, 3),
         "wall_secs": round(window, 3),
         "first_event_secs": first_event.map(|t| round(t.duration_since(started).as_secs_f64(), 3)),
         "throughput_jobs_per_sec": round(throughput, 2),
         "bound_jobs_per_sec": bound.map(|b| round(b, 2)),
         "ratio_to_bound": bound.map(|b| round(throughput / b, 4)),
+        "ideal_secs": round(ideal, 3),
+        "ratio_to_ideal": (ideal > 0.0).then(|| round(ideal / window, 4)),
+        "rate_25_75_jobs_per_sec": mid_rate.map(|r| round(r, 2)),
+        "limit_jobs_per_sec": spec.limit_per_sec().map(|l| round(l, 2)),
+        "rate_after_first_minute": after_first_minute.map(|r| round(r, 2)),
+        "share_429": (requests > 0.0).then(|| round(too_many / requests, 4)),
         "worker_cpu_ms": round(worker_cpu_ms, 1),
         "worker_cpu_ms_per_job": round(worker_cpu_ms / spec.n as f64, 3),
+        "worker_idle_rss_kib": idle_rss,
         "worker_peak_rss_kib": peak_rss_kib,
+        "worker_peak_rss_kib_each": peaks,
+        "worker_peak_socket_kib": socket_peak.map(|b| b / 1024),
         "worker_rss_at_end_kib": rss_kib,
         "worker_threads": threads,
         "non_default_settings": args.set,
         "worker_rss_kib_when_done": rss_progress,
         "worker_rss_samples_secs_kib_done": rss_series,
-        "worker_exit_code": worker_exit,
+        "worker_exit_codes": exits,
         "job_duration_ms": {
             "p50": percentile(&durations, 0.50),
             "p99": percentile(&durations, 0.99),

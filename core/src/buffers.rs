@@ -20,8 +20,10 @@
 //! maps and clears new pages for each, and glibc's heap fragments when such buffers are freed on
 //! other threads than the ones that allocated them. An idle buffer keeps its reservation, so the
 //! bytes of answers being read or uploaded plus the idle buffers never exceed the budget (bar the
-//! one answer larger than it). Idle buffers are freed as soon as someone waits for the budget, or
-//! a new answer needs room that they hold.
+//! one answer larger than it). While answers wait for the budget, a buffer given back hands its
+//! reservation to them and its memory to the next one that gets in (an eighth of the budget at
+//! most changes hands that way at a time; the rest is freed): a burst of answers then reuses the
+//! same buffers instead of mapping fresh pages for each.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -43,7 +45,10 @@ struct Inner {
     /// The whole budget, in units.
     total: u32,
     idle: Mutex<Vec<Idle>>,
-    /// Reservations waiting for units: while any does, returned buffers are freed, not kept.
+    /// Buffers given back while reservations waited: their units went to the waiters, their
+    /// memory waits here for the next answer that gets in. At most [`Inner::handoff_max`] bytes.
+    handoff: Mutex<Vec<Vec<u8>>>,
+    /// Reservations waiting for units: while any does, returned buffers are not kept idle.
     waiting: AtomicUsize,
 }
 
@@ -64,6 +69,7 @@ impl BufferPool {
                 units: Semaphore::new(total as usize),
                 total,
                 idle: Mutex::new(Vec::new()),
+                handoff: Mutex::new(Vec::new()),
                 waiting: AtomicUsize::new(0),
             }),
         }
@@ -152,9 +158,18 @@ impl BufferPool {
     }
 
     fn new_buf(&self, bytes: usize, units: u32) -> PooledBuf {
+        let room = units as usize * UNIT;
+        let handed = {
+            let mut handoff = self.inner.lock_handoff();
+            let fits = (0..handoff.len())
+                .filter(|&i| (bytes..=room).contains(&handoff[i].capacity()))
+                .min_by_key(|&i| handoff[i].capacity());
+            fits.map(|i| handoff.swap_remove(i))
+        };
         PooledBuf {
-            // Never more than the reservation: a larger answer grows the buffer as it arrives.
-            buf: Vec::with_capacity(bytes.min(units as usize * UNIT)),
+            // The whole reservation, so that the buffer fits any later answer of as many units;
+            // an answer larger than the whole budget grows it as it arrives.
+            buf: handed.unwrap_or_else(|| Vec::with_capacity(room)),
             units,
             pool: Some(self.inner.clone()),
         }
@@ -177,10 +192,11 @@ impl BufferPool {
             let keep = idle.len().saturating_sub(n);
             idle.drain(keep..).collect()
         };
-        let units: usize = freed.iter().map(|i| i.units as usize).sum();
-        drop(freed);
-        self.inner.units.add_permits(units);
-        units > 0
+        let any = !freed.is_empty();
+        for idle in freed {
+            self.inner.hand_over(idle.buf, idle.units);
+        }
+        any
     }
 
     /// Idle buffers held now.
@@ -206,6 +222,35 @@ impl BufferPool {
 impl Inner {
     fn lock_idle(&self) -> MutexGuard<'_, Vec<Idle>> {
         self.idle.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn lock_handoff(&self) -> MutexGuard<'_, Vec<Vec<u8>>> {
+        self.handoff.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The most bytes of buffers changing hands at once.
+    fn handoff_max(&self) -> usize {
+        self.total as usize * UNIT / 8
+    }
+
+    /// Gives `units` back to the budget, and `buf`'s memory to the next answer that gets in when
+    /// there is room for it among the buffers changing hands (else it is freed).
+    fn hand_over(&self, buf: Vec<u8>, units: u32) {
+        {
+            let mut handoff = self.lock_handoff();
+            let held: usize = handoff.iter().map(Vec::capacity).sum();
+            if held + buf.capacity() <= self.handoff_max() {
+                handoff.push(buf);
+            } else if let Some(i) = (0..handoff.len())
+                .filter(|&i| handoff[i].capacity() < buf.capacity())
+                .min_by_key(|&i| handoff[i].capacity())
+                .filter(|&i| held - handoff[i].capacity() + buf.capacity() <= self.handoff_max())
+            {
+                // A bigger buffer is worth more to the next answer than a smaller one.
+                handoff[i] = buf;
+            }
+        }
+        self.units.add_permits(units as usize);
     }
 }
 
@@ -301,10 +346,12 @@ impl Drop for PooledBuf {
             // A reservation that started waiting meanwhile must not wait for this one.
             if pool.waiting.load(Ordering::SeqCst) > 0 {
                 let freed: Vec<Idle> = std::mem::take(&mut *pool.lock_idle());
-                let units: usize = freed.iter().map(|i| i.units as usize).sum();
-                drop(freed);
-                pool.units.add_permits(units);
+                for idle in freed {
+                    pool.hand_over(idle.buf, idle.units);
+                }
             }
+        } else if buf.capacity() <= self.units as usize * UNIT {
+            pool.hand_over(buf, self.units);
         } else {
             drop(buf);
             pool.units.add_permits(self.units as usize);

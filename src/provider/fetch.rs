@@ -96,6 +96,7 @@ impl FetchRules {
         builder
             .user_agent(super::http::USER_AGENT)
             .connect_timeout(connect_timeout)
+            .http1_max_buf_size(super::http::READ_BUFFER)
             .dns_resolver(Arc::new(GuardedResolver { rules, inner }))
             .redirect(reqwest::redirect::Policy::custom(move |attempt| {
                 if attempt.previous().len() >= MAX_REDIRECTS {

@@ -17,6 +17,10 @@ use crate::domain::error::{Failure, with_causes};
 /// Error bodies are small; never read more than this of one.
 pub const MAX_ERROR_BODY: usize = 64 * 1024;
 
+/// The largest read buffer of a provider connection (HTTP/1): what a connection whose answer
+/// waits for room in the answer memory holds of it, and the size of each read of an answer.
+pub const READ_BUFFER: usize = 64 * 1024;
+
 /// The user agent of every provider request.
 pub const USER_AGENT: &str = concat!("imagegen/", env!("CARGO_PKG_VERSION"));
 

@@ -111,6 +111,31 @@ async fn a_reservation_is_all_or_wait_and_waiters_are_served_in_order() {
 }
 
 #[tokio::test]
+async fn a_buffer_given_back_while_answers_wait_goes_to_the_next_one() {
+    let pool = BufferPool::new(800 * KIB);
+    let _others = pool.take(750 * KIB).await;
+    let first = pool.take(50 * KIB).await;
+    let memory = first.as_ptr();
+    let next = tokio::spawn({
+        let pool = pool.clone();
+        async move { pool.take(50 * KIB - 100).await.as_ptr() as usize }
+    });
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    drop(first);
+    assert_eq!(
+        pool.inner.lock_handoff().len(),
+        1,
+        "its memory changes hands"
+    );
+    assert_eq!(
+        next.await.unwrap(),
+        memory as usize,
+        "the waiter got the returned buffer's room and its memory"
+    );
+    assert!(pool.inner.lock_handoff().is_empty());
+}
+
+#[tokio::test]
 async fn a_cancelled_wait_holds_nothing() {
     let pool = BufferPool::new(4 * KIB);
     let all = pool.take(4 * KIB).await;

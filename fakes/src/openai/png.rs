@@ -6,6 +6,8 @@
 //! fake's CPU time is measured next to the worker's, so making an image must cost no more than a
 //! few passes over its bytes: the pixels are compressed once, and each image is the same 64x64
 //! picture with its own `tEXt` chunk, padded to size by a chunk of random bytes that decoders skip.
+//! The padding comes after the image data, so that a client reading the header up to the image
+//! data (to learn its size) reads what it would of a real image, whose bulk is its image data.
 
 use ::png::chunk::{self, ChunkType};
 use ::png::{BitDepth, ColorType, Encoder};
@@ -97,10 +99,10 @@ impl PngTemplate {
             .write_header()
             .and_then(|mut writer| {
                 writer.write_chunk(chunk::tEXt, &comment)?;
+                writer.write_chunk(chunk::IDAT, &self.idat)?;
                 if !self.padding.is_empty() {
                     writer.write_chunk(PADDING, &self.padding)?;
                 }
-                writer.write_chunk(chunk::IDAT, &self.idat)?;
                 writer.finish()
             })
             .expect("writing a PNG to memory cannot fail");

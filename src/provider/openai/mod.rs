@@ -90,6 +90,9 @@ impl OpenAi {
             // No timeout of the client's own: `request_timeout_secs` is kept by each call's
             // clock, which stops while an answer waits for room in the answer memory.
             .pool_idle_timeout(Duration::from_secs(90))
+            // A connection whose answer waits for room in the answer memory holds at most this
+            // much of it; the rest waits in the kernel's socket buffer.
+            .http1_max_buf_size(super::http::READ_BUFFER)
             // The key goes to the base URL alone: the Images API never redirects, and a
             // redirect (to any host) would carry a custom header such as `api-key` along.
             .redirect(reqwest::redirect::Policy::none())
