@@ -10,6 +10,34 @@ use crate::domain::error::{ErrorKind, Failure, ProviderDetail, StopReason};
 use crate::domain::limits::{MAX_REPORTED_DELAY, reported_delay};
 
 /// A header's value as text, when it is text.
+/// Where an answer's body goes as it arrives, chunk by chunk.
+pub trait BodySink {
+    fn push(&mut self, chunk: &[u8]) -> Result<(), Failure>;
+    /// Bytes taken so far (to keep to a size limit).
+    fn taken(&self) -> usize;
+}
+
+/// A plain buffer: the body as it arrived.
+impl BodySink for crate::buffers::PooledBuf {
+    fn push(&mut self, chunk: &[u8]) -> Result<(), Failure> {
+        self.extend_from_slice(chunk);
+        Ok(())
+    }
+    fn taken(&self) -> usize {
+        self.len()
+    }
+}
+
+impl BodySink for Vec<u8> {
+    fn push(&mut self, chunk: &[u8]) -> Result<(), Failure> {
+        self.extend_from_slice(chunk);
+        Ok(())
+    }
+    fn taken(&self) -> usize {
+        self.len()
+    }
+}
+
 pub fn header_str(headers: &HeaderMap, name: &str) -> Option<String> {
     headers
         .get(name)

@@ -1,6 +1,7 @@
 //! The Images API's answers: a 200 body gives exactly the images a plain JSON parser and base64
-//! decoder find in it (the fast path locates the base64 without parsing it), or a failure; an
-//! error body gives a classified failure. Never a panic.
+//! decoder find in it (the fast path locates the base64 without parsing it), or a failure, and
+//! the streaming reader gives the same as the whole-body reader however the body is cut into
+//! chunks; an error body gives a classified failure. Never a panic.
 #![no_main]
 
 use imagegen_core::buffers::BufferPool;
@@ -9,6 +10,7 @@ use imagegen_core::domain::json::parse_unique;
 use imagegen_core::domain::limits::MAX_REPORTED_DELAY;
 use imagegen_core::openai::answer::{ImageBytes, decode_answer};
 use imagegen_core::openai::errors::{ApiErrorBody, classify};
+use imagegen_core::openai::stream::AnswerReader;
 use libfuzzer_sys::fuzz_target;
 use serde_json::Value;
 
@@ -60,7 +62,7 @@ fuzz_target!(|body: &[u8]| {
     let pool = BufferPool::unbounded();
     let mut buf = pool.try_take(body.len()).expect("an unbounded pool");
     buf.extend_from_slice(body);
-    let got = decode_answer(buf).map(|answer| {
+    let images = |answer: imagegen_core::openai::answer::Answer| {
         answer
             .images
             .into_iter()
@@ -69,7 +71,26 @@ fuzz_target!(|body: &[u8]| {
                 ImageBytes::Url(url) => Expected::Url(url),
             })
             .collect::<Vec<_>>()
-    });
+    };
+    let got = decode_answer(buf).map(images);
+
+    // Streamed, in chunks whose sizes come from the body's last bytes (1 to 256 bytes each).
+    let mut reader = AnswerReader::new(pool.try_take(body.len()).expect("an unbounded pool"));
+    let sizes: Vec<usize> = body.iter().rev().take(16).map(|b| usize::from(*b) + 1).collect();
+    let (mut at, mut i) = (0, 0);
+    let mut pushed = Ok(());
+    while at < body.len() && pushed.is_ok() {
+        let size = sizes.get(i % sizes.len().max(1)).copied().unwrap_or(body.len());
+        let end = (at + size).min(body.len());
+        pushed = reader.push(&body[at..end]);
+        (at, i) = (end, i + 1);
+    }
+    let streamed = pushed.and_then(|()| reader.finish()).map(images);
+    match (&got, &streamed) {
+        (Ok(whole), Ok(streamed)) => assert_eq!(whole, streamed, "streamed differently"),
+        (Err(_), Err(failure)) => assert!(failure.possibly_billed()),
+        _ => panic!("the whole body read {:?}, streamed {:?}", got.is_ok(), streamed.is_ok()),
+    }
     if let Err(failure) = &got {
         assert!(failure.possibly_billed(), "a 200 was paid for: {failure:?}");
     }

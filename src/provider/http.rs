@@ -4,7 +4,7 @@
 //! re-exported here.
 
 pub use imagegen_core::http::{
-    billed_failure, by_status, header_str, retry_after, with_request_id,
+    BodySink, billed_failure, by_status, header_str, retry_after, with_request_id,
 };
 
 use std::time::Duration;
@@ -24,12 +24,12 @@ pub const READ_BUFFER: usize = 64 * 1024;
 /// The user agent of every provider request.
 pub const USER_AGENT: &str = concat!("imagegen/", env!("CARGO_PKG_VERSION"));
 
-/// Reads a body into `buf`, refusing more than `limit` bytes. The request was answered, so a
-/// failure here may have been billed.
+/// Passes a body to `sink` as it arrives, refusing more than `limit` bytes. The request was
+/// answered, so a failure here may have been billed.
 pub async fn read_limited(
     mut response: reqwest::Response,
     limit: usize,
-    buf: &mut Vec<u8>,
+    sink: &mut impl BodySink,
 ) -> Result<(), Failure> {
     let expected = response.content_length().unwrap_or(0) as usize;
     if expected > limit {
@@ -37,14 +37,13 @@ pub async fn read_limited(
             "the provider's response is {expected} bytes, more than its max_response_bytes ({limit})"
         )));
     }
-    buf.reserve(expected);
     while let Some(chunk) = response.chunk().await.map_err(transport_failure)? {
-        if buf.len() + chunk.len() > limit {
+        if sink.taken() + chunk.len() > limit {
             return Err(billed_failure(format!(
                 "the provider's response exceeds its max_response_bytes ({limit})"
             )));
         }
-        buf.extend_from_slice(&chunk);
+        sink.push(&chunk)?;
     }
     Ok(())
 }
@@ -91,6 +90,20 @@ impl Clock {
         response: reqwest::Response,
         limit: usize,
     ) -> Result<PooledBuf, Failure> {
+        self.read_with(memory, response, limit, |n| n, |buf| buf)
+            .await
+    }
+
+    /// Like [`read`](Self::read), into the sink that `sink` makes of the buffer, which needs
+    /// `room(n)` bytes for an answer of `n` bytes.
+    pub async fn read_with<S: BodySink>(
+        &mut self,
+        memory: &BufferPool,
+        response: reqwest::Response,
+        limit: usize,
+        room: impl FnOnce(usize) -> usize,
+        sink: impl FnOnce(PooledBuf) -> S,
+    ) -> Result<S, Failure> {
         let expected = response.content_length().map(|n| n as usize);
         let reserve = match expected {
             Some(n) if n > limit => {
@@ -98,11 +111,11 @@ impl Clock {
                     "the provider's response is {n} bytes, more than its max_response_bytes ({limit})"
                 )));
             }
-            Some(n) => n,
-            None => limit.min(memory.budget()),
+            Some(n) => room(n),
+            None => room(limit).min(memory.budget()),
         };
         let waiting = Instant::now();
-        let mut buf = memory.take(reserve).await;
+        let buf = memory.take(reserve).await;
         let waited = waiting.elapsed();
         if waited > Duration::from_millis(100) {
             tracing::debug!(
@@ -112,9 +125,10 @@ impl Clock {
             );
         }
         self.deadline += waited;
-        self.within(read_limited(response, limit, &mut buf))
-            .await?
-            .map(|()| buf)
+        let mut sink = sink(buf);
+        self.within(read_limited(response, limit, &mut sink))
+            .await??;
+        Ok(sink)
     }
 
     /// An error body: small, read within the timeout, outside the answer memory.

@@ -71,16 +71,9 @@ pub fn decode_answer(mut body: PooledBuf) -> Result<Answer, Failure> {
             from = span.end;
         }
         skeleton.extend_from_slice(&body[from..]);
-        let parsed: ImagesResponse<'_> = serde_json::from_slice(&skeleton).ok()?;
-        // Every span must be the `b64_json` of a `data` item, in order; else read it all.
-        let in_data = parsed.data.iter().filter(|i| i.b64_json.is_some()).count();
-        if in_data != spans.len() {
-            return None;
-        }
-        let mut spans = spans.into_iter();
-        Some(sources_of(parsed, |_| spans.next()))
+        decode_located(&skeleton, &spans)
     });
-    let (sources, usage, output_format) = match located {
+    let (mut sources, usage, output_format) = match located {
         Some(found) => found,
         None => {
             let parsed: ImagesResponse<'_> = serde_json::from_slice(&body).map_err(|e| {
@@ -98,26 +91,47 @@ pub fn decode_answer(mut body: PooledBuf) -> Result<Answer, Failure> {
     let invalid = |e: base64_simd::Error| {
         billed_failure(format!("the provider returned invalid base64: {e}"))
     };
-    let mut spans = Vec::with_capacity(sources.len());
-    for (source, _) in &sources {
+    for (source, _) in &mut sources {
         if let Source::InBody(span) = source {
             let n = base64_simd::STANDARD
                 .decode_inplace(&mut body[span.clone()])
                 .map_err(invalid)?
                 .len();
-            spans.push(span.start..span.start + n);
+            *span = span.start..span.start + n;
         }
     }
-    let decoded = body.freeze();
-    let mut spans = spans.into_iter();
+    answer_of((sources, usage, output_format), body.freeze())
+}
+
+/// The sources of an answer whose base64 values were taken out of its JSON (`skeleton`, where
+/// each value is left empty), given where each value is (`images`, in order): `None` when the
+/// skeleton does not pair each value with an image.
+pub(super) fn decode_located(skeleton: &[u8], images: &[Range<usize>]) -> Option<Sources> {
+    let parsed: ImagesResponse<'_> = serde_json::from_slice(skeleton).ok()?;
+    // Every value must be the `b64_json` of a `data` item, in order.
+    let in_data = parsed.data.iter().filter(|i| i.b64_json.is_some()).count();
+    if in_data != images.len() {
+        return None;
+    }
+    let mut images = images.iter().cloned();
+    Some(sources_of(parsed, |_| images.next()))
+}
+
+/// The answer: each image in the body is a slice of `decoded`, where `sources` place them.
+pub(super) fn answer_of(
+    (sources, usage, output_format): Sources,
+    decoded: Bytes,
+) -> Result<Answer, Failure> {
     let mut images = Vec::with_capacity(sources.len());
     for (source, revised_prompt) in sources {
         let data = match source {
-            Source::InBody(..) => ImageBytes::Decoded(decoded.slice(spans.next().unwrap_or(0..0))),
+            Source::InBody(span) => ImageBytes::Decoded(decoded.slice(span)),
             Source::Owned(b64) => ImageBytes::Decoded(Bytes::from(
                 base64_simd::STANDARD
                     .decode_to_vec(b64.as_bytes())
-                    .map_err(invalid)?,
+                    .map_err(|e| {
+                        billed_failure(format!("the provider returned invalid base64: {e}"))
+                    })?,
             )),
             Source::Url(url) => ImageBytes::Url(url),
         };
@@ -130,7 +144,7 @@ pub fn decode_answer(mut body: PooledBuf) -> Result<Answer, Failure> {
     })
 }
 
-enum Source {
+pub(super) enum Source {
     /// Where the base64 text is within the body.
     InBody(Range<usize>),
     /// Base64 with JSON escapes (`\/`), unescaped by the parser.
@@ -138,7 +152,7 @@ enum Source {
     Url(String),
 }
 
-type Sources = (Vec<(Source, Option<String>)>, Option<Value>, Option<String>);
+pub(super) type Sources = (Vec<(Source, Option<String>)>, Option<Value>, Option<String>);
 
 /// The images of a parsed answer; `in_body` locates a borrowed base64 string in the body.
 fn sources_of(

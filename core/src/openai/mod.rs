@@ -3,3 +3,4 @@
 
 pub mod answer;
 pub mod errors;
+pub mod stream;
