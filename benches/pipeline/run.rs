@@ -429,8 +429,12 @@ pub(crate) async fn run_with_queues(
     let window = last_event.duration_since(started).as_secs_f64();
     let worker_cpu_ms = (worker_ticks as f64) * 1000.0 / tck;
     durations.sort_unstable();
-    let bound =
-        (spec.latency_ms > 0).then(|| spec.slots() as f64 / (spec.latency_ms as f64 / 1000.0));
+    // C / L; with ticks and no latency of their own, a call takes a tick.
+    let period_ms = match spec.tick_ms {
+        Some(tick) if spec.latency_ms == 0 => tick,
+        _ => spec.latency_ms,
+    };
+    let bound = (period_ms > 0).then(|| spec.slots() as f64 / (period_ms as f64 / 1000.0));
     let throughput = spec.n as f64 / window;
     // What the same latencies allow with nothing else taking time (rate limits aside).
     let ideal = spec
