@@ -25,7 +25,7 @@
 //! most changes hands that way at a time; the rest is freed): a burst of answers then reuses the
 //! same buffers instead of mapping fresh pages for each.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use bytes::Bytes;
@@ -50,6 +50,8 @@ struct Inner {
     handoff: Mutex<Vec<Vec<u8>>>,
     /// Reservations waiting for units: while any does, returned buffers are not kept idle.
     waiting: AtomicUsize,
+    /// Reservations that had to wait, since the pool was made.
+    waits: AtomicU64,
 }
 
 /// An idle buffer and the units it holds.
@@ -71,6 +73,7 @@ impl BufferPool {
                 idle: Mutex::new(Vec::new()),
                 handoff: Mutex::new(Vec::new()),
                 waiting: AtomicUsize::new(0),
+                waits: AtomicU64::new(0),
             }),
         }
     }
@@ -98,7 +101,7 @@ impl BufferPool {
             return buf;
         }
         let units = self.units_of(bytes);
-        let _waiting = Waiting::new(&self.inner.waiting);
+        let _waiting = Waiting::new(&self.inner);
         // Idle buffers hold units that a waiter needs: after `Waiting` is counted no buffer is
         // kept, and those already idle are freed now.
         self.free_idle(usize::MAX);
@@ -141,7 +144,7 @@ impl BufferPool {
         let permit = match self.inner.units.try_acquire_many(units) {
             Ok(permit) => permit,
             Err(_) => {
-                let _waiting = Waiting::new(&self.inner.waiting);
+                let _waiting = Waiting::new(&self.inner);
                 self.free_idle(usize::MAX);
                 self.inner
                     .units
@@ -209,6 +212,11 @@ impl BufferPool {
         (self.inner.total as usize - self.inner.units.available_permits()) * UNIT
     }
 
+    /// Reservations that had to wait for room, since the pool was made.
+    pub fn waits(&self) -> u64 {
+        self.inner.waits.load(Ordering::Relaxed)
+    }
+
     /// Bytes of the budget held by idle buffers.
     pub fn idle_bytes(&self) -> usize {
         self.inner
@@ -258,9 +266,10 @@ impl Inner {
 struct Waiting<'a>(&'a AtomicUsize);
 
 impl<'a> Waiting<'a> {
-    fn new(count: &'a AtomicUsize) -> Self {
-        count.fetch_add(1, Ordering::SeqCst);
-        Self(count)
+    fn new(inner: &'a Inner) -> Self {
+        inner.waits.fetch_add(1, Ordering::Relaxed);
+        inner.waiting.fetch_add(1, Ordering::SeqCst);
+        Self(&inner.waiting)
     }
 }
 

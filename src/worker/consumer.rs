@@ -67,11 +67,15 @@ impl Worker {
         for route in pipeline.routes().iter() {
             super::metrics::provider_paused(&route.name, None);
         }
+        let health = Arc::new(Health::default());
+        if let Some(memory) = pipeline.routes().memory() {
+            health.watch_answer_memory(memory.clone());
+        }
         Self {
             seal: Arc::new(HeaderSeal::new(&settings.amqp.header_key)),
             settings,
             pipeline: Arc::new(pipeline),
-            health: Arc::default(),
+            health,
         }
     }
 

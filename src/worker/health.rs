@@ -25,9 +25,16 @@ use tracing::info;
 pub struct Health {
     broker: AtomicBool,
     pause: Mutex<Option<String>>,
+    /// The answer memory, read when the metrics are.
+    answer_memory: std::sync::OnceLock<crate::provider::buffers::BufferPool>,
 }
 
 impl Health {
+    /// Reports this answer memory's use in the metrics.
+    pub fn watch_answer_memory(&self, memory: crate::provider::buffers::BufferPool) {
+        let _ = self.answer_memory.set(memory);
+    }
+
     pub fn set_broker_connected(&self, connected: bool) {
         self.broker.store(connected, Ordering::Relaxed);
     }
@@ -103,6 +110,9 @@ async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
 }
 
 async fn metrics_text(State(state): State<AppState>) -> impl IntoResponse {
+    if let Some(memory) = state.health.answer_memory.get() {
+        super::metrics::answer_memory(memory.held(), memory.budget(), memory.waits());
+    }
     (
         [(
             header::CONTENT_TYPE,

@@ -28,6 +28,9 @@ pub const REGENERATED: &str = "imagegen_images_lost_total";
 pub const RECONNECTS: &str = "imagegen_broker_reconnects_total";
 pub const PAUSED: &str = "imagegen_paused";
 pub const PROVIDER_PAUSED: &str = "imagegen_provider_paused";
+pub const ANSWER_MEMORY: &str = "imagegen_answer_memory_bytes";
+pub const ANSWER_MEMORY_LIMIT: &str = "imagegen_answer_memory_limit_bytes";
+pub const ANSWER_MEMORY_WAITS: &str = "imagegen_answer_memory_waits_total";
 
 /// Buckets of the provider's latency: image generation takes seconds to minutes.
 const PROVIDER_BUCKETS: &[f64] = &[
@@ -209,6 +212,14 @@ pub fn provider_paused(provider: &str, reason: Option<&str>) {
 
 /// The Prometheus text: the recorder's output, with the micro-dollar counter turned into
 /// `imagegen_cost_usd_total`.
+/// The answer memory: bytes held now (answers, request bodies, idle buffers), its limit, and
+/// how many answers have had to wait for room.
+pub fn answer_memory(held: usize, limit: usize, waits: u64) {
+    gauge!(ANSWER_MEMORY).set(held as f64);
+    gauge!(ANSWER_MEMORY_LIMIT).set(limit as f64);
+    counter!(ANSWER_MEMORY_WAITS).absolute(waits);
+}
+
 pub fn render(handle: &PrometheusHandle) -> String {
     let text = handle.render();
     let mut out = String::with_capacity(text.len() + 128);

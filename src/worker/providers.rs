@@ -21,6 +21,7 @@ use crate::domain::cost::{Cost, PriceTable, Purchase};
 use crate::domain::error::StopReason;
 use crate::provider::ImageProvider;
 use crate::provider::ImageRequest;
+use crate::provider::buffers::BufferPool;
 
 /// One provider and the worker's state of it.
 pub struct Route {
@@ -224,13 +225,15 @@ impl Drop for ProbeGuard<'_> {
 pub struct Routes {
     routes: Vec<Arc<Route>>,
     default: usize,
+    /// The answer memory the providers share (none for providers built by hand, in tests).
+    memory: Option<BufferPool>,
 }
 
 impl Routes {
     /// Builds every configured provider.
     pub fn from_settings(settings: &Settings) -> anyhow::Result<Self> {
         let probe = Duration::from_secs(settings.worker.pause_probe_secs);
-        let memory = crate::provider::buffers::BufferPool::new(settings.worker.answer_memory_bytes);
+        let memory = BufferPool::new(settings.worker.answer_memory_bytes);
         let routes = settings
             .providers
             .iter()
@@ -243,7 +246,10 @@ impl Routes {
                 ))
             })
             .collect::<anyhow::Result<Vec<_>>>()?;
-        Ok(Self::new(routes, &settings.worker.default_provider))
+        Ok(Self {
+            memory: Some(memory),
+            ..Self::new(routes, &settings.worker.default_provider)
+        })
     }
 
     /// `default`: the name of the provider of jobs that name none (the first when unknown).
@@ -252,7 +258,13 @@ impl Routes {
         Self {
             routes: routes.into_iter().map(Arc::new).collect(),
             default,
+            memory: None,
         }
+    }
+
+    /// The answer memory the providers share.
+    pub fn memory(&self) -> Option<&BufferPool> {
+        self.memory.as_ref()
     }
 
     /// The provider a job names, or the default one.

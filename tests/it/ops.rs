@@ -82,6 +82,14 @@ async fn health_readiness_and_metrics_follow_the_work_and_the_pause() {
         None,
         "no job yet"
     );
+    assert_eq!(
+        sample(&metrics, "imagegen_answer_memory_limit_bytes", &[]),
+        Some(64.0 * 1024.0 * 1024.0)
+    );
+    assert_eq!(
+        sample(&metrics, "imagegen_answer_memory_bytes", &[]),
+        Some(0.0)
+    );
 
     let mut listener = env.listen().await;
     for i in 0..3 {

@@ -97,6 +97,7 @@ async fn a_reservation_is_all_or_wait_and_waiters_are_served_in_order() {
     });
     tokio::time::sleep(Duration::from_millis(20)).await;
     assert!(rx.try_recv().is_err(), "both wait");
+    assert_eq!(pool.waits(), 2);
     drop(first);
     assert_eq!(
         pool.idle(),
