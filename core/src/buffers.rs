@@ -33,6 +33,9 @@ use tokio::sync::Semaphore;
 
 /// The budget is kept in units of this many bytes.
 const UNIT: usize = 1024;
+/// Reservations of at least this many units are rounded up to a multiple of [`COARSE`] units.
+const COARSE_FROM: usize = 1024;
+const COARSE: usize = 64;
 
 #[derive(Clone)]
 pub struct BufferPool {
@@ -89,8 +92,16 @@ impl BufferPool {
     }
 
     /// The units of `bytes`, clamped to the whole budget (one answer may always proceed alone).
+    /// Reservations of a mebibyte or more are rounded up to 64 KiB, so that answers a few bytes
+    /// apart (images of one size) take the same room and can reuse each other's buffers.
     fn units_of(&self, bytes: usize) -> u32 {
-        bytes.div_ceil(UNIT).clamp(1, self.inner.total as usize) as u32
+        let units = bytes.div_ceil(UNIT);
+        let units = if units >= COARSE_FROM {
+            units.next_multiple_of(COARSE)
+        } else {
+            units
+        };
+        units.clamp(1, self.inner.total as usize) as u32
     }
 
     /// An empty buffer for an answer of `bytes` bytes, once the budget has room for them: an idle

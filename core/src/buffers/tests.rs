@@ -137,6 +137,24 @@ async fn a_buffer_given_back_while_answers_wait_goes_to_the_next_one() {
 }
 
 #[tokio::test]
+async fn answers_of_one_image_size_reuse_each_others_buffers() {
+    let pool = BufferPool::new(32 << 20);
+    let first = pool.take(2_000_100).await;
+    assert_eq!(first.reserved() % (64 * KIB), 0);
+    let _rest = pool.reserve(pool.budget() - first.reserved()).await;
+    let memory = first.as_ptr() as usize;
+    // A few hundred bytes shorter, across a KiB boundary: the same 64 KiB room, so the buffer
+    // handed over fits it.
+    let next = tokio::spawn({
+        let pool = pool.clone();
+        async move { pool.take(1_999_800).await.as_ptr() as usize }
+    });
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    drop(first);
+    assert_eq!(next.await.unwrap(), memory);
+}
+
+#[tokio::test]
 async fn a_cancelled_wait_holds_nothing() {
     let pool = BufferPool::new(4 * KIB);
     let all = pool.take(4 * KIB).await;
