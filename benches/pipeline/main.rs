@@ -50,11 +50,13 @@ use sha2::{Digest, Sha256};
 
 mod floor;
 mod host;
+mod procs;
 mod report;
 mod run;
 mod scenarios;
 
 use host::*;
+use procs::*;
 use report::*;
 use run::*;
 use scenarios::*;

@@ -104,7 +104,7 @@ fn provider(base_url: &str) -> OpenAi {
     OpenAi::new(&settings(base_url, &[]), BufferPool::unbounded()).unwrap()
 }
 
-fn request() -> ImageRequest {
+pub(super) fn request() -> ImageRequest {
     ImageRequest {
         model: "gpt-image-2".into(),
         prompt: "p".into(),

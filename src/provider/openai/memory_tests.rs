@@ -7,21 +7,13 @@ use std::time::Duration;
 
 use imagegen_fakes::openai::{FakeApi, FakeOptions};
 
-use super::hosts_tests::{NoJournal, settings};
+use super::hosts_tests::{self, NoJournal, settings};
 use super::*;
 
 fn request(prompt: &str) -> ImageRequest {
     ImageRequest {
-        model: "gpt-image-2".into(),
         prompt: prompt.into(),
-        negative_prompt: None,
-        size: Size::parse("1024x1024"),
-        count: 1,
-        output_format: None,
-        quality: None,
-        background: None,
-        seed: None,
-        params: Map::new(),
+        ..hosts_tests::request()
     }
 }
 
