@@ -84,7 +84,7 @@ async fn health_readiness_and_metrics_follow_the_work_and_the_pause() {
     );
     assert_eq!(
         sample(&metrics, "imagegen_answer_memory_limit_bytes", &[]),
-        Some(64.0 * 1024.0 * 1024.0)
+        Some(48.0 * 1024.0 * 1024.0)
     );
     assert_eq!(
         sample(&metrics, "imagegen_answer_memory_bytes", &[]),
