@@ -112,18 +112,22 @@ impl BufferPool {
             return buf;
         }
         let units = self.units_of(bytes);
+        self.wait_for(units).await;
+        self.new_buf(bytes, units)
+    }
+
+    /// Waits, in arrival order, until `units` of the budget are this caller's.
+    async fn wait_for(&self, units: u32) {
         let _waiting = Waiting::new(&self.inner);
         // Idle buffers hold units that a waiter needs: after `Waiting` is counted no buffer is
-        // kept, and those already idle are freed now.
+        // kept, and those already idle are handed over now.
         self.free_idle(usize::MAX);
-        let permit = self
-            .inner
+        self.inner
             .units
             .acquire_many(units)
             .await
-            .expect("the budget's semaphore is never closed");
-        permit.forget();
-        self.new_buf(bytes, units)
+            .expect("the budget's semaphore is never closed")
+            .forget();
     }
 
     /// [`take`](Self::take) without waiting: `None` when the budget has no room now.
@@ -152,19 +156,10 @@ impl BufferPool {
     /// all or nothing, waiting in arrival order like [`take`](Self::take).
     pub async fn reserve(&self, bytes: usize) -> Reservation {
         let units = self.units_of(bytes);
-        let permit = match self.inner.units.try_acquire_many(units) {
-            Ok(permit) => permit,
-            Err(_) => {
-                let _waiting = Waiting::new(&self.inner);
-                self.free_idle(usize::MAX);
-                self.inner
-                    .units
-                    .acquire_many(units)
-                    .await
-                    .expect("the budget's semaphore is never closed")
-            }
-        };
-        permit.forget();
+        match self.inner.units.try_acquire_many(units) {
+            Ok(permit) => permit.forget(),
+            Err(_) => self.wait_for(units).await,
+        }
         Reservation {
             units,
             pool: self.inner.clone(),

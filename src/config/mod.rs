@@ -7,6 +7,7 @@
 
 pub mod providers;
 pub mod sections;
+pub mod storage;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -20,8 +21,9 @@ pub use providers::{
 };
 pub use sections::{
     AmqpSettings, BudgetSettings, EventSettings, HttpSettings, LimitsSettings, LogFormat,
-    LogSettings, RetrySettings, SpoolSettings, StorageKind, StorageSettings, WorkerSettings,
+    LogSettings, RetrySettings, WorkerSettings,
 };
+pub use storage::{SpoolSettings, StorageKind, StorageSettings};
 
 use crate::domain::cost::PriceTable;
 use crate::domain::job::JobRules;
