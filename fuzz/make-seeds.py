@@ -91,6 +91,28 @@ ANSWERS = {
 for name, text in ANSWERS.items():
     write("openai_answer", name, text)
 
+# The Gemini API's answers (fuzz_targets/gemini_answer.rs): the first byte picks the reader (even:
+# a 200 answer, odd: an error body, its status from the byte).
+GEMINI = {
+    "image": '{"candidates":[{"content":{"parts":[{"text":"Here."},{"inlineData":{"mimeType":"image/png","data":"' + B64 + '"}}]},"finishReason":"STOP"}],"usageMetadata":{"promptTokenCount":4,"candidatesTokenCount":1290},"modelVersion":"gemini-2.5-flash-image","responseId":"r"}',
+    "image-snake": '{"candidates":[{"content":{"parts":[{"inline_data":{"mime_type":"image/png","data":"' + B64 + '"}}]}}]}',
+    "escaped-slash": '{"candidates":[{"content":{"parts":[{"inlineData":{"data":"' + base64.b64encode(b"\xff\xff\xff" * 4).decode().replace("/", "\\/") + '"}}]}}]}',
+    "thought": '{"candidates":[{"content":{"parts":[{"thought":true,"inlineData":{"data":"' + B64 + '"}},{"inlineData":{"data":"' + B64 + '"}}]}}]}',
+    "blocked": '{"promptFeedback":{"blockReason":"PROHIBITED_CONTENT"}}',
+    "image-safety": '{"candidates":[{"finishReason":"IMAGE_SAFETY","finishMessage":"no"}]}',
+    "text-only": '{"candidates":[{"content":{"parts":[{"text":"Which fox?"}]},"finishReason":"STOP"}]}',
+}
+for name, text in GEMINI.items():
+    write("gemini_answer", name, b"\x00" + text.encode())
+GEMINI_ERRORS = {
+    "per-minute": (29, '{"error":{"code":429,"status":"RESOURCE_EXHAUSTED","message":"Please retry in 2.5s.","details":[{"@type":"type.googleapis.com/google.rpc.QuotaFailure","violations":[{"quotaId":"GenerateRequestsPerMinutePerProjectPerModel"}]},{"@type":"type.googleapis.com/google.rpc.RetryInfo","retryDelay":"17s"}]}}'),
+    "per-day": (29, '{"error":{"code":429,"status":"RESOURCE_EXHAUSTED","details":[{"@type":"type.googleapis.com/google.rpc.QuotaFailure","violations":[{"quotaId":"GenerateRequestsPerDayPerProjectPerModel-FreeTier"}]}]}}'),
+    "bad-key": (0, '{"error":{"code":400,"status":"INVALID_ARGUMENT","message":"API key not valid.","details":[{"@type":"type.googleapis.com/google.rpc.ErrorInfo","reason":"API_KEY_INVALID"}]}}'),
+    "huge-delay": (29, '{"error":{"status":"RESOURCE_EXHAUSTED","details":[{"@type":"type.googleapis.com/google.rpc.RetryInfo","retryDelay":"1e300s"}]}}'),
+}
+for name, (status, text) in GEMINI_ERRORS.items():
+    write("gemini_answer", "error-" + name, bytes([status * 2 + 1]) + text.encode())
+
 # Rate-limit and retry headers (fuzz_targets/http_headers.rs): `N:value` sets the Nth name the
 # readers look at, `name: value` any other.
 NAMES = ["retry-after", "retry-after-ms", "x-ratelimit-limit-requests",

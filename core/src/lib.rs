@@ -9,6 +9,7 @@
 //!   a value or a classified failure, never a panic:
 //!   - [`http`]: the headers and statuses every HTTP provider shares (`retry-after`);
 //!   - [`openai`]: the Images API's answers, error bodies and rate-limit headers;
+//!   - [`gemini`]: the Gemini API's answers (refusals on HTTP 200 among them) and error bodies;
 //!   - [`amqp`]: the headers of a message (the sealed count of failed attempts, the failure the
 //!     worker recorded, the broker's death records).
 //! - [`buffers`]: the image-sized buffers answers are read and decoded into.
@@ -16,5 +17,6 @@
 pub mod amqp;
 pub mod buffers;
 pub mod domain;
+pub mod gemini;
 pub mod http;
 pub mod openai;

@@ -72,6 +72,10 @@ Exit codes: 0 published; 1 error; 2 usage (or --max-jobs exceeded, or no confirm
         /// A variation: `name=value1,value2`. Repeat it; every row is expanded into the cross product.
         #[arg(long, value_name = "NAME=V1,V2", value_parser = enqueue::parse_vary)]
         vary: Vec<(String, Vec<String>)>,
+        /// The configured provider (`[providers.NAME]`) of every job that names none; a job that
+        /// names another is refused.
+        #[arg(long, value_name = "NAME")]
+        provider: Option<String>,
         /// Refuse to publish more jobs than this (a guard against an unintended cross product).
         #[arg(long, default_value_t = 10_000)]
         max_jobs: usize,
@@ -274,6 +278,7 @@ async fn run(cli: Cli, preloaded: Option<Settings>) -> anyhow::Result<ExitCode> 
             format,
             template,
             vary,
+            provider,
             max_jobs,
             dry_run,
             yes,
@@ -284,7 +289,11 @@ async fn run(cli: Cli, preloaded: Option<Settings>) -> anyhow::Result<ExitCode> 
                 file,
                 batch,
                 format,
-                shape: enqueue::Shape { template, vary },
+                shape: enqueue::Shape {
+                    template,
+                    vary,
+                    provider,
+                },
                 max_jobs,
                 dry_run,
                 yes,

@@ -16,8 +16,8 @@ use secrecy::ExposeSecret;
 use serde::Deserialize;
 
 pub use providers::{
-    AuthScheme, KindSettings, OpenAiSettings, PlaceholderSettings, ProviderDefaults, ProviderKind,
-    ProviderSettings,
+    AuthScheme, GeminiSettings, KindSettings, OpenAiSettings, PlaceholderSettings,
+    ProviderDefaults, ProviderKind, ProviderSettings,
 };
 pub use sections::{
     AmqpSettings, BudgetSettings, EventSettings, HttpSettings, LimitsSettings, LogFormat,

@@ -32,17 +32,24 @@ pub enum ProviderKind {
     Openai,
     /// Renders a deterministic PNG locally: no network, no cost.
     Placeholder,
+    /// The Gemini API's image models (`generateContent`).
+    Gemini,
 }
 
 impl ProviderKind {
     /// Every kind, as written in `kind`.
-    pub const ALL: &'static [ProviderKind] = &[ProviderKind::Openai, ProviderKind::Placeholder];
+    pub const ALL: &'static [ProviderKind] = &[
+        ProviderKind::Openai,
+        ProviderKind::Placeholder,
+        ProviderKind::Gemini,
+    ];
 
     /// The kind as written in `kind`.
     pub fn as_str(self) -> &'static str {
         match self {
             ProviderKind::Openai => "openai",
             ProviderKind::Placeholder => "placeholder",
+            ProviderKind::Gemini => "gemini",
         }
     }
 
@@ -67,6 +74,8 @@ pub struct ProviderDefaults {
     pub openai: OpenAiSettings,
     /// The keys of kind `placeholder`.
     pub placeholder: PlaceholderSettings,
+    /// The keys of kind `gemini`.
+    pub gemini: GeminiSettings,
 }
 
 /// How an `openai` provider sends its key.
@@ -124,6 +133,26 @@ pub struct PlaceholderSettings {
     pub output_format: String,
 }
 
+/// Kind `gemini`: `POST {base_url}/models/{model}:generateContent` with image output.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GeminiSettings {
+    /// Base URL of the API version (`.../v1beta`).
+    pub base_url: String,
+    /// API key, sent as `x-goog-api-key`. Never logged.
+    pub api_key: SecretString,
+    /// Model of jobs that name none.
+    pub model: String,
+    /// Size of jobs that name none: an aspect ratio, `WIDTHxHEIGHT` of one, or `auto`.
+    pub size: String,
+    /// Seconds allowed for one request, the answer's body included.
+    pub request_timeout_secs: u64,
+    /// Seconds allowed to open a connection.
+    pub connect_timeout_secs: u64,
+    /// Largest answer accepted, in bytes.
+    pub max_response_bytes: usize,
+}
+
 /// The keys of a provider's kind.
 #[derive(Debug, Clone)]
 pub enum KindSettings {
@@ -131,6 +160,8 @@ pub enum KindSettings {
     Openai(OpenAiSettings),
     /// Kind `placeholder`.
     Placeholder(PlaceholderSettings),
+    /// Kind `gemini`.
+    Gemini(GeminiSettings),
 }
 
 impl KindSettings {
@@ -139,6 +170,7 @@ impl KindSettings {
         match self {
             KindSettings::Openai(_) => ProviderKind::Openai,
             KindSettings::Placeholder(_) => ProviderKind::Placeholder,
+            KindSettings::Gemini(_) => ProviderKind::Gemini,
         }
     }
 }
@@ -343,6 +375,18 @@ fn resolve_one(
             }
             KindSettings::Placeholder(s)
         }
+        ProviderKind::Gemini => {
+            let s: GeminiSettings = overlaid(cfg, &defaults, Some(table_value(table)), &section)?;
+            validate_http(
+                &section,
+                &s.base_url,
+                &s.api_key,
+                &s.model,
+                [s.request_timeout_secs, s.connect_timeout_secs],
+                s.max_response_bytes,
+            )?;
+            KindSettings::Gemini(s)
+        }
     };
     Ok(ProviderSettings {
         name,
@@ -448,17 +492,44 @@ fn from_legacy(
 }
 
 fn validate_openai(section: &str, p: &OpenAiSettings) -> Result<(), ConfigError> {
+    validate_http(
+        section,
+        &p.base_url,
+        &p.api_key,
+        &p.model,
+        [p.request_timeout_secs, p.connect_timeout_secs],
+        p.max_response_bytes,
+    )?;
+    if !matches!(p.response_format.as_str(), "" | "url" | "b64_json") {
+        return Err(invalid(
+            format!("{section}.response_format"),
+            "must be \"\", \"url\" or \"b64_json\"",
+        ));
+    }
+    Ok(())
+}
+
+/// The keys every HTTP provider has: its base URL, key, default model, timeouts
+/// (`[request_timeout_secs, connect_timeout_secs]`) and answer size limit.
+fn validate_http(
+    section: &str,
+    base_url: &str,
+    api_key: &SecretString,
+    model: &str,
+    [request_timeout_secs, connect_timeout_secs]: [u64; 2],
+    max_response_bytes: usize,
+) -> Result<(), ConfigError> {
     let key = |name: &str| format!("{section}.{name}");
-    if !(p.base_url.starts_with("http://") || p.base_url.starts_with("https://")) {
+    if !(base_url.starts_with("http://") || base_url.starts_with("https://")) {
         return Err(invalid(
             key("base_url"),
             "must be an http:// or https:// URL",
         ));
     }
-    if reqwest::Url::parse(&p.base_url).is_err() {
+    if reqwest::Url::parse(base_url).is_err() {
         return Err(invalid(key("base_url"), "is not a valid URL"));
     }
-    if p.api_key.expose_secret().trim().is_empty() {
+    if api_key.expose_secret().trim().is_empty() {
         let name = section.trim_start_matches("providers.").to_uppercase();
         let hint = if name == "OPENAI" {
             "set OPENAI_API_KEY or IMAGEGEN__PROVIDERS__OPENAI__API_KEY".to_string()
@@ -467,20 +538,14 @@ fn validate_openai(section: &str, p: &OpenAiSettings) -> Result<(), ConfigError>
         };
         return Err(invalid(key("api_key"), format!("is required ({hint})")));
     }
-    if p.model.trim().is_empty() {
+    if model.trim().is_empty() {
         return Err(invalid(key("model"), "must not be empty"));
     }
-    if !matches!(p.response_format.as_str(), "" | "url" | "b64_json") {
-        return Err(invalid(
-            key("response_format"),
-            "must be \"\", \"url\" or \"b64_json\"",
-        ));
-    }
-    in_range(key("request_timeout_secs"), p.request_timeout_secs, 1, 3600)?;
-    in_range(key("connect_timeout_secs"), p.connect_timeout_secs, 1, 600)?;
+    in_range(key("request_timeout_secs"), request_timeout_secs, 1, 3600)?;
+    in_range(key("connect_timeout_secs"), connect_timeout_secs, 1, 600)?;
     in_range(
         key("max_response_bytes"),
-        p.max_response_bytes as u64,
+        max_response_bytes as u64,
         1024,
         1 << 32,
     )

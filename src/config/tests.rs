@@ -497,3 +497,36 @@ fn secrets_come_from_the_files_that_file_variables_name() {
 }
 
 mod properties;
+
+#[test]
+fn a_gemini_provider_takes_its_kinds_defaults_and_needs_a_key() {
+    let err = error_of(&[("providers.g.kind", "gemini".into())]);
+    assert!(
+        err.contains("providers.g.api_key") && err.contains("IMAGEGEN__PROVIDERS__G__API_KEY"),
+        "{err}"
+    );
+    let err = error_of(&[
+        ("providers.g.kind", "gemini".into()),
+        ("providers.g.api_key", "k".into()),
+        ("providers.g.base_url", "ftp://x".into()),
+    ]);
+    assert!(err.contains("providers.g.base_url"), "{err}");
+    let s = Settings::load_with_overrides(
+        &Sources::default(),
+        &[
+            ("providers.g.kind", "gemini".into()),
+            ("providers.g.api_key", "k".into()),
+            ("providers.g.size", "16:9".into()),
+        ],
+    )
+    .unwrap();
+    let KindSettings::Gemini(g) = &s.default_provider().kind else {
+        panic!("kind gemini")
+    };
+    assert_eq!(g.model, "gemini-2.5-flash-image");
+    assert_eq!(g.size, "16:9");
+    assert_eq!(
+        g.base_url,
+        "https://generativelanguage.googleapis.com/v1beta"
+    );
+}

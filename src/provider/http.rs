@@ -24,6 +24,35 @@ pub const READ_BUFFER: usize = 64 * 1024;
 /// The user agent of every provider request.
 pub const USER_AGENT: &str = concat!("imagegen/", env!("CARGO_PKG_VERSION"));
 
+/// The HTTP client of a provider's API: `headers` (the credentials) on every request, and
+/// nothing else of its own. No timeout: `request_timeout_secs` is kept by each call's [`Clock`],
+/// which stops while an answer waits for room in the answer memory. A connection whose answer
+/// waits holds at most [`READ_BUFFER`] of it; the rest waits in the kernel's socket buffer. No
+/// redirect is followed: the credentials go to the configured host alone (a redirect, to any
+/// host, would carry a custom header such as `api-key` along).
+pub fn api_client(
+    headers: reqwest::header::HeaderMap,
+    connect_timeout: Duration,
+) -> anyhow::Result<reqwest::Client> {
+    Ok(reqwest::Client::builder()
+        .user_agent(USER_AGENT)
+        .default_headers(headers)
+        .connect_timeout(connect_timeout)
+        .pool_idle_timeout(Duration::from_secs(90))
+        .http1_max_buf_size(READ_BUFFER)
+        .redirect(reqwest::redirect::Policy::none())
+        .build()?)
+}
+
+/// A secret as a header value, marked sensitive (never shown by the client's debug output).
+pub fn secret_header(value: &str) -> anyhow::Result<reqwest::header::HeaderValue> {
+    let mut value = reqwest::header::HeaderValue::from_str(value).map_err(|_| {
+        anyhow::anyhow!("the provider's api_key contains characters not allowed in an HTTP header")
+    })?;
+    value.set_sensitive(true);
+    Ok(value)
+}
+
 /// Passes a body to `sink` as it arrives, refusing more than `limit` bytes. The request was
 /// answered, so a failure here may have been billed.
 pub async fn read_limited(

@@ -19,6 +19,7 @@
 /// The answer buffers, from the core crate (its answer readers decode into them).
 pub use imagegen_core::buffers;
 pub mod fetch;
+pub mod gemini;
 pub mod http;
 pub mod openai;
 pub mod placeholder;
@@ -143,6 +144,7 @@ pub fn build(
     Ok(match &settings.kind {
         KindSettings::Openai(s) => Arc::new(openai::OpenAi::new(s, memory.clone())?),
         KindSettings::Placeholder(s) => Arc::new(placeholder::Placeholder::new(s)),
+        KindSettings::Gemini(s) => Arc::new(gemini::Gemini::new(s, memory.clone())?),
     })
 }
 

@@ -129,6 +129,63 @@ pub enum Sizes {
     Pixels { max_side: u32 },
     /// Only these aspect ratios (`W:H`), and `auto`.
     Aspects(&'static [&'static str]),
+    /// Aspect ratios, each made at resolution tiers named by the provider (`1K`, `2K`, `4K`),
+    /// each given with the longest side it makes. A job asks for `W:H` (the smallest tier),
+    /// `auto`, or `WIDTHxHEIGHT` whose ratio is one of them (within 2.5 %, as the providers' own sizes are:
+    /// 1344x768 for 16:9), made at the smallest
+    /// tier whose long side reaches its own: see [`aspect_tier`].
+    AspectTiers {
+        ratios: &'static [&'static str],
+        tiers: &'static [(&'static str, u32)],
+    },
+}
+
+/// What a provider of [`Sizes::AspectTiers`] makes of a size: the aspect ratio and the tier to
+/// ask for (`None`: the provider's own choice), or why it cannot make it.
+pub fn aspect_tier(
+    ratios: &[&'static str],
+    tiers: &[(&'static str, u32)],
+    size: &Size,
+) -> Result<(Option<&'static str>, Option<&'static str>), String> {
+    let accepts = || {
+        format!(
+            "takes sizes as one of the aspect ratios {}, as WIDTHxHEIGHT of one of those ratios \
+             with the long side at most {} (tiers {}), or auto",
+            ratios.join(", "),
+            tiers.last().map_or(0, |t| t.1),
+            tiers
+                .iter()
+                .map(|(name, side)| format!("{name} up to {side}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        )
+    };
+    let ratio_of = |w: u32, h: u32| {
+        ratios.iter().copied().find(|r| {
+            let Size::Aspect { width, height } = Size::parse(r) else {
+                return false;
+            };
+            let (want, got) = (width as f64 / height as f64, w as f64 / h as f64);
+            (got / want - 1.0).abs() <= 0.025
+        })
+    };
+    match size {
+        Size::Auto => Ok((None, None)),
+        Size::Aspect { .. } => match ratios.iter().find(|r| **r == size.to_string()) {
+            Some(r) => Ok((Some(*r), None)),
+            None => Err(format!("{}, not {size}", accepts())),
+        },
+        Size::Pixels { width, height } => {
+            let ratio = ratio_of(*width, *height);
+            let long = (*width).max(*height);
+            let tier = tiers.iter().find(|(_, side)| *side >= long).map(|t| t.0);
+            match (ratio, tier) {
+                (Some(r), Some(t)) => Ok((Some(r), Some(t))),
+                _ => Err(format!("{}, not {size}", accepts())),
+            }
+        }
+        Size::Named(_) => Err(format!("{}, not {size}", accepts())),
+    }
 }
 
 /// What a provider can do, declared by its driver.
@@ -169,6 +226,11 @@ impl Capabilities {
                     "takes sizes as one of the aspect ratios {} or auto, not {size}",
                     ratios.join(", ")
                 ));
+            }
+            (Sizes::AspectTiers { ratios, tiers }, size) => {
+                if let Err(why) = aspect_tier(ratios, tiers, size) {
+                    return Some(why);
+                }
             }
         }
         if let (Some(formats), Some(format)) = (self.formats, &request.output_format)

@@ -10,6 +10,7 @@ mod cli;
 mod contract;
 mod dlq;
 mod gallery;
+mod gemini;
 mod helpers;
 mod hostile_frames;
 mod ops;

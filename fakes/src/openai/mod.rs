@@ -32,7 +32,6 @@ mod admin;
 mod errors;
 mod generate;
 mod limits;
-mod png;
 #[cfg(test)]
 mod tests;
 mod validate;
@@ -49,8 +48,8 @@ use axum::routing::{get, post};
 use tokio::net::TcpListener;
 
 use crate::latency::Schedule;
+use crate::png::PngTemplate;
 use limits::AccountLimits;
-use png::PngTemplate;
 
 /// How the fake behaves when no [`Rule`] applies.
 #[derive(Clone, Debug)]

@@ -46,6 +46,8 @@ pub struct Shape {
     pub template: Option<String>,
     /// `--vary name=v1,v2`: each row becomes one job per combination of values.
     pub vary: Vec<(String, Vec<String>)>,
+    /// `--provider NAME`: the configured provider of every job that names none.
+    pub provider: Option<String>,
 }
 
 impl Shape {
@@ -398,6 +400,18 @@ fn expand(
                 }
                 _ => {}
             }
+            match (object.get("provider"), &shape.provider) {
+                (Some(Value::String(own)), Some(given)) if own != given => {
+                    error(format!(
+                        "the job's provider {own:?} differs from --provider {given:?}"
+                    ));
+                    continue;
+                }
+                (None | Some(Value::Null), Some(given)) => {
+                    object.insert("provider".into(), Value::String(given.clone()));
+                }
+                _ => {}
+            }
             let job_batch = object
                 .get("batch")
                 .and_then(Value::as_str)
@@ -526,7 +540,46 @@ not json
         Shape {
             template: template.map(str::to_string),
             vary: vary.iter().map(|v| parse_vary(v).unwrap()).collect(),
+            provider: None,
         }
+    }
+
+    #[test]
+    fn provider_sets_the_provider_of_jobs_that_name_none() {
+        let settings = crate::config::Settings::load_with_overrides(
+            &crate::config::Sources::default(),
+            &[
+                ("providers.main.kind", "placeholder".into()),
+                ("providers.other.kind", "placeholder".into()),
+                ("worker.default_provider", "main".into()),
+            ],
+        )
+        .unwrap();
+        let text = "{\"prompt\":\"a\"}\n{\"prompt\":\"b\",\"provider\":\"main\"}\n{\"prompt\":\"c\",\"provider\":\"other\"}\n";
+        let shape = Shape {
+            provider: Some("other".into()),
+            ..Shape::default()
+        };
+        let p = prepare(
+            text,
+            InputFormat::Jsonl,
+            None,
+            &shape,
+            &settings.job_rules(),
+        );
+        assert_eq!(p.jobs.len(), 2, "{:?}", p.errors);
+        assert!(p.jobs.iter().all(|j| j.body["provider"] == "other"));
+        assert_eq!(p.errors.len(), 1);
+        assert!(p.errors[0].message.contains("--provider"), "{:?}", p.errors);
+        // Another provider, another job: the id changes with it.
+        let plain = prepare(
+            text,
+            InputFormat::Jsonl,
+            None,
+            &Shape::default(),
+            &settings.job_rules(),
+        );
+        assert_ne!(plain.jobs[0].id, p.jobs[0].id);
     }
 
     #[test]

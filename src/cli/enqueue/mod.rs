@@ -62,6 +62,14 @@ pub fn read_input(
         )));
     }
     let rules = settings.job_rules();
+    if let Some(p) = &shape.provider
+        && !rules.providers.contains(p)
+    {
+        return Err(InputError::Usage(format!(
+            "--provider {p:?} is not a configured provider (configured: {})",
+            rules.providers.join(", ")
+        )));
+    }
     let (count, text, format) = match file {
         Some(file) => {
             let text = std::fs::read_to_string(file).map_err(|e| {

@@ -11,7 +11,7 @@ use std::time::Duration;
 use backon::{ExponentialBuilder, Retryable};
 use bytes::Bytes;
 use futures_util::future::BoxFuture;
-use reqwest::header::{HeaderMap, HeaderValue};
+use reqwest::header::HeaderMap;
 use secrecy::ExposeSecret;
 use serde_json::{Map, Value};
 
@@ -20,7 +20,9 @@ use self::errors::{ApiErrorBody, classify, rate_limits};
 use self::stream::AnswerReader;
 use super::buffers::BufferPool;
 use super::fetch::FetchRules;
-use super::http::{Clock, USER_AGENT, billed_failure, header_str, retry_after, with_request_id};
+use super::http::{
+    Clock, api_client, billed_failure, header_str, retry_after, secret_header, with_request_id,
+};
 use super::{
     Answer, Capabilities, GeneratedImage, Generation, ImageProvider, ImageRequest, JobDefaults,
     Journal, Mode, Size, Sizes, check_image,
@@ -77,27 +79,8 @@ impl OpenAi {
             AuthScheme::Bearer => ("authorization", format!("Bearer {key}")),
             AuthScheme::ApiKey => ("api-key", key.to_string()),
         };
-        let mut value = HeaderValue::from_str(&value).map_err(|_| {
-            anyhow::anyhow!(
-                "the provider's api_key contains characters not allowed in an HTTP header"
-            )
-        })?;
-        value.set_sensitive(true);
-        headers.insert(name, value);
-        let client = reqwest::Client::builder()
-            .user_agent(USER_AGENT)
-            .default_headers(headers)
-            .connect_timeout(Duration::from_secs(settings.connect_timeout_secs))
-            // No timeout of the client's own: `request_timeout_secs` is kept by each call's
-            // clock, which stops while an answer waits for room in the answer memory.
-            .pool_idle_timeout(Duration::from_secs(90))
-            // A connection whose answer waits for room in the answer memory holds at most this
-            // much of it; the rest waits in the kernel's socket buffer.
-            .http1_max_buf_size(super::http::READ_BUFFER)
-            // The key goes to the base URL alone: the Images API never redirects, and a
-            // redirect (to any host) would carry a custom header such as `api-key` along.
-            .redirect(reqwest::redirect::Policy::none())
-            .build()?;
+        headers.insert(name, secret_header(&value)?);
+        let client = api_client(headers, Duration::from_secs(settings.connect_timeout_secs))?;
         Ok(Self {
             client,
             downloads: tokio::sync::OnceCell::new(),

@@ -31,7 +31,7 @@ const CHUNK_OVERHEAD: usize = 12;
 /// Signature and IHDR chunk, as [`Encoder::write_header`] writes them.
 const HEADER_LEN: usize = 8 + CHUNK_OVERHEAD + 13;
 
-pub(super) struct PngTemplate {
+pub(crate) struct PngTemplate {
     width: u32,
     height: u32,
     /// The zlib stream of the picture's scanlines.
@@ -40,7 +40,7 @@ pub(super) struct PngTemplate {
 }
 
 impl PngTemplate {
-    pub(super) fn new(target_bytes: usize) -> Self {
+    pub(crate) fn new(target_bytes: usize) -> Self {
         let (width, height) = (64u32, 64u32);
         // Each scanline is filtered as encoders do, with Sub (type 1: each byte minus the one a
         // pixel to its left); on a gradient that leaves a repetition deflate all but removes.
@@ -69,18 +69,18 @@ impl PngTemplate {
     }
 
     /// About the length of [`Self::encode`]'s output, to reserve room for it.
-    pub(super) fn len_estimate(&self) -> usize {
+    pub(crate) fn len_estimate(&self) -> usize {
         HEADER_LEN + 4 * CHUNK_OVERHEAD + TEXT_ESTIMATE + self.padding.len() + self.idat.len()
     }
 
     /// About the length of [`Self::write_b64`]'s output.
-    pub(super) fn b64_len_estimate(&self) -> usize {
+    pub(crate) fn b64_len_estimate(&self) -> usize {
         self.len_estimate().div_ceil(3) * 4 + 4 * (TEXT_MAX - TEXT_ESTIMATE).div_ceil(3)
     }
 
     /// The image, with a `tEXt` "Comment" chunk holding `text`. The chunk is Latin-1 and a prompt
     /// is UTF-8, so anything but printable ASCII becomes '?'.
-    pub(super) fn encode(&self, text: &str) -> Vec<u8> {
+    pub(crate) fn encode(&self, text: &str) -> Vec<u8> {
         let mut comment = Vec::with_capacity(KEYWORD.len() + 1 + TEXT_MAX);
         comment.extend_from_slice(KEYWORD);
         comment.push(0);
@@ -110,7 +110,7 @@ impl PngTemplate {
     }
 
     /// Appends the base64 of [`Self::encode`].
-    pub(super) fn write_b64(&self, text: &str, out: &mut String) {
+    pub(crate) fn write_b64(&self, text: &str, out: &mut String) {
         BASE64.encode_append(self.encode(text), out);
     }
 }
