@@ -39,7 +39,7 @@ mod validate;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::atomic::AtomicU64;
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::Router;
@@ -49,6 +49,7 @@ use tokio::net::TcpListener;
 
 use crate::latency::Schedule;
 use crate::png::PngTemplate;
+pub(crate) use crate::rules::lock;
 use limits::AccountLimits;
 
 /// How the fake behaves when no [`Rule`] applies.
@@ -89,14 +90,7 @@ impl Default for FakeOptions {
 }
 
 /// A fault injected into the next matching requests.
-#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
-pub struct Rule {
-    /// Only requests whose prompt contains this; `None` matches every request.
-    pub prompt_contains: Option<String>,
-    pub fault: Fault,
-    /// `None`: forever; `Some(k)`: the next `k` matching requests.
-    pub times: Option<u32>,
-}
+pub type Rule = crate::rules::Rule<Fault>;
 
 /// What a matching request gets instead of a normal answer.
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
@@ -162,7 +156,7 @@ struct Inner {
     latency: Mutex<Schedule>,
     /// When the first call arrived: the origin of the schedule's ticks.
     first_call: std::sync::OnceLock<std::time::Instant>,
-    rules: Mutex<Vec<Rule>>,
+    rules: crate::rules::Rules<Fault>,
     counters: Mutex<Counters>,
     seq: AtomicU64,
     png: PngTemplate,
@@ -217,7 +211,7 @@ impl FakeApi {
                 tick: opts.tick,
             }),
             first_call: std::sync::OnceLock::new(),
-            rules: Mutex::default(),
+            rules: crate::rules::Rules::default(),
             counters: Mutex::default(),
             seq: AtomicU64::new(0),
             png: PngTemplate::new(opts.image_bytes),
@@ -270,11 +264,11 @@ impl FakeApi {
     }
 
     pub fn push_rule(&self, rule: Rule) {
-        lock(&self.inner.rules).push(rule);
+        self.inner.rules.push(rule);
     }
 
     pub fn clear_rules(&self) {
-        lock(&self.inner.rules).clear();
+        self.inner.rules.clear();
     }
 
     /// A constant latency from now on.
@@ -331,27 +325,6 @@ impl FakeApi {
 
     /// The first rule matching `prompt` with uses left; consumes one use.
     fn take_fault(&self, prompt: Option<&str>) -> Option<Fault> {
-        let mut rules = lock(&self.inner.rules);
-        let idx = rules.iter().position(|r| {
-            r.times != Some(0)
-                && match &r.prompt_contains {
-                    None => true,
-                    Some(s) => prompt.is_some_and(|p| p.contains(s.as_str())),
-                }
-        })?;
-        let fault = rules[idx].fault.clone();
-        if let Some(left) = rules[idx].times.as_mut() {
-            *left -= 1;
-            if *left == 0 {
-                rules.remove(idx);
-            }
-        }
-        Some(fault)
+        self.inner.rules.take(prompt)
     }
-}
-
-/// A test that panics while a lock is held leaves counters and rules at worst one update behind;
-/// the fake keeps serving rather than failing every later request of the other tests.
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(PoisonError::into_inner)
 }
