@@ -18,6 +18,7 @@
 
 /// The answer buffers, from the core crate (its answer readers decode into them).
 pub use imagegen_core::buffers;
+pub mod download;
 pub mod fetch;
 pub mod gemini;
 pub mod http;

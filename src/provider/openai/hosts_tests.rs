@@ -238,7 +238,7 @@ async fn an_answer_or_a_download_over_the_size_cap_is_cut_off_as_billed() {
     )
     .await;
     let mut provider = limited(&base);
-    provider.fetch_rules = FetchRules::exempting([file.as_str()]);
+    provider.downloads.rules = FetchRules::exempting([file.as_str()]);
     let failure = provider
         .submit(&request(), &NoJournal)
         .await

@@ -8,8 +8,6 @@ pub use imagegen_core::openai::{answer, errors, stream};
 
 use std::time::Duration;
 
-use backon::{ExponentialBuilder, Retryable};
-use bytes::Bytes;
 use futures_util::future::BoxFuture;
 use reqwest::header::HeaderMap;
 use secrecy::ExposeSecret;
@@ -19,6 +17,7 @@ use self::answer::ImageBytes;
 use self::errors::{ApiErrorBody, classify, rate_limits};
 use self::stream::AnswerReader;
 use super::buffers::BufferPool;
+use super::download::Downloads;
 use super::fetch::FetchRules;
 use super::http::{
     Clock, api_client, billed_failure, header_str, retry_after, secret_header, with_request_id,
@@ -29,10 +28,7 @@ use super::{
 };
 use crate::config::{AuthScheme, OpenAiSettings};
 use crate::domain::cost::Usage;
-use crate::domain::error::{Failure, with_causes};
-
-/// Retries of one image download (the image is paid for: retrying the call would buy it again).
-const DOWNLOAD_RETRIES: usize = 3;
+use crate::domain::error::Failure;
 
 const CAPABILITIES: Capabilities = Capabilities {
     images_per_call: 10,
@@ -49,12 +45,8 @@ const CAPABILITIES: Capabilities = Capabilities {
 
 pub struct OpenAi {
     client: reqwest::Client,
-    /// For images answered by URL: no API key (the URLs are pre-signed, maybe on another host).
-    /// Made on first use: most models answer with base64.
-    downloads: tokio::sync::OnceCell<reqwest::Client>,
-    /// Where images answered by URL may come from.
-    fetch_rules: FetchRules,
-    connect_timeout: Duration,
+    /// For images answered by URL (pre-signed, maybe on another host: no API key).
+    downloads: Downloads,
     request_timeout: Duration,
     endpoint: String,
     response_format: Option<String>,
@@ -83,12 +75,16 @@ impl OpenAi {
         let client = api_client(headers, Duration::from_secs(settings.connect_timeout_secs))?;
         Ok(Self {
             client,
-            downloads: tokio::sync::OnceCell::new(),
-            fetch_rules: FetchRules::exempting(
-                std::iter::once(settings.base_url.as_str())
-                    .chain(settings.download_hosts.iter().map(String::as_str)),
+            downloads: Downloads::new(
+                FetchRules::exempting(
+                    std::iter::once(settings.base_url.as_str())
+                        .chain(settings.download_hosts.iter().map(String::as_str)),
+                ),
+                Duration::from_secs(settings.connect_timeout_secs),
+                Duration::from_secs(settings.request_timeout_secs),
+                settings.max_response_bytes,
+                buffers.clone(),
             ),
-            connect_timeout: Duration::from_secs(settings.connect_timeout_secs),
             request_timeout: Duration::from_secs(settings.request_timeout_secs),
             endpoint: format!(
                 "{}/images/generations",
@@ -189,7 +185,7 @@ impl OpenAi {
         for (data, revised_prompt) in answer.images.into_iter().take(request.count as usize) {
             let data = match data {
                 ImageBytes::Decoded(data) => data,
-                ImageBytes::Url(url) => self.download(&url).await?,
+                ImageBytes::Url(url) => self.downloads.get(&url).await?,
             };
             let (content_type, extension) = check_image(&data).map_err(|why| {
                 with_request_id(
@@ -224,77 +220,6 @@ impl OpenAi {
             request_id,
             rate_limits,
         })
-    }
-
-    /// Fetches an image given by URL (DALL-E style `url` responses, valid for an hour). The
-    /// image is paid for already: a transport error, a 429 or a 5xx is retried here, a few
-    /// times, rather than by buying the image again.
-    async fn download(&self, url: &str) -> Result<Bytes, Failure> {
-        let client = self
-            .downloads
-            .get_or_try_init(|| async {
-                // No timeout of the client's own: each download has a clock that stops while
-                // the image waits for room in the answer memory.
-                self.fetch_rules.client(self.connect_timeout, None, None)
-            })
-            .await
-            .map_err(|e| billed_failure(format!("no HTTP client for the image download: {e}")))?;
-        let parsed = reqwest::Url::parse(url)
-            .map_err(|e| billed_failure(format!("the image URL is not a URL: {e}")))?;
-        if let Err(why) = self.fetch_rules.check(&parsed) {
-            return Err(billed_failure(format!("the image URL was refused: {why}")));
-        }
-        let fetch = || async {
-            let mut clock = Clock::start(self.request_timeout);
-            let response = clock
-                .within(client.get(url).send())
-                .await
-                .map_err(|f| {
-                    (
-                        true,
-                        format!("downloading the generated image failed: {}", f.message()),
-                    )
-                })?
-                // A refused redirect is final; a lost connection is worth another try.
-                .map_err(|e| {
-                    (
-                        !e.is_redirect(),
-                        format!(
-                            "downloading the generated image failed: {}",
-                            with_causes(&e.without_url())
-                        ),
-                    )
-                })?;
-            let status = response.status();
-            if !status.is_success() {
-                let transient = status.is_server_error() || status.as_u16() == 429;
-                return Err((
-                    transient,
-                    format!("downloading the generated image failed with HTTP {status}"),
-                ));
-            }
-            // Too large is final; a connection lost mid-body is worth another try.
-            let too_large = response
-                .content_length()
-                .is_some_and(|n| n > self.max_response_bytes as u64);
-            let body = clock
-                .read(&self.buffers, response, self.max_response_bytes)
-                .await
-                .map_err(|f| (!too_large, f.message().to_string()))?;
-            Ok(body.freeze())
-        };
-        fetch
-            .retry(
-                ExponentialBuilder::default()
-                    .with_min_delay(Duration::from_millis(250))
-                    .with_max_times(DOWNLOAD_RETRIES),
-            )
-            .when(|(transient, _)| *transient)
-            .notify(|(_, message), after| {
-                tracing::warn!(error = %message, after_ms = after.as_millis() as u64, "retrying the image download");
-            })
-            .await
-            .map_err(|(_, message)| billed_failure(message))
     }
 }
 
