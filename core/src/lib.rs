@@ -9,12 +9,14 @@
 //!   a value or a classified failure, never a panic:
 //!   - [`http`]: the headers and statuses every HTTP provider shares (`retry-after`);
 //!   - [`openai`]: the Images API's answers, error bodies and rate-limit headers;
+//!   - [`bfl`]: Black Forest Labs' submits, polls (moderation among their statuses) and errors;
 //!   - [`gemini`]: the Gemini API's answers (refusals on HTTP 200 among them) and error bodies;
 //!   - [`amqp`]: the headers of a message (the sealed count of failed attempts, the failure the
 //!     worker recorded, the broker's death records).
 //! - [`buffers`]: the image-sized buffers answers are read and decoded into.
 
 pub mod amqp;
+pub mod bfl;
 pub mod buffers;
 pub mod domain;
 pub mod gemini;

@@ -16,7 +16,7 @@ use secrecy::ExposeSecret;
 use serde::Deserialize;
 
 pub use providers::{
-    AuthScheme, GeminiSettings, KindSettings, OpenAiSettings, PlaceholderSettings,
+    AuthScheme, BflSettings, GeminiSettings, KindSettings, OpenAiSettings, PlaceholderSettings,
     ProviderDefaults, ProviderKind, ProviderSettings,
 };
 pub use sections::{

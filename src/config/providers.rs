@@ -34,6 +34,8 @@ pub enum ProviderKind {
     Placeholder,
     /// The Gemini API's image models (`generateContent`).
     Gemini,
+    /// Black Forest Labs' FLUX models: submit, then poll.
+    Bfl,
 }
 
 impl ProviderKind {
@@ -42,6 +44,7 @@ impl ProviderKind {
         ProviderKind::Openai,
         ProviderKind::Placeholder,
         ProviderKind::Gemini,
+        ProviderKind::Bfl,
     ];
 
     /// The kind as written in `kind`.
@@ -50,6 +53,7 @@ impl ProviderKind {
             ProviderKind::Openai => "openai",
             ProviderKind::Placeholder => "placeholder",
             ProviderKind::Gemini => "gemini",
+            ProviderKind::Bfl => "bfl",
         }
     }
 
@@ -76,6 +80,8 @@ pub struct ProviderDefaults {
     pub placeholder: PlaceholderSettings,
     /// The keys of kind `gemini`.
     pub gemini: GeminiSettings,
+    /// The keys of kind `bfl`.
+    pub bfl: BflSettings,
 }
 
 /// How an `openai` provider sends its key.
@@ -153,6 +159,38 @@ pub struct GeminiSettings {
     pub max_response_bytes: usize,
 }
 
+/// Kind `bfl`: `POST {base_url}/{model}`, then `GET` of the `polling_url` it answers.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BflSettings {
+    /// Base URL of the API (`https://api.bfl.ai/v1`, or a regional host).
+    pub base_url: String,
+    /// API key, sent as `x-key` to BFL's own hosts only. Never logged.
+    pub api_key: SecretString,
+    /// Model of jobs that name none (the path after the base URL).
+    pub model: String,
+    /// Size of jobs that name none: `WIDTHxHEIGHT` or `auto`.
+    pub size: String,
+    /// Output format of jobs that name none: `png` or `jpeg`.
+    pub output_format: String,
+    /// Tasks this worker keeps active at the provider at once (the account allows 24 by
+    /// default, fewer for some models); a submit above it waits.
+    pub max_active: usize,
+    /// Milliseconds before the first poll of a task; later polls back off.
+    pub poll_min_ms: u64,
+    /// Longest wait between two polls of a task, in seconds.
+    pub poll_max_secs: u64,
+    /// Seconds allowed for one request (a submit, a poll or a download).
+    pub request_timeout_secs: u64,
+    /// Seconds allowed to open a connection.
+    pub connect_timeout_secs: u64,
+    /// Largest image accepted, in bytes.
+    pub max_response_bytes: usize,
+    /// Hosts (`host:port`) that samples may come from over plain http or from a private
+    /// address, besides the base URL's own. Others must be https and public.
+    pub download_hosts: Vec<String>,
+}
+
 /// The keys of a provider's kind.
 #[derive(Debug, Clone)]
 pub enum KindSettings {
@@ -162,6 +200,8 @@ pub enum KindSettings {
     Placeholder(PlaceholderSettings),
     /// Kind `gemini`.
     Gemini(GeminiSettings),
+    /// Kind `bfl`.
+    Bfl(BflSettings),
 }
 
 impl KindSettings {
@@ -171,6 +211,7 @@ impl KindSettings {
             KindSettings::Openai(_) => ProviderKind::Openai,
             KindSettings::Placeholder(_) => ProviderKind::Placeholder,
             KindSettings::Gemini(_) => ProviderKind::Gemini,
+            KindSettings::Bfl(_) => ProviderKind::Bfl,
         }
     }
 }
@@ -386,6 +427,31 @@ fn resolve_one(
                 s.max_response_bytes,
             )?;
             KindSettings::Gemini(s)
+        }
+        ProviderKind::Bfl => {
+            let s: BflSettings = overlaid(cfg, &defaults, Some(table_value(table)), &section)?;
+            validate_http(
+                &section,
+                &s.base_url,
+                &s.api_key,
+                &s.model,
+                [s.request_timeout_secs, s.connect_timeout_secs],
+                s.max_response_bytes,
+            )?;
+            let key = |name: &str| format!("{section}.{name}");
+            in_range(key("max_active"), s.max_active as u64, 1, 1024)?;
+            in_range(key("poll_min_ms"), s.poll_min_ms, 100, 60_000)?;
+            in_range(key("poll_max_secs"), s.poll_max_secs, 1, 600)?;
+            if s.poll_max_secs * 1000 < s.poll_min_ms {
+                return Err(invalid(
+                    key("poll_max_secs"),
+                    "must be at least poll_min_ms",
+                ));
+            }
+            if !matches!(s.output_format.as_str(), "png" | "jpeg") {
+                return Err(invalid(key("output_format"), "must be \"png\" or \"jpeg\""));
+            }
+            KindSettings::Bfl(s)
         }
     };
     Ok(ProviderSettings {

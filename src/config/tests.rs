@@ -301,7 +301,7 @@ fn provider_tables_are_checked_like_any_section() {
     // A spend cap needs every provider priced.
     let e = load_toml(
         "[budget]\nmax_worker_usd = 5.0\n[providers.a]\nkind = \"placeholder\"\n\
-         [providers.a.pricing]\nper_image = []\nmodels = []\n",
+         [providers.a.pricing]\nper_image = []\nmodels = []\nper_megapixel = []\n",
     )
     .unwrap_err()
     .to_string();

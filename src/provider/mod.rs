@@ -18,6 +18,7 @@
 
 /// The answer buffers, from the core crate (its answer readers decode into them).
 pub use imagegen_core::buffers;
+pub mod bfl;
 pub mod download;
 pub mod fetch;
 pub mod gemini;
@@ -83,6 +84,11 @@ pub enum Answer {
     },
 }
 
+/// The code (in a failure's detail) of a poll that found the queued request gone at the
+/// provider (failed there, forgotten, its result expired): the worker forgets the handle, and the
+/// job's next attempt submits anew.
+pub const HANDLE_LOST: &str = "handle_lost";
+
 /// Small durable notes of a job's progress at the provider, kept next to the job's images.
 pub trait Journal: Send + Sync {
     fn get<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<Option<Bytes>, Failure>>;
@@ -146,6 +152,7 @@ pub fn build(
         KindSettings::Openai(s) => Arc::new(openai::OpenAi::new(s, memory.clone())?),
         KindSettings::Placeholder(s) => Arc::new(placeholder::Placeholder::new(s)),
         KindSettings::Gemini(s) => Arc::new(gemini::Gemini::new(s, memory.clone())?),
+        KindSettings::Bfl(s) => Arc::new(bfl::Bfl::new(s, memory.clone())?),
     })
 }
 

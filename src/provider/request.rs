@@ -125,8 +125,13 @@ pub enum Mode {
 pub enum Sizes {
     /// Any size string, passed through (the provider refuses what it does not know).
     Any,
-    /// `WIDTHxHEIGHT` (or `auto`), each side at most `max_side` pixels.
-    Pixels { max_side: u32 },
+    /// `WIDTHxHEIGHT` (or `auto`): each side a multiple of `multiple_of` between it and
+    /// `max_side`, and at most `max_pixels` in all.
+    Pixels {
+        max_side: u32,
+        multiple_of: u32,
+        max_pixels: u64,
+    },
     /// Only these aspect ratios (`W:H`), and `auto`.
     Aspects(&'static [&'static str]),
     /// Aspect ratios, each made at resolution tiers named by the provider (`1K`, `2K`, `4K`),
@@ -212,11 +217,30 @@ impl Capabilities {
     pub fn refusal(&self, request: &ImageRequest) -> Option<String> {
         match (&self.sizes, &request.size) {
             (Sizes::Any, _) | (_, Size::Auto) => {}
-            (Sizes::Pixels { max_side }, Size::Pixels { width, height })
-                if width.max(height) <= max_side => {}
-            (Sizes::Pixels { max_side }, size) => {
+            (
+                Sizes::Pixels {
+                    max_side,
+                    multiple_of,
+                    max_pixels,
+                },
+                Size::Pixels { width, height },
+            ) if width.max(height) <= max_side
+                && width.min(height) >= multiple_of
+                && width % multiple_of == 0
+                && height % multiple_of == 0
+                && u64::from(*width) * u64::from(*height) <= *max_pixels => {}
+            (
+                Sizes::Pixels {
+                    max_side,
+                    multiple_of,
+                    max_pixels,
+                },
+                size,
+            ) => {
                 return Some(format!(
-                    "takes sizes as WIDTHxHEIGHT (each side at most {max_side}) or auto, not {size}"
+                    "takes sizes as WIDTHxHEIGHT, each side a multiple of {multiple_of} of at \
+                     most {max_side}, {:.1} megapixels at most, or auto; not {size}",
+                    *max_pixels as f64 / 1_048_576.0
                 ));
             }
             (Sizes::Aspects(ratios), Size::Aspect { .. })
@@ -362,7 +386,11 @@ mod tests {
         );
         assert_eq!(r(&|r| r.background = Some("opaque".into())), None);
         let pixels = Capabilities {
-            sizes: Sizes::Pixels { max_side: 2048 },
+            sizes: Sizes::Pixels {
+                max_side: 2048,
+                multiple_of: 16,
+                max_pixels: 2048 * 1024,
+            },
             ..caps.clone()
         };
         let mut big = request();
@@ -370,6 +398,14 @@ mod tests {
         assert!(pixels.refusal(&big).unwrap().contains("at most 2048"));
         big.size = Size::parse("2048x1024");
         assert_eq!(pixels.refusal(&big), None);
+        for size in ["2048x2048", "1000x1000", "8x8"] {
+            big.size = Size::parse(size);
+            let why = pixels.refusal(&big).expect(size);
+            assert!(
+                why.contains("multiple of 16") && why.contains("2.0 megapixels"),
+                "{why}"
+            );
+        }
     }
 
     #[test]

@@ -5,6 +5,7 @@
 //! seeing each other's messages.
 
 mod batch;
+mod bfl;
 mod budget;
 mod cli;
 mod contract;

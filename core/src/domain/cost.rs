@@ -11,7 +11,7 @@
 //!
 //! Prices change: they live in config, not here.
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// Token prices of a model, USD per million tokens. `model` matches exactly, or as a prefix when
 /// it ends with `*` (`gpt-image-2*`).
@@ -67,7 +67,8 @@ pub struct PriceTable {
 
 /// What one call (or a job's calls, summed) used, in the units providers bill by. Fields a
 /// provider does not report stay 0.
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct Usage {
     pub input_text_tokens: f64,
     pub input_image_tokens: f64,

@@ -27,6 +27,10 @@ pub const LEASE_NAME: &str = "lease.json";
 /// The journal entry of a job waiting at a submit-and-poll provider.
 pub const PENDING_JOURNAL_NAME: &str = "pending.json";
 
+/// The journal entry of what a job's earlier deliveries bought and spent (a job of several
+/// calls at a provider that queues them spans deliveries).
+pub const SPENT_JOURNAL_NAME: &str = "spent.json";
+
 /// The key directory of a job's objects: `{prefix}images/{batch or _}/{job}` (no trailing `/`).
 pub fn job_dir(prefix: &str, batch: Option<&str>, job_id: &str) -> String {
     format!("{prefix}images/{}/{job_id}", batch.unwrap_or(NO_BATCH))

@@ -49,6 +49,20 @@ pub struct JobEvent<'a> {
     pub started: Instant,
 }
 
+/// What a job's earlier deliveries bought, kept in its journal so that the event counts every
+/// call of the job (a job of several calls at a provider that queues them spans deliveries).
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
+pub struct Spent {
+    pub bought: u32,
+    pub calls: u32,
+    pub usage: Usage,
+    pub reported_usage: Option<Value>,
+    pub request_id: Option<String>,
+    pub revised_prompt: Option<String>,
+    pub model: Option<String>,
+}
+
 /// Progress of one job in this delivery: what is stored, what was bought, what it cost.
 #[derive(Debug, Default)]
 pub struct Progress {
@@ -85,6 +99,31 @@ impl Progress {
         (0..n as u32)
             .filter(|i| !self.images.iter().any(|s| s.index == *i))
             .collect()
+    }
+
+    /// What this delivery (and the earlier ones it carries on) bought, to carry on.
+    pub fn spent(&self) -> Spent {
+        Spent {
+            bought: self.bought,
+            calls: self.calls,
+            usage: self.usage,
+            reported_usage: self.reported_usage.clone(),
+            request_id: self.request_id.clone(),
+            revised_prompt: self.revised_prompt.clone(),
+            model: self.model.clone(),
+        }
+    }
+
+    /// Carries on what earlier deliveries of the job bought.
+    pub fn carry(&mut self, earlier: Spent) {
+        self.bought += earlier.bought;
+        self.calls += earlier.calls;
+        self.usage.add(&earlier.usage);
+        self.usage.estimated = earlier.usage.estimated || self.usage.estimated;
+        self.reported_usage = merge_usage(earlier.reported_usage, self.reported_usage.take());
+        self.request_id = self.request_id.take().or(earlier.request_id);
+        self.revised_prompt = self.revised_prompt.take().or(earlier.revised_prompt);
+        self.model = self.model.take().or(earlier.model);
     }
 
     /// Counts what one answer bought.

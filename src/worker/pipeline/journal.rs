@@ -8,6 +8,7 @@ use bytes::Bytes;
 use futures_util::future::BoxFuture;
 use serde::{Deserialize, Serialize};
 
+use super::events::Spent;
 use crate::domain::error::Failure;
 use crate::domain::keys;
 use crate::provider::{Handle, Journal};
@@ -46,6 +47,20 @@ impl StoreJournal<'_> {
         let body = serde_json::to_vec(entry).map_err(|e| Failure::transient(e.to_string()))?;
         self.put(keys::PENDING_JOURNAL_NAME, Bytes::from(body))
             .await
+    }
+
+    /// What the job's earlier deliveries bought, when one recorded it.
+    pub async fn spent(&self) -> Result<Option<Spent>, Failure> {
+        let Some(bytes) = self.get(keys::SPENT_JOURNAL_NAME).await? else {
+            return Ok(None);
+        };
+        Ok(serde_json::from_slice(&bytes).ok())
+    }
+
+    /// Records what the job bought so far, for its next delivery.
+    pub async fn set_spent(&self, spent: &Spent) -> Result<(), Failure> {
+        let body = serde_json::to_vec(spent).map_err(|e| Failure::transient(e.to_string()))?;
+        self.put(keys::SPENT_JOURNAL_NAME, Bytes::from(body)).await
     }
 
     /// The recorded request is answered: nothing to poll any more.

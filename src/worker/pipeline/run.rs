@@ -17,7 +17,7 @@ use crate::domain::error::{ErrorKind, Failure};
 use crate::domain::event::CloudEvent;
 use crate::domain::job::Job;
 use crate::domain::keys;
-use crate::provider::ImageRequest;
+use crate::provider::{HANDLE_LOST, ImageRequest};
 use crate::worker::providers::{Admission, Route};
 use crate::worker::retry::Decision;
 
@@ -148,8 +148,20 @@ impl JobRun<'_> {
             Ok(pending) => pending,
             Err(failure) => return self.storage_down(failure),
         };
-        if pending.is_some() {
-            // The submit that queued it, in an earlier delivery, was a call of this job.
+        let mut carried = false;
+        if listing.has(&keys::journal(self.dir, keys::SPENT_JOURNAL_NAME)) {
+            match journal.spent().await {
+                Ok(Some(earlier)) => {
+                    progress.carry(earlier);
+                    carried = true;
+                }
+                Ok(None) => {}
+                Err(failure) => return self.storage_down(failure),
+            }
+        }
+        if pending.is_some() && !carried {
+            // The submit that queued it, in an earlier delivery, was a call of this job (the
+            // carried record counts it when there is one: it was written at that submit).
             progress.calls += 1;
         }
         let mut retries = route.retry.retries(prior);
@@ -230,6 +242,7 @@ impl JobRun<'_> {
                     return self
                         .wait_at_provider(
                             &journal,
+                            &progress,
                             PendingEntry {
                                 provider: route.name.clone(),
                                 handle,
@@ -252,6 +265,15 @@ impl JobRun<'_> {
                 Attempt::Failed(failure) => {
                     if let Some(probe) = probe {
                         probe.through();
+                    }
+                    if polling && failure.detail().code.as_deref() == Some(HANDLE_LOST) {
+                        // The queued request is gone at the provider: forget it, so that the
+                        // next attempt submits anew.
+                        warn!(error = %failure, "the provider lost the queued request: it will be submitted again");
+                        pending = None;
+                        if let Err(e) = journal.clear_pending().await {
+                            return self.storage_down(e);
+                        }
                     }
                     if failure.possibly_billed() && !polling {
                         let mut estimate = route.provider.estimate(&request);
@@ -313,6 +335,7 @@ impl JobRun<'_> {
                 }
                 Decision::Defer(after) => {
                     self.count_possibly_billed(&mut progress, retries.possibly_billed());
+                    self.carry_on(&journal, &progress).await;
                     let attempts = prior + retries.failed();
                     info!(error = %failure, after_secs = after.as_secs(), attempts,
                         "long wait: the job goes to a delay queue instead of holding its message");
@@ -351,10 +374,12 @@ impl JobRun<'_> {
     async fn wait_at_provider(
         &self,
         journal: &StoreJournal<'_>,
+        progress: &Progress,
         entry: PendingEntry,
         after: Duration,
         attempts: u32,
     ) -> Outcome {
+        self.carry_on(journal, progress).await;
         if let Err(failure) = journal.set_pending(&entry).await {
             warn!(error = %failure,
                 "could not record the provider's handle: a redelivery may submit the job again");
@@ -366,6 +391,17 @@ impl JobRun<'_> {
             "the provider queued the job: looking again later"
         );
         Outcome::Pending { after, attempts }
+    }
+
+    /// The job leaves this delivery unfinished: what it bought so far goes to its journal, so
+    /// that the delivery that finishes it counts it (not written when nothing was bought).
+    async fn carry_on(&self, journal: &StoreJournal<'_>, progress: &Progress) {
+        if progress.bought == 0 {
+            return;
+        }
+        if let Err(e) = journal.set_spent(&progress.spent()).await {
+            warn!(error = %e, "could not record what the job bought so far: its event will count less");
+        }
     }
 
     fn count_possibly_billed(&self, progress: &mut Progress, n: u32) {

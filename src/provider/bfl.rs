@@ -1,0 +1,544 @@
+//! Black Forest Labs' FLUX models: `POST {base_url}/{model}` queues a task and answers its id and
+//! `polling_url`; `GET` of that URL says where the task is; a Ready task's `result.sample` is a
+//! signed URL, valid ten minutes, downloaded at once. The answers are read in the core crate
+//! ([`imagegen_core::bfl`]).
+//!
+//! The provider names the task, so the worker writes the handle to the job's journal the moment
+//! the submit is answered (the pipeline does, before it waits): a redelivered job, or another
+//! worker after a crash, polls that task instead of paying for another. Only a submit whose
+//! answer is lost can pay twice, and it is counted as `possibly_billed`.
+//!
+//! The key (`x-key`) goes to the base URL's host and to BFL's own hosts (`*.bfl.ai`, where
+//! regional polling URLs point), never to a polling URL elsewhere; samples are fetched without it.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use futures_util::future::BoxFuture;
+use reqwest::header::HeaderMap;
+use secrecy::ExposeSecret;
+use serde_json::{Map, Value, json};
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+use super::download::Downloads;
+use super::fetch::FetchRules;
+use super::http::{Clock, api_client, billed_failure, retry_after, secret_header, with_request_id};
+use super::{
+    Answer, Capabilities, GeneratedImage, Generation, HANDLE_LOST, Handle, ImageProvider,
+    ImageRequest, JobDefaults, Journal, Mode, Size, Sizes, check_image,
+};
+use crate::config::BflSettings;
+use crate::domain::cost::Usage;
+use crate::domain::error::{ErrorKind, Failure};
+use imagegen_core::bfl::{Polled, classify, moderated, read_poll, read_submit};
+
+const CAPABILITIES: Capabilities = Capabilities {
+    images_per_call: 1,
+    sizes: Sizes::Pixels {
+        max_side: 4096,
+        multiple_of: 16,
+        max_pixels: 4_194_304,
+    },
+    formats: Some(&["png", "jpeg"]),
+    seed: true,
+    negative_prompt: false,
+    transparency: false,
+    mode: Mode::SubmitAndPoll,
+    params: &[
+        "safety_tolerance",
+        "prompt_upsampling",
+        "raw",
+        "steps",
+        "guidance",
+    ],
+};
+
+/// How long a task this worker submitted counts against `max_active` without news of it
+/// (another worker may have finished it): longer than any generation takes.
+const ACTIVE_TTL: Duration = Duration::from_secs(15 * 60);
+
+/// The longest a submit waits out the account's cap on active tasks before it counts as a
+/// failed attempt.
+const CAP_WAIT: Duration = Duration::from_secs(120);
+
+pub struct Bfl {
+    client: reqwest::Client,
+    base_url: String,
+    /// Scheme, host and port of the base URL: polling URLs there get the key.
+    base_origin: String,
+    downloads: Downloads,
+    request_timeout: Duration,
+    poll_min: Duration,
+    poll_max: Duration,
+    active: Active,
+    defaults: JobDefaults,
+}
+
+/// What a task's handle holds (in the job's journal).
+#[derive(serde::Serialize, serde::Deserialize)]
+struct TaskHandle {
+    id: String,
+    polling_url: String,
+    /// When it was submitted (Unix ms): polls back off with its age.
+    submitted_unix_ms: u64,
+    /// The credits the submit said it costs.
+    #[serde(default)]
+    cost: Option<f64>,
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+fn origin(url: &reqwest::Url) -> String {
+    format!(
+        "{}://{}:{}",
+        url.scheme(),
+        url.host_str().unwrap_or(""),
+        url.port_or_known_default().unwrap_or(0)
+    )
+}
+
+impl Bfl {
+    /// `buffers`: the worker's answer memory, shared by its providers.
+    pub fn new(
+        settings: &BflSettings,
+        buffers: super::buffers::BufferPool,
+    ) -> anyhow::Result<Self> {
+        crate::install_crypto_provider();
+        let mut headers = HeaderMap::new();
+        headers.insert("x-key", secret_header(settings.api_key.expose_secret())?);
+        let base = reqwest::Url::parse(&settings.base_url)?;
+        Ok(Self {
+            client: api_client(headers, Duration::from_secs(settings.connect_timeout_secs))?,
+            base_url: settings.base_url.trim_end_matches('/').to_string(),
+            base_origin: origin(&base),
+            downloads: Downloads::new(
+                FetchRules::exempting(
+                    std::iter::once(settings.base_url.as_str())
+                        .chain(settings.download_hosts.iter().map(String::as_str)),
+                ),
+                Duration::from_secs(settings.connect_timeout_secs),
+                Duration::from_secs(settings.request_timeout_secs),
+                settings.max_response_bytes,
+                buffers,
+            ),
+            request_timeout: Duration::from_secs(settings.request_timeout_secs),
+            poll_min: Duration::from_millis(settings.poll_min_ms),
+            poll_max: Duration::from_secs(settings.poll_max_secs),
+            active: Active::new(settings.max_active),
+            defaults: JobDefaults {
+                model: settings.model.clone(),
+                size: settings.size.clone(),
+                quality: None,
+                output_format: Some(settings.output_format.clone()),
+                background: None,
+            },
+        })
+    }
+
+    /// The submit's body: the job's `params`, then the fields the worker controls over them.
+    fn body(request: &ImageRequest) -> Value {
+        let mut body: Map<String, Value> = request.params.clone();
+        body.insert("prompt".into(), request.prompt.clone().into());
+        if let Size::Pixels { width, height } = request.size {
+            body.insert("width".into(), width.into());
+            body.insert("height".into(), height.into());
+        }
+        if let Some(seed) = request.seed {
+            body.insert("seed".into(), seed.into());
+        }
+        if let Some(format) = &request.output_format {
+            body.insert("output_format".into(), format.clone().into());
+        }
+        Value::Object(body)
+    }
+
+    /// Whether the key may go to `url`: the base URL's own origin, or an https host of BFL's.
+    fn trusted(&self, url: &reqwest::Url) -> bool {
+        origin(url) == self.base_origin
+            || (url.scheme() == "https"
+                && url
+                    .host_str()
+                    .is_some_and(|h| h == "bfl.ai" || h.ends_with(".bfl.ai")))
+    }
+
+    /// When to look at a task again: a quarter of its age, within the configured bounds.
+    fn next_poll(&self, handle: &TaskHandle) -> Duration {
+        let age = Duration::from_millis(unix_ms().saturating_sub(handle.submitted_unix_ms));
+        (age / 4).clamp(self.poll_min, self.poll_max)
+    }
+
+    async fn submit_task(&self, request: &ImageRequest) -> Result<Answer, Failure> {
+        let body = serde_json::to_vec(&Self::body(request)).map_err(|e| Failure::Permanent {
+            kind: ErrorKind::InvalidRequest,
+            message: format!("the request could not be written as JSON: {e}"),
+            detail: Box::default(),
+        })?;
+        let ticket = self.active.admit().await;
+        let url = format!("{}/{}", self.base_url, request.model);
+        let waiting_since = Instant::now();
+        let mut cap_wait = Duration::from_secs(1);
+        loop {
+            let clock = Clock::start(self.request_timeout);
+            let response = clock
+                .send(
+                    self.client
+                        .post(&url)
+                        .header(reqwest::header::CONTENT_TYPE, "application/json")
+                        .body(body.clone()),
+                )
+                .await?;
+            let status = response.status().as_u16();
+            if (200..300).contains(&status) {
+                let text = clock.read_error(response).await;
+                let submitted = read_submit(&text)?;
+                ticket.bind(&submitted.id);
+                let handle = TaskHandle {
+                    id: submitted.id.clone(),
+                    polling_url: submitted.polling_url,
+                    submitted_unix_ms: unix_ms(),
+                    cost: submitted.cost,
+                };
+                return Ok(Answer::Pending {
+                    after: self.poll_min,
+                    handle: Handle(serde_json::to_value(&handle).unwrap_or_default()),
+                    request_id: Some(submitted.id),
+                });
+            }
+            let after = retry_after(response.headers());
+            let text = clock.read_error(response).await;
+            // Over the account's cap on active tasks: nothing was bought, and the job is not
+            // at fault. Wait for a task to finish, a while, before it counts as an attempt.
+            if status == 429 && waiting_since.elapsed() < CAP_WAIT {
+                let wait = after.unwrap_or(cap_wait).min(Duration::from_secs(10));
+                tracing::debug!(
+                    wait_ms = wait.as_millis() as u64,
+                    "the provider's cap on active tasks is reached: waiting"
+                );
+                tokio::time::sleep(wait).await;
+                cap_wait = (cap_wait * 2).min(Duration::from_secs(8));
+                continue;
+            }
+            return Err(classify(status, &text, after));
+        }
+    }
+
+    async fn poll_task(&self, handle: &Handle, request: &ImageRequest) -> Result<Answer, Failure> {
+        let task: TaskHandle = serde_json::from_value(handle.0.clone()).map_err(|e| {
+            lost(
+                format!("the journal's handle of the task cannot be read ({e}): submitting anew"),
+                None,
+            )
+        })?;
+        let url = reqwest::Url::parse(&task.polling_url).map_err(|e| {
+            lost(
+                format!("the task's polling_url is not a URL ({e})"),
+                Some(&task.id),
+            )
+        })?;
+        if !self.trusted(&url) {
+            // The key would go to a host that is not BFL's: refused, whatever the answer said.
+            self.active.finished(&task.id);
+            return Err(Failure::Permanent {
+                kind: ErrorKind::InvalidRequest,
+                message: format!(
+                    "the provider's polling_url points to {}, which is not the base URL's host \
+                     nor one of BFL's: the key is not sent there",
+                    url.host_str().unwrap_or("no host")
+                ),
+                detail: Box::default(),
+            });
+        }
+        let clock = Clock::start(self.request_timeout);
+        let response = clock.send(self.client.get(url)).await.map_err(|mut f| {
+            // A poll buys nothing.
+            if let Failure::Retryable {
+                possibly_billed, ..
+            } = &mut f
+            {
+                *possibly_billed = false;
+            }
+            f
+        })?;
+        let status = response.status().as_u16();
+        let request_id = Some(task.id.clone());
+        if !(200..300).contains(&status) {
+            let after = retry_after(response.headers());
+            let text = clock.read_error(response).await;
+            return Err(with_request_id(classify(status, &text, after), &request_id));
+        }
+        let text = clock.read_error(response).await;
+        let polled = read_poll(&text)
+            .map_err(|why| with_request_id(Failure::transient(why), &request_id))?;
+        match polled {
+            Polled::Pending { .. } => Ok(Answer::Pending {
+                after: self.next_poll(&task),
+                handle: handle.clone(),
+                request_id,
+            }),
+            Polled::Moderated { status, details } => {
+                self.active.finished(&task.id);
+                Err(moderated(&status, details, request_id))
+            }
+            Polled::Error { message } => {
+                self.active.finished(&task.id);
+                Err(lost(
+                    format!("the task failed at the provider: {message}"),
+                    Some(&task.id),
+                ))
+            }
+            Polled::NotFound => {
+                self.active.finished(&task.id);
+                Err(lost(
+                    "the provider does not know the task".into(),
+                    Some(&task.id),
+                ))
+            }
+            Polled::Ready { sample, .. } => {
+                self.active.finished(&task.id);
+                let data = self.downloads.get(&sample).await.map_err(|f| {
+                    match f.detail().status {
+                        // The sample expired (ten minutes): the image is lost with it.
+                        Some(403 | 404 | 410) => lost(
+                            format!("the task's sample is gone: {}", f.message()),
+                            Some(&task.id),
+                        ),
+                        _ => with_request_id(f, &request_id),
+                    }
+                })?;
+                let (content_type, extension) = check_image(&data).map_err(|why| {
+                    with_request_id(
+                        billed_failure(format!("the provider's image is not one: {why}")),
+                        &request_id,
+                    )
+                })?;
+                let (width, height) = match request.size {
+                    Size::Pixels { width, height } => (width, height),
+                    _ => (1024, 1024),
+                };
+                Ok(Answer::Done(Generation {
+                    images: vec![GeneratedImage {
+                        data,
+                        content_type,
+                        extension,
+                        revised_prompt: None,
+                    }],
+                    reported_usage: task.cost.map(|c| json!({ "credits": c })),
+                    usage: Usage {
+                        images: 1,
+                        megapixels: f64::from(width) * f64::from(height) / 1e6,
+                        credits: task.cost.unwrap_or(0.0),
+                        estimated: task.cost.is_none(),
+                        ..Usage::default()
+                    },
+                    model: Some(request.model.clone()),
+                    request_id,
+                    rate_limits: None,
+                }))
+            }
+        }
+    }
+}
+
+/// The task is gone at the provider (failed, forgotten, its sample expired): the job's next
+/// attempt submits anew.
+fn lost(message: String, id: Option<&str>) -> Failure {
+    let mut failure = Failure::transient(message);
+    let detail = failure.detail_mut();
+    detail.code = Some(HANDLE_LOST.into());
+    detail.request_id = id.map(str::to_string);
+    failure
+}
+
+impl ImageProvider for Bfl {
+    fn kind(&self) -> &'static str {
+        "bfl"
+    }
+
+    fn capabilities(&self) -> &Capabilities {
+        &CAPABILITIES
+    }
+
+    fn defaults(&self) -> &JobDefaults {
+        &self.defaults
+    }
+
+    fn estimate(&self, request: &ImageRequest) -> Usage {
+        let (width, height) = match request.size {
+            Size::Pixels { width, height } => (width, height),
+            _ => (1024, 1024),
+        };
+        Usage {
+            images: request.count.into(),
+            megapixels: f64::from(width) * f64::from(height) / 1e6 * f64::from(request.count),
+            estimated: true,
+            ..Usage::default()
+        }
+    }
+
+    fn submit<'a>(
+        &'a self,
+        request: &'a ImageRequest,
+        _journal: &'a dyn Journal,
+    ) -> BoxFuture<'a, Result<Answer, Failure>> {
+        Box::pin(self.submit_task(request))
+    }
+
+    fn poll<'a>(
+        &'a self,
+        handle: &'a Handle,
+        request: &'a ImageRequest,
+        _journal: &'a dyn Journal,
+    ) -> BoxFuture<'a, Result<Answer, Failure>> {
+        Box::pin(self.poll_task(handle, request))
+    }
+}
+
+/// The tasks this worker has active at the provider, up to `max_active`: a submit waits for
+/// room, and a task leaves when a poll sees it end (or after [`ACTIVE_TTL`] without news, when
+/// another worker finished it).
+struct Active {
+    limit: usize,
+    tasks: Mutex<HashMap<String, Instant>>,
+    freed: Notify,
+    next: std::sync::atomic::AtomicU64,
+}
+
+/// Room for one task, held from before its submit: dropped without [`bind`](Ticket::bind)
+/// (the submit failed), it frees the room.
+struct Ticket<'a> {
+    active: &'a Active,
+    key: String,
+    bound: std::cell::Cell<bool>,
+}
+
+impl Active {
+    fn new(limit: usize) -> Self {
+        Self {
+            limit,
+            tasks: Mutex::default(),
+            freed: Notify::new(),
+            next: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Instant>> {
+        self.tasks
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    async fn admit(&self) -> Ticket<'_> {
+        loop {
+            let freed = self.freed.notified();
+            {
+                let mut tasks = self.lock();
+                let now = Instant::now();
+                tasks.retain(|_, since| now.duration_since(*since) < ACTIVE_TTL);
+                if tasks.len() < self.limit {
+                    let key = format!(
+                        "submitting-{}",
+                        self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+                    );
+                    tasks.insert(key.clone(), now);
+                    return Ticket {
+                        active: self,
+                        key,
+                        bound: std::cell::Cell::new(false),
+                    };
+                }
+            }
+            // Also wakes now and then, for entries that time out.
+            let _ = tokio::time::timeout(Duration::from_secs(5), freed).await;
+        }
+    }
+
+    fn finished(&self, id: &str) {
+        if self.lock().remove(id).is_some() {
+            self.freed.notify_waiters();
+        }
+    }
+}
+
+impl Ticket<'_> {
+    /// The submit was accepted: the room is the task's until it ends.
+    fn bind(&self, id: &str) {
+        let mut tasks = self.active.lock();
+        tasks.remove(&self.key);
+        tasks.insert(id.to_string(), Instant::now());
+        self.bound.set(true);
+    }
+}
+
+impl Drop for Ticket<'_> {
+    fn drop(&mut self) {
+        if !self.bound.get() {
+            self.active.lock().remove(&self.key);
+            self.active.freed.notify_waiters();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_key_goes_to_the_base_url_and_bfl_hosts_only() {
+        let settings: BflSettings = serde_json::from_value(json!({
+            "base_url": "https://api.bfl.ai/v1", "api_key": "k", "model": "flux-2-pro",
+            "size": "1024x1024", "output_format": "png", "max_active": 2, "poll_min_ms": 500,
+            "poll_max_secs": 10, "request_timeout_secs": 5, "connect_timeout_secs": 5,
+            "max_response_bytes": 4096, "download_hosts": []
+        }))
+        .unwrap();
+        let bfl = Bfl::new(&settings, super::super::buffers::BufferPool::unbounded()).unwrap();
+        let url = |u: &str| reqwest::Url::parse(u).unwrap();
+        assert!(bfl.trusted(&url("https://api.bfl.ai/v1/get_result?id=1")));
+        assert!(bfl.trusted(&url("https://api.eu1.bfl.ai/v1/get_result?id=1")));
+        assert!(!bfl.trusted(&url("http://api.eu1.bfl.ai/v1/get_result?id=1")));
+        assert!(!bfl.trusted(&url("https://bfl.ai.evil.example/get_result")));
+        assert!(!bfl.trusted(&url("https://169.254.169.254/latest/meta-data")));
+        let old = TaskHandle {
+            id: "t".into(),
+            polling_url: String::new(),
+            submitted_unix_ms: unix_ms() - 20_000,
+            cost: None,
+        };
+        assert_eq!(bfl.next_poll(&old), Duration::from_secs(5));
+        let new = TaskHandle {
+            submitted_unix_ms: unix_ms(),
+            ..old
+        };
+        assert_eq!(bfl.next_poll(&new), Duration::from_millis(500));
+    }
+
+    #[tokio::test]
+    async fn a_submit_waits_for_room_among_the_active_tasks() {
+        let active = Active::new(1);
+        let first = active.admit().await;
+        first.bind("t1");
+        drop(first);
+        assert!(
+            tokio::time::timeout(Duration::from_millis(50), active.admit())
+                .await
+                .is_err(),
+            "full"
+        );
+        active.finished("t1");
+        let second = tokio::time::timeout(Duration::from_millis(50), active.admit()).await;
+        assert!(second.is_ok(), "room once the task ended");
+        drop(second);
+        // A ticket never bound frees its room.
+        assert!(
+            tokio::time::timeout(Duration::from_millis(50), active.admit())
+                .await
+                .is_ok()
+        );
+    }
+}
