@@ -113,6 +113,21 @@ GEMINI_ERRORS = {
 for name, (status, text) in GEMINI_ERRORS.items():
     write("gemini_answer", "error-" + name, bytes([status * 2 + 1]) + text.encode())
 
+# Black Forest Labs' answers (fuzz_targets/bfl_answer.rs): the first byte picks the reader (mod 3:
+# 0 a submit's answer, 1 a poll's, 2 an error body of status 400 + byte / 3).
+BFL = {
+    "submit": (0, '{"id":"4f1c2d3e-0001-4abc-a123-0123456789ab","polling_url":"https://api.eu1.bfl.ai/v1/get_result?id=4f1c","cost":3.0,"input_mp":0,"output_mp":1.05}'),
+    "submit-no-url": (0, '{"id":"x"}'),
+    "poll-pending": (1, '{"id":"x","status":"Pending","result":null,"progress":0.4}'),
+    "poll-ready": (1, '{"id":"x","status":"Ready","result":{"sample":"https://delivery-eu1.bfl.ai/results/x/sample.png?se=1&sig=2","seed":7,"prompt":"p"}}'),
+    "poll-moderated": (1, '{"id":"x","status":"Content Moderated","details":{"Moderation Reasons":["x"]}}'),
+    "poll-not-found": (1, '{"id":"x","status":"Task not found"}'),
+    "error-credits": (3 * 2 + 2, '{"detail":"Insufficient credits"}'),
+    "error-422": (3 * 22 + 2, '{"detail":[{"loc":["body","width"],"msg":"Input should be a multiple of 16","type":"multiple_of"}]}'),
+}
+for name, (selector, text) in BFL.items():
+    write("bfl_answer", name, bytes([selector]) + text.encode())
+
 # Rate-limit and retry headers (fuzz_targets/http_headers.rs): `N:value` sets the Nth name the
 # readers look at, `name: value` any other.
 NAMES = ["retry-after", "retry-after-ms", "x-ratelimit-limit-requests",

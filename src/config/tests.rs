@@ -530,3 +530,34 @@ fn a_gemini_provider_takes_its_kinds_defaults_and_needs_a_key() {
         "https://generativelanguage.googleapis.com/v1beta"
     );
 }
+
+#[test]
+fn a_bfl_provider_checks_its_polling_and_cap() {
+    let base = [
+        ("providers.f.kind", "bfl".to_string()),
+        ("providers.f.api_key", "k".into()),
+    ];
+    fn with<'a>(base: &[(&'a str, String)], extra: &[(&'a str, String)]) -> Vec<(&'a str, String)> {
+        base.iter().chain(extra).cloned().collect()
+    }
+    let err = error_of(&with(&base, &[("providers.f.max_active", "0".into())]));
+    assert!(err.contains("providers.f.max_active"), "{err}");
+    let err = error_of(&with(
+        &base,
+        &[
+            ("providers.f.poll_min_ms", "5000".into()),
+            ("providers.f.poll_max_secs", "2".into()),
+        ],
+    ));
+    assert!(err.contains("providers.f.poll_max_secs"), "{err}");
+    let err = error_of(&with(
+        &base,
+        &[("providers.f.output_format", "webp".into())],
+    ));
+    assert!(err.contains("providers.f.output_format"), "{err}");
+    let s = Settings::load_with_overrides(&Sources::default(), &with(&base, &[])).unwrap();
+    let KindSettings::Bfl(f) = &s.default_provider().kind else {
+        panic!("kind bfl")
+    };
+    assert_eq!((f.model.as_str(), f.max_active), ("flux-2-pro", 24));
+}
