@@ -235,6 +235,12 @@ pub struct ProviderSettings {
     /// Fields of a job's `params` this provider accepts beyond those its kind takes (a host
     /// that speaks a kind's protocol with fields of its own). Never a field the worker controls.
     pub params_allowed: Vec<String>,
+    /// The providers a job moves to, in order, when this one is out of service for it (paused
+    /// for quota, credits or credentials, or retries exhausted on transient errors).
+    pub fallback: Vec<String>,
+    /// Whether a content refusal moves the job to the fallback providers too (default: no, it
+    /// fails the job).
+    pub fallback_on_refusal: bool,
 }
 
 /// What [`resolve`] makes of the `[providers]` tables.
@@ -309,6 +315,26 @@ pub(super) fn resolve(
         providers.push(resolve_one(cfg, worker, name, table)?);
     }
     let names: Vec<&str> = providers.iter().map(|p| p.name.as_str()).collect();
+    for p in &providers {
+        let key = format!("providers.{}.fallback", p.name);
+        for (i, f) in p.fallback.iter().enumerate() {
+            if !names.contains(&f.as_str()) {
+                return Err(invalid(
+                    key,
+                    format!(
+                        "names {f:?}, which is not a configured provider (configured: {})",
+                        names.join(", ")
+                    ),
+                ));
+            }
+            if *f == p.name || p.fallback[..i].contains(f) {
+                return Err(invalid(
+                    key,
+                    format!("names {f:?} twice, or the provider itself"),
+                ));
+            }
+        }
+    }
     let default = match (worker.default_provider.as_str(), legacy_name) {
         ("", Some(legacy)) => legacy,
         ("", None) if names.len() == 1 => names[0].to_string(),
@@ -393,6 +419,27 @@ fn resolve_one(
             format!("names {p:?}: a field the worker controls (or none) cannot be allowed"),
         ));
     }
+    // A list, or (from the environment) names separated by commas.
+    let fallback = match table.remove("fallback") {
+        None => Vec::new(),
+        Some(v) => match v.clone().into_string() {
+            Ok(text) if !matches!(v.kind, ValueKind::Array(_)) => text
+                .split(',')
+                .map(str::trim)
+                .filter(|n| !n.is_empty())
+                .map(str::to_string)
+                .collect(),
+            _ => v
+                .try_deserialize::<Vec<String>>()
+                .map_err(|e| invalid(format!("{section}.fallback"), e.to_string()))?,
+        },
+    };
+    let fallback_on_refusal = match table.remove("fallback_on_refusal") {
+        None => false,
+        Some(v) => v
+            .into_bool()
+            .map_err(|e| invalid(format!("{section}.fallback_on_refusal"), e.to_string()))?,
+    };
     let limits: LimitsSettings = overlaid(cfg, "limits", table.remove("limits"), &section)?;
     limits.validate(&format!("{section}.limits"), concurrency)?;
     let retry: RetrySettings = overlaid(cfg, "retry", table.remove("retry"), &section)?;
@@ -462,6 +509,8 @@ fn resolve_one(
         retry,
         pricing,
         params_allowed,
+        fallback,
+        fallback_on_refusal,
     })
 }
 

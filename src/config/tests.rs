@@ -561,3 +561,33 @@ fn a_bfl_provider_checks_its_polling_and_cap() {
     };
     assert_eq!((f.model.as_str(), f.max_active), ("flux-2-pro", 24));
 }
+
+#[test]
+fn fallbacks_name_other_configured_providers_as_a_list_or_from_the_environment() {
+    let two = |fallback: &str| {
+        vec![
+            ("providers.a.kind", "placeholder".to_string()),
+            ("providers.b.kind", "placeholder".into()),
+            ("worker.default_provider", "a".into()),
+            ("providers.a.fallback", fallback.into()),
+        ]
+    };
+    let s = Settings::load_with_overrides(&Sources::default(), &two("b")).unwrap();
+    let a = s.providers.iter().find(|p| p.name == "a").unwrap();
+    assert_eq!(a.fallback, ["b"]);
+    assert!(!a.fallback_on_refusal);
+    for wrong in ["c", "a", "b,b"] {
+        let err = error_of(&two(wrong));
+        assert!(err.contains("providers.a.fallback"), "{wrong}: {err}");
+    }
+    let s = load_toml(
+        "[providers.a]\nkind = \"placeholder\"\nfallback = [\"b\"]\nfallback_on_refusal = true\n\
+         [providers.b]\nkind = \"placeholder\"\n[worker]\ndefault_provider = \"a\"\n",
+    )
+    .unwrap();
+    let a = s.providers.iter().find(|p| p.name == "a").unwrap();
+    assert_eq!(
+        (a.fallback.as_slice(), a.fallback_on_refusal),
+        (&["b".to_string()][..], true)
+    );
+}

@@ -24,6 +24,7 @@ pub const IMAGES: &str = "imagegen_images_generated_total";
 pub const COST: &str = "imagegen_cost_usd_total";
 pub const POSSIBLY_BILLED: &str = "imagegen_possibly_billed_total";
 pub const JOB_PANICS: &str = "imagegen_job_panics_total";
+pub const FALLBACKS: &str = "imagegen_fallbacks_total";
 pub const REGENERATED: &str = "imagegen_images_lost_total";
 pub const RECONNECTS: &str = "imagegen_broker_reconnects_total";
 pub const PAUSED: &str = "imagegen_paused";
@@ -111,6 +112,10 @@ fn describe() {
         "Failed provider calls that may have been billed (timeout or reset after sending)."
     );
     describe_counter!(
+        FALLBACKS,
+        "Jobs moved from a provider out of service for them to a fallback provider."
+    );
+    describe_counter!(
         REGENERATED,
         "Bought images that could be neither stored nor spooled: they will be bought again."
     );
@@ -171,6 +176,10 @@ const COST_MICROS: &str = "imagegen_cost_microusd_total";
 
 pub fn possibly_billed(provider: &str, n: u64) {
     counter!(POSSIBLY_BILLED, "provider" => provider.to_string()).increment(n);
+}
+
+pub fn fallback(from: &str, to: &str) {
+    counter!(FALLBACKS, "provider" => from.to_string(), "to" => to.to_string()).increment(1);
 }
 
 pub fn job_panicked(provider: &str) {

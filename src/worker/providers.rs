@@ -33,6 +33,10 @@ pub struct Route {
     pub prices: PriceTable,
     /// `params` fields jobs may set beyond those its kind takes (`params_allowed`).
     params_allowed: Vec<String>,
+    /// The providers a job moves to when this one is out of service for it, in order.
+    pub fallback: Vec<String>,
+    /// Whether a content refusal moves the job to them too.
+    pub fallback_on_refusal: bool,
     probe_every: Duration,
     pause: Mutex<Option<Paused>>,
     /// True while paused; jobs waiting for a call slot watch it.
@@ -71,6 +75,8 @@ impl Route {
             retry: RetryPolicy::from_settings(&settings.retry),
             prices: settings.pricing.clone(),
             params_allowed: settings.params_allowed.clone(),
+            fallback: settings.fallback.clone(),
+            fallback_on_refusal: settings.fallback_on_refusal,
             probe_every,
             pause: Mutex::new(None),
             paused_tx: watch::Sender::new(false),

@@ -10,6 +10,7 @@ mod budget;
 mod cli;
 mod contract;
 mod dlq;
+mod fallback;
 mod gallery;
 mod gemini;
 mod helpers;

@@ -75,6 +75,16 @@ pub struct ResultData {
     /// The AMQP `correlation_id` of the message the job came in, as the producer set it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub correlation_id: Option<String>,
+    /// The configured provider that made the images (the last one the job was sent to).
+    /// Absent on invalid jobs and on results stored by earlier releases.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub provider: Option<String>,
+    /// Every provider the job was sent to, in order: more than one when it fell back.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub providers_tried: Vec<String>,
+    /// What each provider the job was sent to cost (`None`: no price), summed in `cost_usd`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cost_by_provider: Option<std::collections::BTreeMap<String, Option<f64>>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -1,6 +1,7 @@
 //! The one builder of result events: what a job's processing came to, priced, in the contract's
 //! shape. Success and failure events share everything but their status and error.
 
+use std::collections::BTreeMap;
 use std::time::Instant;
 
 use serde_json::Value;
@@ -49,6 +50,52 @@ pub struct JobEvent<'a> {
     pub started: Instant,
 }
 
+/// What the calls a job made at one provider cost, `usd` `None` when it has no price.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Tried {
+    pub provider: String,
+    pub usd: Option<f64>,
+    pub estimated: bool,
+}
+
+/// What the calls of `progress` at `route` cost: what was bought, by the reported (or
+/// estimated) usage, plus what calls lost after sending would have bought, as an estimate.
+/// `None` when part of it has no price.
+pub fn priced(route: &Route, request: &ImageRequest, progress: &Progress) -> Option<Cost> {
+    let price = |model: &str, usage: &Usage| {
+        route.prices.cost(Purchase {
+            model,
+            size: &request.size_text(),
+            quality: request.quality.as_deref().unwrap_or(""),
+            usage,
+        })
+    };
+    let bought = if progress.bought == 0 {
+        // Nothing was bought here (stored images reused, or no provider call).
+        Some(Cost {
+            usd: 0.0,
+            estimated: false,
+        })
+    } else {
+        price(
+            progress.model.as_deref().unwrap_or(&request.model),
+            &progress.usage,
+        )
+    };
+    let unanswered = progress
+        .billed_unanswered
+        .map(|usage| price(&request.model, &usage));
+    match (bought, unanswered) {
+        (bought, None) => bought,
+        (Some(a), Some(Some(b))) => Some(Cost {
+            usd: a.usd + b.usd,
+            estimated: true,
+        }),
+        // Part of it has no price: the whole is unknown.
+        _ => None,
+    }
+}
+
 /// What a job's earlier deliveries bought, kept in its journal so that the event counts every
 /// call of the job (a job of several calls at a provider that queues them spans deliveries).
 #[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
@@ -61,6 +108,8 @@ pub struct Spent {
     pub request_id: Option<String>,
     pub revised_prompt: Option<String>,
     pub model: Option<String>,
+    /// The providers the job left before its current one, and what they cost.
+    pub earlier: Vec<Tried>,
 }
 
 /// Progress of one job in this delivery: what is stored, what was bought, what it cost.
@@ -84,6 +133,12 @@ pub struct Progress {
     pub request_id: Option<String>,
     pub revised_prompt: Option<String>,
     pub model: Option<String>,
+    /// The providers the job left (fell back from) before its current one, and what their
+    /// calls cost.
+    pub earlier: Vec<Tried>,
+    /// The journal's record of earlier deliveries was read (once per delivery, whichever
+    /// provider the job is at).
+    pub journal_read: bool,
 }
 
 impl Progress {
@@ -111,7 +166,23 @@ impl Progress {
             request_id: self.request_id.clone(),
             revised_prompt: self.revised_prompt.clone(),
             model: self.model.clone(),
+            earlier: self.earlier.clone(),
         }
+    }
+
+    /// The job leaves `route` for a fallback provider: what it bought there is priced and
+    /// kept, and the counts start again for the next provider (the images stay).
+    pub fn leave(&mut self, route: &Route, request: &ImageRequest) {
+        let cost = priced(route, request, self);
+        self.earlier.push(Tried {
+            provider: route.name.clone(),
+            usd: cost.map(|c| c.usd),
+            estimated: cost.is_some_and(|c| c.estimated),
+        });
+        self.bought = 0;
+        self.usage = Usage::default();
+        self.billed_unanswered = None;
+        self.model = None;
     }
 
     /// Carries on what earlier deliveries of the job bought.
@@ -124,6 +195,7 @@ impl Progress {
         self.request_id = self.request_id.take().or(earlier.request_id);
         self.revised_prompt = self.revised_prompt.take().or(earlier.revised_prompt);
         self.model = self.model.take().or(earlier.model);
+        self.earlier = earlier.earlier;
     }
 
     /// Counts what one answer bought.
@@ -189,6 +261,9 @@ impl Events {
             job_fingerprint: None,
             message_id: None,
             correlation_id: None,
+            provider: None,
+            providers_tried: Vec::new(),
+            cost_by_provider: None,
         }
     }
 
@@ -213,7 +288,7 @@ impl Events {
     }
 
     /// What the job came to, priced.
-    fn of_job(&self, run: JobEvent<'_>, progress: Progress, status: Status) -> ResultData {
+    fn of_job(&self, run: JobEvent<'_>, mut progress: Progress, status: Status) -> ResultData {
         let JobEvent {
             job,
             route,
@@ -221,6 +296,8 @@ impl Events {
             origin,
             started,
         } = run;
+        let current = priced(route, request, &progress);
+        let earlier = std::mem::take(&mut progress.earlier);
         let mut data = ResultData {
             message_id: origin.message_id(),
             correlation_id: origin.correlation_id(),
@@ -236,42 +313,27 @@ impl Events {
             ..self.data(&job.id, job.batch.clone(), status, started)
         };
         data.images.sort_by_key(|i| i.index);
-        let price = |model: &str, usage: &Usage| {
-            route.prices.cost(Purchase {
-                model,
-                size: &request.size_text(),
-                quality: request.quality.as_deref().unwrap_or(""),
-                usage,
-            })
+        let mut by_provider: BTreeMap<String, Option<f64>> = BTreeMap::new();
+        let mut total = Some(0.0);
+        let mut estimated = false;
+        let mut tried = Vec::with_capacity(earlier.len() + 1);
+        let here = Tried {
+            provider: route.name.clone(),
+            usd: current.map(|c| c.usd),
+            estimated: current.is_some_and(|c| c.estimated),
         };
-        let bought = if progress.bought == 0 {
-            // Nothing was bought here (stored images reused, or no provider call).
-            Some(Cost {
-                usd: 0.0,
-                estimated: false,
-            })
-        } else {
-            price(
-                data.model.as_deref().unwrap_or(&request.model),
-                &progress.usage,
-            )
-        };
-        let unanswered = progress
-            .billed_unanswered
-            .map(|usage| price(&request.model, &usage));
-        let cost = match (bought, unanswered) {
-            (bought, None) => bought,
-            (Some(a), Some(Some(b))) => Some(Cost {
-                usd: a.usd + b.usd,
-                estimated: true,
-            }),
-            // Part of it has no price: the whole is unknown.
-            _ => None,
-        };
-        if let Some(cost) = cost {
-            data.cost_usd = Some(cost.usd);
-            data.cost_estimated = cost.estimated;
+        for t in earlier.iter().chain(std::iter::once(&here)) {
+            let entry = by_provider.entry(t.provider.clone()).or_insert(Some(0.0));
+            *entry = entry.zip(t.usd).map(|(a, b)| a + b);
+            total = total.zip(t.usd).map(|(a, b)| a + b);
+            estimated |= t.estimated;
+            tried.push(t.provider.clone());
         }
+        data.cost_usd = total;
+        data.cost_estimated = total.is_some() && estimated;
+        data.provider = Some(route.name.clone());
+        data.providers_tried = tried;
+        data.cost_by_provider = Some(by_provider);
         data
     }
 

@@ -12,10 +12,12 @@
 //!
 //! The trip itself is [`run`]; its steps, each with one job: [`attempt`] (one provider attempt), [`lease`] (the lease guard),
 //! [`images`] (listing, reuse, spool, uploads, records), [`journal`] (the provider's handle),
+//! [`fallback`] (moving a job to the next provider when its own is out of service for it),
 //! [`events`] (the one builder of result and failure events).
 
 pub mod attempt;
 pub mod events;
+pub mod fallback;
 pub mod images;
 pub mod journal;
 pub mod lease;

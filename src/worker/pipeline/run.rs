@@ -9,6 +9,7 @@ use tracing::{debug, info, warn};
 
 use super::attempt::{Attempt, AttemptContext, Halt};
 use super::events::{JobEvent, Progress};
+use super::fallback::{Otherwise, Step};
 use super::images::{Listing, conflict};
 use super::journal::{PendingEntry, StoreJournal};
 use super::lease::LeaseState;
@@ -118,7 +119,7 @@ impl JobRun<'_> {
             }
             _ => None,
         };
-        let outcome = self.buy(&listing, progress).await;
+        let outcome = self.buy_across(&listing, progress).await;
         if let Some(guard) = lease {
             guard.release().await;
         }
@@ -126,12 +127,17 @@ impl JobRun<'_> {
     }
 
     /// Provider attempts until every image is stored, or the job fails, waits or is given back.
-    async fn buy(&self, listing: &Listing, mut progress: Progress) -> Outcome {
+    pub(super) async fn buy(
+        &self,
+        listing: &Listing,
+        mut progress: Progress,
+        retries_from: u32,
+    ) -> Step {
         let route = self.route;
         let prior = progress.prior;
-        if prior >= route.retry.max_attempts {
-            let failure = Failure::transient(format!("{prior} attempts already failed"));
-            return self.failed(progress, failure);
+        if retries_from >= route.retry.max_attempts {
+            let failure = Failure::transient(format!("{retries_from} attempts already failed"));
+            return Step::Done(self.failed(progress, failure));
         }
         if !progress.images.is_empty() {
             info!(
@@ -146,25 +152,27 @@ impl JobRun<'_> {
         };
         let mut pending = match self.pending(listing, &journal).await {
             Ok(pending) => pending,
-            Err(failure) => return self.storage_down(failure),
+            Err(failure) => return Step::Done(self.storage_down(failure)),
         };
         let mut carried = false;
-        if listing.has(&keys::journal(self.dir, keys::SPENT_JOURNAL_NAME)) {
+        if !progress.journal_read && listing.has(&keys::journal(self.dir, keys::SPENT_JOURNAL_NAME))
+        {
             match journal.spent().await {
                 Ok(Some(earlier)) => {
                     progress.carry(earlier);
                     carried = true;
                 }
                 Ok(None) => {}
-                Err(failure) => return self.storage_down(failure),
+                Err(failure) => return Step::Done(self.storage_down(failure)),
             }
         }
+        progress.journal_read = true;
         if pending.is_some() && !carried {
             // The submit that queued it, in an earlier delivery, was a call of this job (the
             // carried record counts it when there is one: it was written at that submit).
             progress.calls += 1;
         }
-        let mut retries = route.retry.retries(prior);
+        let mut retries = route.retry.retries(retries_from);
         let per_call = route.provider.capabilities().images_per_call.max(1) as usize;
         loop {
             let missing = progress.missing(self.job.n);
@@ -172,13 +180,14 @@ impl JobRun<'_> {
                 break;
             }
             if let Some(failure) = self.p.unwanted(self.job).await {
-                return self.failed(progress, failure);
+                return Step::Done(self.failed(progress, failure));
             }
             let probe = match route.admit(self.delivery.probe) {
                 Admission::Open => None,
                 Admission::Probe(guard) => Some(guard),
                 Admission::Paused(wait) => {
-                    return self.provider_paused(wait, prior + retries.failed());
+                    let attempts = prior + retries.failed();
+                    return self.out_of_service(progress, Otherwise::Paused { wait, attempts });
                 }
             };
             let count = match &pending {
@@ -215,22 +224,25 @@ impl JobRun<'_> {
                     debug!(
                         "returned untouched: the worker stopped taking jobs before the provider call"
                     );
-                    return Outcome::Return {
+                    return Step::Done(Outcome::Return {
                         reason: ReturnReason::Halted,
-                    };
+                    });
                 }
                 Attempt::Halted(Halt::Provider) => {
-                    return self.provider_paused(route.next_probe_in(), prior + retries.failed());
+                    let (wait, attempts) = (route.next_probe_in(), prior + retries.failed());
+                    return self.out_of_service(progress, Otherwise::Paused { wait, attempts });
                 }
                 Attempt::Halted(Halt::Budget(Failure::Stop {
                     reason, message, ..
                 })) => {
                     self.halt.cancel();
-                    return Outcome::Return {
+                    return Step::Done(Outcome::Return {
                         reason: ReturnReason::Stop { reason, message },
-                    };
+                    });
                 }
-                Attempt::Halted(Halt::Budget(failure)) => return self.failed(progress, failure),
+                Attempt::Halted(Halt::Budget(failure)) => {
+                    return Step::Done(self.failed(progress, failure));
+                }
                 Attempt::Pending {
                     handle,
                     after,
@@ -239,8 +251,8 @@ impl JobRun<'_> {
                     if let Some(probe) = probe {
                         probe.through();
                     }
-                    return self
-                        .wait_at_provider(
+                    return Step::Done(
+                        self.wait_at_provider(
                             &journal,
                             &progress,
                             PendingEntry {
@@ -252,7 +264,8 @@ impl JobRun<'_> {
                             after,
                             prior + retries.failed(),
                         )
-                        .await;
+                        .await,
+                    );
                 }
                 Attempt::Failed(Failure::Stop {
                     reason, message, ..
@@ -260,7 +273,8 @@ impl JobRun<'_> {
                     // Nothing this provider does will work until an operator acts.
                     route.pause(reason, &message);
                     drop(probe);
-                    return self.provider_paused(route.next_probe_in(), prior + retries.failed());
+                    let (wait, attempts) = (route.next_probe_in(), prior + retries.failed());
+                    return self.out_of_service(progress, Otherwise::Paused { wait, attempts });
                 }
                 Attempt::Failed(failure) => {
                     if let Some(probe) = probe {
@@ -272,7 +286,7 @@ impl JobRun<'_> {
                         warn!(error = %failure, "the provider lost the queued request: it will be submitted again");
                         pending = None;
                         if let Err(e) = journal.clear_pending().await {
-                            return self.storage_down(e);
+                            return Step::Done(self.storage_down(e));
                         }
                     }
                     if failure.possibly_billed() && !polling {
@@ -304,7 +318,7 @@ impl JobRun<'_> {
                         )
                         .await
                     {
-                        return self.storage_down(failure);
+                        return Step::Done(self.storage_down(failure));
                     }
                     if pending.take().is_some()
                         && let Err(e) = journal.clear_pending().await
@@ -339,16 +353,28 @@ impl JobRun<'_> {
                     let attempts = prior + retries.failed();
                     info!(error = %failure, after_secs = after.as_secs(), attempts,
                         "long wait: the job goes to a delay queue instead of holding its message");
-                    return Outcome::Defer { after, attempts };
+                    return Step::Done(Outcome::Defer { after, attempts });
                 }
                 Decision::GiveUp => {
                     self.count_possibly_billed(&mut progress, retries.possibly_billed());
-                    return self.failed(progress, failure);
+                    // Retries exhausted on transient errors: this provider is out of service
+                    // for the job. A refusal moves only where the provider's config says so.
+                    let moves = failure.is_retryable()
+                        || (route.fallback_on_refusal
+                            && failure.kind() == Some(ErrorKind::ContentPolicy));
+                    if moves {
+                        return Step::OutOfService {
+                            progress: Box::new(progress),
+                            failure,
+                            otherwise: Otherwise::Failed,
+                        };
+                    }
+                    return Step::Done(self.failed(progress, failure));
                 }
             }
         }
         self.count_possibly_billed(&mut progress, retries.possibly_billed());
-        self.succeed(progress).await
+        Step::Done(self.succeed(progress).await)
     }
 
     /// The request the job waits for at its provider, when its journal has one.
@@ -396,7 +422,7 @@ impl JobRun<'_> {
     /// The job leaves this delivery unfinished: what it bought so far goes to its journal, so
     /// that the delivery that finishes it counts it (not written when nothing was bought).
     async fn carry_on(&self, journal: &StoreJournal<'_>, progress: &Progress) {
-        if progress.bought == 0 {
+        if progress.bought == 0 && progress.earlier.is_empty() {
             return;
         }
         if let Err(e) = journal.set_spent(&progress.spent()).await {
@@ -459,7 +485,7 @@ impl JobRun<'_> {
         }
     }
 
-    fn failed(&self, progress: Progress, failure: Failure) -> Outcome {
+    pub(super) fn failed(&self, progress: Progress, failure: Failure) -> Outcome {
         self.p.events.failed(self.event(), progress, failure)
     }
 
@@ -476,7 +502,7 @@ impl JobRun<'_> {
 
     /// The job's provider is paused: the job waits in a delay queue (no attempt counted), unless
     /// every provider is paused: then the worker stops taking jobs and the job goes back.
-    fn provider_paused(&self, wait: Duration, attempts: u32) -> Outcome {
+    pub(super) fn provider_paused(&self, wait: Duration, attempts: u32) -> Outcome {
         if let Some((reason, message)) = self.p.routes.all_paused() {
             return Outcome::Return {
                 reason: ReturnReason::Stop { reason, message },

@@ -183,6 +183,9 @@ fn metadata_is_accepted_only_as_deep_as_its_record_can_be_read_back() {
         job_fingerprint: Some(job.fingerprint()),
         message_id: None,
         correlation_id: None,
+        provider: None,
+        providers_tried: Vec::new(),
+        cost_by_provider: None,
     };
     let event = crate::domain::event::CloudEvent::new("src", data);
     let record = serde_json::to_vec(&event).unwrap();
