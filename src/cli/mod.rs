@@ -5,6 +5,7 @@ pub mod dlq;
 pub mod enqueue;
 pub mod gallery;
 pub mod output;
+pub mod providers;
 pub mod run;
 pub mod status;
 pub mod telemetry;
@@ -119,6 +120,19 @@ Exit codes: 0 every job succeeded; 1 error or --timeout; 3 the batch finished wi
     Status {
         #[arg(long)]
         batch: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// The configured providers: kind, model, limits, prices, fallbacks, and whether each answers
+    /// with its credentials (its cheapest authenticated call, which buys nothing).
+    #[command(
+        after_help = "Examples:\n  imagegen providers\n  imagegen providers --offline --json\n\n\
+Exit codes: 0 every provider answers (or --offline); 3 one does not."
+    )]
+    Providers {
+        /// Do not call the providers: show the configuration only.
+        #[arg(long)]
+        offline: bool,
         #[arg(long)]
         json: bool,
     },
@@ -337,6 +351,10 @@ async fn run(cli: Cli, preloaded: Option<Settings>) -> anyhow::Result<ExitCode> 
         Command::Status { batch, json } => {
             let settings = load_settings(&cli.config)?;
             status::status(&settings, batch.as_deref(), json).await
+        }
+        Command::Providers { offline, json } => {
+            let settings = load_settings(&cli.config)?;
+            providers::providers(&settings, offline, json).await
         }
         Command::Cancel { batch } => {
             let settings = load_settings(&cli.config)?;

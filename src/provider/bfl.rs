@@ -397,6 +397,20 @@ impl ImageProvider for Bfl {
     ) -> BoxFuture<'a, Result<Answer, Failure>> {
         Box::pin(self.poll_task(handle, request))
     }
+
+    /// `GET {base_url}/credits`: what the account has left.
+    fn check(&self) -> BoxFuture<'_, Result<String, String>> {
+        Box::pin(async move {
+            let url = format!("{}/credits", self.base_url);
+            super::http::check_get(&self.client, &url, Duration::from_secs(10), |v| {
+                match v.get("credits").and_then(Value::as_f64) {
+                    Some(c) => format!("answers: {c} credits left"),
+                    None => "answers".into(),
+                }
+            })
+            .await
+        })
+    }
 }
 
 /// The tasks this worker has active at the provider, up to `max_active`: a submit waits for

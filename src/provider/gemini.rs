@@ -225,6 +225,31 @@ impl ImageProvider for Gemini {
     ) -> BoxFuture<'a, Result<Answer, Failure>> {
         Box::pin(async move { self.call(request).await.map(Answer::Done) })
     }
+
+    /// `GET {base_url}/models/{model}`: free, and refused with a wrong key.
+    fn check(&self) -> BoxFuture<'_, Result<String, String>> {
+        Box::pin(async move {
+            let url = format!(
+                "{}/models/{}",
+                self.base_url,
+                percent_encoding::utf8_percent_encode(&self.defaults.model, MODEL)
+            );
+            super::http::check_get(&self.client, &url, Duration::from_secs(10), |v| {
+                let methods = v
+                    .get("supportedGenerationMethods")
+                    .and_then(Value::as_array)
+                    .map(|m| {
+                        m.iter()
+                            .filter_map(Value::as_str)
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    })
+                    .unwrap_or_default();
+                format!("answers: model {} ({methods})", self.defaults.model)
+            })
+            .await
+        })
+    }
 }
 
 /// Token counts of `usageMetadata` by modality (`promptTokensDetails`,

@@ -44,6 +44,36 @@ pub fn api_client(
         .build()?)
 }
 
+/// A provider's cheapest authenticated `GET` (its model, its credits), for `imagegen providers`:
+/// `Ok` with `describe` of the answer's JSON, or why it did not answer.
+pub async fn check_get(
+    client: &reqwest::Client,
+    url: &str,
+    timeout: Duration,
+    describe: impl FnOnce(&serde_json::Value) -> String,
+) -> Result<String, String> {
+    let response = tokio::time::timeout(timeout, client.get(url).send())
+        .await
+        .map_err(|_| format!("no answer within {} s", timeout.as_secs()))?
+        .map_err(|e| format!("unreachable: {}", with_causes(&e.without_url())))?;
+    let status = response.status();
+    let body = tokio::time::timeout(timeout, response.bytes())
+        .await
+        .ok()
+        .and_then(Result::ok)
+        .unwrap_or_default();
+    match status.as_u16() {
+        200..=299 => Ok(describe(
+            &serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null),
+        )),
+        401 | 403 => Err(format!("credentials refused (HTTP {})", status.as_u16())),
+        code => Err(format!(
+            "HTTP {code}: {}",
+            String::from_utf8_lossy(&body[..body.len().min(200)])
+        )),
+    }
+}
+
 /// A secret as a header value, marked sensitive (never shown by the client's debug output).
 pub fn secret_header(value: &str) -> anyhow::Result<reqwest::header::HeaderValue> {
     let mut value = reqwest::header::HeaderValue::from_str(value).map_err(|_| {

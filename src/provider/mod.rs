@@ -123,6 +123,13 @@ pub trait ImageProvider: Send + Sync {
         journal: &'a dyn Journal,
     ) -> BoxFuture<'a, Result<Answer, Failure>>;
 
+    /// Whether the provider answers, with the configured credentials, by its cheapest
+    /// authenticated call (none buys anything): `Ok` says what it answered, `Err` why not.
+    /// `imagegen providers` shows it.
+    fn check(&self) -> BoxFuture<'_, Result<String, String>> {
+        Box::pin(async { Ok("nothing to check".into()) })
+    }
+
     /// Looks at a queued request again. Only providers that answer `Pending` are asked.
     fn poll<'a>(
         &'a self,

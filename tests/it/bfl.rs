@@ -204,3 +204,30 @@ async fn a_worker_killed_while_its_job_waits_at_the_provider_costs_no_second_sub
     assert_eq!(env.ready(&env.settings.amqp.jobs_queue).await, 0);
     env.cleanup().await;
 }
+
+#[tokio::test]
+async fn polling_a_task_that_never_completes_ends_at_the_jobs_deadline() {
+    let fake = fake(BflOptions::default()).await;
+    fake.api
+        .push_rule(rule("endless flux", Fault::NeverCompletes, None));
+    let env = TestEnv::with(Store::S3, &bfl_settings(&fake)).await;
+    let mut listener = env.listen().await;
+    let worker = env.start_worker().await;
+    let deadline = time::OffsetDateTime::now_utc() + time::Duration::seconds(3);
+    let deadline = deadline
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap();
+    env.publish(json!({"id": "e1", "prompt": "an endless flux", "deadline": deadline}))
+        .await;
+    let event = env.events(&mut listener, 1, WAIT).await.remove(0);
+    assert_eq!(event.data.status, Status::Failed);
+    assert_eq!(event.data.error.as_ref().unwrap().kind.as_str(), "expired");
+    assert_eq!(
+        fake.api.calls_for("endless flux"),
+        1,
+        "polled, never submitted again"
+    );
+    assert!(fake.api.polls() >= 2);
+    worker.shutdown().await.unwrap();
+    env.cleanup().await;
+}

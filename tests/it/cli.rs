@@ -211,3 +211,91 @@ fn invalid_configuration_names_the_key_and_exits_1() {
         );
     }
 }
+
+#[tokio::test]
+async fn providers_lists_each_provider_and_whether_it_answers_with_its_credentials() {
+    let env = TestEnv::new(Store::Fs).await;
+    let gemini = imagegen_fakes::gemini::GeminiFake::new(imagegen_fakes::gemini::GeminiOptions {
+        api_key: Some("the-right-key".into()),
+        ..Default::default()
+    })
+    .start()
+    .await
+    .unwrap();
+    let bfl = imagegen_fakes::bfl::BflFake::new(Default::default())
+        .start()
+        .await
+        .unwrap();
+    let (gemini_url, bfl_url) = (gemini.base_url(), bfl.base_url());
+    let run = |gemini_key: &'static str, offline: bool| {
+        let mut cmd = env.command();
+        cmd.env("IMAGEGEN__PROVIDERS__GEMINI__KIND", "gemini")
+            .env("IMAGEGEN__PROVIDERS__GEMINI__BASE_URL", &gemini_url)
+            .env("IMAGEGEN__PROVIDERS__GEMINI__API_KEY", gemini_key)
+            .env("IMAGEGEN__PROVIDERS__FLUX__KIND", "bfl")
+            .env("IMAGEGEN__PROVIDERS__FLUX__BASE_URL", &bfl_url)
+            .env("IMAGEGEN__PROVIDERS__FLUX__API_KEY", "k")
+            .env("IMAGEGEN__PROVIDERS__OPENAI__FALLBACK", "gemini,flux")
+            .env("IMAGEGEN__WORKER__DEFAULT_PROVIDER", "openai")
+            .args(["providers", "--json"]);
+        if offline {
+            cmd.arg("--offline");
+        }
+        // Off this test's runtime, which serves the fakes meanwhile.
+        tokio::task::spawn_blocking(move || cmd.output().unwrap())
+    };
+    let out = run("the-right-key", false).await.unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rows: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let row = |name: &str| {
+        rows.as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["name"] == name)
+            .unwrap_or_else(|| panic!("{name} in {rows}"))
+            .clone()
+    };
+    assert_eq!(row("openai")["default"], true);
+    assert_eq!(
+        row("openai")["fallback"],
+        serde_json::json!(["gemini", "flux"])
+    );
+    assert_eq!(row("flux")["kind"], "bfl");
+    assert_eq!(row("flux")["price"], "$0.03 per megapixel");
+    assert!(
+        row("flux")["check"]
+            .as_str()
+            .unwrap()
+            .contains("credits left")
+    );
+    for name in ["openai", "gemini", "flux"] {
+        assert_eq!(row(name)["answers"], true, "{}", row(name));
+    }
+    // A wrong key is found without buying anything, and the exit code says so.
+    let out = run("a-wrong-key", false).await.unwrap();
+    assert_eq!(out.status.code(), Some(3));
+    let rows: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let gemini_row = rows
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["name"] == "gemini")
+        .unwrap();
+    assert_eq!(gemini_row["answers"], false);
+    assert!(
+        gemini_row["check"].as_str().unwrap().contains("HTTP 400"),
+        "{gemini_row}"
+    );
+    // Offline: the configuration only.
+    let out = run("a-wrong-key", true).await.unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    assert_eq!(gemini.api.stats().billed + bfl.api.stats().billed, 0);
+    assert_eq!(env.fake().stats().billed, 0);
+    env.cleanup().await;
+}

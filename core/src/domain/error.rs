@@ -31,7 +31,7 @@ pub enum ErrorKind {
     BudgetExceeded,
     /// The job's batch was cancelled (`imagegen cancel`) before the job started.
     Cancelled,
-    /// The job's `deadline` passed before it started.
+    /// The job's `deadline` passed before its images were made (no call is made after it).
     Expired,
     /// The job's id (in its batch) was used before by a job with other fields: the stored
     /// result belongs to that one, and is not handed to this one.

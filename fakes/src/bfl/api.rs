@@ -264,6 +264,15 @@ fn over_cap() -> Response {
     )
 }
 
+/// `GET /v1/credits`: what the account has left.
+pub(super) async fn credits(State(api): State<BflFake>, headers: HeaderMap) -> Response {
+    if let Err(refused) = api.authorized(&headers) {
+        return *refused;
+    }
+    let spent = api.inner.ledger.stats().billed as f64 * 3.0;
+    Json(json!({ "credits": (10_000.0 - spent).max(0.0) })).into_response()
+}
+
 #[derive(serde::Deserialize)]
 pub(super) struct ResultQuery {
     #[serde(default)]

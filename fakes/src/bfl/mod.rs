@@ -1,6 +1,6 @@
 //! A fake of the Black Forest Labs API (FLUX): submit, then poll.
 //!
-//! Written from BFL's documentation: `POST /v1/{model}` with the key in `x-key` answers
+//! Written from BFL's documentation: `GET /v1/credits` answers the account's credits; `POST /v1/{model}` with the key in `x-key` answers
 //! `{"id", "polling_url"}`; `GET` of the polling URL (with `x-key`) answers `{"id", "status",
 //! "result", "progress"}` with `status` one of `Pending`, `Ready` (then `result.sample` is a
 //! signed URL that expires after ten minutes), `Request Moderated`, `Content Moderated`,
@@ -188,6 +188,7 @@ impl BflFake {
     pub fn router(&self) -> Router {
         Router::new()
             .route("/v1/get_result", get(api::get_result))
+            .route("/v1/credits", get(api::credits))
             .route("/v1/{model}", post(api::submit))
             .route("/_fake/samples/{name}", get(api::sample))
             .route(

@@ -111,6 +111,33 @@ pub(super) async fn not_found() -> Response {
         .into_response()
 }
 
+/// `GET /v1beta/models/MODEL`: the model's description, to a client with a valid key.
+pub(super) async fn get_model(
+    State(api): State<GeminiFake>,
+    Path(model): Path<String>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+) -> Response {
+    // The key check of a generation, on a call that buys nothing.
+    if let Err(e) = api.check(
+        &format!("{model}:generateContent"),
+        query.as_deref(),
+        &headers,
+        Some(&json!({"contents": [{"parts": [{"text": "-"}]}]})),
+    ) && e.status != StatusCode::NOT_FOUND
+    {
+        return e.into_response();
+    }
+    ok(json!({
+        "name": format!("models/{model}"),
+        "version": "001",
+        "displayName": model,
+        "inputTokenLimit": 32768,
+        "outputTokenLimit": 32768,
+        "supportedGenerationMethods": ["generateContent", "countTokens"],
+    }))
+}
+
 pub(super) async fn generate_content(
     State(api): State<GeminiFake>,
     conn: Option<Extension<ConnectInfo<ResetHandle>>>,

@@ -164,7 +164,10 @@ impl GeminiFake {
 
     pub fn router(&self) -> Router {
         Router::new()
-            .route("/v1beta/models/{call}", post(generate::generate_content))
+            .route(
+                "/v1beta/models/{call}",
+                post(generate::generate_content).get(generate::get_model),
+            )
             .route(
                 "/_fake/rules",
                 post(push_rule).delete(|State(api): State<GeminiFake>| async move {

@@ -86,6 +86,19 @@ pub(super) async fn file(State(api): State<FakeApi>, Path(name): Path<String>) -
     }
 }
 
+/// `GET /v1/models/{model}`: the model, to a client with a valid key (as the API answers).
+pub(super) async fn model(
+    State(api): State<FakeApi>,
+    Path(model): Path<String>,
+    headers: axum::http::HeaderMap,
+) -> Response {
+    if let Err(e) = api.check_auth(&headers) {
+        return e.into_response();
+    }
+    Json(json!({"id": model, "object": "model", "created": 1_745_000_000, "owned_by": "system"}))
+        .into_response()
+}
+
 pub(super) async fn unknown_url(method: Method, uri: Uri) -> Response {
     ApiError::unknown_url(method.as_str(), uri.path()).into_response()
 }

@@ -124,7 +124,7 @@ impl FakeApi {
         Outcome::Reply(response)
     }
 
-    fn check_auth(&self, headers: &HeaderMap) -> Result<(), ApiError> {
+    pub(super) fn check_auth(&self, headers: &HeaderMap) -> Result<(), ApiError> {
         let token = headers
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())

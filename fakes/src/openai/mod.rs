@@ -9,6 +9,7 @@
 //! - `POST /_fake/rules` appends a JSON [`Rule`]; `DELETE /_fake/rules` removes all rules;
 //! - `GET /_fake/stats` returns [`Stats`]; `GET /_fake/calls?prompt_contains=X` returns
 //!   `{"calls": N, "billed": M}`;
+//! - `GET /v1/models/{model}` answers the model to a client with a valid key, as the API does;
 //! - `POST /_fake/latency` with `{"ms": 500}` sets the latency added before every response (the
 //!   standalone server also takes a seeded jitter and a tick: [`crate::latency::Schedule`]);
 //! - `POST /_fake/limits` with `{"requests_per_minute": 300, "tokens_per_minute": null}` sets the
@@ -259,6 +260,7 @@ impl FakeApi {
             .route("/_fake/latency", post(admin::latency))
             .route("/_fake/limits", post(admin::limits))
             .route("/_fake/files/{name}", get(admin::file))
+            .route("/v1/models/{model}", get(admin::model))
             .fallback(admin::unknown_url)
             .with_state(self.clone())
     }

@@ -247,6 +247,23 @@ impl ImageProvider for OpenAi {
     ) -> BoxFuture<'a, Result<Answer, Failure>> {
         Box::pin(async move { self.call(request).await.map(Answer::Done) })
     }
+
+    /// `GET {base_url}/models/{model}`: free, and refused with a wrong key.
+    fn check(&self) -> BoxFuture<'_, Result<String, String>> {
+        Box::pin(async move {
+            let base = self.endpoint.trim_end_matches("/images/generations");
+            let url = format!("{base}/models/{}", self.defaults.model);
+            super::http::check_get(&self.client, &url, Duration::from_secs(10), |v| {
+                format!(
+                    "answers: model {} is available",
+                    v.get("id")
+                        .and_then(Value::as_str)
+                        .unwrap_or(&self.defaults.model)
+                )
+            })
+            .await
+        })
+    }
 }
 
 fn tokens(usage: &Value, path: &[&str]) -> Option<f64> {

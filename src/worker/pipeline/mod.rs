@@ -265,7 +265,7 @@ impl Pipeline {
         {
             return Some(permanent(
                 ErrorKind::Expired,
-                format!("the job's deadline {deadline} passed before it started"),
+                format!("the job's deadline {deadline} passed before its images were made"),
             ));
         }
         let batch = job.batch.as_deref()?;
@@ -292,7 +292,7 @@ impl Pipeline {
         cancelled.then(|| {
             permanent(
                 ErrorKind::Cancelled,
-                format!("batch {batch} was cancelled before the job started"),
+                format!("batch {batch} was cancelled before the job's images were made"),
             )
         })
     }
