@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use imagegen_fakes::openai;
+use imagegen_fakes::{bfl, openai};
 use tracing_subscriber::EnvFilter;
 
 #[derive(Parser, Debug)]
@@ -54,6 +54,29 @@ enum Provider {
         #[arg(long)]
         tpm: Option<u64>,
     },
+    /// Serve the fake Black Forest Labs API (submit, poll, download).
+    #[command(after_help = "Examples:
+  imagegen-fakes bfl --listen 127.0.0.1:8081 --generation-ms 20000 --max-active 24
+  curl -H 'content-type: application/json' localhost:8081/_fake/rules -d '{\"fault\":{\"kind\":\"request_moderated\"},\"prompt_contains\":\"fox\"}'")]
+    Bfl {
+        #[arg(long, default_value = "127.0.0.1:8081")]
+        listen: String,
+        /// How long a task takes to make its image, in milliseconds.
+        #[arg(long, default_value_t = 20_000)]
+        generation_ms: u64,
+        /// The account's cap on active tasks (429 above it).
+        #[arg(long, default_value_t = 24)]
+        max_active: usize,
+        /// Approximate size of each generated image, in bytes.
+        #[arg(long, default_value_t = 2048)]
+        image_bytes: usize,
+    },
+}
+
+/// The fake being served.
+enum Fake {
+    Openai(openai::FakeApi),
+    Bfl(bfl::BflFake),
 }
 
 #[tokio::main]
@@ -66,26 +89,44 @@ async fn main() -> ExitCode {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .compact()
         .init();
-    let Provider::Openai {
-        listen,
-        latency_ms,
-        jitter_ms,
-        seed,
-        tick_ms,
-        image_bytes,
-        rpm,
-        tpm,
-    } = cli.provider;
-    let api = openai::FakeApi::new(openai::FakeOptions {
-        latency: Duration::from_millis(latency_ms),
-        jitter: Duration::from_millis(jitter_ms),
-        seed,
-        tick: tick_ms.map(Duration::from_millis),
-        image_bytes,
-        requests_per_minute: rpm,
-        tokens_per_minute: tpm,
-        ..Default::default()
-    });
+    let (listen, app) = match cli.provider {
+        Provider::Openai {
+            listen,
+            latency_ms,
+            jitter_ms,
+            seed,
+            tick_ms,
+            image_bytes,
+            rpm,
+            tpm,
+        } => {
+            let api = openai::FakeApi::new(openai::FakeOptions {
+                latency: Duration::from_millis(latency_ms),
+                jitter: Duration::from_millis(jitter_ms),
+                seed,
+                tick: tick_ms.map(Duration::from_millis),
+                image_bytes,
+                requests_per_minute: rpm,
+                tokens_per_minute: tpm,
+                ..Default::default()
+            });
+            (listen, Fake::Openai(api))
+        }
+        Provider::Bfl {
+            listen,
+            generation_ms,
+            max_active,
+            image_bytes,
+        } => {
+            let api = bfl::BflFake::new(bfl::BflOptions {
+                generation: Duration::from_millis(generation_ms),
+                max_active,
+                image_bytes,
+                ..Default::default()
+            });
+            (listen, Fake::Bfl(api))
+        }
+    };
     let listener = match tokio::net::TcpListener::bind(&listen).await {
         Ok(l) => l,
         Err(e) => {
@@ -102,8 +143,14 @@ async fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     }
+    let served = async {
+        match app {
+            Fake::Openai(api) => openai::serve(listener, api).await,
+            Fake::Bfl(api) => bfl::serve(listener, api).await,
+        }
+    };
     tokio::select! {
-        served = openai::serve(listener, api) => {
+        served = served => {
             if let Err(e) = served {
                 tracing::error!(error = %e, "fake image API stopped");
                 return ExitCode::FAILURE;

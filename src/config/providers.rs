@@ -176,7 +176,7 @@ pub struct BflSettings {
     /// Tasks this worker keeps active at the provider at once (the account allows 24 by
     /// default, fewer for some models); a submit above it waits.
     pub max_active: usize,
-    /// Milliseconds before the first poll of a task; later polls back off.
+    /// Milliseconds before the first poll of a task; later polls wait an eighth of its age.
     pub poll_min_ms: u64,
     /// Longest wait between two polls of a task, in seconds.
     pub poll_max_secs: u64,

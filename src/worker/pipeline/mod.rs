@@ -126,6 +126,9 @@ pub struct Pipeline {
     budget: Option<Budget>,
     /// Batches seen cancelled (or not), and when that was looked up.
     cancelled: Mutex<HashMap<String, (bool, Instant)>>,
+    /// How long a job queued at its provider is polled in-process, its message held
+    /// (`worker.pending_hold_secs`); then it waits in a delay queue.
+    pending_hold: Duration,
 }
 
 impl Pipeline {
@@ -146,6 +149,7 @@ impl Pipeline {
             leases: None,
             budget: None,
             cancelled: Mutex::default(),
+            pending_hold: Duration::from_secs(settings.worker.pending_hold_secs),
         }
     }
 

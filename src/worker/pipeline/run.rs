@@ -251,21 +251,38 @@ impl JobRun<'_> {
                     if let Some(probe) = probe {
                         probe.through();
                     }
-                    return Step::Done(
-                        self.wait_at_provider(
-                            &journal,
-                            &progress,
-                            PendingEntry {
-                                provider: route.name.clone(),
-                                handle,
-                                count,
-                                request_id,
-                            },
-                            after,
-                            prior + retries.failed(),
-                        )
-                        .await,
+                    let entry = PendingEntry {
+                        provider: route.name.clone(),
+                        handle,
+                        count,
+                        request_id,
+                    };
+                    // The handle goes to the journal before anything waits (again only if it
+                    // changed: a poll that says "not yet" writes nothing).
+                    if pending.as_ref() != Some(&entry)
+                        && let Err(outcome) = self.record_pending(&journal, &progress, &entry).await
+                    {
+                        return Step::Done(outcome);
+                    }
+                    let attempts = prior + retries.failed();
+                    // Within the hold, the job is polled here, its message held: no slot, no
+                    // store round trip per poll. Past it, the message waits in a delay queue.
+                    if self.started.elapsed() + after <= self.p.pending_hold {
+                        tokio::select! {
+                            () = tokio::time::sleep(after) => {}
+                            () = self.halt.cancelled() => {
+                                return Step::Done(Outcome::Pending { after, attempts });
+                            }
+                        }
+                        pending = Some(entry);
+                        continue;
+                    }
+                    info!(
+                        after_ms = after.as_millis() as u64,
+                        request_id = entry.request_id.as_deref().unwrap_or(""),
+                        "the provider queued the job: looking again later"
                     );
+                    return Step::Done(Outcome::Pending { after, attempts });
                 }
                 Attempt::Failed(Failure::Stop {
                     reason, message, ..
@@ -396,27 +413,21 @@ impl JobRun<'_> {
         }))
     }
 
-    /// The provider queued the job: its handle goes to the journal before anything waits.
-    async fn wait_at_provider(
+    /// The provider queued the job: its handle goes to the journal before anything waits, with
+    /// what the job bought so far. `Err`: the outcome when the store cannot keep it.
+    async fn record_pending(
         &self,
         journal: &StoreJournal<'_>,
         progress: &Progress,
-        entry: PendingEntry,
-        after: Duration,
-        attempts: u32,
-    ) -> Outcome {
+        entry: &PendingEntry,
+    ) -> Result<(), Outcome> {
         self.carry_on(journal, progress).await;
-        if let Err(failure) = journal.set_pending(&entry).await {
+        if let Err(failure) = journal.set_pending(entry).await {
             warn!(error = %failure,
                 "could not record the provider's handle: a redelivery may submit the job again");
-            return self.storage_down(failure);
+            return Err(self.storage_down(failure));
         }
-        info!(
-            after_ms = after.as_millis() as u64,
-            request_id = entry.request_id.as_deref().unwrap_or(""),
-            "the provider queued the job: looking again later"
-        );
-        Outcome::Pending { after, attempts }
+        Ok(())
     }
 
     /// The job leaves this delivery unfinished: what it bought so far goes to its journal, so

@@ -140,7 +140,9 @@ async fn a_long_server_delay_defers_the_job_with_its_attempt_counted() {
 
 #[tokio::test(start_paused = true)]
 async fn a_queued_job_is_polled_with_its_journal_handle_never_submitted_again() {
-    let (stub, s) = single(1, Mode::SubmitAndPoll);
+    // No hold: every "not yet" hands the job back to the consumer (a delay queue).
+    let stub = Stub::new(1, Mode::SubmitAndPoll);
+    let s = setup_with(&[("a", stub.clone())], &[("worker.pending_hold_secs", "0")]);
     stub.then(Scripted::Pending(Duration::from_secs(5)))
         .then(Scripted::Pending(Duration::from_secs(5)));
     let job = serde_json::json!({"id": "q", "prompt": "p"});
@@ -166,6 +168,23 @@ async fn a_queued_job_is_polled_with_its_journal_handle_never_submitted_again() 
     assert_eq!((stub.submits(), stub.polls()), (1, 2));
     assert_eq!(event.data.attempts, 1, "one submit, polls are not calls");
     assert!(!s.exists("images/_/q/journal/pending.json"));
+}
+
+#[tokio::test(start_paused = true)]
+async fn within_the_hold_a_queued_job_is_polled_in_process_in_one_delivery() {
+    let (stub, s) = single(1, Mode::SubmitAndPoll);
+    stub.then(Scripted::Pending(Duration::from_secs(5)))
+        .then(Scripted::Pending(Duration::from_secs(5)))
+        .then(Scripted::Pending(Duration::from_secs(5)));
+    let job = serde_json::json!({"id": "h", "prompt": "p"});
+    // 60 s of hold by default: three "not yet" of 5 s each, then the images, in one delivery.
+    let started = tokio::time::Instant::now();
+    let (event, _) = s.finish(job).await;
+    assert_eq!(event.data.status, Status::Succeeded);
+    assert_eq!((stub.submits(), stub.polls()), (1, 3));
+    assert_eq!(started.elapsed(), Duration::from_secs(15));
+    assert_eq!(event.data.attempts, 1);
+    assert!(!s.exists("images/_/h/journal/pending.json"));
 }
 
 #[tokio::test(start_paused = true)]
