@@ -1,6 +1,7 @@
 //! End-to-end benchmark of the worker: `make bench` (see BENCHMARKS.md).
 //!
-//! For each run it starts the fake image API (`imagegen-fakes openai`, its own process, with the run's
+//! For each run it starts the fake image API (`imagegen-fakes openai`, or `imagegen-fakes bfl` for
+//! the submit-and-poll scenario; its own process, with the run's
 //! latency and image size), declares the run's own queues and results exchange on the local
 //! RabbitMQ, binds a private queue to the results exchange, publishes N persistent jobs with
 //! confirms, and only then starts the worker (`imagegen worker`, its own process) with every
@@ -16,7 +17,7 @@
 //! event, so a run shows where the time went.
 //!
 //! ```text
-//! cargo bench --bench pipeline -- --scenario a|b|c|d|all|a,b [--n N] [--concurrency C]
+//! cargo bench --bench pipeline -- --scenario a|b|c|d|jitter|burst|fleet|poll|all|a,b [--n N] [--concurrency C]
 //!     [--latency-ms MS] [--image-kb KB] [--repeat K] [--wait-idle-secs S]
 //!     [--bin .bench/imagegen] [--out-dir .bench] [--note TEXT]
 //! ```

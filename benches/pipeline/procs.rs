@@ -81,12 +81,6 @@ pub(crate) fn overrides(
         ("amqp.results_exchange", format!("bench.{id}.results")),
         ("amqp.results_queue", format!("bench.{id}.results")),
         ("amqp.connection_name", format!("bench-{id}")),
-        ("providers.openai.kind", "openai".into()),
-        (
-            "providers.openai.base_url",
-            format!("http://127.0.0.1:{fake_port}/v1"),
-        ),
-        ("providers.openai.api_key", "sk-bench".into()),
         ("storage.kind", "s3".into()),
         ("storage.bucket", S3_BUCKET.into()),
         ("storage.endpoint_url", S3_ENDPOINT.into()),
@@ -99,6 +93,20 @@ pub(crate) fn overrides(
         ("http.listen", "127.0.0.1:0".into()),
         ("worker.concurrency", spec.concurrency.to_string()),
     ];
+    let base_url = format!("http://127.0.0.1:{fake_port}/v1");
+    match spec.provider {
+        "bfl" => v.extend([
+            ("providers.bfl.kind", "bfl".into()),
+            ("providers.bfl.base_url", base_url),
+            ("providers.bfl.api_key", "bfl-bench".into()),
+            ("providers.bfl.max_active", spec.max_active.to_string()),
+        ]),
+        _ => v.extend([
+            ("providers.openai.kind", "openai".into()),
+            ("providers.openai.base_url", base_url),
+            ("providers.openai.api_key", "sk-bench".into()),
+        ]),
+    }
     v.extend(
         args.set
             .iter()

@@ -82,19 +82,32 @@ pub(crate) async fn run_with_queues(
     topology::declare(connection, settings).await?;
 
     // The fake image API, its own process.
-    let mut fake_args = vec![
-        "openai".to_string(),
-        "--listen".into(),
-        format!("127.0.0.1:{fake_port}"),
-        "--latency-ms".into(),
-        spec.latency_ms.to_string(),
-        "--jitter-ms".into(),
-        spec.jitter_ms.to_string(),
-        "--seed".into(),
-        spec.seed.to_string(),
-        "--image-bytes".into(),
-        spec.image_bytes.to_string(),
-    ];
+    let mut fake_args = match spec.provider {
+        "bfl" => vec![
+            "bfl".to_string(),
+            "--listen".into(),
+            format!("127.0.0.1:{fake_port}"),
+            "--generation-ms".into(),
+            spec.latency_ms.to_string(),
+            "--max-active".into(),
+            spec.max_active.to_string(),
+            "--image-bytes".into(),
+            spec.image_bytes.to_string(),
+        ],
+        _ => vec![
+            "openai".to_string(),
+            "--listen".into(),
+            format!("127.0.0.1:{fake_port}"),
+            "--latency-ms".into(),
+            spec.latency_ms.to_string(),
+            "--jitter-ms".into(),
+            spec.jitter_ms.to_string(),
+            "--seed".into(),
+            spec.seed.to_string(),
+            "--image-bytes".into(),
+            spec.image_bytes.to_string(),
+        ],
+    };
     if let Some(tick) = spec.tick_ms {
         fake_args.extend(["--tick-ms".into(), tick.to_string()]);
     }

@@ -20,6 +20,10 @@ pub(crate) struct RunSpec {
     pub(crate) workers: usize,
     /// The fake account's requests per minute (announced in its rate-limit headers).
     pub(crate) rpm: Option<u64>,
+    /// The provider's fake: `openai` (answers at once, after `latency_ms`) or `bfl` (queues
+    /// each task for `latency_ms`, at most `max_active` at once; the worker submits and polls).
+    pub(crate) provider: &'static str,
+    pub(crate) max_active: usize,
 }
 
 impl RunSpec {
@@ -33,9 +37,13 @@ impl RunSpec {
         }
     }
 
-    /// Provider calls in flight at once, all workers together.
+    /// Provider calls in flight at once, all workers together (for a provider that queues
+    /// the work, its tasks active at once: the account's cap).
     pub(crate) fn slots(&self) -> usize {
-        self.concurrency * self.workers
+        match self.provider {
+            "bfl" => self.max_active,
+            _ => self.concurrency * self.workers,
+        }
     }
 
     /// The account's limit, in calls a second.
@@ -57,6 +65,8 @@ fn spec(scenario: &'static str, n: usize, concurrency: usize, latency_ms: u64) -
         image_bytes: 300_000,
         workers: 1,
         rpm: None,
+        provider: "openai",
+        max_active: 0,
     }
 }
 
@@ -70,7 +80,7 @@ const FLEET_RPM_BELOW: u64 = 480;
 
 pub(crate) fn plan(args: &Args) -> anyhow::Result<Vec<RunSpec>> {
     let names: Vec<&str> = if args.scenario == "all" {
-        vec!["a", "b", "c", "d", "jitter", "burst", "fleet"]
+        vec!["a", "b", "c", "d", "jitter", "burst", "fleet", "poll"]
     } else {
         args.scenario.split(',').map(str::trim).collect()
     };
@@ -122,8 +132,15 @@ pub(crate) fn plan(args: &Args) -> anyhow::Result<Vec<RunSpec>> {
                     }
                 }
             }
+            // Submit and poll: tasks of 20 s at a provider that keeps 24 active at once, the
+            // images of (a). The cap, not the worker, bounds it: C / L is 24 / 20 s.
+            "poll" => runs.push(RunSpec {
+                provider: "bfl",
+                max_active: 24,
+                ..spec("poll", 300, 32, 20_000)
+            }),
             other => bail!(
-                "unknown scenario {other:?}: expected a, b, c, d, jitter, burst, fleet or all"
+                "unknown scenario {other:?}: expected a, b, c, d, jitter, burst, fleet, poll or all"
             ),
         }
     }

@@ -59,6 +59,10 @@ const CAPABILITIES: Capabilities = Capabilities {
 /// (another worker may have finished it): longer than any generation takes.
 const ACTIVE_TTL: Duration = Duration::from_secs(15 * 60);
 
+/// The longest wait between two polls when the provider reports its progress (the time left
+/// is then known, roughly).
+const PROGRESS_WAIT_MAX: Duration = Duration::from_secs(60);
+
 /// The longest a submit waits out the account's cap on active tasks before it counts as a
 /// failed attempt.
 const CAP_WAIT: Duration = Duration::from_secs(120);
@@ -167,11 +171,20 @@ impl Bfl {
                     .is_some_and(|h| h == "bfl.ai" || h.ends_with(".bfl.ai")))
     }
 
-    /// When to look at a task again: an eighth of its age (a task is seen ready at most about
-    /// 12 % after it is), within the configured bounds.
-    fn next_poll(&self, handle: &TaskHandle) -> Duration {
+    /// When to look at a task again. With the progress the provider reports (a share of the
+    /// work done), just after the time left at the pace so far; without it, an eighth of the
+    /// task's age (a task is then seen ready at most about 12 % after it is). Within
+    /// `poll_min_ms` and, without progress, `poll_max_secs` ([`PROGRESS_WAIT_MAX`] with it).
+    fn next_poll(&self, handle: &TaskHandle, progress: Option<f64>) -> Duration {
         let age = Duration::from_millis(unix_ms().saturating_sub(handle.submitted_unix_ms));
-        (age / 8).clamp(self.poll_min, self.poll_max)
+        match progress.filter(|p| p.is_finite() && *p > 0.0 && *p < 1.0) {
+            Some(done) => {
+                let left = age.mul_f64((1.0 - done) / done);
+                (left + left / 50 + Duration::from_millis(50))
+                    .clamp(self.poll_min, PROGRESS_WAIT_MAX.max(self.poll_min))
+            }
+            None => (age / 8).clamp(self.poll_min, self.poll_max),
+        }
     }
 
     async fn submit_task(&self, request: &ImageRequest) -> Result<Answer, Failure> {
@@ -277,8 +290,8 @@ impl Bfl {
         let polled = read_poll(&text)
             .map_err(|why| with_request_id(Failure::transient(why), &request_id))?;
         match polled {
-            Polled::Pending { .. } => Ok(Answer::Pending {
-                after: self.next_poll(&task),
+            Polled::Pending { progress } => Ok(Answer::Pending {
+                after: self.next_poll(&task, progress),
                 handle: handle.clone(),
                 request_id,
             }),
@@ -525,12 +538,23 @@ mod tests {
             submitted_unix_ms: unix_ms() - 40_000,
             cost: None,
         };
-        assert_eq!(bfl.next_poll(&old), Duration::from_secs(5));
+        assert_eq!(bfl.next_poll(&old, None), Duration::from_secs(5));
+        // 40 s for a quarter of the work: about 120 s left, waited up to a minute.
+        assert_eq!(bfl.next_poll(&old, Some(0.25)), PROGRESS_WAIT_MAX);
+        let wait = bfl.next_poll(&old, Some(0.8));
+        assert!(
+            (Duration::from_secs(10)..Duration::from_secs(11)).contains(&wait),
+            "{wait:?}"
+        );
         let new = TaskHandle {
             submitted_unix_ms: unix_ms(),
             ..old
         };
-        assert_eq!(bfl.next_poll(&new), Duration::from_millis(500));
+        assert_eq!(bfl.next_poll(&new, None), Duration::from_millis(500));
+        assert_eq!(
+            bfl.next_poll(&new, Some(f64::NAN)),
+            Duration::from_millis(500)
+        );
     }
 
     #[tokio::test]

@@ -231,3 +231,26 @@ async fn polling_a_task_that_never_completes_ends_at_the_jobs_deadline() {
     worker.shutdown().await.unwrap();
     env.cleanup().await;
 }
+
+#[tokio::test]
+async fn a_submit_whose_answer_is_lost_is_counted_as_possibly_billed() {
+    let fake = fake(BflOptions::default()).await;
+    fake.api
+        .push_rule(rule("lost flux", Fault::ResetAfterSubmit, Some(1)));
+    let env = TestEnv::with(Store::S3, &bfl_settings(&fake)).await;
+    let mut listener = env.listen().await;
+    let worker = env.start_worker().await;
+    env.publish(json!({"id": "l1", "prompt": "a lost flux"}))
+        .await;
+    let event = env.events(&mut listener, 1, WAIT).await.remove(0);
+    assert_eq!(event.data.status, Status::Succeeded);
+    // The one window that can pay twice: the task was accepted, its answer never arrived.
+    assert_eq!(fake.api.billed_for("lost flux"), 2);
+    assert_eq!(event.data.possibly_billed, 1);
+    assert!(
+        event.data.cost_estimated,
+        "the lost task is charged at an estimate"
+    );
+    worker.shutdown().await.unwrap();
+    env.cleanup().await;
+}

@@ -150,3 +150,58 @@ async fn a_refusal_is_not_sent_elsewhere_unless_configured() {
     worker.shutdown().await.unwrap();
     env.cleanup().await;
 }
+
+#[tokio::test]
+async fn a_gemini_outage_moves_its_jobs_to_a_queued_provider() {
+    let gemini = GeminiFake::new(GeminiOptions::default())
+        .start()
+        .await
+        .expect("fake Gemini API starts");
+    gemini.api.push_rule(imagegen_fakes::gemini::Rule {
+        prompt_contains: None,
+        fault: imagegen_fakes::gemini::Fault::ServerError { status: 503 },
+        times: None,
+    });
+    let bfl = imagegen_fakes::bfl::BflFake::new(Default::default())
+        .start()
+        .await
+        .expect("fake BFL API starts");
+    let env = TestEnv::with(
+        Store::S3,
+        &[
+            ("providers.gemini.kind", "gemini".to_string()),
+            ("providers.gemini.base_url", gemini.base_url()),
+            ("providers.gemini.api_key", "g-key".into()),
+            ("providers.gemini.fallback", "flux".into()),
+            ("providers.flux.kind", "bfl".into()),
+            ("providers.flux.base_url", bfl.base_url()),
+            ("providers.flux.api_key", "b-key".into()),
+            ("providers.flux.poll_min_ms", "100".into()),
+            ("worker.default_provider", "gemini".into()),
+            ("retry.max_attempts", "2".into()),
+        ],
+    )
+    .await;
+    let mut listener = env.listen().await;
+    let worker = env.start_worker().await;
+    env.publish(json!({"id": "g1", "prompt": "a down fox", "size": "1024x1024", "n": 2}))
+        .await;
+    let event = env.events(&mut listener, 1, WAIT).await.remove(0);
+    assert_eq!(
+        event.data.status,
+        Status::Succeeded,
+        "{:?}",
+        event.data.error
+    );
+    assert_eq!(event.data.images.len(), 2);
+    assert_eq!(event.data.provider.as_deref(), Some("flux"));
+    assert_eq!(event.data.providers_tried, ["gemini", "flux"]);
+    assert_eq!(gemini.api.billed_for("down fox"), 0);
+    assert_eq!(bfl.api.billed_for("down fox"), 2);
+    // Two 1-megapixel images at $0.03 each, nothing at Gemini.
+    let by = event.data.cost_by_provider.as_ref().unwrap();
+    assert_eq!(by["gemini"], Some(0.0));
+    assert!((0.0629..0.063).contains(&by["flux"].unwrap()), "{by:?}");
+    worker.shutdown().await.unwrap();
+    env.cleanup().await;
+}
