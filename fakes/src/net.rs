@@ -22,6 +22,22 @@ use axum::serve::{IncomingStream, Listener};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 
+/// Binds `127.0.0.1:0` and serves `router` there in a background task (for in-process fakes):
+/// the address, and the task (aborting it stops the fake). `what` names the fake in its logs.
+pub(crate) async fn start(
+    router: Router,
+    what: &'static str,
+) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
+    let listener = TcpListener::bind((std::net::Ipv4Addr::LOCALHOST, 0)).await?;
+    let addr = listener.local_addr()?;
+    let task = tokio::spawn(async move {
+        if let Err(e) = serve(listener, router).await {
+            tracing::error!(error = %e, "{what} stopped");
+        }
+    });
+    Ok((addr, task))
+}
+
 /// Serves `router` on `listener` with a [`ResetHandle`] in every request's connect info.
 pub(crate) async fn serve(listener: TcpListener, router: Router) -> std::io::Result<()> {
     let app = router.into_make_service_with_connect_info::<ResetHandle>();

@@ -5,10 +5,10 @@
 use std::time::{Duration, Instant};
 
 use imagegen::domain::event::Status;
-use imagegen_fakes::bfl::{BflFake, BflOptions, BflServer, Fault, Rule};
+use imagegen_fakes::bfl::{BflFake, BflOptions, BflServer, Fault};
 use serde_json::json;
 
-use crate::helpers::{Store, TestEnv, assert_valid, event_json, stop_process};
+use crate::helpers::{Store, TestEnv, assert_valid, event_json, rule, stop_process};
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -33,14 +33,6 @@ fn bfl_settings(fake: &BflServer) -> Vec<(&'static str, String)> {
         ("providers.bfl.poll_max_secs", "1".into()),
         ("worker.default_provider", "bfl".into()),
     ]
-}
-
-fn rule(prompt: &str, fault: Fault, times: Option<u32>) -> Rule {
-    Rule {
-        prompt_contains: Some(prompt.into()),
-        fault,
-        times,
-    }
 }
 
 #[tokio::test]

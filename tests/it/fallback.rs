@@ -7,10 +7,10 @@ use std::time::Duration;
 
 use imagegen::domain::event::Status;
 use imagegen_fakes::gemini::{GeminiFake, GeminiOptions, GeminiServer};
-use imagegen_fakes::openai::{Fault, Rule};
+use imagegen_fakes::openai::Fault;
 use serde_json::json;
 
-use crate::helpers::{Store, TestEnv, assert_valid, event_json};
+use crate::helpers::{Store, TestEnv, assert_valid, event_json, rule};
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -30,14 +30,6 @@ async fn env_with_fallback(extra: &[(&str, String)]) -> (TestEnv, GeminiServer) 
     ];
     settings.extend(extra.iter().cloned());
     (TestEnv::with(Store::S3, &settings).await, gemini)
-}
-
-fn rule(prompt: &str, fault: Fault, times: Option<u32>) -> Rule {
-    Rule {
-        prompt_contains: Some(prompt.into()),
-        fault,
-        times,
-    }
 }
 
 #[tokio::test]

@@ -4,10 +4,10 @@
 use std::time::{Duration, Instant};
 
 use imagegen::domain::event::Status;
-use imagegen_fakes::gemini::{Fault, GeminiFake, GeminiOptions, GeminiServer, Rule};
+use imagegen_fakes::gemini::{Fault, GeminiFake, GeminiOptions, GeminiServer};
 use serde_json::json;
 
-use crate::helpers::{Store, TestEnv, assert_valid, event_json};
+use crate::helpers::{Store, TestEnv, assert_valid, event_json, rule};
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -29,14 +29,6 @@ async fn gemini_env(extra: &[(&str, String)]) -> (TestEnv, GeminiServer) {
     ];
     settings.extend(extra.iter().cloned());
     (TestEnv::with(Store::S3, &settings).await, fake)
-}
-
-fn rule(prompt: &str, fault: Fault, times: Option<u32>) -> Rule {
-    Rule {
-        prompt_contains: Some(prompt.into()),
-        fault,
-        times,
-    }
 }
 
 #[tokio::test]

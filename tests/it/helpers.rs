@@ -571,3 +571,12 @@ pub fn assert_valid(schema_file: &str, instance: &Value) {
 pub fn event_json(event: &CloudEvent) -> Value {
     serde_json::to_value(event).unwrap()
 }
+
+/// A fault of any fake for its next `times` requests (`None`: all) whose prompt contains `prompt`.
+pub fn rule<F>(prompt: &str, fault: F, times: Option<u32>) -> imagegen_fakes::rules::Rule<F> {
+    imagegen_fakes::rules::Rule {
+        prompt_contains: Some(prompt.into()),
+        fault,
+        times,
+    }
+}

@@ -7,17 +7,9 @@ use imagegen::storage::PutObject;
 use imagegen_fakes::openai::{Fault, Rule};
 use serde_json::json;
 
-use crate::helpers::{Store, TestEnv, assert_valid, event_json};
+use crate::helpers::{Store, TestEnv, assert_valid, event_json, rule};
 
 const WAIT: Duration = Duration::from_secs(30);
-
-fn rule(prompt: &str, fault: Fault, times: Option<u32>) -> Rule {
-    Rule {
-        prompt_contains: Some(prompt.into()),
-        fault,
-        times,
-    }
-}
 
 #[tokio::test]
 async fn happy_path_n1_and_n3_on_s3() {

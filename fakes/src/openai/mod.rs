@@ -230,14 +230,7 @@ impl FakeApi {
 
     /// Binds `127.0.0.1:0` and serves in a background task.
     pub async fn start(self) -> std::io::Result<FakeServer> {
-        let listener = TcpListener::bind((std::net::Ipv4Addr::LOCALHOST, 0)).await?;
-        let addr = listener.local_addr()?;
-        let api = self.clone();
-        let task = tokio::spawn(async move {
-            if let Err(e) = serve(listener, api).await {
-                tracing::error!(error = %e, "fake image API stopped");
-            }
-        });
+        let (addr, task) = crate::net::start(self.router(), "fake image API").await?;
         Ok(FakeServer {
             api: self,
             addr,

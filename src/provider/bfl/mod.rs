@@ -11,17 +11,17 @@
 //! The key (`x-key`) goes to the base URL's host and to BFL's own hosts (`*.bfl.ai`, where
 //! regional polling URLs point), never to a polling URL elsewhere; samples are fetched without it.
 
-use std::collections::HashMap;
-use std::sync::Mutex;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures_util::future::BoxFuture;
 use reqwest::header::HeaderMap;
 use secrecy::ExposeSecret;
 use serde_json::{Map, Value, json};
-use tokio::sync::Notify;
 use tokio::time::Instant;
 
+mod active;
+
+use self::active::Active;
 use super::download::Downloads;
 use super::fetch::FetchRules;
 use super::http::{Clock, api_client, billed_failure, retry_after, secret_header, with_request_id};
@@ -54,10 +54,6 @@ const CAPABILITIES: Capabilities = Capabilities {
         "guidance",
     ],
 };
-
-/// How long a task this worker submitted counts against `max_active` without news of it
-/// (another worker may have finished it): longer than any generation takes.
-const ACTIVE_TTL: Duration = Duration::from_secs(15 * 60);
 
 /// The longest wait between two polls when the provider reports its progress (the time left
 /// is then known, roughly).
@@ -427,91 +423,6 @@ impl ImageProvider for Bfl {
     }
 }
 
-/// The tasks this worker has active at the provider, up to `max_active`: a submit waits for
-/// room, and a task leaves when a poll sees it end (or after [`ACTIVE_TTL`] without news, when
-/// another worker finished it).
-struct Active {
-    limit: usize,
-    tasks: Mutex<HashMap<String, Instant>>,
-    freed: Notify,
-    next: std::sync::atomic::AtomicU64,
-}
-
-/// Room for one task, held from before its submit: dropped without [`bind`](Ticket::bind)
-/// (the submit failed), it frees the room.
-struct Ticket<'a> {
-    active: &'a Active,
-    key: String,
-    bound: std::cell::Cell<bool>,
-}
-
-impl Active {
-    fn new(limit: usize) -> Self {
-        Self {
-            limit,
-            tasks: Mutex::default(),
-            freed: Notify::new(),
-            next: std::sync::atomic::AtomicU64::new(0),
-        }
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Instant>> {
-        self.tasks
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-
-    async fn admit(&self) -> Ticket<'_> {
-        loop {
-            let freed = self.freed.notified();
-            {
-                let mut tasks = self.lock();
-                let now = Instant::now();
-                tasks.retain(|_, since| now.duration_since(*since) < ACTIVE_TTL);
-                if tasks.len() < self.limit {
-                    let key = format!(
-                        "submitting-{}",
-                        self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-                    );
-                    tasks.insert(key.clone(), now);
-                    return Ticket {
-                        active: self,
-                        key,
-                        bound: std::cell::Cell::new(false),
-                    };
-                }
-            }
-            // Also wakes now and then, for entries that time out.
-            let _ = tokio::time::timeout(Duration::from_secs(5), freed).await;
-        }
-    }
-
-    fn finished(&self, id: &str) {
-        if self.lock().remove(id).is_some() {
-            self.freed.notify_waiters();
-        }
-    }
-}
-
-impl Ticket<'_> {
-    /// The submit was accepted: the room is the task's until it ends.
-    fn bind(&self, id: &str) {
-        let mut tasks = self.active.lock();
-        tasks.remove(&self.key);
-        tasks.insert(id.to_string(), Instant::now());
-        self.bound.set(true);
-    }
-}
-
-impl Drop for Ticket<'_> {
-    fn drop(&mut self) {
-        if !self.bound.get() {
-            self.active.lock().remove(&self.key);
-            self.active.freed.notify_waiters();
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -554,30 +465,6 @@ mod tests {
         assert_eq!(
             bfl.next_poll(&new, Some(f64::NAN)),
             Duration::from_millis(500)
-        );
-    }
-
-    #[tokio::test]
-    async fn a_submit_waits_for_room_among_the_active_tasks() {
-        let active = Active::new(1);
-        let first = active.admit().await;
-        first.bind("t1");
-        drop(first);
-        assert!(
-            tokio::time::timeout(Duration::from_millis(50), active.admit())
-                .await
-                .is_err(),
-            "full"
-        );
-        active.finished("t1");
-        let second = tokio::time::timeout(Duration::from_millis(50), active.admit()).await;
-        assert!(second.is_ok(), "room once the task ended");
-        drop(second);
-        // A ticket never bound frees its room.
-        assert!(
-            tokio::time::timeout(Duration::from_millis(50), active.admit())
-                .await
-                .is_ok()
         );
     }
 }

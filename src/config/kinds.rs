@@ -1,0 +1,258 @@
+//! The kinds of provider and the keys of each (`[provider_defaults.KIND]` documents them all in
+//! `config/default.toml`), with the checks every HTTP kind shares.
+
+use secrecy::{ExposeSecret, SecretString};
+use serde::Deserialize;
+
+use super::{ConfigError, in_range, invalid};
+
+/// The kinds of provider this worker has a driver for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProviderKind {
+    /// The OpenAI Images API, or a host that speaks it.
+    Openai,
+    /// Renders a deterministic PNG locally: no network, no cost.
+    Placeholder,
+    /// The Gemini API's image models (`generateContent`).
+    Gemini,
+    /// Black Forest Labs' FLUX models: submit, then poll.
+    Bfl,
+}
+
+impl ProviderKind {
+    /// Every kind, as written in `kind`.
+    pub const ALL: &'static [ProviderKind] = &[
+        ProviderKind::Openai,
+        ProviderKind::Placeholder,
+        ProviderKind::Gemini,
+        ProviderKind::Bfl,
+    ];
+
+    /// The kind as written in `kind`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ProviderKind::Openai => "openai",
+            ProviderKind::Placeholder => "placeholder",
+            ProviderKind::Gemini => "gemini",
+            ProviderKind::Bfl => "bfl",
+        }
+    }
+
+    pub(super) fn parse(s: &str) -> Option<Self> {
+        Self::ALL.iter().copied().find(|k| k.as_str() == s)
+    }
+
+    pub(super) fn names() -> String {
+        Self::ALL
+            .iter()
+            .map(|k| format!("\"{}\"", k.as_str()))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+}
+
+/// `[provider_defaults.KIND]`: every key of each kind, with its default.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProviderDefaults {
+    /// The keys of kind `openai`.
+    pub openai: OpenAiSettings,
+    /// The keys of kind `placeholder`.
+    pub placeholder: PlaceholderSettings,
+    /// The keys of kind `gemini`.
+    pub gemini: GeminiSettings,
+    /// The keys of kind `bfl`.
+    pub bfl: BflSettings,
+}
+
+/// How an `openai` provider sends its key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum AuthScheme {
+    /// `Authorization: Bearer KEY` (OpenAI and compatible hosts).
+    Bearer,
+    /// The `api-key` header (Azure OpenAI with key authentication).
+    ApiKey,
+}
+
+/// Kind `openai`: `POST {base_url}/images/generations`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OpenAiSettings {
+    /// Base URL of the API.
+    pub base_url: String,
+    /// API key. Never logged.
+    pub api_key: SecretString,
+    /// `bearer` or `api-key`.
+    pub auth: AuthScheme,
+    /// Model of jobs that name none.
+    pub model: String,
+    /// Size of jobs that name none.
+    pub size: String,
+    /// Quality of jobs that name none.
+    pub quality: String,
+    /// Output format of jobs that name none.
+    pub output_format: String,
+    /// Background of jobs that name none; empty: not sent.
+    pub background: String,
+    /// `url` or `b64_json` for models that take it; empty: not sent.
+    pub response_format: String,
+    /// Seconds allowed for one request, the answer's body included.
+    pub request_timeout_secs: u64,
+    /// Seconds allowed to open a connection.
+    pub connect_timeout_secs: u64,
+    /// Largest answer accepted, in bytes.
+    pub max_response_bytes: usize,
+    /// Hosts (`host:port`) that images answered by URL may come from over plain http or from a
+    /// private address, besides the base URL's own. Others must be https and public.
+    pub download_hosts: Vec<String>,
+}
+
+/// Kind `placeholder`: a PNG rendered from the prompt.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PlaceholderSettings {
+    /// The model reported in events (and looked up in the prices).
+    pub model: String,
+    /// Size of jobs that name none.
+    pub size: String,
+    /// Output format of jobs that name none (the image is a PNG whatever it says).
+    pub output_format: String,
+}
+
+/// Kind `gemini`: `POST {base_url}/models/{model}:generateContent` with image output.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GeminiSettings {
+    /// Base URL of the API version (`.../v1beta`).
+    pub base_url: String,
+    /// API key, sent as `x-goog-api-key`. Never logged.
+    pub api_key: SecretString,
+    /// Model of jobs that name none.
+    pub model: String,
+    /// Size of jobs that name none: an aspect ratio, `WIDTHxHEIGHT` of one, or `auto`.
+    pub size: String,
+    /// Seconds allowed for one request, the answer's body included.
+    pub request_timeout_secs: u64,
+    /// Seconds allowed to open a connection.
+    pub connect_timeout_secs: u64,
+    /// Largest answer accepted, in bytes.
+    pub max_response_bytes: usize,
+}
+
+/// Kind `bfl`: `POST {base_url}/{model}`, then `GET` of the `polling_url` it answers.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BflSettings {
+    /// Base URL of the API (`https://api.bfl.ai/v1`, or a regional host).
+    pub base_url: String,
+    /// API key, sent as `x-key` to BFL's own hosts only. Never logged.
+    pub api_key: SecretString,
+    /// Model of jobs that name none (the path after the base URL).
+    pub model: String,
+    /// Size of jobs that name none: `WIDTHxHEIGHT` or `auto`.
+    pub size: String,
+    /// Output format of jobs that name none: `png` or `jpeg`.
+    pub output_format: String,
+    /// Tasks this worker keeps active at the provider at once (the account allows 24 by
+    /// default, fewer for some models); a submit above it waits.
+    pub max_active: usize,
+    /// Milliseconds before the first poll of a task; later polls wait an eighth of its age.
+    pub poll_min_ms: u64,
+    /// Longest wait between two polls of a task, in seconds.
+    pub poll_max_secs: u64,
+    /// Seconds allowed for one request (a submit, a poll or a download).
+    pub request_timeout_secs: u64,
+    /// Seconds allowed to open a connection.
+    pub connect_timeout_secs: u64,
+    /// Largest image accepted, in bytes.
+    pub max_response_bytes: usize,
+    /// Hosts (`host:port`) that samples may come from over plain http or from a private
+    /// address, besides the base URL's own. Others must be https and public.
+    pub download_hosts: Vec<String>,
+}
+
+/// The keys of a provider's kind.
+#[derive(Debug, Clone)]
+pub enum KindSettings {
+    /// Kind `openai`.
+    Openai(OpenAiSettings),
+    /// Kind `placeholder`.
+    Placeholder(PlaceholderSettings),
+    /// Kind `gemini`.
+    Gemini(GeminiSettings),
+    /// Kind `bfl`.
+    Bfl(BflSettings),
+}
+
+impl KindSettings {
+    /// The kind these settings are of.
+    pub fn kind(&self) -> ProviderKind {
+        match self {
+            KindSettings::Openai(_) => ProviderKind::Openai,
+            KindSettings::Placeholder(_) => ProviderKind::Placeholder,
+            KindSettings::Gemini(_) => ProviderKind::Gemini,
+            KindSettings::Bfl(_) => ProviderKind::Bfl,
+        }
+    }
+}
+
+pub(super) fn validate_openai(section: &str, p: &OpenAiSettings) -> Result<(), ConfigError> {
+    validate_http(
+        section,
+        &p.base_url,
+        &p.api_key,
+        &p.model,
+        [p.request_timeout_secs, p.connect_timeout_secs],
+        p.max_response_bytes,
+    )?;
+    if !matches!(p.response_format.as_str(), "" | "url" | "b64_json") {
+        return Err(invalid(
+            format!("{section}.response_format"),
+            "must be \"\", \"url\" or \"b64_json\"",
+        ));
+    }
+    Ok(())
+}
+
+/// The keys every HTTP provider has: its base URL, key, default model, timeouts
+/// (`[request_timeout_secs, connect_timeout_secs]`) and answer size limit.
+pub(super) fn validate_http(
+    section: &str,
+    base_url: &str,
+    api_key: &SecretString,
+    model: &str,
+    [request_timeout_secs, connect_timeout_secs]: [u64; 2],
+    max_response_bytes: usize,
+) -> Result<(), ConfigError> {
+    let key = |name: &str| format!("{section}.{name}");
+    if !(base_url.starts_with("http://") || base_url.starts_with("https://")) {
+        return Err(invalid(
+            key("base_url"),
+            "must be an http:// or https:// URL",
+        ));
+    }
+    if reqwest::Url::parse(base_url).is_err() {
+        return Err(invalid(key("base_url"), "is not a valid URL"));
+    }
+    if api_key.expose_secret().trim().is_empty() {
+        let name = section.trim_start_matches("providers.").to_uppercase();
+        let hint = if name == "OPENAI" {
+            "set OPENAI_API_KEY or IMAGEGEN__PROVIDERS__OPENAI__API_KEY".to_string()
+        } else {
+            format!("set IMAGEGEN__PROVIDERS__{name}__API_KEY")
+        };
+        return Err(invalid(key("api_key"), format!("is required ({hint})")));
+    }
+    if model.trim().is_empty() {
+        return Err(invalid(key("model"), "must not be empty"));
+    }
+    in_range(key("request_timeout_secs"), request_timeout_secs, 1, 3600)?;
+    in_range(key("connect_timeout_secs"), connect_timeout_secs, 1, 600)?;
+    in_range(
+        key("max_response_bytes"),
+        max_response_bytes as u64,
+        1024,
+        1 << 32,
+    )
+}
