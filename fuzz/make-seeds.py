@@ -118,11 +118,13 @@ for name, (status, text) in GEMINI_ERRORS.items():
 BFL = {
     "submit": (0, '{"id":"4f1c2d3e-0001-4abc-a123-0123456789ab","polling_url":"https://api.eu1.bfl.ai/v1/get_result?id=4f1c","cost":3.0,"input_mp":0,"output_mp":1.05}'),
     "submit-no-url": (0, '{"id":"x"}'),
+    "submit-array": (0, '["i","h"]'),
     "poll-pending": (1, '{"id":"x","status":"Pending","result":null,"progress":0.4}'),
     "poll-ready": (1, '{"id":"x","status":"Ready","result":{"sample":"https://delivery-eu1.bfl.ai/results/x/sample.png?se=1&sig=2","seed":7,"prompt":"p"}}'),
     "poll-moderated": (1, '{"id":"x","status":"Content Moderated","details":{"Moderation Reasons":["x"]}}'),
     "poll-not-found": (1, '{"id":"x","status":"Task not found"}'),
     "error-credits": (3 * 2 + 2, '{"detail":"Insufficient credits"}'),
+    "error-empty-detail": (3 * 22 + 2, '{"detail":[]}'),
     "error-422": (3 * 22 + 2, '{"detail":[{"loc":["body","width"],"msg":"Input should be a multiple of 16","type":"multiple_of"}]}'),
 }
 for name, (selector, text) in BFL.items():

@@ -23,36 +23,30 @@ pub struct Submitted {
     pub cost: Option<f64>,
 }
 
-#[derive(Deserialize)]
-struct SubmitBody {
-    #[serde(default)]
-    id: Option<String>,
-    #[serde(default)]
-    polling_url: Option<String>,
-    #[serde(default)]
-    cost: Option<Value>,
-}
-
-/// Reads the answer to an accepted submit. It was accepted, so a failure here is billed: the
-/// task exists, and nothing says where.
+/// Reads the answer to an accepted submit (a JSON object). It was accepted, so a failure here
+/// is billed: the task exists, and nothing says where.
 pub fn read_submit(body: &[u8]) -> Result<Submitted, Failure> {
-    let parsed: SubmitBody = serde_json::from_slice(body).map_err(|e| {
+    let object: serde_json::Map<String, Value> = serde_json::from_slice(body).map_err(|e| {
         billed_failure(format!(
             "the provider's answer to the submit could not be read: {e}"
         ))
     })?;
-    match (parsed.id, parsed.polling_url) {
-        (Some(id), Some(polling_url)) if !id.is_empty() && !polling_url.is_empty() => {
-            Ok(Submitted {
-                id,
-                polling_url,
-                cost: parsed
-                    .cost
-                    .as_ref()
-                    .and_then(Value::as_f64)
-                    .filter(|c| c.is_finite() && *c >= 0.0),
-            })
-        }
+    let text = |key: &str| {
+        object
+            .get(key)
+            .and_then(Value::as_str)
+            .filter(|s| !s.is_empty())
+            .map(str::to_string)
+    };
+    match (text("id"), text("polling_url")) {
+        (Some(id), Some(polling_url)) => Ok(Submitted {
+            id,
+            polling_url,
+            cost: object
+                .get("cost")
+                .and_then(Value::as_f64)
+                .filter(|c| c.is_finite() && *c >= 0.0),
+        }),
         _ => Err(billed_failure(
             "the provider accepted the submit without an id and a polling_url".into(),
         )),
@@ -184,7 +178,8 @@ pub fn error_detail(body: &[u8]) -> Option<String> {
             .join("; "),
         other => other.to_string(),
     };
-    Some(text.chars().take(1000).collect())
+    // An empty detail (`""`, `[]`) says nothing: the status speaks instead.
+    Some(text.chars().take(1000).collect()).filter(|t: &String| !t.trim().is_empty())
 }
 
 /// Classifies an error answer (to a submit or a poll): 402 pauses the provider (credits),
@@ -225,6 +220,10 @@ mod tests {
                 .possibly_billed()
         );
         assert!(read_submit(b"<html>").unwrap_err().possibly_billed());
+        assert!(
+            read_submit(br#"["i","h"]"#).is_err(),
+            "an object, not an array"
+        );
         assert_eq!(
             read_poll(br#"{"id":"t","status":"Pending","result":null,"progress":0.4}"#).unwrap(),
             Polled::Pending {
@@ -296,6 +295,13 @@ mod tests {
             "body.width: Input should be a multiple of 16"
         );
         assert!(classify(503, b"", None).is_retryable());
+        for empty in [
+            &br#"{"detail":[]}"#[..],
+            br#"{"detail":""}"#,
+            br#"{"detail":"  "}"#,
+        ] {
+            assert_eq!(classify(422, empty, None).message(), "HTTP 422");
+        }
         assert_eq!(
             classify(404, br#"{"detail":"Not Found"}"#, None).kind(),
             Some(ErrorKind::InvalidRequest)
