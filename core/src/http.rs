@@ -77,6 +77,31 @@ pub fn billed_failure(message: String) -> Failure {
     }
 }
 
+/// Decodes the base64 at `span` of an answer's body in place (SIMD), where the image then is.
+/// Invalid base64 is a billed failure: the answer came, its image cannot be read.
+pub fn decode_in_place(
+    body: &mut [u8],
+    span: std::ops::Range<usize>,
+) -> Result<std::ops::Range<usize>, Failure> {
+    let n = base64_simd::STANDARD
+        .decode_inplace(&mut body[span.clone()])
+        .map_err(invalid_base64)?
+        .len();
+    Ok(span.start..span.start + n)
+}
+
+/// Decodes base64 the JSON parser had to unescape (so not in the body) into an image of its own.
+pub fn decode_owned(b64: &str) -> Result<bytes::Bytes, Failure> {
+    base64_simd::STANDARD
+        .decode_to_vec(b64.as_bytes())
+        .map(bytes::Bytes::from)
+        .map_err(invalid_base64)
+}
+
+fn invalid_base64(e: base64_simd::Error) -> Failure {
+    billed_failure(format!("the provider returned invalid base64: {e}"))
+}
+
 /// Attaches the provider's request id to a retryable failure.
 pub fn with_request_id(mut failure: Failure, request_id: &Option<String>) -> Failure {
     if let Failure::Retryable { detail, .. } = &mut failure {

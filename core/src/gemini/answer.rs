@@ -15,7 +15,7 @@ use serde_json::Value;
 
 use crate::buffers::PooledBuf;
 use crate::domain::error::{ErrorKind, Failure, ProviderDetail};
-use crate::http::billed_failure;
+use crate::http::{billed_failure, decode_in_place, decode_owned};
 
 /// `finishReason`s that say the model refused to make the image (or was stopped from it).
 pub const REFUSAL_FINISH_REASONS: &[&str] = &[
@@ -135,16 +135,9 @@ pub fn decode_answer(mut body: PooledBuf) -> Result<Answer, Failure> {
         ));
     }
     let mut sources = read.sources;
-    let invalid = |e: base64_simd::Error| {
-        billed_failure(format!("the provider returned invalid base64: {e}"))
-    };
     for (source, _) in &mut sources {
         if let Source::InBody(span) = source {
-            let n = base64_simd::STANDARD
-                .decode_inplace(&mut body[span.clone()])
-                .map_err(invalid)?
-                .len();
-            *span = span.start..span.start + n;
+            *span = decode_in_place(&mut body, span.clone())?;
         }
     }
     let decoded = body.freeze();
@@ -152,11 +145,7 @@ pub fn decode_answer(mut body: PooledBuf) -> Result<Answer, Failure> {
     for (source, mime_type) in sources {
         let data = match source {
             Source::InBody(span) => decoded.slice(span),
-            Source::Owned(b64) => Bytes::from(
-                base64_simd::STANDARD
-                    .decode_to_vec(b64.as_bytes())
-                    .map_err(invalid)?,
-            ),
+            Source::Owned(b64) => decode_owned(&b64)?,
         };
         images.push(Image { data, mime_type });
     }

@@ -14,7 +14,7 @@ use serde_json::Value;
 
 use crate::buffers::PooledBuf;
 use crate::domain::error::Failure;
-use crate::http::billed_failure;
+use crate::http::{billed_failure, decode_in_place, decode_owned};
 
 #[derive(Deserialize)]
 struct ImagesResponse<'a> {
@@ -88,16 +88,9 @@ pub fn decode_answer(mut body: PooledBuf) -> Result<Answer, Failure> {
             })
         }
     };
-    let invalid = |e: base64_simd::Error| {
-        billed_failure(format!("the provider returned invalid base64: {e}"))
-    };
     for (source, _) in &mut sources {
         if let Source::InBody(span) = source {
-            let n = base64_simd::STANDARD
-                .decode_inplace(&mut body[span.clone()])
-                .map_err(invalid)?
-                .len();
-            *span = span.start..span.start + n;
+            *span = decode_in_place(&mut body, span.clone())?;
         }
     }
     answer_of((sources, usage, output_format), body.freeze())
@@ -126,13 +119,7 @@ pub(super) fn answer_of(
     for (source, revised_prompt) in sources {
         let data = match source {
             Source::InBody(span) => ImageBytes::Decoded(decoded.slice(span)),
-            Source::Owned(b64) => ImageBytes::Decoded(Bytes::from(
-                base64_simd::STANDARD
-                    .decode_to_vec(b64.as_bytes())
-                    .map_err(|e| {
-                        billed_failure(format!("the provider returned invalid base64: {e}"))
-                    })?,
-            )),
+            Source::Owned(b64) => ImageBytes::Decoded(decode_owned(&b64)?),
             Source::Url(url) => ImageBytes::Url(url),
         };
         images.push((data, revised_prompt));

@@ -9,11 +9,73 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use tokio_util::task::AbortOnDropHandle;
-use tracing::warn;
+use tracing::{info, warn};
 
-use crate::domain::error::Failure;
+use super::Outcome;
+use super::events::Progress;
+use super::images::conflict;
+use super::run::JobRun;
+
+use crate::domain::error::{ErrorKind, Failure};
 use crate::domain::keys;
 use crate::storage::{ObjectStore, PutObject};
+
+impl JobRun<'_> {
+    /// Takes the job's lease, when leases are on and images are missing: `Ok` with the guard
+    /// (none without leases) and the progress back; `Err` with the job's outcome when it must
+    /// not be bought here now (another worker holds it or finished it, or it is poison).
+    pub(super) async fn lease(
+        &self,
+        progress: Progress,
+        record_key: &str,
+    ) -> Result<(Option<LeaseGuard>, Progress), Outcome> {
+        let guard = match &self.p.leases {
+            Some(leases) if !progress.missing(self.job.n).is_empty() => {
+                match leases.acquire(self.dir).await {
+                    Ok(LeaseState::Acquired(guard)) => {
+                        // Another worker may have finished the job (and released its lease)
+                        // between our first look for the result and the lease: look again, now
+                        // that no one else can start buying.
+                        if let Ok(Some(event)) = self.p.images.stored_event(record_key).await {
+                            guard.release().await;
+                            if !self.same_job(&event) {
+                                return Err(self.failed(progress, conflict(self.job)));
+                            }
+                            return Err(
+                                self.stored(event, "result stored by another worker meanwhile")
+                            );
+                        }
+                        Some(guard)
+                    }
+                    Ok(LeaseState::HeldElsewhere(left)) => {
+                        info!(
+                            left_ms = left.as_millis() as u64,
+                            "another worker holds this job: deferring it"
+                        );
+                        return Err(Outcome::Defer {
+                            after: left.max(Duration::from_secs(1)),
+                            attempts: progress.prior,
+                        });
+                    }
+                    Ok(LeaseState::Abandoned(deaths)) => {
+                        leases.clear(self.dir).await;
+                        let failure = Failure::Permanent {
+                            kind: ErrorKind::RetriesExhausted,
+                            message: format!(
+                                "workers died {deaths} times while processing this job: it is treated as poison"
+                            ),
+                            detail: Default::default(),
+                        };
+                        return Err(self.failed(progress, failure));
+                    }
+                    Err(failure) => return Err(self.storage_down(failure)),
+                }
+            }
+            _ => None,
+        };
+        Ok((guard, progress))
+    }
+}
 
 /// This worker's leases.
 pub struct Leases {

@@ -12,7 +12,6 @@ use super::events::{JobEvent, Progress};
 use super::fallback::{Otherwise, Step};
 use super::images::{Listing, conflict};
 use super::journal::{PendingEntry, StoreJournal};
-use super::lease::LeaseState;
 use super::{Delivery, Outcome, Pipeline, ReturnReason, Settle};
 use crate::domain::error::{ErrorKind, Failure};
 use crate::domain::event::CloudEvent;
@@ -77,47 +76,9 @@ impl JobRun<'_> {
         {
             return self.storage_down(failure);
         }
-        let lease = match &self.p.leases {
-            Some(leases) if !progress.missing(self.job.n).is_empty() => {
-                match leases.acquire(self.dir).await {
-                    Ok(LeaseState::Acquired(guard)) => {
-                        // Another worker may have finished the job (and released its lease)
-                        // between our first look for the result and the lease: look again, now
-                        // that no one else can start buying.
-                        if let Ok(Some(event)) = self.p.images.stored_event(&record_key).await {
-                            guard.release().await;
-                            if !self.same_job(&event) {
-                                return self.failed(progress, conflict(self.job));
-                            }
-                            return self.stored(event, "result stored by another worker meanwhile");
-                        }
-                        Some(guard)
-                    }
-                    Ok(LeaseState::HeldElsewhere(left)) => {
-                        info!(
-                            left_ms = left.as_millis() as u64,
-                            "another worker holds this job: deferring it"
-                        );
-                        return Outcome::Defer {
-                            after: left.max(Duration::from_secs(1)),
-                            attempts: progress.prior,
-                        };
-                    }
-                    Ok(LeaseState::Abandoned(deaths)) => {
-                        leases.clear(self.dir).await;
-                        let failure = Failure::Permanent {
-                            kind: ErrorKind::RetriesExhausted,
-                            message: format!(
-                                "workers died {deaths} times while processing this job: it is treated as poison"
-                            ),
-                            detail: Default::default(),
-                        };
-                        return self.failed(progress, failure);
-                    }
-                    Err(failure) => return self.storage_down(failure),
-                }
-            }
-            _ => None,
+        let (lease, progress) = match self.lease(progress, &record_key).await {
+            Ok(taken) => taken,
+            Err(outcome) => return outcome,
         };
         let outcome = self.buy_across(&listing, progress).await;
         if let Some(guard) = lease {
@@ -480,7 +441,7 @@ impl JobRun<'_> {
 
     /// Whether a stored result is this job's: its fingerprint matches, or it has none (stored
     /// before fingerprints existed).
-    fn same_job(&self, event: &CloudEvent) -> bool {
+    pub(super) fn same_job(&self, event: &CloudEvent) -> bool {
         event
             .data
             .job_fingerprint
@@ -488,7 +449,7 @@ impl JobRun<'_> {
             .is_none_or(|theirs| *theirs == self.job.fingerprint())
     }
 
-    fn stored(&self, event: CloudEvent, why: &str) -> Outcome {
+    pub(super) fn stored(&self, event: CloudEvent, why: &str) -> Outcome {
         info!("{why}: publishing it again without a provider call");
         Outcome::Finished {
             event: Box::new(event),
@@ -526,7 +487,7 @@ impl JobRun<'_> {
     }
 
     /// Stops taking jobs after a storage failure (retries exhausted): the job goes back untouched.
-    fn storage_down(&self, failure: Failure) -> Outcome {
+    pub(super) fn storage_down(&self, failure: Failure) -> Outcome {
         match failure.storage_down() {
             Failure::Stop {
                 reason, message, ..
