@@ -51,7 +51,9 @@ impl JobRun<'_> {
                 store: &*self.p.images.store,
                 dir: self.dir,
             };
+            let stored: Vec<u32> = progress.images.iter().map(|s| s.index).collect();
             if let Ok(Some(entry)) = journal.pending().await
+                && !entry.answered(&stored)
                 && let Some(route) = self
                     .route
                     .fallback

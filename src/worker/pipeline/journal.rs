@@ -25,6 +25,18 @@ pub struct PendingEntry {
     /// The provider's id of the request, for logs and events.
     #[serde(default)]
     pub request_id: Option<String>,
+    /// The indices of the job's images it is to fill. Once they are all stored the entry is
+    /// spent: it stays in the journal (removing it would cost every queued job one more store
+    /// request) and is ignored from then on. Empty in entries of earlier versions.
+    #[serde(default)]
+    pub indices: Vec<u32>,
+}
+
+impl PendingEntry {
+    /// Whether the images it was to make are all stored already.
+    pub fn answered(&self, stored: &[u32]) -> bool {
+        !self.indices.is_empty() && self.indices.iter().all(|i| stored.contains(i))
+    }
 }
 
 /// The journal of one job, in the object store.
@@ -63,7 +75,7 @@ impl StoreJournal<'_> {
         self.put(keys::SPENT_JOURNAL_NAME, Bytes::from(body)).await
     }
 
-    /// The recorded request is answered: nothing to poll any more.
+    /// The recorded request is lost at its provider: nothing to poll any more.
     pub async fn clear_pending(&self) -> Result<(), Failure> {
         let key = keys::journal(self.dir, keys::PENDING_JOURNAL_NAME);
         self.store.delete(&key).await.map_err(Failure::from)

@@ -111,7 +111,8 @@ impl JobRun<'_> {
             store: &*self.p.images.store,
             dir: self.dir,
         };
-        let mut pending = match self.pending(listing, &journal).await {
+        let stored: Vec<u32> = progress.images.iter().map(|s| s.index).collect();
+        let mut pending = match self.pending(listing, &journal, &stored).await {
             Ok(pending) => pending,
             Err(failure) => return Step::Done(self.storage_down(failure)),
         };
@@ -217,6 +218,10 @@ impl JobRun<'_> {
                         handle,
                         count,
                         request_id,
+                        indices: pending.as_ref().map_or_else(
+                            || missing[..(count as usize).min(missing.len())].to_vec(),
+                            |p| p.indices.clone(),
+                        ),
                     };
                     // The handle goes to the journal before anything waits (again only if it
                     // changed: a poll that says "not yet" writes nothing).
@@ -298,11 +303,8 @@ impl JobRun<'_> {
                     {
                         return Step::Done(self.storage_down(failure));
                     }
-                    if pending.take().is_some()
-                        && let Err(e) = journal.clear_pending().await
-                    {
-                        warn!(error = %e, "could not clear the answered request from the journal");
-                    }
+                    // Its journal entry stays: with its images stored, it is spent.
+                    pending = None;
                     if returned >= count as usize {
                         continue;
                     }
@@ -360,11 +362,15 @@ impl JobRun<'_> {
         &self,
         listing: &Listing,
         journal: &StoreJournal<'_>,
+        stored: &[u32],
     ) -> Result<Option<PendingEntry>, Failure> {
         if !listing.has(&keys::journal(self.dir, keys::PENDING_JOURNAL_NAME)) {
             return Ok(None);
         }
         Ok(journal.pending().await?.filter(|entry| {
+            if entry.answered(stored) {
+                return false;
+            }
             let same = entry.provider == self.route.name;
             if !same {
                 warn!(recorded = %entry.provider, provider = %self.route.name,

@@ -226,6 +226,13 @@ impl Setup {
     pub(super) fn exists(&self, key: &str) -> bool {
         self.dir.path().join(key).exists()
     }
+
+    /// The image indices of the request the job's journal names, when it names one.
+    pub(super) fn pending_indices(&self, job_dir: &str) -> Option<Vec<u32>> {
+        let path = self.dir.path().join(job_dir).join("journal/pending.json");
+        let entry: serde_json::Value = serde_json::from_slice(&std::fs::read(path).ok()?).ok()?;
+        serde_json::from_value(entry["indices"].clone()).ok()
+    }
 }
 
 pub(super) fn finished(outcome: Outcome) -> (CloudEvent, Settle) {

@@ -167,7 +167,11 @@ async fn a_queued_job_is_polled_with_its_journal_handle_never_submitted_again() 
     assert_eq!(event.data.status, Status::Succeeded);
     assert_eq!((stub.submits(), stub.polls()), (1, 2));
     assert_eq!(event.data.attempts, 1, "one submit, polls are not calls");
-    assert!(!s.exists("images/_/q/journal/pending.json"));
+    assert_eq!(
+        s.pending_indices("images/_/q"),
+        Some(vec![0]),
+        "kept, spent"
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -184,7 +188,40 @@ async fn within_the_hold_a_queued_job_is_polled_in_process_in_one_delivery() {
     assert_eq!((stub.submits(), stub.polls()), (1, 3));
     assert_eq!(started.elapsed(), Duration::from_secs(15));
     assert_eq!(event.data.attempts, 1);
-    assert!(!s.exists("images/_/h/journal/pending.json"));
+    assert_eq!(s.pending_indices("images/_/h"), Some(vec![0]));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_spent_journal_entry_is_never_polled_again_for_the_next_image() {
+    // Two images, one per call. The first is queued, polled and stored; the second's submit
+    // fails for long enough to defer the job, so the journal still names the first request.
+    let stub = Stub::new(1, Mode::SubmitAndPoll);
+    let s = setup_with(&[("a", stub.clone())], &[("worker.pending_hold_secs", "0")]);
+    stub.then(Scripted::Pending(Duration::from_secs(5)))
+        .then(Scripted::Images)
+        .then(Scripted::Fail(Failure::Retryable {
+            message: "Rate limit reached".into(),
+            after: Some(Duration::from_secs(90)),
+            possibly_billed: false,
+            detail: Box::default(),
+        }));
+    let job = serde_json::json!({"id": "two", "prompt": "p", "n": 2});
+    assert!(matches!(
+        s.process(job.clone()).await,
+        Outcome::Pending { .. }
+    ));
+    assert!(matches!(
+        s.process(job.clone()).await,
+        Outcome::Defer { .. }
+    ));
+    assert_eq!((stub.submits(), stub.polls()), (2, 1));
+    assert_eq!(s.pending_indices("images/_/two"), Some(vec![0]));
+    // The next delivery submits for the second image instead of polling the spent request
+    // (which would store the first image's bytes again as the second).
+    let (event, _) = s.finish(job).await;
+    assert_eq!(event.data.status, Status::Succeeded);
+    assert_eq!((stub.submits(), stub.polls()), (3, 1));
+    assert_eq!(event.data.images.len(), 2);
 }
 
 #[tokio::test(start_paused = true)]
