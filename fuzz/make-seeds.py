@@ -130,6 +130,17 @@ BFL = {
 for name, (selector, text) in BFL.items():
     write("bfl_answer", name, bytes([selector]) + text.encode())
 
+# Entra ID token answers (fuzz_targets/entra_grant.rs): a first byte below 128 is HTTP 200, else a
+# status of 400 + byte % 200.
+ENTRA = {
+    "grant": (0, '{"token_type":"Bearer","expires_in":3599,"ext_expires_in":3599,"access_token":"eyJ0eXAiOiJKV1QifQ.e30.sig"}'),
+    "grant-string-lifetime": (0, '{"token_type":"Bearer","expires_in":"3599","access_token":"eyJ0"}'),
+    "invalid-client": (201, '{"error":"invalid_client","error_description":"AADSTS7000215: Invalid client secret provided.\r\nTrace ID: 0","error_codes":[7000215]}'),
+    "throttled": (229, '{"error":"temporarily_unavailable"}'),
+}
+for name, (selector, text) in ENTRA.items():
+    write("entra_grant", name, bytes([selector]) + text.encode())
+
 # Rate-limit and retry headers (fuzz_targets/http_headers.rs): `N:value` sets the Nth name the
 # readers look at, `name: value` any other.
 NAMES = ["retry-after", "retry-after-ms", "x-ratelimit-limit-requests",

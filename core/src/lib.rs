@@ -11,6 +11,9 @@
 //!   - [`openai`]: the Images API's answers, error bodies and rate-limit headers;
 //!   - [`bfl`]: Black Forest Labs' submits, polls (moderation among their statuses) and errors;
 //!   - [`gemini`]: the Gemini API's answers (refusals on HTTP 200 among them) and error bodies;
+//!   - [`stability`]: Stability AI's images (raw or JSON, a filtered one refused) and errors;
+//!   - [`replicate`]: Replicate's predictions (a safety refusal told from a crash) and errors;
+//!   - [`entra`]: the Microsoft Entra ID token endpoint's grants and refusals (Azure OpenAI);
 //!   - [`amqp`]: the headers of a message (the sealed count of failed attempts, the failure the
 //!     worker recorded, the broker's death records).
 //! - [`buffers`]: the image-sized buffers answers are read and decoded into.
@@ -19,6 +22,9 @@ pub mod amqp;
 pub mod bfl;
 pub mod buffers;
 pub mod domain;
+pub mod entra;
 pub mod gemini;
 pub mod http;
 pub mod openai;
+pub mod replicate;
+pub mod stability;

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use imagegen_fakes::{bfl, openai};
+use imagegen_fakes::{azure, bfl, gemini, openai, stability};
 use tracing_subscriber::EnvFilter;
 
 #[derive(Parser, Debug)]
@@ -71,12 +71,54 @@ enum Provider {
         #[arg(long, default_value_t = 2048)]
         image_bytes: usize,
     },
+    /// Serve the fake Gemini API (generateContent with image output).
+    #[command(after_help = "Example:
+  imagegen-fakes gemini --listen 127.0.0.1:8082 --latency-ms 2000   # base URL http://127.0.0.1:8082/v1beta")]
+    Gemini {
+        #[arg(long, default_value = "127.0.0.1:8082")]
+        listen: String,
+        /// Latency added to every answer, in milliseconds.
+        #[arg(long, default_value_t = 0)]
+        latency_ms: u64,
+        /// Approximate size of each generated image, in bytes.
+        #[arg(long, default_value_t = 2048)]
+        image_bytes: usize,
+    },
+    /// Serve the fake Azure OpenAI resource, and its Entra ID token endpoint.
+    #[command(after_help = "Example:
+  imagegen-fakes azure --listen 127.0.0.1:8083 --api-key azure-demo-key   # endpoint http://127.0.0.1:8083")]
+    Azure {
+        #[arg(long, default_value = "127.0.0.1:8083")]
+        listen: String,
+        /// The resource's key (the api-key header).
+        #[arg(long, default_value = "azure-test-key")]
+        api_key: String,
+        /// Approximate size of each generated image, in bytes.
+        #[arg(long, default_value_t = 2048)]
+        image_bytes: usize,
+    },
+    /// Serve the fake Stability AI API (v2beta Stable Image).
+    #[command(after_help = "Example:
+  imagegen-fakes stability --listen 127.0.0.1:8084 --latency-ms 3000   # base URL http://127.0.0.1:8084")]
+    Stability {
+        #[arg(long, default_value = "127.0.0.1:8084")]
+        listen: String,
+        /// Latency added to every answer, in milliseconds.
+        #[arg(long, default_value_t = 0)]
+        latency_ms: u64,
+        /// Approximate size of each generated image, in bytes.
+        #[arg(long, default_value_t = 2048)]
+        image_bytes: usize,
+    },
 }
 
 /// The fake being served.
 enum Fake {
     Openai(openai::FakeApi),
     Bfl(bfl::BflFake),
+    Gemini(gemini::GeminiFake),
+    Azure(azure::AzureFake),
+    Stability(stability::StabilityFake),
 }
 
 #[tokio::main]
@@ -126,6 +168,42 @@ async fn main() -> ExitCode {
             });
             (listen, Fake::Bfl(api))
         }
+        Provider::Gemini {
+            listen,
+            latency_ms,
+            image_bytes,
+        } => {
+            let api = gemini::GeminiFake::new(gemini::GeminiOptions {
+                latency: Duration::from_millis(latency_ms),
+                image_bytes,
+                ..Default::default()
+            });
+            (listen, Fake::Gemini(api))
+        }
+        Provider::Azure {
+            listen,
+            api_key,
+            image_bytes,
+        } => {
+            let api = azure::AzureFake::new(azure::AzureOptions {
+                api_key,
+                image_bytes,
+                ..Default::default()
+            });
+            (listen, Fake::Azure(api))
+        }
+        Provider::Stability {
+            listen,
+            latency_ms,
+            image_bytes,
+        } => {
+            let api = stability::StabilityFake::new(stability::StabilityOptions {
+                latency: Duration::from_millis(latency_ms),
+                image_bytes,
+                ..Default::default()
+            });
+            (listen, Fake::Stability(api))
+        }
     };
     let listener = match tokio::net::TcpListener::bind(&listen).await {
         Ok(l) => l,
@@ -136,7 +214,7 @@ async fn main() -> ExitCode {
     };
     match listener.local_addr() {
         Ok(addr) => {
-            tracing::info!(address = %addr, "fake image API listening; base URL http://{addr}/v1");
+            tracing::info!(address = %addr, "fake image API listening on http://{addr}");
         }
         Err(e) => {
             tracing::error!(error = %e, "cannot listen on {listen}");
@@ -147,6 +225,9 @@ async fn main() -> ExitCode {
         match app {
             Fake::Openai(api) => openai::serve(listener, api).await,
             Fake::Bfl(api) => bfl::serve(listener, api).await,
+            Fake::Gemini(api) => gemini::serve(listener, api).await,
+            Fake::Azure(api) => azure::serve(listener, api).await,
+            Fake::Stability(api) => stability::serve(listener, api).await,
         }
     };
     tokio::select! {

@@ -17,6 +17,12 @@ pub enum ProviderKind {
     Gemini,
     /// Black Forest Labs' FLUX models: submit, then poll.
     Bfl,
+    /// Azure OpenAI: the Images API of a deployment (classic or v1 surface), by key or Entra ID.
+    AzureOpenai,
+    /// Stability AI's Stable Image API (v2beta, multipart).
+    Stability,
+    /// Replicate's predictions: create, then poll.
+    Replicate,
 }
 
 impl ProviderKind {
@@ -26,6 +32,9 @@ impl ProviderKind {
         ProviderKind::Placeholder,
         ProviderKind::Gemini,
         ProviderKind::Bfl,
+        ProviderKind::AzureOpenai,
+        ProviderKind::Stability,
+        ProviderKind::Replicate,
     ];
 
     /// The kind as written in `kind`.
@@ -35,6 +44,9 @@ impl ProviderKind {
             ProviderKind::Placeholder => "placeholder",
             ProviderKind::Gemini => "gemini",
             ProviderKind::Bfl => "bfl",
+            ProviderKind::AzureOpenai => "azure-openai",
+            ProviderKind::Stability => "stability",
+            ProviderKind::Replicate => "replicate",
         }
     }
 
@@ -63,6 +75,67 @@ pub struct ProviderDefaults {
     pub gemini: GeminiSettings,
     /// The keys of kind `bfl`.
     pub bfl: BflSettings,
+    /// The keys of kind `azure-openai`.
+    #[serde(rename = "azure-openai")]
+    pub azure_openai: AzureOpenAiSettings,
+    /// The keys of kind `stability`.
+    pub stability: StabilitySettings,
+    /// The keys of kind `replicate`.
+    pub replicate: ReplicateSettings,
+}
+
+/// Kind `replicate`: predictions created at `{base_url}/v1/...`, then polled at their `urls.get`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReplicateSettings {
+    /// Base URL of the API (`https://api.replicate.com`).
+    pub base_url: String,
+    /// API token, sent as a bearer token to the base URL's host only. Never logged.
+    pub api_key: SecretString,
+    /// Model of jobs that name none: `owner/name`, `owner/name:VERSION` or a version id.
+    pub model: String,
+    /// Size of jobs that name none: `WIDTHxHEIGHT`, `W:H` or `auto`.
+    pub size: String,
+    /// Output format of jobs that name none: `png`, `jpeg` or `webp`.
+    pub output_format: String,
+    /// Milliseconds before the first poll; later polls wait an eighth of the prediction's age.
+    pub poll_min_ms: u64,
+    /// Longest wait between two polls, in seconds.
+    pub poll_max_secs: u64,
+    /// Seconds allowed for one request (a create, a poll or a download).
+    pub request_timeout_secs: u64,
+    /// Seconds allowed to open a connection.
+    pub connect_timeout_secs: u64,
+    /// Largest image accepted, in bytes.
+    pub max_response_bytes: usize,
+    /// Hosts (`host:port`) that outputs may come from over plain http or from a private
+    /// address, besides the base URL's own. Others must be https and public.
+    pub download_hosts: Vec<String>,
+}
+
+/// Kind `stability`: `POST {base_url}/v2beta/stable-image/generate/{endpoint}`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StabilitySettings {
+    /// Base URL of the API (`https://api.stability.ai`).
+    pub base_url: String,
+    /// API key, sent as a bearer token. Never logged.
+    pub api_key: SecretString,
+    /// Model of jobs that name none: `ultra`, `core` or an SD 3.5 model.
+    pub model: String,
+    /// Size of jobs that name none: an aspect ratio, `WIDTHxHEIGHT` of one, or `auto`.
+    pub size: String,
+    /// Output format of jobs that name none: `png`, `jpeg` or `webp`.
+    pub output_format: String,
+    /// Seconds the API times an account out after a 429 (its answer names no delay): the wait
+    /// before the job's next call.
+    pub rate_limit_wait_secs: u64,
+    /// Seconds allowed for one request, the answer's body included.
+    pub request_timeout_secs: u64,
+    /// Seconds allowed to open a connection.
+    pub connect_timeout_secs: u64,
+    /// Largest answer accepted, in bytes.
+    pub max_response_bytes: usize,
 }
 
 /// How an `openai` provider sends its key.
@@ -172,6 +245,180 @@ pub struct BflSettings {
     pub download_hosts: Vec<String>,
 }
 
+/// Which of Azure OpenAI's URL shapes a provider calls.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum AzureSurface {
+    /// `{endpoint}/openai/deployments/{model}/images/generations?api-version={api_version}`.
+    Classic,
+    /// `{endpoint}/openai/v1/images/generations`, the deployment in the body's `model`.
+    V1,
+}
+
+/// How an `azure-openai` provider authenticates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum AzureAuth {
+    /// The resource's key in the `api-key` header.
+    ApiKey,
+    /// Microsoft Entra ID bearer tokens (client credentials: a client secret, or the federated
+    /// token file of workload identity), refreshed before they expire.
+    Entra,
+}
+
+/// Kind `azure-openai`: the Images API of an Azure OpenAI resource. A job's `model` names a
+/// deployment.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AzureOpenAiSettings {
+    /// The resource's endpoint, `https://RESOURCE.openai.azure.com`.
+    pub endpoint: String,
+    /// `classic` (deployment URLs with an `api-version`) or `v1`.
+    pub surface: AzureSurface,
+    /// The `api-version` of the classic surface.
+    pub api_version: String,
+    /// `api-key` or `entra`.
+    pub auth: AzureAuth,
+    /// The resource's key, for `auth = "api-key"`. Never logged.
+    pub api_key: SecretString,
+    /// Entra: the directory (tenant) id; empty: `AZURE_TENANT_ID`.
+    pub tenant_id: String,
+    /// Entra: the application (client) id; empty: `AZURE_CLIENT_ID`.
+    pub client_id: String,
+    /// Entra: the client secret; empty: the federated token file is used. Never logged.
+    pub client_secret: SecretString,
+    /// Entra: the file holding a federated token (workload identity mounts one and rotates
+    /// it); empty: `AZURE_FEDERATED_TOKEN_FILE`. Read again at every token refresh.
+    pub federated_token_file: String,
+    /// Entra: the authority; empty: `AZURE_AUTHORITY_HOST`, else
+    /// `https://login.microsoftonline.com`.
+    pub authority_host: String,
+    /// Entra: the scope of the tokens asked for.
+    pub scope: String,
+    /// Model (deployment name) of jobs that name none.
+    pub model: String,
+    /// Size of jobs that name none.
+    pub size: String,
+    /// Quality of jobs that name none (Azure's own default is `high`).
+    pub quality: String,
+    /// Output format of jobs that name none: `png` or `jpeg` (Azure makes no WebP).
+    pub output_format: String,
+    /// Background of jobs that name none; empty: not sent.
+    pub background: String,
+    /// Seconds allowed for one request, the answer's body included.
+    pub request_timeout_secs: u64,
+    /// Seconds allowed to open a connection.
+    pub connect_timeout_secs: u64,
+    /// Largest answer accepted, in bytes.
+    pub max_response_bytes: usize,
+}
+
+impl AzureOpenAiSettings {
+    /// Fills the Entra keys left empty from the variables workload identity sets.
+    pub(super) fn with_environment(mut self) -> Self {
+        for (value, var) in [
+            (&mut self.tenant_id, "AZURE_TENANT_ID"),
+            (&mut self.client_id, "AZURE_CLIENT_ID"),
+            (&mut self.federated_token_file, "AZURE_FEDERATED_TOKEN_FILE"),
+            (&mut self.authority_host, "AZURE_AUTHORITY_HOST"),
+        ] {
+            if value.trim().is_empty()
+                && let Ok(v) = std::env::var(var)
+            {
+                *value = v;
+            }
+        }
+        if self.authority_host.trim().is_empty() {
+            self.authority_host = "https://login.microsoftonline.com".into();
+        }
+        self
+    }
+
+    pub(super) fn validate(&self, section: &str) -> Result<(), ConfigError> {
+        let key = |name: &str| format!("{section}.{name}");
+        for (name, url) in [
+            ("endpoint", &self.endpoint),
+            ("authority_host", &self.authority_host),
+        ] {
+            if !(url.starts_with("http://") || url.starts_with("https://"))
+                || reqwest::Url::parse(url).is_err()
+            {
+                return Err(invalid(key(name), "must be an http:// or https:// URL"));
+            }
+        }
+        if self.surface == AzureSurface::Classic && self.api_version.trim().is_empty() {
+            return Err(invalid(
+                key("api_version"),
+                "is required by the classic surface",
+            ));
+        }
+        match self.auth {
+            AzureAuth::ApiKey if self.api_key.expose_secret().trim().is_empty() => {
+                let name = section.trim_start_matches("providers.").to_uppercase();
+                return Err(invalid(
+                    key("api_key"),
+                    format!(
+                        "is required with auth = \"api-key\" (set IMAGEGEN__PROVIDERS__{name}__API_KEY)"
+                    ),
+                ));
+            }
+            AzureAuth::ApiKey => {}
+            AzureAuth::Entra => {
+                for (name, value, var) in [
+                    ("tenant_id", &self.tenant_id, "AZURE_TENANT_ID"),
+                    ("client_id", &self.client_id, "AZURE_CLIENT_ID"),
+                ] {
+                    if value.trim().is_empty() {
+                        return Err(invalid(
+                            key(name),
+                            format!("is required with auth = \"entra\" (or {var})"),
+                        ));
+                    }
+                }
+                let secret = !self.client_secret.expose_secret().trim().is_empty();
+                let file = !self.federated_token_file.trim().is_empty();
+                if secret == file {
+                    return Err(invalid(
+                        key("client_secret"),
+                        "auth = \"entra\" takes a client_secret or a federated_token_file \
+                         (AZURE_FEDERATED_TOKEN_FILE), one of them",
+                    ));
+                }
+                if self.scope.trim().is_empty() {
+                    return Err(invalid(key("scope"), "must not be empty"));
+                }
+            }
+        }
+        if self.model.trim().is_empty() {
+            return Err(invalid(key("model"), "must not be empty"));
+        }
+        if !matches!(self.output_format.as_str(), "png" | "jpeg") {
+            return Err(invalid(
+                key("output_format"),
+                "must be \"png\" or \"jpeg\" (Azure OpenAI makes no WebP)",
+            ));
+        }
+        in_range(
+            key("request_timeout_secs"),
+            self.request_timeout_secs,
+            1,
+            3600,
+        )?;
+        in_range(
+            key("connect_timeout_secs"),
+            self.connect_timeout_secs,
+            1,
+            600,
+        )?;
+        in_range(
+            key("max_response_bytes"),
+            self.max_response_bytes as u64,
+            1024,
+            1 << 32,
+        )
+    }
+}
+
 /// The keys of a provider's kind.
 #[derive(Debug, Clone)]
 pub enum KindSettings {
@@ -183,6 +430,12 @@ pub enum KindSettings {
     Gemini(GeminiSettings),
     /// Kind `bfl`.
     Bfl(BflSettings),
+    /// Kind `azure-openai`.
+    AzureOpenai(AzureOpenAiSettings),
+    /// Kind `stability`.
+    Stability(StabilitySettings),
+    /// Kind `replicate`.
+    Replicate(ReplicateSettings),
 }
 
 impl KindSettings {
@@ -193,6 +446,9 @@ impl KindSettings {
             KindSettings::Placeholder(_) => ProviderKind::Placeholder,
             KindSettings::Gemini(_) => ProviderKind::Gemini,
             KindSettings::Bfl(_) => ProviderKind::Bfl,
+            KindSettings::AzureOpenai(_) => ProviderKind::AzureOpenai,
+            KindSettings::Stability(_) => ProviderKind::Stability,
+            KindSettings::Replicate(_) => ProviderKind::Replicate,
         }
     }
 }

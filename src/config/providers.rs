@@ -19,8 +19,9 @@ use config::{Map, Value, ValueKind};
 use serde::de::DeserializeOwned;
 
 pub use super::kinds::{
-    AuthScheme, BflSettings, GeminiSettings, KindSettings, OpenAiSettings, PlaceholderSettings,
-    ProviderDefaults, ProviderKind,
+    AuthScheme, AzureAuth, AzureOpenAiSettings, AzureSurface, BflSettings, GeminiSettings,
+    KindSettings, OpenAiSettings, PlaceholderSettings, ProviderDefaults, ProviderKind,
+    ReplicateSettings, StabilitySettings,
 };
 use super::kinds::{validate_http, validate_openai};
 use super::sections::{LimitsSettings, RetrySettings, WorkerSettings};
@@ -299,18 +300,63 @@ fn resolve_one(
             )?;
             let key = |name: &str| format!("{section}.{name}");
             in_range(key("max_active"), s.max_active as u64, 1, 1024)?;
-            in_range(key("poll_min_ms"), s.poll_min_ms, 100, 60_000)?;
-            in_range(key("poll_max_secs"), s.poll_max_secs, 1, 600)?;
-            if s.poll_max_secs * 1000 < s.poll_min_ms {
-                return Err(invalid(
-                    key("poll_max_secs"),
-                    "must be at least poll_min_ms",
-                ));
-            }
+            validate_polls(&section, s.poll_min_ms, s.poll_max_secs)?;
             if !matches!(s.output_format.as_str(), "png" | "jpeg") {
                 return Err(invalid(key("output_format"), "must be \"png\" or \"jpeg\""));
             }
             KindSettings::Bfl(s)
+        }
+        ProviderKind::AzureOpenai => {
+            let s: AzureOpenAiSettings =
+                overlaid(cfg, &defaults, Some(table_value(table)), &section)?;
+            let s = s.with_environment();
+            s.validate(&section)?;
+            KindSettings::AzureOpenai(s)
+        }
+        ProviderKind::Stability => {
+            let s: StabilitySettings =
+                overlaid(cfg, &defaults, Some(table_value(table)), &section)?;
+            validate_http(
+                &section,
+                &s.base_url,
+                &s.api_key,
+                &s.model,
+                [s.request_timeout_secs, s.connect_timeout_secs],
+                s.max_response_bytes,
+            )?;
+            in_range(
+                format!("{section}.rate_limit_wait_secs"),
+                s.rate_limit_wait_secs,
+                1,
+                3600,
+            )?;
+            if !matches!(s.output_format.as_str(), "png" | "jpeg" | "webp") {
+                return Err(invalid(
+                    format!("{section}.output_format"),
+                    "must be \"png\", \"jpeg\" or \"webp\"",
+                ));
+            }
+            KindSettings::Stability(s)
+        }
+        ProviderKind::Replicate => {
+            let s: ReplicateSettings =
+                overlaid(cfg, &defaults, Some(table_value(table)), &section)?;
+            validate_http(
+                &section,
+                &s.base_url,
+                &s.api_key,
+                &s.model,
+                [s.request_timeout_secs, s.connect_timeout_secs],
+                s.max_response_bytes,
+            )?;
+            validate_polls(&section, s.poll_min_ms, s.poll_max_secs)?;
+            if !matches!(s.output_format.as_str(), "png" | "jpeg" | "webp") {
+                return Err(invalid(
+                    format!("{section}.output_format"),
+                    "must be \"png\", \"jpeg\" or \"webp\"",
+                ));
+            }
+            KindSettings::Replicate(s)
         }
     };
     Ok(ProviderSettings {
@@ -416,4 +462,18 @@ fn from_legacy(
         }
     );
     Ok((name, legacy, warning))
+}
+
+/// The poll backoff of a submit-and-poll kind: `poll_min_ms` and `poll_max_secs`.
+fn validate_polls(section: &str, poll_min_ms: u64, poll_max_secs: u64) -> Result<(), ConfigError> {
+    let key = |name: &str| format!("{section}.{name}");
+    in_range(key("poll_min_ms"), poll_min_ms, 100, 60_000)?;
+    in_range(key("poll_max_secs"), poll_max_secs, 1, 600)?;
+    if poll_max_secs * 1000 < poll_min_ms {
+        return Err(invalid(
+            key("poll_max_secs"),
+            "must be at least poll_min_ms",
+        ));
+    }
+    Ok(())
 }

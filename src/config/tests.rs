@@ -228,6 +228,12 @@ fn default_toml_documents_every_field_and_nothing_else() {
     let mut tracer = Tracer::new(TracerConfig::default());
     // Enums are traced on their own first, so that every variant is known.
     tracer.trace_simple_type::<AuthScheme>().unwrap();
+    tracer
+        .trace_simple_type::<crate::config::AzureAuth>()
+        .unwrap();
+    tracer
+        .trace_simple_type::<crate::config::AzureSurface>()
+        .unwrap();
     tracer.trace_simple_type::<LogFormat>().unwrap();
     tracer.trace_simple_type::<StorageKind>().unwrap();
     let (format, _) = tracer

@@ -234,7 +234,7 @@ impl ImageProvider for Gemini {
                 self.base_url,
                 percent_encoding::utf8_percent_encode(&self.defaults.model, MODEL)
             );
-            super::http::check_get(&self.client, &url, Duration::from_secs(10), |v| {
+            super::http::check_get(self.client.get(&url), Duration::from_secs(10), |v| {
                 let methods = v
                     .get("supportedGenerationMethods")
                     .and_then(Value::as_array)

@@ -4,7 +4,7 @@
 //! re-exported here.
 
 pub use imagegen_core::http::{
-    BodySink, billed_failure, by_status, header_str, retry_after, with_request_id,
+    BodySink, billed_failure, by_status, decode_owned, header_str, retry_after, with_request_id,
 };
 
 use std::time::Duration;
@@ -47,12 +47,11 @@ pub fn api_client(
 /// A provider's cheapest authenticated `GET` (its model, its credits), for `imagegen providers`:
 /// `Ok` with `describe` of the answer's JSON, or why it did not answer.
 pub async fn check_get(
-    client: &reqwest::Client,
-    url: &str,
+    request: reqwest::RequestBuilder,
     timeout: Duration,
     describe: impl FnOnce(&serde_json::Value) -> String,
 ) -> Result<String, String> {
-    let response = tokio::time::timeout(timeout, client.get(url).send())
+    let response = tokio::time::timeout(timeout, request.send())
         .await
         .map_err(|_| format!("no answer within {} s", timeout.as_secs()))?
         .map_err(|e| format!("unreachable: {}", with_causes(&e.without_url())))?;

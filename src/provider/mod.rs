@@ -18,14 +18,18 @@
 
 /// The answer buffers, from the core crate (its answer readers decode into them).
 pub use imagegen_core::buffers;
+pub mod azure;
 pub mod bfl;
 pub mod download;
 pub mod fetch;
 pub mod gemini;
 pub mod http;
+pub mod multipart;
 pub mod openai;
 pub mod placeholder;
+pub mod replicate;
 pub mod request;
+pub mod stability;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -130,6 +134,12 @@ pub trait ImageProvider: Send + Sync {
         Box::pin(async { Ok("nothing to check".into()) })
     }
 
+    /// Cancels a queued request the job no longer wants (cancelled, or past its deadline), where
+    /// the provider can: best effort, never an error (the job ends either way).
+    fn cancel<'a>(&'a self, _handle: &'a Handle) -> BoxFuture<'a, ()> {
+        Box::pin(async {})
+    }
+
     /// Looks at a queued request again. Only providers that answer `Pending` are asked.
     fn poll<'a>(
         &'a self,
@@ -160,6 +170,9 @@ pub fn build(
         KindSettings::Placeholder(s) => Arc::new(placeholder::Placeholder::new(s)),
         KindSettings::Gemini(s) => Arc::new(gemini::Gemini::new(s, memory.clone())?),
         KindSettings::Bfl(s) => Arc::new(bfl::Bfl::new(s, memory.clone())?),
+        KindSettings::AzureOpenai(s) => Arc::new(azure::build(s, memory.clone())?),
+        KindSettings::Stability(s) => Arc::new(stability::Stability::new(s, memory.clone())?),
+        KindSettings::Replicate(s) => Arc::new(replicate::Replicate::new(s, memory.clone())?),
     })
 }
 

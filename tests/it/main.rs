@@ -4,6 +4,7 @@
 //! Each test gets its own queues, exchange and storage prefix, so tests run in parallel without
 //! seeing each other's messages.
 
+mod azure;
 mod batch;
 mod bfl;
 mod budget;
@@ -20,6 +21,7 @@ mod pipeline;
 mod proxy;
 mod reliability;
 mod serial;
+mod stability;
 mod storage;
 mod throughput;
 mod topology;

@@ -262,6 +262,17 @@ impl FakeApi {
         self.inner.rules.push(rule);
     }
 
+    /// Answers a `POST /v1/images/generations` as this fake does: for a host that speaks the
+    /// same protocol at its own URLs, with its own checks first (Azure OpenAI).
+    pub(crate) async fn generations(
+        &self,
+        conn: Option<axum::Extension<axum::extract::ConnectInfo<crate::net::ResetHandle>>>,
+        headers: axum::http::HeaderMap,
+        body: Bytes,
+    ) -> axum::response::Response {
+        generate::generations(axum::extract::State(self.clone()), conn, headers, body).await
+    }
+
     pub fn clear_rules(&self) {
         self.inner.rules.clear();
     }

@@ -412,11 +412,12 @@ impl ImageProvider for Bfl {
     fn check(&self) -> BoxFuture<'_, Result<String, String>> {
         Box::pin(async move {
             let url = format!("{}/credits", self.base_url);
-            super::http::check_get(&self.client, &url, Duration::from_secs(10), |v| {
-                match v.get("credits").and_then(Value::as_f64) {
-                    Some(c) => format!("answers: {c} credits left"),
-                    None => "answers".into(),
-                }
+            super::http::check_get(self.client.get(&url), Duration::from_secs(10), |v| match v
+                .get("credits")
+                .and_then(Value::as_f64)
+            {
+                Some(c) => format!("answers: {c} credits left"),
+                None => "answers".into(),
             })
             .await
         })

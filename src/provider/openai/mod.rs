@@ -16,6 +16,7 @@ use serde_json::{Map, Value};
 use self::answer::ImageBytes;
 use self::errors::{ApiErrorBody, classify, rate_limits};
 use self::stream::AnswerReader;
+use super::azure::entra::EntraTokens;
 use super::buffers::BufferPool;
 use super::download::Downloads;
 use super::fetch::FetchRules;
@@ -43,12 +44,46 @@ const CAPABILITIES: Capabilities = Capabilities {
     params: &["user", "moderation", "output_compression", "style"],
 };
 
+/// Where its requests go.
+pub(crate) enum Target {
+    /// `{base}/images/generations`, the model in the body.
+    Fixed(String),
+    /// `{base}/{model}/images/generations?api-version=V`: Azure's classic deployment URLs, the
+    /// query after the path (never a path joined after a query).
+    Deployments { base: String, api_version: String },
+}
+
+impl Target {
+    fn url(&self, model: &str) -> String {
+        match self {
+            Target::Fixed(endpoint) => endpoint.clone(),
+            Target::Deployments { base, api_version } => {
+                let mut url = reqwest::Url::parse(base).expect("validated at start-up");
+                url.path_segments_mut()
+                    .expect("an http(s) URL")
+                    .pop_if_empty()
+                    .extend([model, "images", "generations"]);
+                url.query_pairs_mut()
+                    .append_pair("api-version", api_version);
+                url.into()
+            }
+        }
+    }
+}
+
 pub struct OpenAi {
+    /// `openai`, or the kind of a host that speaks its protocol.
+    kind: &'static str,
+    capabilities: &'static Capabilities,
     client: reqwest::Client,
+    target: Target,
+    /// The cheapest authenticated `GET`, for `imagegen providers`.
+    check_url: String,
+    /// Bearer tokens fetched per request (Entra ID), when the client holds no key of its own.
+    tokens: Option<std::sync::Arc<EntraTokens>>,
     /// For images answered by URL (pre-signed, maybe on another host: no API key).
     downloads: Downloads,
     request_timeout: Duration,
-    endpoint: String,
     response_format: Option<String>,
     max_response_bytes: usize,
     /// The worker's answer memory: answers are read into its buffers once it has room for them,
@@ -71,10 +106,18 @@ impl OpenAi {
             AuthScheme::Bearer => ("authorization", format!("Bearer {key}")),
             AuthScheme::ApiKey => ("api-key", key.to_string()),
         };
-        headers.insert(name, secret_header(&value)?);
+        if !key.is_empty() {
+            headers.insert(name, secret_header(&value)?);
+        }
         let client = api_client(headers, Duration::from_secs(settings.connect_timeout_secs))?;
+        let base = settings.base_url.trim_end_matches('/');
         Ok(Self {
+            kind: "openai",
+            capabilities: &CAPABILITIES,
             client,
+            target: Target::Fixed(format!("{base}/images/generations")),
+            check_url: format!("{base}/models/{}", settings.model),
+            tokens: None,
             downloads: Downloads::new(
                 FetchRules::exempting(
                     std::iter::once(settings.base_url.as_str())
@@ -86,10 +129,6 @@ impl OpenAi {
                 buffers.clone(),
             ),
             request_timeout: Duration::from_secs(settings.request_timeout_secs),
-            endpoint: format!(
-                "{}/images/generations",
-                settings.base_url.trim_end_matches('/')
-            ),
             response_format: optional(&settings.response_format),
             max_response_bytes: settings.max_response_bytes,
             buffers,
@@ -101,6 +140,42 @@ impl OpenAi {
                 background: optional(&settings.background),
             },
         })
+    }
+
+    /// The same protocol at another host's URLs: Azure OpenAI's (`kind`, what it can make, where
+    /// its requests and its check go, and its tokens when it has no key).
+    pub(crate) fn speaking_for(
+        mut self,
+        kind: &'static str,
+        capabilities: &'static Capabilities,
+        target: Target,
+        check_url: String,
+        tokens: Option<std::sync::Arc<EntraTokens>>,
+    ) -> Self {
+        self.kind = kind;
+        self.capabilities = capabilities;
+        self.target = target;
+        self.check_url = check_url;
+        self.tokens = tokens;
+        self
+    }
+
+    /// One request; with Entra ID tokens, a refused token is dropped and the request made once
+    /// more with a fresh one (a 401 is never billed).
+    async fn generate(&self, request: &ImageRequest) -> Result<Generation, Failure> {
+        match self.call(request).await {
+            Err(Failure::Stop {
+                reason: crate::domain::error::StopReason::Unauthorized,
+                ..
+            }) if self.tokens.is_some() => {
+                if let Some(tokens) = &self.tokens {
+                    tokens.forget().await;
+                }
+                tracing::info!("the provider refused the Entra ID token: asking for a new one");
+                self.call(request).await
+            }
+            other => other,
+        }
     }
 
     /// The request body: the job's `params`, then the fields the worker controls over them.
@@ -129,17 +204,17 @@ impl OpenAi {
             message: format!("the request could not be written as JSON: {e}"),
             detail: Box::default(),
         })?;
+        let mut builder = self
+            .client
+            .post(self.target.url(&request.model))
+            .header(reqwest::header::CONTENT_TYPE, "application/json");
+        if let Some(tokens) = &self.tokens {
+            builder = builder.header(reqwest::header::AUTHORIZATION, tokens.header().await?);
+        }
         // The request body counts in the answer memory while it is being sent.
         let sending = self.buffers.reserve(body.len()).await;
         let mut clock = Clock::start(self.request_timeout);
-        let response = clock
-            .send(
-                self.client
-                    .post(&self.endpoint)
-                    .header(reqwest::header::CONTENT_TYPE, "application/json")
-                    .body(body),
-            )
-            .await;
+        let response = clock.send(builder.body(body)).await;
         drop(sending);
         let response = response?;
         let status = response.status().as_u16();
@@ -225,11 +300,11 @@ impl OpenAi {
 
 impl ImageProvider for OpenAi {
     fn kind(&self) -> &'static str {
-        "openai"
+        self.kind
     }
 
     fn capabilities(&self) -> &Capabilities {
-        &CAPABILITIES
+        self.capabilities
     }
 
     fn defaults(&self) -> &JobDefaults {
@@ -245,21 +320,30 @@ impl ImageProvider for OpenAi {
         request: &'a ImageRequest,
         _journal: &'a dyn Journal,
     ) -> BoxFuture<'a, Result<Answer, Failure>> {
-        Box::pin(async move { self.call(request).await.map(Answer::Done) })
+        Box::pin(async move { self.generate(request).await.map(Answer::Done) })
     }
 
-    /// `GET {base_url}/models/{model}`: free, and refused with a wrong key.
+    /// `GET {base_url}/models/{model}` (Azure: its list of models): free, and refused with a
+    /// wrong key.
     fn check(&self) -> BoxFuture<'_, Result<String, String>> {
         Box::pin(async move {
-            let base = self.endpoint.trim_end_matches("/images/generations");
-            let url = format!("{base}/models/{}", self.defaults.model);
-            super::http::check_get(&self.client, &url, Duration::from_secs(10), |v| {
-                format!(
-                    "answers: model {} is available",
-                    v.get("id")
-                        .and_then(Value::as_str)
-                        .unwrap_or(&self.defaults.model)
-                )
+            let mut get = self.client.get(&self.check_url);
+            if let Some(tokens) = &self.tokens {
+                get = get.header(
+                    reqwest::header::AUTHORIZATION,
+                    tokens.header().await.map_err(|f| f.to_string())?,
+                );
+            }
+            super::http::check_get(get, Duration::from_secs(10), |v| {
+                match v.get("data").and_then(Value::as_array) {
+                    Some(models) => format!("answers: {} models available", models.len()),
+                    None => format!(
+                        "answers: model {} is available",
+                        v.get("id")
+                            .and_then(Value::as_str)
+                            .unwrap_or(&self.defaults.model)
+                    ),
+                }
             })
             .await
         })

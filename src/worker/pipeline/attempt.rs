@@ -64,21 +64,23 @@ impl AttemptContext<'_> {
     pub async fn run(&self) -> Attempt {
         let route = self.route;
         let polling = self.pending.is_some();
-        // A poll takes a slot and a request, not images: those were counted at the submit.
-        let images = if polling {
-            0
+        // A poll is one short request that buys nothing: it takes no call slot. Polls are what
+        // tell a provider's queued requests are done (and free its room for the next submits),
+        // so they never wait behind submits that wait for that room.
+        let permit = if polling {
+            None
         } else {
-            self.request.count.into()
-        };
-        let permit = tokio::select! {
-            permit = route.throttle.acquire(images) => permit,
-            _ = self.halt.cancelled() => return Attempt::Halted(Halt::Worker),
-            _ = route.until_paused(), if !self.probe => return Attempt::Halted(Halt::Provider),
+            Some(tokio::select! {
+                permit = route.throttle.acquire(self.request.count.into()) => permit,
+                _ = self.halt.cancelled() => return Attempt::Halted(Halt::Worker),
+                _ = route.until_paused(), if !self.probe => return Attempt::Halted(Halt::Provider),
+            })
         };
         if self.halt.is_cancelled() {
             return Attempt::Halted(Halt::Worker);
         }
-        if !self.probe && route.paused().is_some() {
+        // A paused provider's queued requests are still collected: they are paid for.
+        if !self.probe && !polling && route.paused().is_some() {
             return Attempt::Halted(Halt::Provider);
         }
         // After the slot: spend committed by the calls this one waited for is counted.
@@ -123,14 +125,15 @@ impl AttemptContext<'_> {
                     .await;
             }
         }
-        match &answer {
-            // Provider queue time is not latency: only a synchronous answer's round trip is.
-            Ok(Answer::Done(g)) if !polling => {
-                permit.finish(Feedback::Done, g.rate_limits, g.usage.tokens())
+        if let Some(permit) = permit {
+            match &answer {
+                // Provider queue time is not latency: only a synchronous answer's round trip is.
+                Ok(Answer::Done(g)) => {
+                    permit.finish(Feedback::Done, g.rate_limits, g.usage.tokens())
+                }
+                Ok(Answer::Pending { .. }) => permit.finish(Feedback::Ignore, None, None),
+                Err(f) => permit.finish(Feedback::of(f), f.detail().rate_limits, None),
             }
-            Ok(Answer::Done(g)) => permit.finish(Feedback::Ignore, g.rate_limits, None),
-            Ok(Answer::Pending { .. }) => permit.finish(Feedback::Ignore, None, None),
-            Err(f) => permit.finish(Feedback::of(f), f.detail().rate_limits, None),
         }
         match answer {
             Ok(Answer::Done(generation)) => {

@@ -96,7 +96,15 @@ impl JobRun<'_> {
                 });
             let Some(next) = next else {
                 return match otherwise {
-                    Otherwise::Paused { wait, attempts } => at.provider_paused(wait, attempts),
+                    Otherwise::Paused { wait, attempts } => {
+                        // What it bought so far goes with it to the delivery that finishes it.
+                        let journal = StoreJournal {
+                            store: &*self.p.images.store,
+                            dir: self.dir,
+                        };
+                        at.carry_on(&journal, &progress).await;
+                        at.provider_paused(wait, attempts)
+                    }
                     Otherwise::Failed => at.failed(*progress, failure),
                 };
             };

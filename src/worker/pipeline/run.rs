@@ -142,9 +142,16 @@ impl JobRun<'_> {
                 break;
             }
             if let Some(failure) = self.p.unwanted(self.job).await {
+                if let Some(entry) = &pending {
+                    // Its queued request is not wanted either: stop paying for it.
+                    route.provider.cancel(&entry.handle).await;
+                }
                 return Step::Done(self.failed(progress, failure));
             }
+            // A request queued at a paused provider is still collected: it is paid for, and a
+            // poll buys nothing.
             let probe = match route.admit(self.delivery.probe) {
+                _ if pending.is_some() => None,
                 Admission::Open => None,
                 Admission::Probe(guard) => Some(guard),
                 Admission::Paused(wait) => {
@@ -399,7 +406,7 @@ impl JobRun<'_> {
 
     /// The job leaves this delivery unfinished: what it bought so far goes to its journal, so
     /// that the delivery that finishes it counts it (not written when nothing was bought).
-    async fn carry_on(&self, journal: &StoreJournal<'_>, progress: &Progress) {
+    pub(super) async fn carry_on(&self, journal: &StoreJournal<'_>, progress: &Progress) {
         if progress.bought == 0 && progress.earlier.is_empty() {
             return;
         }

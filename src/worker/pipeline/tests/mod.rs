@@ -192,6 +192,30 @@ async fn within_the_hold_a_queued_job_is_polled_in_process_in_one_delivery() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_request_queued_before_its_provider_paused_is_still_collected() {
+    let stub = Stub::new(1, Mode::SubmitAndPoll);
+    let s = setup_with(&[("a", stub.clone())], &[("worker.pending_hold_secs", "0")]);
+    stub.then(Scripted::Pending(Duration::from_secs(5)));
+    let job = serde_json::json!({"id": "pp", "prompt": "p"});
+    assert!(matches!(
+        s.process(job.clone()).await,
+        Outcome::Pending { .. }
+    ));
+    // Out of credits now: no new submit goes out, but the queued task is paid for already.
+    let route = s.pipeline.routes().get(None).unwrap();
+    route.pause(StopReason::QuotaExhausted, "credits used up");
+    let (event, _) = s.finish(job).await;
+    assert_eq!(
+        event.data.status,
+        Status::Succeeded,
+        "{:?}",
+        event.data.error
+    );
+    assert_eq!((stub.submits(), stub.polls()), (1, 1));
+    assert!(route.paused().is_some(), "a poll is not a probe");
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_spent_journal_entry_is_never_polled_again_for_the_next_image() {
     // Two images, one per call. The first is queued, polled and stored; the second's submit
     // fails for long enough to defer the job, so the journal still names the first request.
