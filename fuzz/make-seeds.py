@@ -130,6 +130,31 @@ BFL = {
 for name, (selector, text) in BFL.items():
     write("bfl_answer", name, bytes([selector]) + text.encode())
 
+# Stability AI's answers (fuzz_targets/stability_answer.rs): the first byte picks the reader (mod 3:
+# 0 a JSON answer, 1 a finish reason, 2 an error body of status 400 + byte / 3).
+STABILITY = {
+    "json": (0, '{"image":"' + B64 + '","finish_reason":"SUCCESS","seed":42}'),
+    "json-filtered": (0, '{"image":"","finish_reason":"CONTENT_FILTERED","seed":42}'),
+    "finish-filtered": (1, 'CONTENT_FILTERED'),
+    "moderation": (3 * 3 + 2, '{"id":"e1","name":"content_moderation","errors":["Your request was flagged by our content moderation system."]}'),
+    "credits": (3 * 2 + 2, '{"id":"e2","name":"payment_required","errors":["You lack sufficient credits"]}'),
+    "rate-limit": (3 * 29 + 2, '{"id":"e3","name":"rate_limit_exceeded","errors":["timed out for 60 seconds"]}'),
+}
+for name, (selector, text) in STABILITY.items():
+    write("stability_answer", name, bytes([selector]) + text.encode())
+
+# Replicate's answers (fuzz_targets/replicate_answer.rs): an even first byte is a prediction, an
+# odd one an error body of status 400 + byte / 2.
+REPLICATE = {
+    "starting": (0, '{"id":"p1","status":"starting","urls":{"get":"https://api.replicate.com/v1/predictions/p1","cancel":"https://api.replicate.com/v1/predictions/p1/cancel"},"output":null}'),
+    "succeeded": (0, '{"id":"p1","status":"succeeded","urls":{"get":"g"},"output":["https://replicate.delivery/a.png"],"metrics":{"predict_time":1.5}}'),
+    "nsfw": (0, '{"id":"p1","status":"failed","urls":{"get":"g"},"error":"All generated images contained NSFW content."}'),
+    "throttled": (2 * 29 + 1, '{"detail":"Request was throttled. Expected available in 3 seconds.","status":429}'),
+    "invalid": (2 * 22 + 1, '{"title":"Input validation failed","detail":"- input.width: Must be less than or equal to 1440","status":422}'),
+}
+for name, (selector, text) in REPLICATE.items():
+    write("replicate_answer", name, bytes([selector]) + text.encode())
+
 # Entra ID token answers (fuzz_targets/entra_grant.rs): a first byte below 128 is HTTP 200, else a
 # status of 400 + byte % 200.
 ENTRA = {

@@ -13,6 +13,7 @@
 //!   - [`gemini`]: the Gemini API's answers (refusals on HTTP 200 among them) and error bodies;
 //!   - [`stability`]: Stability AI's images (raw or JSON, a filtered one refused) and errors;
 //!   - [`replicate`]: Replicate's predictions (a safety refusal told from a crash) and errors;
+//!   - [`fal`]: fal's queue (its submits, statuses and results, a flagged image refused) and errors;
 //!   - [`entra`]: the Microsoft Entra ID token endpoint's grants and refusals (Azure OpenAI);
 //!   - [`amqp`]: the headers of a message (the sealed count of failed attempts, the failure the
 //!     worker recorded, the broker's death records).
@@ -23,6 +24,7 @@ pub mod bfl;
 pub mod buffers;
 pub mod domain;
 pub mod entra;
+pub mod fal;
 pub mod gemini;
 pub mod http;
 pub mod openai;

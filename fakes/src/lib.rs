@@ -5,7 +5,7 @@
 //! shares the code it tests would agree with that code's mistakes. So this crate depends on nothing
 //! of imagegen, and the worker never contains a fake.
 //!
-//! One module per provider ([`openai`], [`azure`], [`gemini`], [`stability`], [`bfl`], [`replicate`]). Each runs in-process (tests) or
+//! One module per provider ([`openai`], [`azure`], [`gemini`], [`stability`], [`bfl`], [`replicate`], [`fal`]). Each runs in-process (tests) or
 //! as the `imagegen-fakes` binary (benchmarks, the demo), misbehaves on demand and counts every
 //! call, so a test can prove that nothing was paid for twice. Pieces that any provider's fake
 //! needs (connections that can be reset, rate limits metered as token buckets, seeded latencies)
@@ -14,6 +14,7 @@
 pub mod azure;
 pub mod bfl;
 mod bucket;
+pub mod fal;
 pub mod gemini;
 pub mod latency;
 mod net;

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use imagegen_fakes::{azure, bfl, gemini, openai, stability};
+use imagegen_fakes::{azure, bfl, fal, gemini, openai, replicate, stability};
 use tracing_subscriber::EnvFilter;
 
 #[derive(Parser, Debug)]
@@ -110,6 +110,32 @@ enum Provider {
         #[arg(long, default_value_t = 2048)]
         image_bytes: usize,
     },
+    /// Serve the fake Replicate API (predictions: create, poll, download).
+    #[command(after_help = "Example:
+  imagegen-fakes replicate --listen 127.0.0.1:8085 --generation-ms 5000   # base URL http://127.0.0.1:8085")]
+    Replicate {
+        #[arg(long, default_value = "127.0.0.1:8085")]
+        listen: String,
+        /// How long a prediction runs, in milliseconds.
+        #[arg(long, default_value_t = 5_000)]
+        generation_ms: u64,
+        /// Approximate size of each generated image, in bytes.
+        #[arg(long, default_value_t = 2048)]
+        image_bytes: usize,
+    },
+    /// Serve the fake fal queue (submit, status, result, download).
+    #[command(after_help = "Example:
+  imagegen-fakes fal --listen 127.0.0.1:8086 --generation-ms 4000   # base URL http://127.0.0.1:8086")]
+    Fal {
+        #[arg(long, default_value = "127.0.0.1:8086")]
+        listen: String,
+        /// How long a request takes, in milliseconds.
+        #[arg(long, default_value_t = 4_000)]
+        generation_ms: u64,
+        /// Approximate size of each generated image, in bytes.
+        #[arg(long, default_value_t = 2048)]
+        image_bytes: usize,
+    },
 }
 
 /// The fake being served.
@@ -119,6 +145,8 @@ enum Fake {
     Gemini(gemini::GeminiFake),
     Azure(azure::AzureFake),
     Stability(stability::StabilityFake),
+    Replicate(replicate::ReplicateFake),
+    Fal(fal::FalFake),
 }
 
 #[tokio::main]
@@ -204,6 +232,30 @@ async fn main() -> ExitCode {
             });
             (listen, Fake::Stability(api))
         }
+        Provider::Replicate {
+            listen,
+            generation_ms,
+            image_bytes,
+        } => {
+            let api = replicate::ReplicateFake::new(replicate::ReplicateOptions {
+                generation: Duration::from_millis(generation_ms),
+                image_bytes,
+                ..Default::default()
+            });
+            (listen, Fake::Replicate(api))
+        }
+        Provider::Fal {
+            listen,
+            generation_ms,
+            image_bytes,
+        } => {
+            let api = fal::FalFake::new(fal::FalOptions {
+                generation: Duration::from_millis(generation_ms),
+                image_bytes,
+                ..Default::default()
+            });
+            (listen, Fake::Fal(api))
+        }
     };
     let listener = match tokio::net::TcpListener::bind(&listen).await {
         Ok(l) => l,
@@ -228,6 +280,8 @@ async fn main() -> ExitCode {
             Fake::Gemini(api) => gemini::serve(listener, api).await,
             Fake::Azure(api) => azure::serve(listener, api).await,
             Fake::Stability(api) => stability::serve(listener, api).await,
+            Fake::Replicate(api) => replicate::serve(listener, api).await,
+            Fake::Fal(api) => fal::serve(listener, api).await,
         }
     };
     tokio::select! {

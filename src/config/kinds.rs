@@ -23,6 +23,8 @@ pub enum ProviderKind {
     Stability,
     /// Replicate's predictions: create, then poll.
     Replicate,
+    /// fal's queue: submit, then poll.
+    Fal,
 }
 
 impl ProviderKind {
@@ -35,6 +37,7 @@ impl ProviderKind {
         ProviderKind::AzureOpenai,
         ProviderKind::Stability,
         ProviderKind::Replicate,
+        ProviderKind::Fal,
     ];
 
     /// The kind as written in `kind`.
@@ -47,6 +50,7 @@ impl ProviderKind {
             ProviderKind::AzureOpenai => "azure-openai",
             ProviderKind::Stability => "stability",
             ProviderKind::Replicate => "replicate",
+            ProviderKind::Fal => "fal",
         }
     }
 
@@ -82,6 +86,39 @@ pub struct ProviderDefaults {
     pub stability: StabilitySettings,
     /// The keys of kind `replicate`.
     pub replicate: ReplicateSettings,
+    /// The keys of kind `fal`.
+    pub fal: FalSettings,
+}
+
+/// Kind `fal`: requests put in fal's queue at `{base_url}/{model}`, then followed at the
+/// `status_url` and `response_url` it answers.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FalSettings {
+    /// Base URL of the queue (`https://queue.fal.run`).
+    pub base_url: String,
+    /// API key, sent as `Authorization: Key ...` to the base URL's host and fal's own only.
+    /// Never logged.
+    pub api_key: SecretString,
+    /// Model of jobs that name none: the app's id (`fal-ai/flux/schnell`).
+    pub model: String,
+    /// Size of jobs that name none: `WIDTHxHEIGHT`, one of fal's aspect ratios, or `auto`.
+    pub size: String,
+    /// Output format of jobs that name none: `png` or `jpeg`.
+    pub output_format: String,
+    /// Milliseconds before the first poll; later polls wait an eighth of the request's age.
+    pub poll_min_ms: u64,
+    /// Longest wait between two polls, in seconds.
+    pub poll_max_secs: u64,
+    /// Seconds allowed for one request (a submit, a poll or a download).
+    pub request_timeout_secs: u64,
+    /// Seconds allowed to open a connection.
+    pub connect_timeout_secs: u64,
+    /// Largest image accepted, in bytes.
+    pub max_response_bytes: usize,
+    /// Hosts (`host:port`) that images may come from over plain http or from a private
+    /// address, besides the base URL's own. Others must be https and public.
+    pub download_hosts: Vec<String>,
 }
 
 /// Kind `replicate`: predictions created at `{base_url}/v1/...`, then polled at their `urls.get`.
@@ -436,6 +473,8 @@ pub enum KindSettings {
     Stability(StabilitySettings),
     /// Kind `replicate`.
     Replicate(ReplicateSettings),
+    /// Kind `fal`.
+    Fal(FalSettings),
 }
 
 impl KindSettings {
@@ -449,6 +488,7 @@ impl KindSettings {
             KindSettings::AzureOpenai(_) => ProviderKind::AzureOpenai,
             KindSettings::Stability(_) => ProviderKind::Stability,
             KindSettings::Replicate(_) => ProviderKind::Replicate,
+            KindSettings::Fal(_) => ProviderKind::Fal,
         }
     }
 }

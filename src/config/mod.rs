@@ -17,9 +17,9 @@ use secrecy::ExposeSecret;
 use serde::Deserialize;
 
 pub use providers::{
-    AuthScheme, AzureAuth, AzureOpenAiSettings, AzureSurface, BflSettings, GeminiSettings,
-    KindSettings, OpenAiSettings, PlaceholderSettings, ProviderDefaults, ProviderKind,
-    ProviderSettings, ReplicateSettings, StabilitySettings,
+    AuthScheme, AzureAuth, AzureOpenAiSettings, AzureSurface, BflSettings, FalSettings,
+    GeminiSettings, KindSettings, OpenAiSettings, PlaceholderSettings, ProviderDefaults,
+    ProviderKind, ProviderSettings, ReplicateSettings, StabilitySettings,
 };
 pub use sections::{
     AmqpSettings, BudgetSettings, EventSettings, HttpSettings, LimitsSettings, LogFormat,

@@ -19,9 +19,9 @@ use config::{Map, Value, ValueKind};
 use serde::de::DeserializeOwned;
 
 pub use super::kinds::{
-    AuthScheme, AzureAuth, AzureOpenAiSettings, AzureSurface, BflSettings, GeminiSettings,
-    KindSettings, OpenAiSettings, PlaceholderSettings, ProviderDefaults, ProviderKind,
-    ReplicateSettings, StabilitySettings,
+    AuthScheme, AzureAuth, AzureOpenAiSettings, AzureSurface, BflSettings, FalSettings,
+    GeminiSettings, KindSettings, OpenAiSettings, PlaceholderSettings, ProviderDefaults,
+    ProviderKind, ReplicateSettings, StabilitySettings,
 };
 use super::kinds::{validate_http, validate_openai};
 use super::sections::{LimitsSettings, RetrySettings, WorkerSettings};
@@ -357,6 +357,25 @@ fn resolve_one(
                 ));
             }
             KindSettings::Replicate(s)
+        }
+        ProviderKind::Fal => {
+            let s: FalSettings = overlaid(cfg, &defaults, Some(table_value(table)), &section)?;
+            validate_http(
+                &section,
+                &s.base_url,
+                &s.api_key,
+                &s.model,
+                [s.request_timeout_secs, s.connect_timeout_secs],
+                s.max_response_bytes,
+            )?;
+            validate_polls(&section, s.poll_min_ms, s.poll_max_secs)?;
+            if !matches!(s.output_format.as_str(), "png" | "jpeg") {
+                return Err(invalid(
+                    format!("{section}.output_format"),
+                    "must be \"png\" or \"jpeg\"",
+                ));
+            }
+            KindSettings::Fal(s)
         }
     };
     Ok(ProviderSettings {

@@ -21,6 +21,7 @@ pub use imagegen_core::buffers;
 pub mod azure;
 pub mod bfl;
 pub mod download;
+pub mod fal;
 pub mod fetch;
 pub mod gemini;
 pub mod http;
@@ -86,6 +87,10 @@ pub enum Answer {
         /// The provider's id of the request, for logs and events.
         request_id: Option<String>,
     },
+    /// The provider has no room for the request now (the worker's share of its cap on queued
+    /// work is full): nothing was sent; ask again after `after`. Not an attempt, and the job's
+    /// message is not held meanwhile.
+    Busy { after: Duration },
 }
 
 /// The code (in a failure's detail) of a poll that found the queued request gone at the
@@ -173,6 +178,7 @@ pub fn build(
         KindSettings::AzureOpenai(s) => Arc::new(azure::build(s, memory.clone())?),
         KindSettings::Stability(s) => Arc::new(stability::Stability::new(s, memory.clone())?),
         KindSettings::Replicate(s) => Arc::new(replicate::Replicate::new(s, memory.clone())?),
+        KindSettings::Fal(s) => Arc::new(fal::Fal::new(s, memory.clone())?),
     })
 }
 

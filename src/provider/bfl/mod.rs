@@ -59,6 +59,10 @@ const CAPABILITIES: Capabilities = Capabilities {
 /// is then known, roughly).
 const PROGRESS_WAIT_MAX: Duration = Duration::from_secs(60);
 
+/// The longest a submit waits for room among this worker's active tasks (`max_active`) before
+/// its job goes to a delay queue, no attempt counted.
+const ROOM_WAIT: Duration = Duration::from_secs(60);
+
 /// The longest a submit waits out the account's cap on active tasks before it counts as a
 /// failed attempt.
 const CAP_WAIT: Duration = Duration::from_secs(120);
@@ -189,7 +193,14 @@ impl Bfl {
             message: format!("the request could not be written as JSON: {e}"),
             detail: Box::default(),
         })?;
-        let ticket = self.active.admit().await;
+        // Room among this worker's active tasks, waited for a while; past that the job waits in
+        // a delay queue rather than holding its message (the jobs whose polls would make room
+        // may be queued behind it).
+        let Ok(ticket) = tokio::time::timeout(ROOM_WAIT, self.active.admit()).await else {
+            return Ok(Answer::Busy {
+                after: Duration::from_secs(5),
+            });
+        };
         let url = format!("{}/{}", self.base_url, request.model);
         let waiting_since = Instant::now();
         let mut cap_wait = Duration::from_secs(1);

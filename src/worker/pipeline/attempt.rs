@@ -28,6 +28,8 @@ pub enum Attempt {
         after: Duration,
         request_id: Option<String>,
     },
+    /// The provider has no room for the request now: nothing was sent.
+    Busy { after: Duration },
     /// The provider said no.
     Failed(Failure),
     /// Nothing was asked of the provider.
@@ -131,7 +133,9 @@ impl AttemptContext<'_> {
                 Ok(Answer::Done(g)) => {
                     permit.finish(Feedback::Done, g.rate_limits, g.usage.tokens())
                 }
-                Ok(Answer::Pending { .. }) => permit.finish(Feedback::Ignore, None, None),
+                Ok(Answer::Pending { .. } | Answer::Busy { .. }) => {
+                    permit.finish(Feedback::Ignore, None, None)
+                }
                 Err(f) => permit.finish(Feedback::of(f), f.detail().rate_limits, None),
             }
         }
@@ -155,6 +159,7 @@ impl AttemptContext<'_> {
                 after,
                 request_id,
             },
+            Ok(Answer::Busy { after }) => Attempt::Busy { after },
             Err(failure) => Attempt::Failed(failure),
         }
     }

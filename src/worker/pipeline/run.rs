@@ -135,6 +135,7 @@ impl JobRun<'_> {
             progress.calls += 1;
         }
         let mut retries = route.retry.retries(retries_from);
+        let mut hold_from = self.started;
         let per_call = route.provider.capabilities().images_per_call.max(1) as usize;
         loop {
             let missing = progress.missing(self.job.n);
@@ -212,6 +213,18 @@ impl JobRun<'_> {
                 Attempt::Halted(Halt::Budget(failure)) => {
                     return Step::Done(self.failed(progress, failure));
                 }
+                Attempt::Busy { after } => {
+                    if let Some(probe) = probe {
+                        probe.through();
+                    }
+                    self.carry_on(&journal, &progress).await;
+                    debug!(
+                        after_ms = after.as_millis() as u64,
+                        "the provider has no room for the job now: it waits in a delay queue"
+                    );
+                    let attempts = prior + retries.failed();
+                    return Step::Done(Outcome::Pending { after, attempts });
+                }
                 Attempt::Pending {
                     handle,
                     after,
@@ -238,9 +251,14 @@ impl JobRun<'_> {
                         return Step::Done(outcome);
                     }
                     let attempts = prior + retries.failed();
-                    // Within the hold, the job is polled here, its message held: no slot, no
-                    // store round trip per poll. Past it, the message waits in a delay queue.
-                    if self.started.elapsed() + after <= self.p.pending_hold {
+                    // Within the hold (counted from this delivery's submit, or from its start
+                    // for a request queued by an earlier one), the job is polled here, its
+                    // message held: no slot, no store round trip per poll. Past it, the message
+                    // waits in a delay queue.
+                    if !polling {
+                        hold_from = Instant::now();
+                    }
+                    if hold_from.elapsed() + after <= self.p.pending_hold {
                         tokio::select! {
                             () = tokio::time::sleep(after) => {}
                             () = self.halt.cancelled() => {

@@ -11,6 +11,8 @@ pub(super) enum Scripted {
     Short(u8),
     /// Queued: look again after this long.
     Pending(Duration),
+    /// No room at the provider now: nothing sent.
+    Busy(Duration),
     Fail(Failure),
     /// A bug in the driver.
     Panic,
@@ -75,6 +77,7 @@ impl Stub {
                     request_id: Some("req-1".into()),
                 });
             }
+            Scripted::Busy(after) => return Ok(Answer::Busy { after }),
             Scripted::Fail(failure) => return Err(failure),
             Scripted::Panic => panic!("the driver hit a bug"),
         };

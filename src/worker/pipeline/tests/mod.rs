@@ -216,6 +216,24 @@ async fn a_request_queued_before_its_provider_paused_is_still_collected() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_provider_without_room_sends_the_job_to_a_delay_queue_without_an_attempt() {
+    let (stub, s) = single(1, Mode::SubmitAndPoll);
+    stub.then(Scripted::Busy(Duration::from_secs(5)));
+    let job = serde_json::json!({"id": "busy", "prompt": "p"});
+    match s.process(job.clone()).await {
+        Outcome::Pending { after, attempts } => {
+            assert_eq!(after, Duration::from_secs(5));
+            assert_eq!(attempts, 0, "nothing was sent");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(!s.exists("images/_/busy/journal/pending.json"));
+    let (event, _) = s.finish(job).await;
+    assert_eq!(event.data.status, Status::Succeeded);
+    assert_eq!(event.data.attempts, 1, "only the call that was made counts");
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_spent_journal_entry_is_never_polled_again_for_the_next_image() {
     // Two images, one per call. The first is queued, polled and stored; the second's submit
     // fails for long enough to defer the job, so the journal still names the first request.
