@@ -149,38 +149,8 @@ pub fn moderated(status: &str, details: Option<Value>, request_id: Option<String
     }
 }
 
-/// The `detail` of an error body, as text: a string, or the field errors of a 422 joined.
-pub fn error_detail(body: &[u8]) -> Option<String> {
-    let value: Value = serde_json::from_slice(body).ok()?;
-    let text = match value.get("detail")? {
-        Value::String(s) => s.clone(),
-        Value::Array(items) => items
-            .iter()
-            .map(|i| {
-                let loc = i
-                    .get("loc")
-                    .and_then(Value::as_array)
-                    .map(|l| {
-                        l.iter()
-                            .map(|p| p.as_str().map_or_else(|| p.to_string(), str::to_string))
-                            .collect::<Vec<_>>()
-                            .join(".")
-                    })
-                    .unwrap_or_default();
-                let msg = i.get("msg").and_then(Value::as_str).unwrap_or("invalid");
-                if loc.is_empty() {
-                    msg.to_string()
-                } else {
-                    format!("{loc}: {msg}")
-                }
-            })
-            .collect::<Vec<_>>()
-            .join("; "),
-        other => other.to_string(),
-    };
-    // An empty detail (`""`, `[]`) says nothing: the status speaks instead.
-    Some(text.chars().take(1000).collect()).filter(|t: &String| !t.trim().is_empty())
-}
+/// The `detail` of an error body, as text (FastAPI's, shared with fal).
+pub use crate::http::fastapi_detail as error_detail;
 
 /// Classifies an error answer (to a submit or a poll): 402 pauses the provider (credits),
 /// 429 is a wait (the cap on active tasks; nothing was bought), 401 and 403 stop it (the key),

@@ -142,37 +142,8 @@ pub fn flagged(request_id: Option<String>) -> Failure {
     }
 }
 
-/// The `detail` of an error body, as text (a string, or FastAPI's field errors joined).
-pub fn error_detail(body: &[u8]) -> Option<String> {
-    let value: Value = serde_json::from_slice(body).ok()?;
-    let text = match value.get("detail")? {
-        Value::String(s) => s.clone(),
-        Value::Array(items) => items
-            .iter()
-            .map(|i| {
-                let loc = i
-                    .get("loc")
-                    .and_then(Value::as_array)
-                    .map(|l| {
-                        l.iter()
-                            .map(|p| p.as_str().map_or_else(|| p.to_string(), str::to_string))
-                            .collect::<Vec<_>>()
-                            .join(".")
-                    })
-                    .unwrap_or_default();
-                let msg = i.get("msg").and_then(Value::as_str).unwrap_or("invalid");
-                if loc.is_empty() {
-                    msg.to_string()
-                } else {
-                    format!("{loc}: {msg}")
-                }
-            })
-            .collect::<Vec<_>>()
-            .join("; "),
-        other => other.to_string(),
-    };
-    Some(text.chars().take(1000).collect()).filter(|t: &String| !t.trim().is_empty())
-}
+/// The `detail` of an error body, as text (FastAPI's).
+pub use crate::http::fastapi_detail as error_detail;
 
 /// Classifies an error answer: a 403 of a locked account (its balance exhausted) pauses the
 /// provider for quota, other 401 and 403 stop it (the key); 400, 404 and 422 fail the job; the

@@ -5,6 +5,7 @@
 use std::time::Duration;
 
 use http::HeaderMap;
+use serde_json::Value;
 
 use crate::domain::error::{ErrorKind, Failure, ProviderDetail, StopReason};
 use crate::domain::limits::{MAX_REPORTED_DELAY, reported_delay};
@@ -144,6 +145,40 @@ pub fn by_status(
             detail,
         }
     }
+}
+
+/// The `detail` of a FastAPI error body (BFL's, fal's), as text: a string, or the field errors
+/// of a 422 joined; `None` when it says nothing.
+pub fn fastapi_detail(body: &[u8]) -> Option<String> {
+    let value: Value = serde_json::from_slice(body).ok()?;
+    let text = match value.get("detail")? {
+        Value::String(s) => s.clone(),
+        Value::Array(items) => items
+            .iter()
+            .map(|i| {
+                let loc = i
+                    .get("loc")
+                    .and_then(Value::as_array)
+                    .map(|l| {
+                        l.iter()
+                            .map(|p| p.as_str().map_or_else(|| p.to_string(), str::to_string))
+                            .collect::<Vec<_>>()
+                            .join(".")
+                    })
+                    .unwrap_or_default();
+                let msg = i.get("msg").and_then(Value::as_str).unwrap_or("invalid");
+                if loc.is_empty() {
+                    msg.to_string()
+                } else {
+                    format!("{loc}: {msg}")
+                }
+            })
+            .collect::<Vec<_>>()
+            .join("; "),
+        other => other.to_string(),
+    };
+    // An empty detail (`""`, `[]`) says nothing: the status speaks instead.
+    Some(text.chars().take(1000).collect()).filter(|t: &String| !t.trim().is_empty())
 }
 
 #[cfg(test)]

@@ -22,7 +22,6 @@
 //! answers are the same protocol. Admin endpoints: `GET /_fake/stats`, `GET /_fake/tokens`.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -126,23 +125,13 @@ struct Inner {
 }
 
 /// A running in-process fake; the server task is aborted on drop.
-pub struct AzureServer {
-    pub api: AzureFake,
-    pub addr: SocketAddr,
-    task: tokio::task::JoinHandle<()>,
-}
+pub type AzureServer = crate::Running<AzureFake>;
 
-impl AzureServer {
+impl crate::Running<AzureFake> {
     /// The resource's endpoint (`https://RESOURCE.openai.azure.com` in real life), which is
     /// also the authority host of the token endpoint here.
     pub fn endpoint(&self) -> String {
         format!("http://{}", self.addr)
-    }
-}
-
-impl Drop for AzureServer {
-    fn drop(&mut self) {
-        self.task.abort();
     }
 }
 
@@ -171,12 +160,8 @@ impl AzureFake {
     }
 
     pub async fn start(self) -> std::io::Result<AzureServer> {
-        let (addr, task) = crate::net::start(self.router(), "fake Azure OpenAI").await?;
-        Ok(AzureServer {
-            api: self,
-            addr,
-            task,
-        })
+        let router = self.router();
+        crate::Running::start(self, router, "fake Azure OpenAI").await
     }
 
     pub fn router(&self) -> Router {

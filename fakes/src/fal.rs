@@ -16,7 +16,6 @@
 //! Admin: `GET /_fake/stats`, `GET /_fake/calls?prompt_contains=X` (calls are submits).
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -115,22 +114,12 @@ struct Inner {
     requests: Mutex<HashMap<String, Request>>,
 }
 
-pub struct FalServer {
-    pub api: FalFake,
-    pub addr: SocketAddr,
-    task: tokio::task::JoinHandle<()>,
-}
+pub type FalServer = crate::Running<FalFake>;
 
-impl FalServer {
+impl crate::Running<FalFake> {
     /// `https://queue.fal.run` in real life.
     pub fn base_url(&self) -> String {
         format!("http://{}", self.addr)
-    }
-}
-
-impl Drop for FalServer {
-    fn drop(&mut self) {
-        self.task.abort();
     }
 }
 
@@ -172,12 +161,8 @@ impl FalFake {
     }
 
     pub async fn start(self) -> std::io::Result<FalServer> {
-        let (addr, task) = crate::net::start(self.router(), "fake fal queue").await?;
-        Ok(FalServer {
-            api: self,
-            addr,
-            task,
-        })
+        let router = self.router();
+        crate::Running::start(self, router, "fake fal queue").await
     }
 
     pub fn router(&self) -> Router {

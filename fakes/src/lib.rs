@@ -18,6 +18,7 @@ pub mod fal;
 pub mod gemini;
 pub mod latency;
 mod net;
+pub use net::Running;
 pub mod openai;
 mod png;
 pub mod replicate;

@@ -22,9 +22,31 @@ use axum::serve::{IncomingStream, Listener};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 
+/// A fake running in-process: its handle (`api`), its address, and its server task, aborted when
+/// this is dropped.
+pub struct Running<A> {
+    pub api: A,
+    pub addr: SocketAddr,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl<A> Running<A> {
+    /// Serves `router` (the routes of `api`) on `127.0.0.1:0`.
+    pub(crate) async fn start(api: A, router: Router, what: &'static str) -> std::io::Result<Self> {
+        let (addr, task) = start(router, what).await?;
+        Ok(Self { api, addr, task })
+    }
+}
+
+impl<A> Drop for Running<A> {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
 /// Binds `127.0.0.1:0` and serves `router` there in a background task (for in-process fakes):
 /// the address, and the task (aborting it stops the fake). `what` names the fake in its logs.
-pub(crate) async fn start(
+async fn start(
     router: Router,
     what: &'static str,
 ) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {

@@ -18,7 +18,6 @@
 //! /_fake/stats`, `GET /_fake/calls?prompt_contains=X` (calls are creates).
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -121,22 +120,12 @@ struct Inner {
     predictions: Mutex<HashMap<String, Prediction>>,
 }
 
-pub struct ReplicateServer {
-    pub api: ReplicateFake,
-    pub addr: SocketAddr,
-    task: tokio::task::JoinHandle<()>,
-}
+pub type ReplicateServer = crate::Running<ReplicateFake>;
 
-impl ReplicateServer {
+impl crate::Running<ReplicateFake> {
     /// `https://api.replicate.com` in real life.
     pub fn base_url(&self) -> String {
         format!("http://{}", self.addr)
-    }
-}
-
-impl Drop for ReplicateServer {
-    fn drop(&mut self) {
-        self.task.abort();
     }
 }
 
@@ -170,12 +159,8 @@ impl ReplicateFake {
     }
 
     pub async fn start(self) -> std::io::Result<ReplicateServer> {
-        let (addr, task) = crate::net::start(self.router(), "fake Replicate API").await?;
-        Ok(ReplicateServer {
-            api: self,
-            addr,
-            task,
-        })
+        let router = self.router();
+        crate::Running::start(self, router, "fake Replicate API").await
     }
 
     pub fn router(&self) -> Router {

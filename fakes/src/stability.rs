@@ -18,7 +18,6 @@
 //! Admin endpoints, as the other fakes': `GET /_fake/stats`, `GET /_fake/calls?prompt_contains=X`.
 
 use std::collections::{HashMap, VecDeque};
-use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -111,22 +110,12 @@ struct Inner {
     window: Mutex<(VecDeque<Instant>, Option<Instant>)>,
 }
 
-pub struct StabilityServer {
-    pub api: StabilityFake,
-    pub addr: SocketAddr,
-    task: tokio::task::JoinHandle<()>,
-}
+pub type StabilityServer = crate::Running<StabilityFake>;
 
-impl StabilityServer {
+impl crate::Running<StabilityFake> {
     /// `https://api.stability.ai` in real life.
     pub fn base_url(&self) -> String {
         format!("http://{}", self.addr)
-    }
-}
-
-impl Drop for StabilityServer {
-    fn drop(&mut self) {
-        self.task.abort();
     }
 }
 
@@ -159,12 +148,8 @@ impl StabilityFake {
     }
 
     pub async fn start(self) -> std::io::Result<StabilityServer> {
-        let (addr, task) = crate::net::start(self.router(), "fake Stability AI").await?;
-        Ok(StabilityServer {
-            api: self,
-            addr,
-            task,
-        })
+        let router = self.router();
+        crate::Running::start(self, router, "fake Stability AI").await
     }
 
     pub fn router(&self) -> Router {

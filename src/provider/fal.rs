@@ -12,7 +12,7 @@
 //! The key (`Authorization: Key ...`) goes to the base URL's host and to fal's own
 //! (`https://*.fal.run`), never elsewhere; images are fetched without it.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use futures_util::future::BoxFuture;
 use reqwest::header::HeaderMap;
@@ -21,10 +21,11 @@ use serde_json::{Map, Value, json};
 
 use super::download::Downloads;
 use super::fetch::FetchRules;
-use super::http::{Clock, api_client, billed_failure, retry_after, secret_header, with_request_id};
+use super::http::{Clock, api_client, retry_after, secret_header, with_request_id};
+use super::queued::{by_age, fetch_image, lost, origin, unbilled, unix_ms};
 use super::{
-    Answer, Capabilities, GeneratedImage, Generation, HANDLE_LOST, Handle, ImageProvider,
-    ImageRequest, JobDefaults, Journal, Mode, Size, Sizes, check_image,
+    Answer, Capabilities, Generation, Handle, ImageProvider, ImageRequest, JobDefaults, Journal,
+    Mode, Size, Sizes,
 };
 use crate::config::FalSettings;
 use crate::domain::cost::Usage;
@@ -80,21 +81,6 @@ struct RequestHandle {
     cancel_url: Option<String>,
     /// When it was submitted (Unix ms): polls back off with its age.
     submitted_unix_ms: u64,
-}
-
-fn unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
-
-fn origin(url: &reqwest::Url) -> String {
-    format!(
-        "{}://{}:{}",
-        url.scheme(),
-        url.host_str().unwrap_or(""),
-        url.port_or_known_default().unwrap_or(0)
-    )
 }
 
 impl Fal {
@@ -186,11 +172,6 @@ impl Fal {
                 && url
                     .host_str()
                     .is_some_and(|h| h == "fal.run" || h.ends_with(".fal.run")))
-    }
-
-    fn next_poll(&self, handle: &RequestHandle) -> Duration {
-        let age = Duration::from_millis(unix_ms().saturating_sub(handle.submitted_unix_ms));
-        (age / 8).clamp(self.poll_min, self.poll_max)
     }
 
     /// A URL of the handle, if the key may go there.
@@ -285,7 +266,7 @@ impl Fal {
         {
             Status::Queued { .. } | Status::InProgress => {
                 return Ok(Answer::Pending {
-                    after: self.next_poll(&h),
+                    after: by_age(h.submitted_unix_ms, self.poll_min, self.poll_max),
                     handle: handle.clone(),
                     request_id,
                 });
@@ -327,35 +308,14 @@ impl Fal {
         let mut out = Vec::with_capacity(images.len());
         let mut megapixels = 0.0;
         for image in images.iter().take(request.count.max(1) as usize) {
-            let data =
-                self.downloads
-                    .get(&image.url)
-                    .await
-                    .map_err(|f| match f.detail().status {
-                        Some(403 | 404 | 410) => lost(
-                            format!("the request's image is gone: {}", f.message()),
-                            Some(&h.request_id),
-                        ),
-                        _ => with_request_id(f, &request_id),
-                    })?;
-            let (content_type, extension) = check_image(&data).map_err(|why| {
-                with_request_id(
-                    billed_failure(format!("the provider's image is not one: {why}")),
-                    &request_id,
-                )
-            })?;
+            let generated = fetch_image(&self.downloads, &image.url, &h.request_id).await?;
             let (w, h) = match (image.width, image.height, &request.size) {
                 (Some(w), Some(h), _) => (w, h),
                 (_, _, Size::Pixels { width, height }) => (*width, *height),
                 _ => (1024, 1024),
             };
             megapixels += f64::from(w) * f64::from(h) / 1e6;
-            out.push(GeneratedImage {
-                data,
-                content_type,
-                extension,
-                revised_prompt: None,
-            });
+            out.push(generated);
         }
         Ok(Answer::Done(Generation {
             usage: Usage {
@@ -392,27 +352,6 @@ impl Fal {
                 "could not cancel the job's request"),
         }
     }
-}
-
-/// A poll buys nothing.
-fn unbilled(mut f: Failure) -> Failure {
-    if let Failure::Retryable {
-        possibly_billed, ..
-    } = &mut f
-    {
-        *possibly_billed = false;
-    }
-    f
-}
-
-/// The request is gone at the provider (failed, forgotten, its result deleted): the job's next
-/// attempt submits anew.
-fn lost(message: String, id: Option<&str>) -> Failure {
-    let mut failure = Failure::transient(message);
-    let detail = failure.detail_mut();
-    detail.code = Some(HANDLE_LOST.into());
-    detail.request_id = id.map(str::to_string);
-    failure
 }
 
 impl ImageProvider for Fal {

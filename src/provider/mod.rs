@@ -28,6 +28,7 @@ pub mod http;
 pub mod multipart;
 pub mod openai;
 pub mod placeholder;
+pub mod queued;
 pub mod replicate;
 pub mod request;
 pub mod stability;

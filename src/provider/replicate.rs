@@ -15,7 +15,7 @@
 //! `negative_prompt`, `width`/`height` or `aspect_ratio`, `num_outputs`, `seed` and
 //! `output_format` when the job sets them; `params` adds the model's other inputs.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use futures_util::future::BoxFuture;
 use reqwest::header::HeaderMap;
@@ -27,9 +27,10 @@ use super::fetch::FetchRules;
 use super::http::{
     Clock, api_client, billed_failure, decode_owned, retry_after, secret_header, with_request_id,
 };
+use super::queued::{by_age, fetch_image, lost, origin, unbilled, unix_ms};
 use super::{
-    Answer, Capabilities, GeneratedImage, Generation, HANDLE_LOST, Handle, ImageProvider,
-    ImageRequest, JobDefaults, Journal, Mode, Size, Sizes, check_image,
+    Answer, Capabilities, GeneratedImage, Generation, Handle, ImageProvider, ImageRequest,
+    JobDefaults, Journal, Mode, Size, Sizes, check_image,
 };
 use crate::config::ReplicateSettings;
 use crate::domain::cost::Usage;
@@ -82,21 +83,6 @@ struct PredictionHandle {
     cancel: Option<String>,
     /// When it was created (Unix ms): polls back off with its age.
     created_unix_ms: u64,
-}
-
-fn unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
-
-fn origin(url: &reqwest::Url) -> String {
-    format!(
-        "{}://{}:{}",
-        url.scheme(),
-        url.host_str().unwrap_or(""),
-        url.port_or_known_default().unwrap_or(0)
-    )
 }
 
 /// Where a model's predictions are created, and the version to name in the body.
@@ -214,13 +200,6 @@ impl Replicate {
         origin(url) == self.base_origin
     }
 
-    /// When to look at a prediction again: an eighth of its age, within `poll_min_ms` and
-    /// `poll_max_secs` (it is then seen done at most about 12 % after it is).
-    fn next_poll(&self, handle: &PredictionHandle) -> Duration {
-        let age = Duration::from_millis(unix_ms().saturating_sub(handle.created_unix_ms));
-        (age / 8).clamp(self.poll_min, self.poll_max)
-    }
-
     async fn create(&self, request: &ImageRequest) -> Result<Answer, Failure> {
         let (path, body) = Self::body(request).map_err(Failure::invalid_job)?;
         let body = serde_json::to_vec(&body).map_err(|e| Failure::Permanent {
@@ -312,7 +291,7 @@ impl Replicate {
         let request_id = Some(prediction.id.clone());
         match &prediction.state {
             State::Running => Ok(Answer::Pending {
-                after: self.next_poll(handle),
+                after: by_age(handle.created_unix_ms, self.poll_min, self.poll_max),
                 handle: Handle(serde_json::to_value(handle).unwrap_or_default()),
                 request_id,
             }),
@@ -324,31 +303,27 @@ impl Replicate {
             State::Succeeded(outputs) => {
                 let mut images = Vec::with_capacity(outputs.len());
                 for output in outputs.iter().take(request.count.max(1) as usize) {
-                    let data = match output.strip_prefix("data:") {
-                        Some(uri) => decode_data_uri(uri)?,
-                        None => self.downloads.get(output).await.map_err(|f| {
-                            match f.detail().status {
-                                // Deleted after an hour: the image is lost with it.
-                                Some(403 | 404 | 410) => lost(
-                                    format!("the prediction's output is gone: {}", f.message()),
-                                    Some(&prediction.id),
-                                ),
-                                _ => with_request_id(f, &request_id),
+                    let image = match output.strip_prefix("data:") {
+                        Some(uri) => {
+                            let data = decode_data_uri(uri)?;
+                            let (content_type, extension) = check_image(&data).map_err(|why| {
+                                with_request_id(
+                                    billed_failure(format!(
+                                        "the provider's image is not one: {why}"
+                                    )),
+                                    &request_id,
+                                )
+                            })?;
+                            GeneratedImage {
+                                data,
+                                content_type,
+                                extension,
+                                revised_prompt: None,
                             }
-                        })?,
+                        }
+                        None => fetch_image(&self.downloads, output, &prediction.id).await?,
                     };
-                    let (content_type, extension) = check_image(&data).map_err(|why| {
-                        with_request_id(
-                            billed_failure(format!("the provider's image is not one: {why}")),
-                            &request_id,
-                        )
-                    })?;
-                    images.push(GeneratedImage {
-                        data,
-                        content_type,
-                        extension,
-                        revised_prompt: None,
-                    });
+                    images.push(image);
                 }
                 Ok(Answer::Done(Generation {
                     usage: Usage {
@@ -405,27 +380,6 @@ fn decode_data_uri(uri: &str) -> Result<bytes::Bytes, Failure> {
         ));
     }
     decode_owned(data)
-}
-
-/// A poll buys nothing.
-fn unbilled(mut f: Failure) -> Failure {
-    if let Failure::Retryable {
-        possibly_billed, ..
-    } = &mut f
-    {
-        *possibly_billed = false;
-    }
-    f
-}
-
-/// The prediction is gone at the provider (failed, canceled, forgotten, its output deleted):
-/// the job's next attempt creates another.
-fn lost(message: String, id: Option<&str>) -> Failure {
-    let mut failure = Failure::transient(message);
-    let detail = failure.detail_mut();
-    detail.code = Some(HANDLE_LOST.into());
-    detail.request_id = id.map(str::to_string);
-    failure
 }
 
 impl ImageProvider for Replicate {

@@ -2,13 +2,13 @@
 //! real broker and store; moderation as a poll status; the account's cap on active tasks; a
 //! sample that expired; and a worker killed while its job waits at the provider.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use imagegen::domain::event::Status;
 use imagegen_fakes::bfl::{BflFake, BflOptions, BflServer, Fault};
 use serde_json::json;
 
-use crate::helpers::{Store, TestEnv, assert_valid, event_json, rule, stop_process};
+use crate::helpers::{Store, TestEnv, assert_valid, event_json, killed_while_queued, rule};
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -149,39 +149,15 @@ async fn a_worker_killed_while_its_job_waits_at_the_provider_costs_no_second_sub
         ..BflOptions::default()
     })
     .await;
-    let env = TestEnv::new(Store::Fs).await;
-    let data = tempfile::tempdir().unwrap();
-    let base = fake.base_url();
-    let vars = [
-        ("IMAGEGEN__PROVIDERS__BFL__KIND", "bfl"),
-        ("IMAGEGEN__PROVIDERS__BFL__BASE_URL", base.as_str()),
-        ("IMAGEGEN__PROVIDERS__BFL__API_KEY", "bfl-test-key"),
-        ("IMAGEGEN__PROVIDERS__BFL__POLL_MIN_MS", "200"),
-        ("IMAGEGEN__PROVIDERS__BFL__POLL_MAX_SECS", "1"),
-        ("IMAGEGEN__WORKER__DEFAULT_PROVIDER", "bfl"),
-    ];
-    let mut listener = env.listen().await;
-    let mut first = env.spawn_worker(data.path(), &vars);
-    env.publish(json!({"id": "k1", "prompt": "a patient flux", "batch": "kb"}))
-        .await;
-    // Wait until the task is queued and its handle is in the job's journal.
-    let deadline = Instant::now() + WAIT;
-    let journal = data.path().join(format!(
-        "{}images/kb/k1/journal/pending.json",
-        env.settings.storage.prefix
-    ));
-    while !(fake.api.billed_for("patient flux") == 1 && journal.exists()) {
-        assert!(Instant::now() < deadline, "the job was never submitted");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    first.kill().unwrap();
-    first.wait().unwrap();
-    let second = env.spawn_worker(data.path(), &vars);
-    let event = listener
-        .next(WAIT)
-        .await
-        .unwrap()
-        .expect("the job finishes after the restart");
+    let event = killed_while_queued(
+        "bfl",
+        &fake.base_url(),
+        "bfl-test-key",
+        "kb",
+        "a patient flux",
+        || fake.api.billed_for("patient flux") == 1,
+    )
+    .await;
     assert_eq!(
         event.data.status,
         Status::Succeeded,
@@ -190,11 +166,6 @@ async fn a_worker_killed_while_its_job_waits_at_the_provider_costs_no_second_sub
     );
     assert_eq!(fake.api.calls_for("patient flux"), 1, "exactly one submit");
     assert_eq!(fake.api.billed_for("patient flux"), 1);
-    let image = &event.data.images[0];
-    assert!(std::path::Path::new(image.uri.strip_prefix("file://").unwrap()).exists());
-    stop_process(second).await;
-    assert_eq!(env.ready(&env.settings.amqp.jobs_queue).await, 0);
-    env.cleanup().await;
 }
 
 #[tokio::test]

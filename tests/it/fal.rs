@@ -9,7 +9,7 @@ use imagegen::domain::event::Status;
 use imagegen_fakes::fal::{FalFake, FalOptions, FalServer, Fault};
 use serde_json::json;
 
-use crate::helpers::{Store, TestEnv, assert_valid, event_json, rule, stop_process};
+use crate::helpers::{Store, TestEnv, assert_valid, event_json, killed_while_queued, rule};
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -226,38 +226,15 @@ async fn a_worker_killed_while_its_request_is_queued_costs_no_second_request() {
         ..FalOptions::default()
     })
     .await;
-    let env = TestEnv::new(Store::Fs).await;
-    let data = tempfile::tempdir().unwrap();
-    let base = fake.base_url();
-    let vars = [
-        ("IMAGEGEN__PROVIDERS__FAL__KIND", "fal"),
-        ("IMAGEGEN__PROVIDERS__FAL__BASE_URL", base.as_str()),
-        ("IMAGEGEN__PROVIDERS__FAL__API_KEY", "fal-test-key"),
-        ("IMAGEGEN__PROVIDERS__FAL__POLL_MIN_MS", "200"),
-        ("IMAGEGEN__PROVIDERS__FAL__POLL_MAX_SECS", "1"),
-        ("IMAGEGEN__WORKER__DEFAULT_PROVIDER", "fal"),
-    ];
-    let mut listener = env.listen().await;
-    let mut first = env.spawn_worker(data.path(), &vars);
-    env.publish(json!({"id": "k1", "prompt": "a patient fal", "batch": "kf"}))
-        .await;
-    let deadline = Instant::now() + WAIT;
-    let journal = data.path().join(format!(
-        "{}images/kf/k1/journal/pending.json",
-        env.settings.storage.prefix
-    ));
-    while !(fake.api.billed_for("patient fal") == 1 && journal.exists()) {
-        assert!(Instant::now() < deadline, "the request was never queued");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    first.kill().unwrap();
-    first.wait().unwrap();
-    let second = env.spawn_worker(data.path(), &vars);
-    let event = listener
-        .next(WAIT)
-        .await
-        .unwrap()
-        .expect("the job finishes after the restart");
+    let event = killed_while_queued(
+        "fal",
+        &fake.base_url(),
+        "fal-test-key",
+        "kf",
+        "a patient fal",
+        || fake.api.billed_for("patient fal") == 1,
+    )
+    .await;
     assert_eq!(
         event.data.status,
         Status::Succeeded,
@@ -266,7 +243,4 @@ async fn a_worker_killed_while_its_request_is_queued_costs_no_second_request() {
     );
     assert_eq!(fake.api.calls_for("patient fal"), 1, "exactly one request");
     assert_eq!(fake.api.billed_for("patient fal"), 1);
-    stop_process(second).await;
-    assert_eq!(env.ready(&env.settings.amqp.jobs_queue).await, 0);
-    env.cleanup().await;
 }

@@ -580,3 +580,69 @@ pub fn rule<F>(prompt: &str, fault: F, times: Option<u32>) -> imagegen_fakes::ru
         times,
     }
 }
+
+/// `kill -9` of a worker process while its job waits at a provider that queues the work: a worker
+/// process (kind `kind` as the default provider, at `base_url` with `api_key`, on the fs store)
+/// takes job `k1` of batch `batch` with `prompt`; once `queued()` says the provider has it and its
+/// handle is in the job's journal, the process is killed and another started. Returns the event
+/// of the job, after the second process has stopped with nothing left in the jobs queue.
+pub async fn killed_while_queued(
+    kind: &str,
+    base_url: &str,
+    api_key: &str,
+    batch: &str,
+    prompt: &str,
+    queued: impl Fn() -> bool,
+) -> CloudEvent {
+    let env = TestEnv::new(Store::Fs).await;
+    let data = tempfile::tempdir().unwrap();
+    let name = kind.to_uppercase();
+    let var = |key: &str| format!("IMAGEGEN__PROVIDERS__{name}__{key}");
+    let owned = [
+        (var("KIND"), kind.to_string()),
+        (var("BASE_URL"), base_url.to_string()),
+        (var("API_KEY"), api_key.to_string()),
+        (var("POLL_MIN_MS"), "200".into()),
+        (var("POLL_MAX_SECS"), "1".into()),
+        (
+            "IMAGEGEN__WORKER__DEFAULT_PROVIDER".into(),
+            kind.to_string(),
+        ),
+    ];
+    let vars: Vec<(&str, &str)> = owned
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    let wait = Duration::from_secs(30);
+    let mut listener = env.listen().await;
+    let mut first = env.spawn_worker(data.path(), &vars);
+    env.publish(serde_json::json!({"id": "k1", "prompt": prompt, "batch": batch}))
+        .await;
+    let deadline = std::time::Instant::now() + wait;
+    let journal = data.path().join(format!(
+        "{}images/{batch}/k1/journal/pending.json",
+        env.settings.storage.prefix
+    ));
+    while !(queued() && journal.exists()) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the job never waited at the provider"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    first.kill().unwrap();
+    first.wait().unwrap();
+    let second = env.spawn_worker(data.path(), &vars);
+    let event = listener
+        .next(wait)
+        .await
+        .unwrap()
+        .expect("the job finishes after the restart");
+    if let Some(image) = event.data.images.first() {
+        assert!(std::path::Path::new(image.uri.strip_prefix("file://").unwrap()).exists());
+    }
+    stop_process(second).await;
+    assert_eq!(env.ready(&env.settings.amqp.jobs_queue).await, 0);
+    env.cleanup().await;
+    event
+}

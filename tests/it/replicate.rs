@@ -9,7 +9,7 @@ use imagegen::domain::event::Status;
 use imagegen_fakes::replicate::{Fault, ReplicateFake, ReplicateOptions, ReplicateServer};
 use serde_json::json;
 
-use crate::helpers::{Store, TestEnv, assert_valid, event_json, rule, stop_process};
+use crate::helpers::{Store, TestEnv, assert_valid, event_json, killed_while_queued, rule};
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -204,42 +204,15 @@ async fn a_worker_killed_while_its_prediction_runs_costs_no_second_prediction() 
         ..ReplicateOptions::default()
     })
     .await;
-    let env = TestEnv::new(Store::Fs).await;
-    let data = tempfile::tempdir().unwrap();
-    let base = fake.base_url();
-    let vars = [
-        ("IMAGEGEN__PROVIDERS__REPLICATE__KIND", "replicate"),
-        ("IMAGEGEN__PROVIDERS__REPLICATE__BASE_URL", base.as_str()),
-        ("IMAGEGEN__PROVIDERS__REPLICATE__API_KEY", "r8_test"),
-        ("IMAGEGEN__PROVIDERS__REPLICATE__POLL_MIN_MS", "200"),
-        ("IMAGEGEN__PROVIDERS__REPLICATE__POLL_MAX_SECS", "1"),
-        ("IMAGEGEN__WORKER__DEFAULT_PROVIDER", "replicate"),
-    ];
-    let mut listener = env.listen().await;
-    let mut first = env.spawn_worker(data.path(), &vars);
-    env.publish(json!({"id": "k1", "prompt": "a patient replica", "batch": "kr"}))
-        .await;
-    // Wait until the prediction exists and its handle is in the job's journal.
-    let deadline = Instant::now() + WAIT;
-    let journal = data.path().join(format!(
-        "{}images/kr/k1/journal/pending.json",
-        env.settings.storage.prefix
-    ));
-    while !(fake.api.billed_for("patient replica") == 1 && journal.exists()) {
-        assert!(
-            Instant::now() < deadline,
-            "the prediction was never created"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    first.kill().unwrap();
-    first.wait().unwrap();
-    let second = env.spawn_worker(data.path(), &vars);
-    let event = listener
-        .next(WAIT)
-        .await
-        .unwrap()
-        .expect("the job finishes after the restart");
+    let event = killed_while_queued(
+        "replicate",
+        &fake.base_url(),
+        "r8_test",
+        "kr",
+        "a patient replica",
+        || fake.api.billed_for("patient replica") == 1,
+    )
+    .await;
     assert_eq!(
         event.data.status,
         Status::Succeeded,
@@ -252,7 +225,4 @@ async fn a_worker_killed_while_its_prediction_runs_costs_no_second_prediction() 
         "exactly one prediction"
     );
     assert_eq!(fake.api.billed_for("patient replica"), 1);
-    stop_process(second).await;
-    assert_eq!(env.ready(&env.settings.amqp.jobs_queue).await, 0);
-    env.cleanup().await;
 }

@@ -22,7 +22,6 @@ mod api;
 mod tests;
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -134,22 +133,12 @@ struct Inner {
 }
 
 /// A running in-process fake; the server task is aborted on drop.
-pub struct BflServer {
-    pub api: BflFake,
-    pub addr: SocketAddr,
-    task: tokio::task::JoinHandle<()>,
-}
+pub type BflServer = crate::Running<BflFake>;
 
-impl BflServer {
+impl crate::Running<BflFake> {
     /// The API's base URL: `http://127.0.0.1:PORT/v1`.
     pub fn base_url(&self) -> String {
         format!("http://{}/v1", self.addr)
-    }
-}
-
-impl Drop for BflServer {
-    fn drop(&mut self) {
-        self.task.abort();
     }
 }
 
@@ -170,12 +159,8 @@ impl BflFake {
 
     /// Binds `127.0.0.1:0` and serves in a background task.
     pub async fn start(self) -> std::io::Result<BflServer> {
-        let (addr, task) = crate::net::start(self.router(), "fake BFL API").await?;
-        Ok(BflServer {
-            api: self,
-            addr,
-            task,
-        })
+        let router = self.router();
+        crate::Running::start(self, router, "fake BFL API").await
     }
 
     pub fn router(&self) -> Router {

@@ -20,7 +20,6 @@ mod generate;
 #[cfg(test)]
 mod tests;
 
-use std::net::SocketAddr;
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -109,22 +108,12 @@ struct Inner {
 }
 
 /// A running in-process fake; the server task is aborted on drop.
-pub struct GeminiServer {
-    pub api: GeminiFake,
-    pub addr: SocketAddr,
-    task: tokio::task::JoinHandle<()>,
-}
+pub type GeminiServer = crate::Running<GeminiFake>;
 
-impl GeminiServer {
+impl crate::Running<GeminiFake> {
     /// The base URL of the API version: `http://127.0.0.1:PORT/v1beta`.
     pub fn base_url(&self) -> String {
         format!("http://{}/v1beta", self.addr)
-    }
-}
-
-impl Drop for GeminiServer {
-    fn drop(&mut self) {
-        self.task.abort();
     }
 }
 
@@ -147,12 +136,8 @@ impl GeminiFake {
 
     /// Binds `127.0.0.1:0` and serves in a background task.
     pub async fn start(self) -> std::io::Result<GeminiServer> {
-        let (addr, task) = crate::net::start(self.router(), "fake Gemini API").await?;
-        Ok(GeminiServer {
-            api: self,
-            addr,
-            task,
-        })
+        let router = self.router();
+        crate::Running::start(self, router, "fake Gemini API").await
     }
 
     pub fn router(&self) -> Router {

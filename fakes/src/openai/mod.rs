@@ -38,7 +38,6 @@ mod tests;
 mod validate;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::net::SocketAddr;
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -176,22 +175,12 @@ struct Counters {
 }
 
 /// A running in-process fake; the server task is aborted on drop.
-pub struct FakeServer {
-    pub api: FakeApi,
-    pub addr: SocketAddr,
-    task: tokio::task::JoinHandle<()>,
-}
+pub type FakeServer = crate::Running<FakeApi>;
 
-impl FakeServer {
+impl crate::Running<FakeApi> {
     /// The base URL a client appends `/images/generations` to: `http://127.0.0.1:PORT/v1`.
     pub fn base_url(&self) -> String {
         format!("http://{}/v1", self.addr)
-    }
-}
-
-impl Drop for FakeServer {
-    fn drop(&mut self) {
-        self.task.abort();
     }
 }
 
@@ -230,12 +219,8 @@ impl FakeApi {
 
     /// Binds `127.0.0.1:0` and serves in a background task.
     pub async fn start(self) -> std::io::Result<FakeServer> {
-        let (addr, task) = crate::net::start(self.router(), "fake image API").await?;
-        Ok(FakeServer {
-            api: self,
-            addr,
-            task,
-        })
+        let router = self.router();
+        crate::Running::start(self, router, "fake image API").await
     }
 
     /// The routes. Prefer [`serve`]: served any other way, [`Fault::Reset`] degrades to a

@@ -11,7 +11,7 @@
 //! The key (`x-key`) goes to the base URL's host and to BFL's own hosts (`*.bfl.ai`, where
 //! regional polling URLs point), never to a polling URL elsewhere; samples are fetched without it.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use futures_util::future::BoxFuture;
 use reqwest::header::HeaderMap;
@@ -24,10 +24,11 @@ mod active;
 use self::active::Active;
 use super::download::Downloads;
 use super::fetch::FetchRules;
-use super::http::{Clock, api_client, billed_failure, retry_after, secret_header, with_request_id};
+use super::http::{Clock, api_client, retry_after, secret_header, with_request_id};
+use super::queued::{fetch_image, lost, origin, unbilled, unix_ms};
 use super::{
-    Answer, Capabilities, GeneratedImage, Generation, HANDLE_LOST, Handle, ImageProvider,
-    ImageRequest, JobDefaults, Journal, Mode, Size, Sizes, check_image,
+    Answer, Capabilities, Generation, Handle, ImageProvider, ImageRequest, JobDefaults, Journal,
+    Mode, Size, Sizes,
 };
 use crate::config::BflSettings;
 use crate::domain::cost::Usage;
@@ -90,21 +91,6 @@ struct TaskHandle {
     /// The credits the submit said it costs.
     #[serde(default)]
     cost: Option<f64>,
-}
-
-fn unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
-
-fn origin(url: &reqwest::Url) -> String {
-    format!(
-        "{}://{}:{}",
-        url.scheme(),
-        url.host_str().unwrap_or(""),
-        url.port_or_known_default().unwrap_or(0)
-    )
 }
 
 impl Bfl {
@@ -276,16 +262,7 @@ impl Bfl {
             });
         }
         let clock = Clock::start(self.request_timeout);
-        let response = clock.send(self.client.get(url)).await.map_err(|mut f| {
-            // A poll buys nothing.
-            if let Failure::Retryable {
-                possibly_billed, ..
-            } = &mut f
-            {
-                *possibly_billed = false;
-            }
-            f
-        })?;
+        let response = clock.send(self.client.get(url)).await.map_err(unbilled)?;
         let status = response.status().as_u16();
         let request_id = Some(task.id.clone());
         if !(200..300).contains(&status) {
@@ -322,33 +299,13 @@ impl Bfl {
             }
             Polled::Ready { sample, .. } => {
                 self.active.finished(&task.id);
-                let data = self.downloads.get(&sample).await.map_err(|f| {
-                    match f.detail().status {
-                        // The sample expired (ten minutes): the image is lost with it.
-                        Some(403 | 404 | 410) => lost(
-                            format!("the task's sample is gone: {}", f.message()),
-                            Some(&task.id),
-                        ),
-                        _ => with_request_id(f, &request_id),
-                    }
-                })?;
-                let (content_type, extension) = check_image(&data).map_err(|why| {
-                    with_request_id(
-                        billed_failure(format!("the provider's image is not one: {why}")),
-                        &request_id,
-                    )
-                })?;
+                let image = fetch_image(&self.downloads, &sample, &task.id).await?;
                 let (width, height) = match request.size {
                     Size::Pixels { width, height } => (width, height),
                     _ => (1024, 1024),
                 };
                 Ok(Answer::Done(Generation {
-                    images: vec![GeneratedImage {
-                        data,
-                        content_type,
-                        extension,
-                        revised_prompt: None,
-                    }],
+                    images: vec![image],
                     reported_usage: task.cost.map(|c| json!({ "credits": c })),
                     usage: Usage {
                         images: 1,
@@ -364,16 +321,6 @@ impl Bfl {
             }
         }
     }
-}
-
-/// The task is gone at the provider (failed, forgotten, its sample expired): the job's next
-/// attempt submits anew.
-fn lost(message: String, id: Option<&str>) -> Failure {
-    let mut failure = Failure::transient(message);
-    let detail = failure.detail_mut();
-    detail.code = Some(HANDLE_LOST.into());
-    detail.request_id = id.map(str::to_string);
-    failure
 }
 
 impl ImageProvider for Bfl {
