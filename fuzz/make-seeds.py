@@ -155,6 +155,20 @@ REPLICATE = {
 for name, (selector, text) in REPLICATE.items():
     write("replicate_answer", name, bytes([selector]) + text.encode())
 
+# fal's answers (fuzz_targets/fal_answer.rs): the first byte picks the reader (mod 4: 0 a submit's
+# answer, 1 a status, 2 a result, 3 an error body of status 400 + byte / 4).
+FAL = {
+    "submit": (0, '{"request_id":"r1","response_url":"https://queue.fal.run/fal-ai/flux/requests/r1","status_url":"https://queue.fal.run/fal-ai/flux/requests/r1/status","cancel_url":"https://queue.fal.run/fal-ai/flux/requests/r1/cancel","queue_position":0}'),
+    "status-queued": (1, '{"status":"IN_QUEUE","queue_position":3}'),
+    "status-completed": (1, '{"status":"COMPLETED","logs":null}'),
+    "result": (2, '{"images":[{"url":"https://v3.fal.media/files/a.png","width":1024,"height":768,"content_type":"image/png"}],"seed":7,"has_nsfw_concepts":[false]}'),
+    "result-flagged": (2, '{"images":[{"url":"https://v3.fal.media/files/a.png"}],"has_nsfw_concepts":[true]}'),
+    "locked": (4 * 3 + 3, '{"detail":"User is locked. Reason: Exhausted balance."}'),
+    "invalid": (4 * 22 + 3, '{"detail":[{"loc":["body","num_images"],"msg":"ensure this value is less than or equal to 4","type":"value_error"}]}'),
+}
+for name, (selector, text) in FAL.items():
+    write("fal_answer", name, bytes([selector]) + text.encode())
+
 # Entra ID token answers (fuzz_targets/entra_grant.rs): a first byte below 128 is HTTP 200, else a
 # status of 400 + byte % 200.
 ENTRA = {

@@ -5,6 +5,7 @@
 //! Each section checks itself ([`sections`]); the providers are resolved from their tables
 //! ([`providers`]).
 
+pub mod azure;
 pub mod kinds;
 pub mod providers;
 pub mod sections;

@@ -32,7 +32,7 @@ use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::{Extension, Form, Json, Router};
+use axum::{Extension, Json, Router};
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
 
@@ -173,7 +173,7 @@ impl AzureFake {
             .route("/openai/v1/images/generations", post(v1))
             .route("/openai/models", get(models_classic))
             .route("/openai/v1/models", get(models_v1))
-            .route("/{tenant}/oauth2/v2.0/token", post(token))
+            .route("/{tenant}/oauth2/v2.0/token", post(entra::token))
             .route(
                 "/_fake/stats",
                 get(|State(f): State<AzureFake>| async move { Json(f.stats()) }),
@@ -386,81 +386,6 @@ impl AzureFake {
             .collect();
         Json(json!({"object": "list", "data": data})).into_response()
     }
-
-    /// The client-credentials grant.
-    fn grant(&self, tenant: &str, form: &HashMap<String, String>) -> Response {
-        let opts = lock(&self.inner.opts).clone();
-        let field = |k: &str| form.get(k).map(String::as_str).unwrap_or("");
-        let refuse = |status: StatusCode, error: &str, code: u32, description: &str| {
-            lock(&self.inner.token_stats).refused_grants += 1;
-            (
-                status,
-                Json(json!({
-                    "error": error,
-                    "error_description": format!("AADSTS{code}: {description}\r\nTrace ID: 0\r\nCorrelation ID: 0\r\nTimestamp: 2026-01-01 00:00:00Z"),
-                    "error_codes": [code],
-                    "trace_id": "0",
-                    "correlation_id": "0"
-                })),
-            )
-                .into_response()
-        };
-        if tenant != opts.tenant {
-            return refuse(
-                StatusCode::BAD_REQUEST,
-                "invalid_request",
-                90002,
-                &format!("Tenant '{tenant}' not found."),
-            );
-        }
-        if field("grant_type") != "client_credentials" {
-            return refuse(
-                StatusCode::BAD_REQUEST,
-                "unsupported_grant_type",
-                70003,
-                "The app requested an unsupported grant type.",
-            );
-        }
-        if field("client_id") != opts.client_id {
-            return refuse(
-                StatusCode::BAD_REQUEST,
-                "unauthorized_client",
-                700016,
-                "Application with identifier was not found in the directory.",
-            );
-        }
-        if field("scope") != SCOPE {
-            return refuse(
-                StatusCode::BAD_REQUEST,
-                "invalid_scope",
-                1002012,
-                "The provided value for scope is not valid.",
-            );
-        }
-        let proven = match (form.get("client_secret"), form.get("client_assertion")) {
-            (Some(secret), None) => opts.client_secret.as_deref() == Some(secret.as_str()),
-            (None, Some(assertion)) => {
-                field("client_assertion_type")
-                    == "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
-                    && opts.assertion.as_deref() == Some(assertion.as_str())
-            }
-            _ => false,
-        };
-        if !proven {
-            return refuse(
-                StatusCode::UNAUTHORIZED,
-                "invalid_client",
-                7000215,
-                "Invalid client secret provided.",
-            );
-        }
-        let token = format!("eyJ0eXAiOiJKV1Qi.{:032x}", fastrand::u128(..));
-        lock(&self.inner.tokens).insert(token.clone(), Instant::now() + opts.token_lifetime);
-        lock(&self.inner.token_stats).issued += 1;
-        let secs = opts.token_lifetime.as_secs();
-        Json(json!({"token_type": "Bearer", "expires_in": secs, "ext_expires_in": secs, "access_token": token}))
-            .into_response()
-    }
 }
 
 /// Azure's own error shape: `{"error": {"code", "message"}}`.
@@ -525,126 +450,6 @@ async fn models_v1(State(fake): State<AzureFake>, headers: HeaderMap) -> Respons
     fake.refusal(&headers).unwrap_or_else(|| fake.models())
 }
 
-async fn token(
-    State(fake): State<AzureFake>,
-    Path(tenant): Path<String>,
-    Form(form): Form<HashMap<String, String>>,
-) -> Response {
-    fake.grant(&tenant, &form)
-}
-
+mod entra;
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn client() -> reqwest::Client {
-        let _ = rustls::crypto::ring::default_provider().install_default();
-        reqwest::Client::new()
-    }
-
-    async fn post_form(url: &str, form: &str) -> (u16, Value) {
-        let r = client()
-            .post(url)
-            .header("content-type", "application/x-www-form-urlencoded")
-            .body(form.to_owned())
-            .send()
-            .await
-            .unwrap();
-        (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
-    }
-
-    #[tokio::test]
-    async fn tokens_are_issued_to_proven_clients_and_expire() {
-        let server = AzureFake::new(AzureOptions {
-            token_lifetime: Duration::from_millis(300),
-            ..AzureOptions::default()
-        })
-        .start()
-        .await
-        .unwrap();
-        let o = AzureOptions::default();
-        let url = format!("{}/{}/oauth2/v2.0/token", server.endpoint(), o.tenant);
-        let scope = "https%3A%2F%2Fcognitiveservices.azure.com%2F.default";
-        let (status, body) = post_form(
-            &url,
-            &format!(
-                "grant_type=client_credentials&client_id={}&scope={scope}&client_secret=wrong",
-                o.client_id
-            ),
-        )
-        .await;
-        assert_eq!(status, 401);
-        assert_eq!(body["error"], "invalid_client");
-        let (status, body) = post_form(
-            &url,
-            &format!("grant_type=client_credentials&client_id={}&scope={scope}&client_secret=azure-client-secret", o.client_id),
-        )
-        .await;
-        assert_eq!(status, 200, "{body}");
-        let token = body["access_token"].as_str().unwrap().to_owned();
-        let list = |auth: String| {
-            let url = format!("{}/openai/v1/models", server.endpoint());
-            async move {
-                client()
-                    .get(url)
-                    .header("authorization", auth)
-                    .send()
-                    .await
-                    .unwrap()
-                    .status()
-                    .as_u16()
-            }
-        };
-        assert_eq!(list(format!("Bearer {token}")).await, 200);
-        tokio::time::sleep(Duration::from_millis(400)).await;
-        assert_eq!(list(format!("Bearer {token}")).await, 401, "expired");
-        let stats = server.api.token_stats();
-        assert_eq!(
-            (stats.issued, stats.refused_grants, stats.refused_requests),
-            (1, 1, 1)
-        );
-    }
-
-    #[tokio::test]
-    async fn classic_urls_need_their_api_version_and_refuse_webp() {
-        let server = AzureFake::new(AzureOptions::default())
-            .start()
-            .await
-            .unwrap();
-        let post = |path: &str, body: Value| {
-            let url = format!("{}{path}", server.endpoint());
-            async move {
-                let r = client()
-                    .post(url)
-                    .header("api-key", "azure-test-key")
-                    .json(&body)
-                    .send()
-                    .await
-                    .unwrap();
-                (
-                    r.status().as_u16(),
-                    r.json::<Value>().await.unwrap_or(Value::Null),
-                )
-            }
-        };
-        let base = "/openai/deployments/gpt-image-1/images/generations";
-        let (status, _) = post(base, json!({"prompt": "a"})).await;
-        assert_eq!(status, 404, "no api-version");
-        let with = format!("{base}?api-version=2025-04-01-preview");
-        let (status, body) = post(&with, json!({"prompt": "a fox", "output_format": "webp"})).await;
-        assert_eq!(status, 400, "{body}");
-        let (status, body) = post(&with, json!({"prompt": "a fox"})).await;
-        assert_eq!(status, 200, "{body}");
-        assert!(body["data"][0]["b64_json"].is_string());
-        let (status, body) = post(
-            "/openai/v1/images/generations",
-            json!({"prompt": "a fox", "model": "unknown"}),
-        )
-        .await;
-        assert_eq!(
-            (status, body["error"]["code"].as_str()),
-            (404, Some("DeploymentNotFound"))
-        );
-        assert_eq!(server.api.billed_for("a fox"), 1);
-    }
-}
+mod tests;
