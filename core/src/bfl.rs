@@ -145,6 +145,8 @@ pub fn moderated(status: &str, details: Option<Value>, request_id: Option<String
             request_id,
             refusal: details,
             rate_limits: None,
+            // A task is billed when its submit is accepted, moderated or not.
+            charged: true,
         }),
     }
 }

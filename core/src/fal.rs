@@ -137,6 +137,8 @@ pub fn flagged(request_id: Option<String>) -> Failure {
             status: Some(200),
             code: Some("has_nsfw_concepts".into()),
             request_id,
+            // The request ran: it is charged, flagged or not.
+            charged: true,
             ..ProviderDetail::default()
         }),
     }
@@ -155,6 +157,22 @@ pub fn classify(status: u16, body: &[u8], after: Option<std::time::Duration>) ->
         ..ProviderDetail::default()
     });
     let lower = message.to_lowercase();
+    let refused = serde_json::from_slice::<Value>(body).is_ok_and(|v| {
+        v.get("detail")
+            .and_then(Value::as_array)
+            .is_some_and(|items| {
+                items.iter().any(|i| {
+                    i.get("type").and_then(Value::as_str) == Some("content_policy_violation")
+                })
+            })
+    });
+    if refused {
+        return Failure::Permanent {
+            kind: ErrorKind::ContentPolicy,
+            message: format!("the provider refused the request: {message}"),
+            detail,
+        };
+    }
     match status {
         402 => Failure::Stop {
             reason: StopReason::QuotaExhausted,
@@ -231,6 +249,8 @@ mod tests {
         assert_eq!(invalid.kind(), Some(ErrorKind::InvalidRequest));
         assert!(invalid.message().contains("body.num_images"));
         assert!(classify(429, b"{}", None).is_retryable());
+        let refused = classify(422, br#"{"detail":[{"loc":["body","prompt"],"msg":"The content could not be processed because it contained material flagged by a content checker.","type":"content_policy_violation"}]}"#, None);
+        assert_eq!(refused.kind(), Some(ErrorKind::ContentPolicy));
         assert!(classify(503, b"", None).is_retryable());
     }
 }

@@ -153,11 +153,13 @@ fn outputs(output: Option<&Value>) -> Vec<String> {
 
 /// The failure of a prediction that ran and did not succeed.
 pub fn failure(state: &State, id: &str) -> Failure {
+    // A prediction that ran (refused by its safety checker, or failed) was charged for its time.
     let detail = |code: &str| {
         Box::new(ProviderDetail {
             status: Some(200),
             code: Some(code.into()),
             request_id: Some(id.to_string()),
+            charged: code == "failed",
             ..ProviderDetail::default()
         })
     };

@@ -47,6 +47,8 @@ impl Finish {
                     status: Some(200),
                     code: Some("CONTENT_FILTERED".into()),
                     request_id,
+                    // A filtered image is charged like any other.
+                    charged: true,
                     ..ProviderDetail::default()
                 }),
             }),

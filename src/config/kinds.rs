@@ -132,6 +132,9 @@ pub struct ReplicateSettings {
     pub api_key: SecretString,
     /// Model of jobs that name none: `owner/name`, `owner/name:VERSION` or a version id.
     pub model: String,
+    /// Images one prediction is asked for (`num_outputs`, when above 1): 1 for models that
+    /// make one whatever they are asked, up to 4 for those that take `num_outputs`.
+    pub images_per_call: u8,
     /// Size of jobs that name none: `WIDTHxHEIGHT`, `W:H` or `auto`.
     pub size: String,
     /// Output format of jobs that name none: `png`, `jpeg` or `webp`.

@@ -350,6 +350,12 @@ fn resolve_one(
                 s.max_response_bytes,
             )?;
             validate_polls(&section, s.poll_min_ms, s.poll_max_secs)?;
+            in_range(
+                format!("{section}.images_per_call"),
+                s.images_per_call.into(),
+                1,
+                10,
+            )?;
             if !matches!(s.output_format.as_str(), "png" | "jpeg" | "webp") {
                 return Err(invalid(
                     format!("{section}.output_format"),

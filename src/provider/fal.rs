@@ -21,7 +21,9 @@ use serde_json::{Map, Value, json};
 
 use super::download::Downloads;
 use super::fetch::FetchRules;
-use super::http::{Clock, api_client, retry_after, secret_header, with_request_id};
+use super::http::{
+    Clock, MAX_SMALL_ANSWER, api_client, retry_after, secret_header, with_request_id,
+};
 use super::queued::{by_age, fetch_image, lost, origin, unbilled, unix_ms};
 use super::{
     Answer, Capabilities, Generation, Handle, ImageProvider, ImageRequest, JobDefaults, Journal,
@@ -212,10 +214,12 @@ impl Fal {
             .await?;
         let status = response.status().as_u16();
         let after = retry_after(response.headers());
-        let text = clock.read_error(response).await;
         if !(200..300).contains(&status) {
+            let text = clock.read_error(response).await;
             return Err(classify(status, &text, after));
         }
+        // Queued: an answer that does not read whole may have been billed.
+        let text = clock.read_small(response, MAX_SMALL_ANSWER).await?;
         let queued = read_submit(&text)?;
         let handle = RequestHandle {
             request_id: queued.request_id.clone(),
@@ -251,7 +255,6 @@ impl Fal {
             .map_err(unbilled)?;
         let status = response.status().as_u16();
         let after = retry_after(response.headers());
-        let text = clock.read_error(response).await;
         if status == 404 {
             return Err(lost(
                 "the provider does not know the request".into(),
@@ -259,8 +262,13 @@ impl Fal {
             ));
         }
         if !(200..300).contains(&status) {
+            let text = clock.read_error(response).await;
             return Err(with_request_id(classify(status, &text, after), &request_id));
         }
+        let text = clock
+            .read_small(response, MAX_SMALL_ANSWER)
+            .await
+            .map_err(|f| with_request_id(unbilled(f), &request_id))?;
         match read_status(&text)
             .map_err(|why| with_request_id(Failure::transient(why), &request_id))?
         {
@@ -281,7 +289,6 @@ impl Fal {
             .map_err(unbilled)?;
         let status = response.status().as_u16();
         let after = retry_after(response.headers());
-        let text = clock.read_error(response).await;
         if status == 404 || status == 410 {
             return Err(lost(
                 "the request's result is gone".into(),
@@ -290,17 +297,27 @@ impl Fal {
         }
         if !(200..300).contains(&status) {
             // The request ran and failed: its result is the error. A new request is needed.
+            let text = clock.read_error(response).await;
             let failure = classify(status, &text, after);
             return Err(match failure {
                 Failure::Permanent { .. } | Failure::Stop { .. } => {
                     with_request_id(failure, &request_id)
                 }
-                other => lost(
-                    format!("the request failed at the provider: {}", other.message()),
-                    Some(&h.request_id),
-                ),
+                other => {
+                    let mut failed = lost(
+                        format!("the request failed at the provider: {}", other.message()),
+                        Some(&h.request_id),
+                    );
+                    // It ran: it was charged.
+                    failed.detail_mut().charged = true;
+                    failed
+                }
             });
         }
+        let text = clock
+            .read_small(response, MAX_SMALL_ANSWER)
+            .await
+            .map_err(|f| with_request_id(unbilled(f), &request_id))?;
         let images = read_result(&text).map_err(|f| with_request_id(f, &request_id))?;
         if images.iter().any(|i| i.nsfw) {
             return Err(flagged(request_id));

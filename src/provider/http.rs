@@ -14,6 +14,9 @@ use tokio::time::Instant;
 use super::buffers::{BufferPool, PooledBuf};
 use crate::domain::error::{Failure, with_causes};
 
+/// The largest submit or poll answer read (a prediction's logs can be long).
+pub const MAX_SMALL_ANSWER: usize = 4 << 20;
+
 /// Error bodies are small; never read more than this of one.
 pub const MAX_ERROR_BODY: usize = 64 * 1024;
 
@@ -187,6 +190,20 @@ impl Clock {
         self.within(read_limited(response, limit, &mut sink))
             .await??;
         Ok(sink)
+    }
+
+    /// A small answer (a submit's, a poll's: JSON with an id, a status, URLs), at most `limit`
+    /// bytes, outside the answer memory: one cut short, or larger, is an error, never a
+    /// truncated body.
+    pub async fn read_small(
+        &self,
+        response: reqwest::Response,
+        limit: usize,
+    ) -> Result<Vec<u8>, Failure> {
+        let mut body = Vec::new();
+        self.within(read_limited(response, limit, &mut body))
+            .await??;
+        Ok(body)
     }
 
     /// An error body: small, read within the timeout, outside the answer memory.

@@ -25,7 +25,8 @@ use serde_json::{Map, Value, json};
 use super::download::Downloads;
 use super::fetch::FetchRules;
 use super::http::{
-    Clock, api_client, billed_failure, decode_owned, retry_after, secret_header, with_request_id,
+    Clock, MAX_SMALL_ANSWER, api_client, billed_failure, decode_owned, retry_after, secret_header,
+    with_request_id,
 };
 use super::queued::{by_age, fetch_image, lost, origin, unbilled, unix_ms};
 use super::{
@@ -37,8 +38,9 @@ use crate::domain::cost::Usage;
 use crate::domain::error::{ErrorKind, Failure};
 use imagegen_core::replicate::{Prediction, State, classify, failure, read_prediction};
 
+/// What it can do; `images_per_call` is the provider's setting.
 const CAPABILITIES: Capabilities = Capabilities {
-    images_per_call: 4,
+    images_per_call: 1,
     sizes: Sizes::Any,
     formats: Some(&["png", "jpeg", "webp"]),
     seed: true,
@@ -63,12 +65,15 @@ const CAPABILITIES: Capabilities = Capabilities {
 };
 
 pub struct Replicate {
+    capabilities: Capabilities,
     client: reqwest::Client,
     base_url: String,
     /// Scheme, host and port of the base URL: prediction URLs there get the token.
     base_origin: String,
     downloads: Downloads,
     request_timeout: Duration,
+    /// The largest prediction read (outputs may come inline, as data URIs).
+    max_answer: usize,
     poll_min: Duration,
     poll_max: Duration,
     defaults: JobDefaults,
@@ -127,6 +132,10 @@ impl Replicate {
         );
         let base = reqwest::Url::parse(&settings.base_url)?;
         Ok(Self {
+            capabilities: Capabilities {
+                images_per_call: settings.images_per_call,
+                ..CAPABILITIES
+            },
             client: api_client(headers, Duration::from_secs(settings.connect_timeout_secs))?,
             base_url: settings.base_url.trim_end_matches('/').to_string(),
             base_origin: origin(&base),
@@ -141,6 +150,7 @@ impl Replicate {
                 buffers,
             ),
             request_timeout: Duration::from_secs(settings.request_timeout_secs),
+            max_answer: settings.max_response_bytes.max(MAX_SMALL_ANSWER),
             poll_min: Duration::from_millis(settings.poll_min_ms),
             poll_max: Duration::from_secs(settings.poll_max_secs),
             defaults: JobDefaults {
@@ -219,10 +229,12 @@ impl Replicate {
             .await?;
         let status = response.status().as_u16();
         let after = retry_after(response.headers());
-        let text = clock.read_error(response).await;
         if !(200..300).contains(&status) {
+            let text = clock.read_error(response).await;
             return Err(classify(status, &text, after));
         }
+        // Created: an answer that does not read whole may have been billed.
+        let text = clock.read_small(response, self.max_answer).await?;
         let prediction = read_prediction(&text)?;
         let handle = PredictionHandle {
             id: prediction.id.clone(),
@@ -266,7 +278,6 @@ impl Replicate {
         let status = response.status().as_u16();
         let request_id = Some(p.id.clone());
         let after = retry_after(response.headers());
-        let text = clock.read_error(response).await;
         if status == 404 {
             return Err(lost(
                 "the provider does not know the prediction".into(),
@@ -274,8 +285,13 @@ impl Replicate {
             ));
         }
         if !(200..300).contains(&status) {
+            let text = clock.read_error(response).await;
             return Err(with_request_id(classify(status, &text, after), &request_id));
         }
+        let text = clock
+            .read_small(response, self.max_answer)
+            .await
+            .map_err(|f| with_request_id(unbilled(f), &request_id))?;
         let prediction =
             read_prediction(&text).map_err(|f| with_request_id(unbilled(f), &request_id))?;
         self.settle(prediction, &p, request).await
@@ -298,7 +314,10 @@ impl Replicate {
             State::Refused(_) => Err(failure(&prediction.state, &prediction.id)),
             State::Failed(_) | State::Canceled => {
                 let f = failure(&prediction.state, &prediction.id);
-                Err(lost(f.message().to_string(), Some(&prediction.id)))
+                let mut gone = lost(f.message().to_string(), Some(&prediction.id));
+                // A prediction that ran and failed was charged for its time.
+                gone.detail_mut().charged = f.detail().charged;
+                Err(gone)
             }
             State::Succeeded(outputs) => {
                 let mut images = Vec::with_capacity(outputs.len());
@@ -388,7 +407,7 @@ impl ImageProvider for Replicate {
     }
 
     fn capabilities(&self) -> &Capabilities {
-        &CAPABILITIES
+        &self.capabilities
     }
 
     fn defaults(&self) -> &JobDefaults {

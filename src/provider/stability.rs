@@ -194,7 +194,13 @@ impl Stability {
             .map_err(|f| with_request_id(f, &request_id))?;
         let (data, finish): (bytes::Bytes, Finish) = if json {
             let answer = read_json(&body).map_err(|f| with_request_id(f, &request_id))?;
-            (answer.image, answer.finish)
+            // Filtered if either the header or the body says so.
+            let finish = if answer.finish == Finish::Success {
+                header_finish
+            } else {
+                answer.finish
+            };
+            (answer.image, finish)
         } else {
             (body.freeze(), header_finish)
         };

@@ -39,7 +39,9 @@ fn settings(fake: &ReplicateServer) -> Vec<(&'static str, String)> {
 #[tokio::test]
 async fn a_prediction_is_created_once_polled_and_its_outputs_stored() {
     let fake = fake(ReplicateOptions::default()).await;
-    let env = TestEnv::with(Store::S3, &settings(&fake)).await;
+    let mut vars = settings(&fake);
+    vars.push(("providers.replicate.images_per_call", "2".into()));
+    let env = TestEnv::with(Store::S3, &vars).await;
     let mut listener = env.listen().await;
     let worker = env.start_worker().await;
     env.publish(

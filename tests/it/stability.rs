@@ -123,6 +123,12 @@ async fn a_filtered_image_and_a_moderated_prompt_fail_once_as_content_policy() {
         assert_eq!(event.data.attempts, 1);
         assert_eq!(fake.api.calls_for(prompt), 1, "a refusal is never retried");
         assert_eq!(fake.api.billed_for(prompt), billed);
+        // A filtered image is charged (a Core image, $0.03); a refused prompt is not.
+        assert_eq!(
+            event.data.cost_usd.unwrap_or(0.0),
+            0.03 * billed as f64,
+            "{prompt}"
+        );
     }
     let store = env.store().await;
     let listed = imagegen::storage::list_all(

@@ -98,6 +98,9 @@ pub struct ProviderDetail {
     pub refusal: Option<serde_json::Value>,
     /// The response's rate-limit headers, for the throttle.
     pub rate_limits: Option<super::limits::RateLimits>,
+    /// The provider charged for this answer though it holds no image (an image it made, then
+    /// refused): its cost is counted at the request's estimate.
+    pub charged: bool,
 }
 
 /// A classified failure. (The provider's detail is boxed to keep `Result<_, Failure>` small.)

@@ -260,6 +260,7 @@ fn no_image(
             request_id: response_id.clone(),
             refusal: None,
             rate_limits: None,
+            charged: false,
         })
     };
     if let Some(reason) = refusal {

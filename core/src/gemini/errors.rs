@@ -118,6 +118,7 @@ pub fn classify(
         request_id,
         refusal: None,
         rate_limits: None,
+        charged: false,
     });
     if status == 429 || grpc.as_deref() == Some("RESOURCE_EXHAUSTED") {
         let quotas = body.quota_ids();

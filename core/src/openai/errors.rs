@@ -104,6 +104,7 @@ pub fn classify(
             .clone()
             .or_else(|| body.inner_error.clone()),
         rate_limits: None,
+        charged: false,
     });
     let is = |list: &[&str], v: &Option<String>| v.as_deref().is_some_and(|v| list.contains(&v));
     let inner_code = body

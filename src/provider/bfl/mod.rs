@@ -24,7 +24,9 @@ mod active;
 use self::active::Active;
 use super::download::Downloads;
 use super::fetch::FetchRules;
-use super::http::{Clock, api_client, retry_after, secret_header, with_request_id};
+use super::http::{
+    Clock, MAX_SMALL_ANSWER, api_client, retry_after, secret_header, with_request_id,
+};
 use super::queued::{fetch_image, lost, origin, unbilled, unix_ms};
 use super::{
     Answer, Capabilities, Generation, Handle, ImageProvider, ImageRequest, JobDefaults, Journal,
@@ -202,7 +204,8 @@ impl Bfl {
                 .await?;
             let status = response.status().as_u16();
             if (200..300).contains(&status) {
-                let text = clock.read_error(response).await;
+                // Accepted: an answer that does not read whole may have been billed.
+                let text = clock.read_small(response, MAX_SMALL_ANSWER).await?;
                 let submitted = read_submit(&text)?;
                 ticket.bind(&submitted.id);
                 let handle = TaskHandle {
@@ -270,7 +273,10 @@ impl Bfl {
             let text = clock.read_error(response).await;
             return Err(with_request_id(classify(status, &text, after), &request_id));
         }
-        let text = clock.read_error(response).await;
+        let text = clock
+            .read_small(response, MAX_SMALL_ANSWER)
+            .await
+            .map_err(|f| with_request_id(unbilled(f), &request_id))?;
         let polled = read_poll(&text)
             .map_err(|why| with_request_id(Failure::transient(why), &request_id))?;
         match polled {

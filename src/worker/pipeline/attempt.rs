@@ -85,8 +85,10 @@ impl AttemptContext<'_> {
         if !self.probe && !polling && route.paused().is_some() {
             return Attempt::Halted(Halt::Provider);
         }
-        // After the slot: spend committed by the calls this one waited for is counted.
-        if let Some(budget) = self.budget
+        // After the slot: spend committed by the calls this one waited for is counted. A poll
+        // buys nothing, and its request is paid for: it is collected whatever the caps say.
+        if !polling
+            && let Some(budget) = self.budget
             && let Err(failure) = budget.check(self.job.batch.as_deref()).await
         {
             return Attempt::Halted(Halt::Budget(failure));
@@ -114,7 +116,7 @@ impl AttemptContext<'_> {
             }
             // Paid for, maybe, with nothing to show: charged at the request's estimate, so that
             // a provider that keeps failing after billing cannot spend past the caps.
-            Err(f) if f.possibly_billed() && !polling => {
+            Err(f) if (f.possibly_billed() && !polling) || f.detail().charged => {
                 Some(route.estimated_cost(self.request).map_or(0.0, |c| c.usd))
             }
             _ => None,

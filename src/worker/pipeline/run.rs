@@ -288,6 +288,13 @@ impl JobRun<'_> {
                     if let Some(probe) = probe {
                         probe.through();
                     }
+                    // A poll buys nothing: its failure (a download that broke off, an answer
+                    // that did not read) is worth polling again, never a possibly billed call.
+                    let failure = if polling {
+                        crate::provider::queued::unbilled(failure)
+                    } else {
+                        failure
+                    };
                     if polling && failure.detail().code.as_deref() == Some(HANDLE_LOST) {
                         // The queued request is gone at the provider: forget it, so that the
                         // next attempt submits anew.
@@ -297,7 +304,7 @@ impl JobRun<'_> {
                             return Step::Done(self.storage_down(e));
                         }
                     }
-                    if failure.possibly_billed() && !polling {
+                    if (failure.possibly_billed() && !polling) || failure.detail().charged {
                         let mut estimate = route.provider.estimate(&request);
                         estimate.estimated = true;
                         progress
@@ -313,7 +320,18 @@ impl JobRun<'_> {
                     }
                     progress.bought(&generation);
                     let returned = generation.images.len();
-                    let indices = &missing[..returned.min(missing.len())];
+                    // A polled request fills the images its journal entry names (those still
+                    // missing); a submitted one the first missing.
+                    let targets: Vec<u32> = match &pending {
+                        Some(entry) if polling && !entry.indices.is_empty() => entry
+                            .indices
+                            .iter()
+                            .copied()
+                            .filter(|i| missing.contains(i))
+                            .collect(),
+                        _ => missing.clone(),
+                    };
+                    let indices = &targets[..returned.min(targets.len())];
                     if let Err(failure) = self
                         .p
                         .images
@@ -328,8 +346,15 @@ impl JobRun<'_> {
                     {
                         return Step::Done(self.storage_down(failure));
                     }
-                    // Its journal entry stays: with its images stored, it is spent.
-                    pending = None;
+                    // Its journal entry stays: with its images stored, it is spent. A short answer
+                    // leaves some of them missing: the entry goes, or a later delivery would poll
+                    // the same request and store its images again in their place.
+                    if pending.take().is_some()
+                        && returned < count as usize
+                        && let Err(e) = journal.clear_pending().await
+                    {
+                        warn!(error = %e, "could not clear the short-answered request from the journal");
+                    }
                     if returned >= count as usize {
                         continue;
                     }
@@ -362,6 +387,10 @@ impl JobRun<'_> {
                 }
                 Decision::GiveUp => {
                     self.count_possibly_billed(&mut progress, retries.possibly_billed());
+                    if let Some(entry) = &pending {
+                        // The job leaves this provider: its queued request is not wanted.
+                        route.provider.cancel(&entry.handle).await;
+                    }
                     // Retries exhausted on transient errors: this provider is out of service
                     // for the job. A refusal moves only where the provider's config says so.
                     let moves = failure.is_retryable()

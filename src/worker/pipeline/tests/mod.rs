@@ -234,6 +234,72 @@ async fn a_provider_without_room_sends_the_job_to_a_delay_queue_without_an_attem
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_poll_that_fails_is_polled_again_never_counted_as_possibly_billed() {
+    // A download of the finished request that broke off, twice: the request is paid for and
+    // polling it again costs nothing, so neither failure spends the job's possibly billed retry.
+    let (stub, s) = single(1, Mode::SubmitAndPoll);
+    let broken = || {
+        Scripted::Fail(Failure::Retryable {
+            message: "downloading the generated image failed".into(),
+            after: None,
+            possibly_billed: true,
+            detail: Box::default(),
+        })
+    };
+    stub.then(Scripted::Pending(Duration::from_secs(1)))
+        .then(broken())
+        .then(broken())
+        .then(Scripted::Images);
+    let (event, _) = s
+        .finish(serde_json::json!({"id": "pf", "prompt": "p"}))
+        .await;
+    assert_eq!(
+        event.data.status,
+        Status::Succeeded,
+        "{:?}",
+        event.data.error
+    );
+    assert_eq!((stub.submits(), stub.polls()), (1, 3));
+    assert_eq!(event.data.possibly_billed, 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_short_answer_to_a_poll_is_not_polled_again_for_the_missing_image() {
+    let stub = Stub::new(2, Mode::SubmitAndPoll);
+    let s = setup_with(&[("a", stub.clone())], &[("worker.pending_hold_secs", "0")]);
+    stub.then(Scripted::Pending(Duration::from_secs(1)))
+        .then(Scripted::Short(1))
+        .then(Scripted::Fail(Failure::Retryable {
+            message: "Rate limit reached".into(),
+            after: Some(Duration::from_secs(90)),
+            possibly_billed: false,
+            detail: Box::default(),
+        }));
+    let job = serde_json::json!({"id": "sh", "prompt": "p", "n": 2});
+    assert!(matches!(
+        s.process(job.clone()).await,
+        Outcome::Pending { .. }
+    ));
+    // The poll answers one image of two; asking for the other is deferred.
+    assert!(matches!(
+        s.process(job.clone()).await,
+        Outcome::Defer { .. }
+    ));
+    assert_eq!((stub.submits(), stub.polls()), (2, 1));
+    // The next delivery asks anew for the missing image: polling the short-answered request
+    // again would store its image a second time in the other's place.
+    let (event, _) = s.finish(job).await;
+    assert_eq!(
+        event.data.status,
+        Status::Succeeded,
+        "{:?}",
+        event.data.error
+    );
+    assert_eq!(event.data.images.len(), 2);
+    assert_eq!((stub.submits(), stub.polls()), (3, 1));
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_spent_journal_entry_is_never_polled_again_for_the_next_image() {
     // Two images, one per call. The first is queued, polled and stored; the second's submit
     // fails for long enough to defer the job, so the journal still names the first request.
