@@ -1,11 +1,10 @@
 //! The kinds of provider and the keys of each (`[provider_defaults.KIND]` documents them all in
-//! `config/default.toml`), with the checks every HTTP kind shares.
+//! `config/default.toml`); their start-up checks are in `checks.rs`.
 
-use secrecy::{ExposeSecret, SecretString};
+use secrecy::SecretString;
 use serde::Deserialize;
 
 pub use super::azure::{AzureAuth, AzureOpenAiSettings, AzureSurface};
-use super::{ConfigError, in_range, invalid};
 
 /// The kinds of provider this worker has a driver for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -321,64 +320,4 @@ impl KindSettings {
             KindSettings::Fal(_) => ProviderKind::Fal,
         }
     }
-}
-
-pub(super) fn validate_openai(section: &str, p: &OpenAiSettings) -> Result<(), ConfigError> {
-    validate_http(
-        section,
-        &p.base_url,
-        &p.api_key,
-        &p.model,
-        [p.request_timeout_secs, p.connect_timeout_secs],
-        p.max_response_bytes,
-    )?;
-    if !matches!(p.response_format.as_str(), "" | "url" | "b64_json") {
-        return Err(invalid(
-            format!("{section}.response_format"),
-            "must be \"\", \"url\" or \"b64_json\"",
-        ));
-    }
-    Ok(())
-}
-
-/// The keys every HTTP provider has: its base URL, key, default model, timeouts
-/// (`[request_timeout_secs, connect_timeout_secs]`) and answer size limit.
-pub(super) fn validate_http(
-    section: &str,
-    base_url: &str,
-    api_key: &SecretString,
-    model: &str,
-    [request_timeout_secs, connect_timeout_secs]: [u64; 2],
-    max_response_bytes: usize,
-) -> Result<(), ConfigError> {
-    let key = |name: &str| format!("{section}.{name}");
-    if !(base_url.starts_with("http://") || base_url.starts_with("https://")) {
-        return Err(invalid(
-            key("base_url"),
-            "must be an http:// or https:// URL",
-        ));
-    }
-    if reqwest::Url::parse(base_url).is_err() {
-        return Err(invalid(key("base_url"), "is not a valid URL"));
-    }
-    if api_key.expose_secret().trim().is_empty() {
-        let name = section.trim_start_matches("providers.").to_uppercase();
-        let hint = if name == "OPENAI" {
-            "set OPENAI_API_KEY or IMAGEGEN__PROVIDERS__OPENAI__API_KEY".to_string()
-        } else {
-            format!("set IMAGEGEN__PROVIDERS__{name}__API_KEY")
-        };
-        return Err(invalid(key("api_key"), format!("is required ({hint})")));
-    }
-    if model.trim().is_empty() {
-        return Err(invalid(key("model"), "must not be empty"));
-    }
-    in_range(key("request_timeout_secs"), request_timeout_secs, 1, 3600)?;
-    in_range(key("connect_timeout_secs"), connect_timeout_secs, 1, 600)?;
-    in_range(
-        key("max_response_bytes"),
-        max_response_bytes as u64,
-        1024,
-        1 << 32,
-    )
 }

@@ -6,6 +6,7 @@
 //! ([`providers`]).
 
 pub mod azure;
+mod checks;
 pub mod kinds;
 pub mod providers;
 pub mod sections;

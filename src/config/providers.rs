@@ -18,12 +18,12 @@ use std::collections::BTreeSet;
 use config::{Map, Value, ValueKind};
 use serde::de::DeserializeOwned;
 
+use super::checks::KindKeys;
 pub use super::kinds::{
     AuthScheme, AzureAuth, AzureOpenAiSettings, AzureSurface, BflSettings, FalSettings,
     GeminiSettings, KindSettings, OpenAiSettings, PlaceholderSettings, ProviderDefaults,
     ProviderKind, ReplicateSettings, StabilitySettings,
 };
-use super::kinds::{validate_http, validate_openai};
 use super::sections::{LimitsSettings, RetrySettings, WorkerSettings};
 use super::{ConfigError, in_range, invalid};
 use crate::domain::cost::PriceTable;
@@ -262,127 +262,24 @@ fn resolve_one(
         .validate()
         .map_err(|e| invalid(format!("{section}.pricing"), e))?;
     let defaults = format!("provider_defaults.{}", kind.as_str());
+    let keys = Some(table_value(table));
     let kind = match kind {
-        ProviderKind::Openai => {
-            let s: OpenAiSettings = overlaid(cfg, &defaults, Some(table_value(table)), &section)?;
-            validate_openai(&section, &s)?;
-            KindSettings::Openai(s)
-        }
+        ProviderKind::Openai => KindSettings::Openai(kind_keys(cfg, &defaults, keys, &section)?),
         ProviderKind::Placeholder => {
-            let s: PlaceholderSettings =
-                overlaid(cfg, &defaults, Some(table_value(table)), &section)?;
-            if s.model.trim().is_empty() {
-                return Err(invalid(format!("{section}.model"), "must not be empty"));
-            }
-            KindSettings::Placeholder(s)
+            KindSettings::Placeholder(kind_keys(cfg, &defaults, keys, &section)?)
         }
-        ProviderKind::Gemini => {
-            let s: GeminiSettings = overlaid(cfg, &defaults, Some(table_value(table)), &section)?;
-            validate_http(
-                &section,
-                &s.base_url,
-                &s.api_key,
-                &s.model,
-                [s.request_timeout_secs, s.connect_timeout_secs],
-                s.max_response_bytes,
-            )?;
-            KindSettings::Gemini(s)
-        }
-        ProviderKind::Bfl => {
-            let s: BflSettings = overlaid(cfg, &defaults, Some(table_value(table)), &section)?;
-            validate_http(
-                &section,
-                &s.base_url,
-                &s.api_key,
-                &s.model,
-                [s.request_timeout_secs, s.connect_timeout_secs],
-                s.max_response_bytes,
-            )?;
-            let key = |name: &str| format!("{section}.{name}");
-            in_range(key("max_active"), s.max_active as u64, 1, 1024)?;
-            validate_polls(&section, s.poll_min_ms, s.poll_max_secs)?;
-            if !matches!(s.output_format.as_str(), "png" | "jpeg") {
-                return Err(invalid(key("output_format"), "must be \"png\" or \"jpeg\""));
-            }
-            KindSettings::Bfl(s)
-        }
+        ProviderKind::Gemini => KindSettings::Gemini(kind_keys(cfg, &defaults, keys, &section)?),
+        ProviderKind::Bfl => KindSettings::Bfl(kind_keys(cfg, &defaults, keys, &section)?),
         ProviderKind::AzureOpenai => {
-            let s: AzureOpenAiSettings =
-                overlaid(cfg, &defaults, Some(table_value(table)), &section)?;
-            let s = s.with_environment();
-            s.validate(&section)?;
-            KindSettings::AzureOpenai(s)
+            KindSettings::AzureOpenai(kind_keys(cfg, &defaults, keys, &section)?)
         }
         ProviderKind::Stability => {
-            let s: StabilitySettings =
-                overlaid(cfg, &defaults, Some(table_value(table)), &section)?;
-            validate_http(
-                &section,
-                &s.base_url,
-                &s.api_key,
-                &s.model,
-                [s.request_timeout_secs, s.connect_timeout_secs],
-                s.max_response_bytes,
-            )?;
-            in_range(
-                format!("{section}.rate_limit_wait_secs"),
-                s.rate_limit_wait_secs,
-                1,
-                3600,
-            )?;
-            if !matches!(s.output_format.as_str(), "png" | "jpeg" | "webp") {
-                return Err(invalid(
-                    format!("{section}.output_format"),
-                    "must be \"png\", \"jpeg\" or \"webp\"",
-                ));
-            }
-            KindSettings::Stability(s)
+            KindSettings::Stability(kind_keys(cfg, &defaults, keys, &section)?)
         }
         ProviderKind::Replicate => {
-            let s: ReplicateSettings =
-                overlaid(cfg, &defaults, Some(table_value(table)), &section)?;
-            validate_http(
-                &section,
-                &s.base_url,
-                &s.api_key,
-                &s.model,
-                [s.request_timeout_secs, s.connect_timeout_secs],
-                s.max_response_bytes,
-            )?;
-            validate_polls(&section, s.poll_min_ms, s.poll_max_secs)?;
-            in_range(
-                format!("{section}.images_per_call"),
-                s.images_per_call.into(),
-                1,
-                10,
-            )?;
-            if !matches!(s.output_format.as_str(), "png" | "jpeg" | "webp") {
-                return Err(invalid(
-                    format!("{section}.output_format"),
-                    "must be \"png\", \"jpeg\" or \"webp\"",
-                ));
-            }
-            KindSettings::Replicate(s)
+            KindSettings::Replicate(kind_keys(cfg, &defaults, keys, &section)?)
         }
-        ProviderKind::Fal => {
-            let s: FalSettings = overlaid(cfg, &defaults, Some(table_value(table)), &section)?;
-            validate_http(
-                &section,
-                &s.base_url,
-                &s.api_key,
-                &s.model,
-                [s.request_timeout_secs, s.connect_timeout_secs],
-                s.max_response_bytes,
-            )?;
-            validate_polls(&section, s.poll_min_ms, s.poll_max_secs)?;
-            if !matches!(s.output_format.as_str(), "png" | "jpeg") {
-                return Err(invalid(
-                    format!("{section}.output_format"),
-                    "must be \"png\" or \"jpeg\"",
-                ));
-            }
-            KindSettings::Fal(s)
-        }
+        ProviderKind::Fal => KindSettings::Fal(kind_keys(cfg, &defaults, keys, &section)?),
     };
     Ok(ProviderSettings {
         name,
@@ -406,6 +303,18 @@ fn valid_name(name: &str) -> bool {
 
 fn table_value(table: Map<String, Value>) -> Value {
     Value::new(None, ValueKind::Table(table))
+}
+
+/// A kind's keys: `[provider_defaults.KIND]` with the provider's own over them, checked.
+fn kind_keys<T: KindKeys>(
+    cfg: &config::Config,
+    defaults: &str,
+    keys: Option<Value>,
+    section: &str,
+) -> Result<T, ConfigError> {
+    let s = T::prepared(overlaid(cfg, defaults, keys, section)?);
+    s.check(section)?;
+    Ok(s)
 }
 
 /// The table at `base` with the keys of `over` replacing its own, deserialised. Errors name the
@@ -487,18 +396,4 @@ fn from_legacy(
         }
     );
     Ok((name, legacy, warning))
-}
-
-/// The poll backoff of a submit-and-poll kind: `poll_min_ms` and `poll_max_secs`.
-fn validate_polls(section: &str, poll_min_ms: u64, poll_max_secs: u64) -> Result<(), ConfigError> {
-    let key = |name: &str| format!("{section}.{name}");
-    in_range(key("poll_min_ms"), poll_min_ms, 100, 60_000)?;
-    in_range(key("poll_max_secs"), poll_max_secs, 1, 600)?;
-    if poll_max_secs * 1000 < poll_min_ms {
-        return Err(invalid(
-            key("poll_max_secs"),
-            "must be at least poll_min_ms",
-        ));
-    }
-    Ok(())
 }

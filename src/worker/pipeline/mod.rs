@@ -16,6 +16,7 @@
 //! [`events`] (the one builder of result and failure events).
 
 pub mod attempt;
+mod endings;
 pub mod events;
 pub mod fallback;
 pub mod images;
