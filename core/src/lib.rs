@@ -14,14 +14,19 @@
 //!   - [`stability`]: Stability AI's images (raw or JSON, a filtered one refused) and errors;
 //!   - [`replicate`]: Replicate's predictions (a safety refusal told from a crash) and errors;
 //!   - [`fal`]: fal's queue (its submits, statuses and results, a flagged image refused) and errors;
+//!   - [`comfyui`]: a ComfyUI server's queue, history and jobs (a graph error named by its node),
+//!     and the workflows jobs are put into;
+//!   - [`automatic1111`]: AUTOMATIC1111's (and Forge's) `txt2img` answers and errors;
 //!   - [`entra`]: the Microsoft Entra ID token endpoint's grants and refusals (Azure OpenAI);
 //!   - [`amqp`]: the headers of a message (the sealed count of failed attempts, the failure the
 //!     worker recorded, the broker's death records).
 //! - [`buffers`]: the image-sized buffers answers are read and decoded into.
 
 pub mod amqp;
+pub mod automatic1111;
 pub mod bfl;
 pub mod buffers;
+pub mod comfyui;
 pub mod domain;
 pub mod entra;
 pub mod fal;

@@ -43,6 +43,9 @@ fn price_of(prices: &PriceTable, model: &str) -> Option<String> {
     if let Some(p) = prices.per_credit.iter().find(|p| matches(&p.model)) {
         return Some(format!("${} per credit", p.usd));
     }
+    if let Some(p) = prices.per_gpu_second.iter().find(|p| matches(&p.model)) {
+        return Some(format!("${} per GPU second", p.usd));
+    }
     if let Some(p) = prices.models.iter().find(|p| matches(&p.model)) {
         return Some(format!(
             "${} / ${} / ${} per million text-in / image-in / image-out tokens",

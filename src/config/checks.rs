@@ -3,8 +3,8 @@
 use secrecy::{ExposeSecret, SecretString};
 
 use super::kinds::{
-    AzureOpenAiSettings, BflSettings, FalSettings, GeminiSettings, OpenAiSettings,
-    PlaceholderSettings, ReplicateSettings, StabilitySettings,
+    Automatic1111Settings, AzureOpenAiSettings, BflSettings, ComfyUiSettings, FalSettings,
+    GeminiSettings, OpenAiSettings, PlaceholderSettings, ReplicateSettings, StabilitySettings,
 };
 use super::{ConfigError, in_range, invalid};
 
@@ -190,6 +190,18 @@ impl KindKeys for FalSettings {
     }
 }
 
+impl KindKeys for ComfyUiSettings {
+    fn check(&self, section: &str) -> Result<(), ConfigError> {
+        self.validate(section)
+    }
+}
+
+impl KindKeys for Automatic1111Settings {
+    fn check(&self, section: &str) -> Result<(), ConfigError> {
+        self.validate(section)
+    }
+}
+
 /// A kind's `output_format`: one of `allowed`.
 fn validate_format(section: &str, format: &str, allowed: &[&str]) -> Result<(), ConfigError> {
     if allowed.contains(&format) {
@@ -208,7 +220,11 @@ fn validate_format(section: &str, format: &str, allowed: &[&str]) -> Result<(), 
 }
 
 /// The poll backoff of a submit-and-poll kind: `poll_min_ms` and `poll_max_secs`.
-fn validate_polls(section: &str, poll_min_ms: u64, poll_max_secs: u64) -> Result<(), ConfigError> {
+pub(super) fn validate_polls(
+    section: &str,
+    poll_min_ms: u64,
+    poll_max_secs: u64,
+) -> Result<(), ConfigError> {
     let key = |name: &str| format!("{section}.{name}");
     in_range(key("poll_min_ms"), poll_min_ms, 100, 60_000)?;
     in_range(key("poll_max_secs"), poll_max_secs, 1, 600)?;

@@ -5,6 +5,7 @@ use secrecy::SecretString;
 use serde::Deserialize;
 
 pub use super::azure::{AzureAuth, AzureOpenAiSettings, AzureSurface};
+pub use super::selfhosted::{Automatic1111Settings, ComfyUiInputs, ComfyUiSettings};
 
 /// The kinds of provider this worker has a driver for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -25,6 +26,10 @@ pub enum ProviderKind {
     Replicate,
     /// fal's queue: submit, then poll.
     Fal,
+    /// Self-hosted ComfyUI servers: a workflow queued under an id of the worker's, then polled.
+    ComfyUi,
+    /// A self-hosted AUTOMATIC1111 web UI (or Forge): `txt2img`, synchronous.
+    Automatic1111,
 }
 
 impl ProviderKind {
@@ -38,6 +43,8 @@ impl ProviderKind {
         ProviderKind::Stability,
         ProviderKind::Replicate,
         ProviderKind::Fal,
+        ProviderKind::ComfyUi,
+        ProviderKind::Automatic1111,
     ];
 
     /// The kind as written in `kind`.
@@ -51,6 +58,8 @@ impl ProviderKind {
             ProviderKind::Stability => "stability",
             ProviderKind::Replicate => "replicate",
             ProviderKind::Fal => "fal",
+            ProviderKind::ComfyUi => "comfyui",
+            ProviderKind::Automatic1111 => "automatic1111",
         }
     }
 
@@ -88,6 +97,10 @@ pub struct ProviderDefaults {
     pub replicate: ReplicateSettings,
     /// The keys of kind `fal`.
     pub fal: FalSettings,
+    /// The keys of kind `comfyui`.
+    pub comfyui: ComfyUiSettings,
+    /// The keys of kind `automatic1111`.
+    pub automatic1111: Automatic1111Settings,
 }
 
 /// Kind `fal`: requests put in fal's queue at `{base_url}/{model}`, then followed at the
@@ -304,6 +317,10 @@ pub enum KindSettings {
     Replicate(ReplicateSettings),
     /// Kind `fal`.
     Fal(FalSettings),
+    /// Kind `comfyui`.
+    ComfyUi(ComfyUiSettings),
+    /// Kind `automatic1111`.
+    Automatic1111(Automatic1111Settings),
 }
 
 impl KindSettings {
@@ -318,6 +335,8 @@ impl KindSettings {
             KindSettings::Stability(_) => ProviderKind::Stability,
             KindSettings::Replicate(_) => ProviderKind::Replicate,
             KindSettings::Fal(_) => ProviderKind::Fal,
+            KindSettings::ComfyUi(_) => ProviderKind::ComfyUi,
+            KindSettings::Automatic1111(_) => ProviderKind::Automatic1111,
         }
     }
 }

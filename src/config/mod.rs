@@ -10,6 +10,7 @@ mod checks;
 pub mod kinds;
 pub mod providers;
 pub mod sections;
+pub mod selfhosted;
 pub mod storage;
 
 use std::path::{Path, PathBuf};
@@ -27,6 +28,7 @@ pub use sections::{
     AmqpSettings, BudgetSettings, EventSettings, HttpSettings, LimitsSettings, LogFormat,
     LogSettings, RetrySettings, WorkerSettings,
 };
+pub use selfhosted::{Automatic1111Settings, ComfyUiInputs, ComfyUiSettings};
 pub use storage::{SpoolSettings, StorageKind, StorageSettings};
 
 use crate::domain::cost::PriceTable;

@@ -280,6 +280,10 @@ fn resolve_one(
             KindSettings::Replicate(kind_keys(cfg, &defaults, keys, &section)?)
         }
         ProviderKind::Fal => KindSettings::Fal(kind_keys(cfg, &defaults, keys, &section)?),
+        ProviderKind::ComfyUi => KindSettings::ComfyUi(kind_keys(cfg, &defaults, keys, &section)?),
+        ProviderKind::Automatic1111 => {
+            KindSettings::Automatic1111(kind_keys(cfg, &defaults, keys, &section)?)
+        }
     };
     Ok(ProviderSettings {
         name,

@@ -5,7 +5,7 @@
 //! the job's `params` for its own vocabulary) and declares its [`Capabilities`]. It answers in
 //! one of two ways:
 //!
-//! - **done**: the images are in the answer (OpenAI, Azure OpenAI, Gemini, Stability);
+//! - **done**: the images are in the answer (OpenAI, Azure OpenAI, Gemini, Stability, AUTOMATIC1111);
 //! - **pending**: the work is queued at the provider (BFL, Replicate, fal, ComfyUI): the answer
 //!   carries a [`Handle`] and when to look again. The worker writes the handle to the job's
 //!   [`Journal`] before it waits, and polls it later (in this process or, after a crash or a
@@ -18,8 +18,10 @@
 
 /// The answer buffers, from the core crate (its answer readers decode into them).
 pub use imagegen_core::buffers;
+pub mod automatic1111;
 pub mod azure;
 pub mod bfl;
+pub mod comfyui;
 pub mod download;
 pub mod fal;
 pub mod fetch;
@@ -99,10 +101,20 @@ pub enum Answer {
 /// job's next attempt submits anew.
 pub const HANDLE_LOST: &str = "handle_lost";
 
-/// Small durable notes of a job's progress at the provider, kept next to the job's images.
+/// The job's journal, as a provider sees it: where a provider that names its requests itself
+/// (a client-chosen id: ComfyUI's `prompt_id`) records the request it is about to make, *before*
+/// it makes it. A later delivery (after a crash, a lost answer) then finds that request (by
+/// [`ImageProvider::poll`]) instead of making another. Providers that learn their request's id
+/// from the answer need not call it: the worker records the handle of a `Pending` answer itself.
 pub trait Journal: Send + Sync {
-    fn get<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<Option<Bytes>, Failure>>;
-    fn put<'a>(&'a self, name: &'a str, value: Bytes) -> BoxFuture<'a, Result<(), Failure>>;
+    /// Records `handle` (with the request's id, for logs and events) as the request the job
+    /// waits for. An error means it could not be kept: the provider must not submit (the
+    /// request could be made twice).
+    fn record<'a>(
+        &'a self,
+        handle: &'a Handle,
+        request_id: Option<&'a str>,
+    ) -> BoxFuture<'a, Result<(), Failure>>;
 }
 
 pub trait ImageProvider: Send + Sync {
@@ -180,6 +192,10 @@ pub fn build(
         KindSettings::Stability(s) => Arc::new(stability::Stability::new(s, memory.clone())?),
         KindSettings::Replicate(s) => Arc::new(replicate::Replicate::new(s, memory.clone())?),
         KindSettings::Fal(s) => Arc::new(fal::Fal::new(s, memory.clone())?),
+        KindSettings::ComfyUi(s) => Arc::new(comfyui::ComfyUi::new(s, memory.clone())?),
+        KindSettings::Automatic1111(s) => {
+            Arc::new(automatic1111::Automatic1111::new(s, memory.clone())?)
+        }
     })
 }
 

@@ -7,6 +7,8 @@
 //!
 //! - per image (`[[pricing.per_image]]`, by model, size and quality): exact;
 //! - per megapixel (`[[pricing.per_megapixel]]`) and per credit (`[[pricing.per_credit]]`);
+//! - per second of GPU time (`[[pricing.per_gpu_second]]`: self-hosted servers, whose cost is
+//!   the time their GPUs run);
 //! - per million tokens (`[[pricing.models]]`): text input, image input and image output.
 //!
 //! Prices change: they live in config, not here.
@@ -59,6 +61,8 @@ pub struct PriceTable {
     pub per_megapixel: Vec<UnitPrice>,
     #[serde(default)]
     pub per_credit: Vec<UnitPrice>,
+    #[serde(default)]
+    pub per_gpu_second: Vec<UnitPrice>,
     /// USD per image for a model that no list prices, marked as an estimate; 0: none (the
     /// model is unpriced: its cost is unknown, and with a spend cap its jobs are refused).
     #[serde(default)]
@@ -80,6 +84,8 @@ pub struct Usage {
     pub megapixels: f64,
     /// Provider credits spent.
     pub credits: f64,
+    /// Seconds a (self-hosted) GPU ran for it.
+    pub gpu_seconds: f64,
     /// The provider reported no usage: these are estimates from the request.
     pub estimated: bool,
 }
@@ -94,6 +100,7 @@ impl Usage {
         self.images += other.images;
         self.megapixels += other.megapixels;
         self.credits += other.credits;
+        self.gpu_seconds += other.gpu_seconds;
         self.estimated |= other.estimated;
     }
 
@@ -144,6 +151,7 @@ impl PriceTable {
             .chain(self.per_image.iter().map(|p| p.usd))
             .chain(self.per_megapixel.iter().map(|p| p.usd))
             .chain(self.per_credit.iter().map(|p| p.usd))
+            .chain(self.per_gpu_second.iter().map(|p| p.usd))
             .chain([self.fallback_usd_per_image]);
         for p in prices {
             if !p.is_finite() || p < 0.0 {
@@ -159,6 +167,7 @@ impl PriceTable {
             && self.per_image.is_empty()
             && self.per_megapixel.is_empty()
             && self.per_credit.is_empty()
+            && self.per_gpu_second.is_empty()
             && self.fallback_usd_per_image == 0.0
     }
 
@@ -188,6 +197,9 @@ impl PriceTable {
         }
         if let Some(usd) = unit(&self.per_credit) {
             return Some(exact(usd * u.credits));
+        }
+        if let Some(usd) = unit(&self.per_gpu_second) {
+            return Some(exact(usd * u.gpu_seconds));
         }
         let Some(price) = self.models.iter().find(|m| matches(&m.model, p.model)) else {
             return (self.fallback_usd_per_image > 0.0).then_some(Cost {

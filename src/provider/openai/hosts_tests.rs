@@ -6,7 +6,6 @@ use std::sync::atomic::{AtomicU32, Ordering};
 
 use axum::Router;
 use axum::http::{HeaderMap, StatusCode, header};
-use bytes::Bytes;
 use futures_util::future::BoxFuture;
 
 use super::*;
@@ -63,10 +62,11 @@ async fn provider_host(status: StatusCode, location: Option<String>, body: Strin
 pub(super) struct NoJournal;
 
 impl Journal for NoJournal {
-    fn get<'a>(&'a self, _: &'a str) -> BoxFuture<'a, Result<Option<Bytes>, Failure>> {
-        Box::pin(async { Ok(None) })
-    }
-    fn put<'a>(&'a self, _: &'a str, _: Bytes) -> BoxFuture<'a, Result<(), Failure>> {
+    fn record<'a>(
+        &'a self,
+        _: &'a crate::provider::Handle,
+        _: Option<&'a str>,
+    ) -> BoxFuture<'a, Result<(), Failure>> {
         Box::pin(async { Ok(()) })
     }
 }

@@ -82,21 +82,69 @@ impl StoreJournal<'_> {
     }
 }
 
-impl Journal for StoreJournal<'_> {
-    fn get<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<Option<Bytes>, Failure>> {
-        Box::pin(async move {
-            let key = keys::journal(self.dir, name);
-            self.store.get(&key).await.map_err(Failure::from)
-        })
+impl StoreJournal<'_> {
+    async fn get(&self, name: &str) -> Result<Option<Bytes>, Failure> {
+        let key = keys::journal(self.dir, name);
+        self.store.get(&key).await.map_err(Failure::from)
     }
 
-    fn put<'a>(&'a self, name: &'a str, value: Bytes) -> BoxFuture<'a, Result<(), Failure>> {
+    async fn put(&self, name: &str, value: Bytes) -> Result<(), Failure> {
+        let key = keys::journal(self.dir, name);
+        self.store
+            .put(PutObject::json(&key, value))
+            .await
+            .map_err(Failure::from)
+    }
+}
+
+/// The journal one submit gets: a provider that names its request itself records it here
+/// before it submits. The entry is the one the worker would write for a `Pending` answer (same
+/// provider, count and image indices), written with what the job bought so far, this submit
+/// counted, so that a delivery that finds it counts the call once.
+pub struct Recorder<'a> {
+    pub journal: &'a StoreJournal<'a>,
+    /// The entry to write, its handle still to fill.
+    pub template: PendingEntry,
+    /// What the job bought so far, this submit counted; `None`: nothing to carry on.
+    pub spent: Option<Spent>,
+    /// The entry written, when the provider recorded one.
+    pub recorded: std::sync::Mutex<Option<PendingEntry>>,
+}
+
+impl Recorder<'_> {
+    /// The entry the provider recorded, if it did.
+    pub fn recorded(&self) -> Option<PendingEntry> {
+        self.recorded
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+}
+
+impl Journal for Recorder<'_> {
+    fn record<'a>(
+        &'a self,
+        handle: &'a Handle,
+        request_id: Option<&'a str>,
+    ) -> BoxFuture<'a, Result<(), Failure>> {
         Box::pin(async move {
-            let key = keys::journal(self.dir, name);
-            self.store
-                .put(PutObject::json(&key, value))
-                .await
-                .map_err(Failure::from)
+            let entry = PendingEntry {
+                handle: handle.clone(),
+                request_id: request_id.map(str::to_string),
+                ..self.template.clone()
+            };
+            if let Some(spent) = &self.spent
+                && let Err(e) = self.journal.set_spent(spent).await
+            {
+                tracing::warn!(error = %e,
+                    "could not record what the job bought so far: its event will count less");
+            }
+            self.journal.set_pending(&entry).await?;
+            *self
+                .recorded
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(entry);
+            Ok(())
         })
     }
 }

@@ -11,12 +11,12 @@ use super::attempt::{Attempt, AttemptContext, Halt};
 use super::events::Progress;
 use super::fallback::{Otherwise, Step};
 use super::images::{Listing, conflict};
-use super::journal::{PendingEntry, StoreJournal};
+use super::journal::{PendingEntry, Recorder, StoreJournal};
 use super::{Delivery, Outcome, Pipeline, ReturnReason};
 use crate::domain::error::{ErrorKind, Failure};
 use crate::domain::job::Job;
 use crate::domain::keys;
-use crate::provider::{HANDLE_LOST, ImageRequest};
+use crate::provider::{HANDLE_LOST, Handle, ImageRequest};
 use crate::worker::providers::{Admission, Route};
 use crate::worker::retry::Decision;
 
@@ -168,12 +168,33 @@ impl JobRun<'_> {
                 ..self.request.clone()
             };
             let polling = pending.is_some();
+            let indices = pending.as_ref().map_or_else(
+                || missing[..(count as usize).min(missing.len())].to_vec(),
+                |p| p.indices.clone(),
+            );
+            // Where a provider that names its request itself records it before submitting.
+            let recorder = Recorder {
+                journal: &journal,
+                template: PendingEntry {
+                    provider: route.name.clone(),
+                    handle: Handle(serde_json::Value::Null),
+                    count,
+                    request_id: None,
+                    indices: indices.clone(),
+                },
+                spent: (progress.bought > 0 || !progress.earlier.is_empty()).then(|| {
+                    let mut spent = progress.spent();
+                    spent.calls += 1;
+                    spent
+                }),
+                recorded: Default::default(),
+            };
             let attempt = AttemptContext {
                 job: self.job,
                 route,
                 request: &request,
                 pending: pending.as_ref(),
-                journal: &journal,
+                journal: &recorder,
                 halt: self.halt,
                 budget: self.p.budget.as_ref(),
                 probe: probe.is_some(),
@@ -237,14 +258,13 @@ impl JobRun<'_> {
                         handle,
                         count,
                         request_id,
-                        indices: pending.as_ref().map_or_else(
-                            || missing[..(count as usize).min(missing.len())].to_vec(),
-                            |p| p.indices.clone(),
-                        ),
+                        indices,
                     };
                     // The handle goes to the journal before anything waits (again only if it
-                    // changed: a poll that says "not yet" writes nothing).
+                    // changed: a poll that says "not yet" writes nothing, nor a submit whose
+                    // provider recorded it before submitting).
                     if pending.as_ref() != Some(&entry)
+                        && recorder.recorded().as_ref() != Some(&entry)
                         && let Err(outcome) = self.record_pending(&journal, &progress, &entry).await
                     {
                         return Step::Done(outcome);
@@ -289,11 +309,21 @@ impl JobRun<'_> {
                     }
                     // A poll buys nothing: its failure (a download that broke off, an answer
                     // that did not read) is worth polling again, never a possibly billed call.
-                    let failure = if polling {
+                    let recorded = recorder.recorded().filter(|_| !polling);
+                    let failure = if polling || recorded.is_some() {
                         crate::provider::queued::unbilled(failure)
                     } else {
                         failure
                     };
+                    // A submit whose request was recorded before it was sent, and then failed
+                    // in a way that may pass (its answer lost, say), is looked up by its
+                    // recorded id at the next attempt instead of being made again.
+                    if let Some(entry) = recorded
+                        && failure.is_retryable()
+                        && failure.detail().code.as_deref() != Some(HANDLE_LOST)
+                    {
+                        pending = Some(entry);
+                    }
                     if polling && failure.detail().code.as_deref() == Some(HANDLE_LOST) {
                         // The queued request is gone at the provider: forget it, so that the
                         // next attempt submits anew.
