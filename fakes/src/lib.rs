@@ -5,15 +5,18 @@
 //! shares the code it tests would agree with that code's mistakes. So this crate depends on nothing
 //! of imagegen, and the worker never contains a fake.
 //!
-//! One module per provider ([`openai`], [`azure`], [`gemini`], [`stability`], [`bfl`], [`replicate`], [`fal`]). Each runs in-process (tests) or
+//! One module per provider ([`openai`], [`azure`], [`gemini`], [`stability`], [`bfl`], [`replicate`], [`fal`],
+//! [`comfyui`], [`automatic1111`]). Each runs in-process (tests) or
 //! as the `imagegen-fakes` binary (benchmarks, the demo), misbehaves on demand and counts every
 //! call, so a test can prove that nothing was paid for twice. Pieces that any provider's fake
 //! needs (connections that can be reset, rate limits metered as token buckets, seeded latencies)
 //! live at the root.
 
+pub mod automatic1111;
 pub mod azure;
 pub mod bfl;
 mod bucket;
+pub mod comfyui;
 pub mod fal;
 pub mod gemini;
 pub mod latency;

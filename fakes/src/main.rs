@@ -5,7 +5,9 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use imagegen_fakes::{azure, bfl, fal, gemini, openai, replicate, stability};
+use imagegen_fakes::{
+    automatic1111, azure, bfl, comfyui, fal, gemini, openai, replicate, stability,
+};
 use tracing_subscriber::EnvFilter;
 
 #[derive(Parser, Debug)]
@@ -136,6 +138,32 @@ enum Provider {
         #[arg(long, default_value_t = 2048)]
         image_bytes: usize,
     },
+    /// Serve a fake ComfyUI server (one GPU: prompts run one at a time).
+    #[command(after_help = "Example:
+  imagegen-fakes comfyui --listen 127.0.0.1:8188 --generation-ms 3000   # hosts = [\"http://127.0.0.1:8188\"]")]
+    Comfyui {
+        #[arg(long, default_value = "127.0.0.1:8188")]
+        listen: String,
+        /// How long one prompt runs, in milliseconds.
+        #[arg(long, default_value_t = 3_000)]
+        generation_ms: u64,
+        /// Approximate size of each saved image, in bytes.
+        #[arg(long, default_value_t = 2048)]
+        image_bytes: usize,
+    },
+    /// Serve a fake AUTOMATIC1111 web UI API (calls run one at a time).
+    #[command(after_help = "Example:
+  imagegen-fakes automatic1111 --listen 127.0.0.1:7860 --generation-ms 3000")]
+    Automatic1111 {
+        #[arg(long, default_value = "127.0.0.1:7860")]
+        listen: String,
+        /// How long one call's run takes, in milliseconds.
+        #[arg(long, default_value_t = 3_000)]
+        generation_ms: u64,
+        /// Approximate size of each image, in bytes.
+        #[arg(long, default_value_t = 2048)]
+        image_bytes: usize,
+    },
 }
 
 /// The fake being served.
@@ -147,6 +175,8 @@ enum Fake {
     Stability(stability::StabilityFake),
     Replicate(replicate::ReplicateFake),
     Fal(fal::FalFake),
+    Comfyui(comfyui::ComfyFake),
+    Automatic1111(automatic1111::A1111Fake),
 }
 
 #[tokio::main]
@@ -256,6 +286,30 @@ async fn main() -> ExitCode {
             });
             (listen, Fake::Fal(api))
         }
+        Provider::Comfyui {
+            listen,
+            generation_ms,
+            image_bytes,
+        } => {
+            let api = comfyui::ComfyFake::new(comfyui::ComfyOptions {
+                generation: Duration::from_millis(generation_ms),
+                image_bytes,
+                ..Default::default()
+            });
+            (listen, Fake::Comfyui(api))
+        }
+        Provider::Automatic1111 {
+            listen,
+            generation_ms,
+            image_bytes,
+        } => {
+            let api = automatic1111::A1111Fake::new(automatic1111::A1111Options {
+                generation: Duration::from_millis(generation_ms),
+                image_bytes,
+                ..Default::default()
+            });
+            (listen, Fake::Automatic1111(api))
+        }
     };
     let listener = match tokio::net::TcpListener::bind(&listen).await {
         Ok(l) => l,
@@ -282,6 +336,8 @@ async fn main() -> ExitCode {
             Fake::Stability(api) => stability::serve(listener, api).await,
             Fake::Replicate(api) => replicate::serve(listener, api).await,
             Fake::Fal(api) => fal::serve(listener, api).await,
+            Fake::Comfyui(api) => comfyui::serve(listener, api).await,
+            Fake::Automatic1111(api) => automatic1111::serve(listener, api).await,
         }
     };
     tokio::select! {

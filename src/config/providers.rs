@@ -261,6 +261,20 @@ fn resolve_one(
     pricing
         .validate()
         .map_err(|e| invalid(format!("{section}.pricing"), e))?;
+    // Lists of hosts may come from the environment as URLs separated by commas.
+    for key in ["hosts", "download_hosts"] {
+        if let Some(v) = table.get(key)
+            && let ValueKind::String(text) = &v.kind
+        {
+            let items: Vec<Value> = text
+                .split(',')
+                .map(str::trim)
+                .filter(|h| !h.is_empty())
+                .map(|h| Value::new(None, ValueKind::String(h.to_string())))
+                .collect();
+            table.insert(key.to_string(), Value::new(None, ValueKind::Array(items)));
+        }
+    }
     let defaults = format!("provider_defaults.{}", kind.as_str());
     let keys = Some(table_value(table));
     let kind = match kind {

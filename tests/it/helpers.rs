@@ -594,14 +594,30 @@ pub async fn killed_while_queued(
     prompt: &str,
     queued: impl Fn() -> bool,
 ) -> CloudEvent {
+    killed_while_queued_with(
+        kind,
+        &[("BASE_URL", base_url), ("API_KEY", api_key)],
+        batch,
+        prompt,
+        queued,
+    )
+    .await
+}
+
+/// [`killed_while_queued`] with the provider's own keys (`("HOSTS", url)`, ...).
+pub async fn killed_while_queued_with(
+    kind: &str,
+    keys: &[(&str, &str)],
+    batch: &str,
+    prompt: &str,
+    queued: impl Fn() -> bool,
+) -> CloudEvent {
     let env = TestEnv::new(Store::Fs).await;
     let data = tempfile::tempdir().unwrap();
     let name = kind.to_uppercase();
     let var = |key: &str| format!("IMAGEGEN__PROVIDERS__{name}__{key}");
-    let owned = [
+    let mut owned = vec![
         (var("KIND"), kind.to_string()),
-        (var("BASE_URL"), base_url.to_string()),
-        (var("API_KEY"), api_key.to_string()),
         (var("POLL_MIN_MS"), "200".into()),
         (var("POLL_MAX_SECS"), "1".into()),
         (
@@ -609,6 +625,7 @@ pub async fn killed_while_queued(
             kind.to_string(),
         ),
     ];
+    owned.extend(keys.iter().map(|(k, v)| (var(k), v.to_string())));
     let vars: Vec<(&str, &str)> = owned
         .iter()
         .map(|(k, v)| (k.as_str(), v.as_str()))

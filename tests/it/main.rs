@@ -4,11 +4,13 @@
 //! Each test gets its own queues, exchange and storage prefix, so tests run in parallel without
 //! seeing each other's messages.
 
+mod automatic1111;
 mod azure;
 mod batch;
 mod bfl;
 mod budget;
 mod cli;
+mod comfyui;
 mod contract;
 mod dlq;
 mod fal;

@@ -242,6 +242,7 @@ mod tests {
                 model: "sd3.5-large".into(),
                 usd: 0.01,
             }],
+            per_gpu_second: vec![],
             fallback_usd_per_image: 0.0,
         }
     }
@@ -253,6 +254,28 @@ mod tests {
             quality: "high",
             usage,
         }
+    }
+
+    #[test]
+    fn gpu_time_is_priced_per_second() {
+        let table = PriceTable {
+            per_gpu_second: vec![UnitPrice {
+                model: "sd_xl*".into(),
+                usd: 0.0004,
+            }],
+            ..PriceTable::default()
+        };
+        let usage = Usage {
+            images: 2,
+            gpu_seconds: 12.5,
+            ..Usage::default()
+        };
+        let cost = table
+            .cost(purchase("sd_xl_base_1.0.safetensors", &usage))
+            .unwrap();
+        assert!((cost.usd - 0.005).abs() < 1e-12, "{cost:?}");
+        assert!(!cost.estimated);
+        assert!(table.cost(purchase("flux-dev", &usage)).is_none());
     }
 
     #[test]
