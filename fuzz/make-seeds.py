@@ -169,6 +169,25 @@ FAL = {
 for name, (selector, text) in FAL.items():
     write("fal_answer", name, bytes([selector]) + text.encode())
 
+# Self-hosted servers (fuzz_targets/selfhosted_answer.rs): the first byte picks the reader (mod 8:
+# 0 a ComfyUI history, 1 a job, 2 the queue, 3 the queue length, 4 a refused graph, 5 an
+# AUTOMATIC1111 answer, 6 its error body of status 400 + byte / 8, 7 a workflow).
+P = "0b5c1f3e-8a2d-4c6f-9e1a-2b3c4d5e6f70"
+SELFHOSTED = {
+    "history-done": (0, '{"%s":{"prompt":[1,"%s",{},{},["9"]],"outputs":{"9":{"images":[{"filename":"imagegen_00001_.png","subfolder":"","type":"output"}]}},"status":{"status_str":"success","completed":true,"messages":[["execution_start",{"prompt_id":"%s","timestamp":1000}],["execution_success",{"prompt_id":"%s","timestamp":4000}]]}}}' % (P, P, P, P)),
+    "history-error": (0, '{"%s":{"outputs":{},"status":{"status_str":"error","completed":false,"messages":[["execution_error",{"node_id":"3","node_type":"KSampler","exception_type":"torch.OutOfMemoryError","exception_message":"out of memory"}]]}}}' % P),
+    "history-empty": (0, '{}'),
+    "job": (1, '{"id":"%s","status":"completed","execution_start_time":1,"execution_end_time":9,"outputs":{"9":{"images":[{"filename":"a.png","subfolder":"","type":"output"}]}}}' % P),
+    "queue": (2, '{"queue_running":[[0,"%s",{},{},["9"]]],"queue_pending":[[1,"x",{},{},["9"]]]}' % P),
+    "queue-length": (3, '{"exec_info":{"queue_remaining":2}}'),
+    "node-errors": (4, '{"error":{"type":"prompt_outputs_failed_validation","message":"Prompt outputs failed validation","details":"","extra_info":{}},"node_errors":{"4":{"errors":[{"type":"value_not_in_list","message":"Value not in list","details":"ckpt_name: x not in []"}],"dependent_outputs":["9"],"class_type":"CheckpointLoaderSimple"}}}'),
+    "txt2img": (5, '{"images":["iVBORw0KGgo=","iVBORw0KGgo="],"parameters":{},"info":"{\\"index_of_first_image\\": 1, \\"all_seeds\\": [1]}"}'),
+    "oom": (8 * 12 + 6, '{"error":"OutOfMemoryError","detail":"","body":"","errors":"CUDA out of memory"}'),
+    "workflow": (7, open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "config", "workflows", "comfyui-txt2img.json")).read()),
+}
+for name, (selector, text) in SELFHOSTED.items():
+    write("selfhosted_answer", name, bytes([selector]) + text.encode())
+
 # Entra ID token answers (fuzz_targets/entra_grant.rs): a first byte below 128 is HTTP 200, else a
 # status of 400 + byte % 200.
 ENTRA = {
