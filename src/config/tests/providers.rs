@@ -282,3 +282,60 @@ fn fallbacks_name_other_configured_providers_as_a_list_or_from_the_environment()
         (&["b".to_string()][..], true)
     );
 }
+
+#[test]
+fn a_comfyui_workflow_is_checked_against_its_points_at_start_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("flux.json");
+    std::fs::write(
+        &path,
+        r#"{"10": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["11", 0]}},
+            "11": {"class_type": "DualCLIPLoader", "inputs": {}},
+            "12": {"class_type": "SaveImage", "inputs": {"images": ["10", 0], "filename_prefix": "f"}}}"#,
+    )
+    .unwrap();
+    let workflow = path.to_str().unwrap().to_string();
+    // The built-in workflow's points do not fit this graph: the start fails, saying where.
+    let base = [
+        ("providers.gpu.kind", "comfyui".to_string()),
+        ("providers.gpu.workflow", workflow),
+    ];
+    let err = error_of(&base);
+    assert!(
+        err.contains("providers.gpu.workflow") && err.contains("inputs.prompt names node 6"),
+        "{err}"
+    );
+    let mut fitted = base.to_vec();
+    for (key, value) in [
+        ("providers.gpu.inputs.prompt", "10.text"),
+        ("providers.gpu.inputs.negative_prompt", ""),
+        ("providers.gpu.inputs.seed", ""),
+        ("providers.gpu.inputs.width", ""),
+        ("providers.gpu.inputs.height", ""),
+        ("providers.gpu.inputs.count", ""),
+        ("providers.gpu.inputs.model", ""),
+    ] {
+        fitted.push((key, value.to_string()));
+    }
+    fitted.push(("providers.gpu.output_node", "12".into()));
+    // Hosts from the environment: URLs separated by commas.
+    fitted.push((
+        "providers.gpu.hosts",
+        "http://10.0.0.5:8188, http://10.0.0.6:8188".into(),
+    ));
+    let s = Settings::load_with_overrides(&Sources::default(), &fitted).unwrap();
+    let KindSettings::ComfyUi(gpu) = &s.default_provider().kind else {
+        panic!("kind comfyui")
+    };
+    assert_eq!(gpu.hosts, ["http://10.0.0.5:8188", "http://10.0.0.6:8188"]);
+    assert!(gpu.load_workflow().is_ok());
+    let mut twice = fitted.clone();
+    twice.push(("providers.gpu.hosts", "http://a:1,http://a:1".into()));
+    assert!(error_of(&twice).contains("twice"));
+    // AUTOMATIC1111: a user needs its password.
+    let err = error_of(&[
+        ("providers.sd.kind", "automatic1111".to_string()),
+        ("providers.sd.username", "art".into()),
+    ]);
+    assert!(err.contains("providers.sd.password"), "{err}");
+}
