@@ -357,3 +357,38 @@ async fn a_run_that_fails_at_a_node_fails_the_job_and_one_out_of_memory_runs_aga
     worker.shutdown().await.unwrap();
     env.cleanup().await;
 }
+
+#[tokio::test]
+async fn with_every_server_down_the_job_falls_back_to_another_gpu_provider() {
+    let gpu = fake(ComfyOptions::default()).await;
+    gpu.api.set_down(true);
+    let sd = imagegen_fakes::automatic1111::A1111Fake::new(Default::default())
+        .start()
+        .await
+        .unwrap();
+    let mut vars = settings(&[&gpu]);
+    vars.extend([
+        ("providers.comfyui.fallback", "sd".to_string()),
+        ("providers.sd.kind", "automatic1111".into()),
+        ("providers.sd.base_url", sd.base_url()),
+        ("retry.max_attempts", "2".into()),
+        ("retry.initial_delay_ms", "50".into()),
+    ]);
+    let env = TestEnv::with(Store::Fs, &vars).await;
+    let mut listener = env.listen().await;
+    let worker = env.start_worker().await;
+    env.publish(json!({"id": "f1", "prompt": "a fallen castle"}))
+        .await;
+    let event = env.events(&mut listener, 1, WAIT).await.remove(0);
+    assert_eq!(
+        event.data.status,
+        Status::Succeeded,
+        "{:?}",
+        event.data.error
+    );
+    assert_eq!(event.data.providers_tried, ["comfyui", "sd"]);
+    assert_eq!(gpu.api.stats().billed, 0);
+    assert_eq!(sd.api.runs_for("a fallen castle"), 1);
+    worker.shutdown().await.unwrap();
+    env.cleanup().await;
+}
