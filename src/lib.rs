@@ -26,13 +26,15 @@
 //!     [`worker::health`], [`worker::metrics`].
 //! - The edges, side by side:
 //!   - [`provider`]: the provider contract ([`provider::ImageProvider`], the neutral
-//!     [`provider::request`]), the drivers ([`provider::openai`], [`provider::placeholder`]),
+//!     [`provider::request`]), the drivers ([`provider::openai`], [`provider::comfyui`], [`provider::placeholder`], ...),
 //!     the HTTP helpers they share ([`provider::http`]), and the answer buffers they read into
 //!     ([`provider::buffers`], from the core crate, whose answer readers decode into them);
 //!   - [`storage`]: object stores ([`storage::s3`], [`storage::fs`]) behind
 //!     [`storage::ObjectStore`], and what is known of a batch ([`storage::batches`]);
 //!   - [`amqp`]: connections, topology, confirmed publishing, result listeners, the worker's
-//!     headers.
+//!     headers;
+//!   - [`imaging`]: decoding with bounds, the variants a job asks for, alpha checks, on
+//!     threads of their own ([`imaging::ImageWork`]).
 //! - [`config`]: typed settings, layered from `config/*.toml` and the environment, validated at
 //!   start-up ([`config::sections`], [`config::providers`]).
 //! - [`domain`] (from the core crate): the job contract ([`domain::job`], read with [`domain::json`], which refuses
@@ -71,6 +73,7 @@ pub mod amqp;
 pub mod cli;
 #[deny(missing_docs)]
 pub mod config;
+pub mod imaging;
 pub mod provider;
 pub mod storage;
 pub mod worker;

@@ -43,7 +43,7 @@ const CORPUS: &[&str] = &[
     r#"{"prompt":null}"#,
     // Versions.
     r#"{"prompt":"p","version":0}"#,
-    r#"{"prompt":"p","version":3}"#,
+    r#"{"prompt":"p","version":4}"#,
     // Names.
     r#"{"prompt":"p","id":"a/b"}"#,
     r#"{"prompt":"p","id":".."}"#,

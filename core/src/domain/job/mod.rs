@@ -12,10 +12,14 @@ use sha2::{Digest, Sha256};
 use super::error::Failure;
 use super::json::RawJson;
 
+pub mod outputs;
+
+pub use outputs::{Encoding, Fit, OutputSpec};
+
 /// The job schema version this worker understands.
-/// Version 2 added `provider`, `negative_prompt` and `seed`; version 1 jobs are version 2 jobs
-/// that do not use them.
-pub const JOB_SCHEMA_VERSION: u32 = 2;
+/// Version 2 added `provider`, `negative_prompt` and `seed`; version 3 `outputs` and
+/// `fail_if_opaque`. A job of an earlier version is a later one that does not use them.
+pub const JOB_SCHEMA_VERSION: u32 = 3;
 
 /// Request fields that the worker controls: `params` may not set them.
 pub const RESERVED_PARAMS: &[&str] = &[
@@ -75,6 +79,11 @@ pub struct Job {
     pub metadata: RawJson,
     /// Past this instant the job ends as `expired`, without a provider call.
     pub deadline: Option<time::OffsetDateTime>,
+    /// Variants made of each image, stored beside it.
+    pub outputs: Vec<OutputSpec>,
+    /// With `background: "transparent"`: fail rather than store an image with no transparent
+    /// pixel (the provider ignored the request); without it, the event says so.
+    pub fail_if_opaque: bool,
 }
 
 /// The wire form. Every field optional here so that the checks below give precise messages.
@@ -99,6 +108,8 @@ struct WireJob {
     params: Option<Map<String, Value>>,
     metadata: Option<Map<String, Value>>,
     deadline: Option<String>,
+    outputs: Option<Vec<Value>>,
+    fail_if_opaque: Option<bool>,
 }
 
 /// A whole number from 0 to `u64::MAX`, written as JSON writes it: `2`, or `2.0` as some
@@ -376,6 +387,13 @@ impl Job {
                 })?)
             }
         };
+        let outputs = outputs::parse(wire.outputs.unwrap_or_default()).map_err(&fail)?;
+        let fail_if_opaque = wire.fail_if_opaque.unwrap_or(false);
+        if fail_if_opaque && background.as_deref() != Some("transparent") {
+            return Err(fail(
+                "`fail_if_opaque` is only for jobs with `background: \"transparent\"`".into(),
+            ));
+        }
         let params = wire.params.unwrap_or_default();
         if let Some(key) = params
             .keys()
@@ -432,6 +450,8 @@ impl Job {
             params,
             metadata,
             deadline,
+            outputs,
+            fail_if_opaque,
         })
     }
 
@@ -459,6 +479,13 @@ impl Job {
         put("seed", self.seed.map(Value::from));
         if !self.params.is_empty() {
             put("params", Some(Value::Object(self.params.clone())));
+        }
+        // Absent when empty, so that jobs without them keep the fingerprints they had.
+        if !self.outputs.is_empty() {
+            put("outputs", serde_json::to_value(&self.outputs).ok());
+        }
+        if self.fail_if_opaque {
+            put("fail_if_opaque", Some(Value::Bool(true)));
         }
         let mut canonical = Vec::new();
         super::json::write_canonical(&Value::Object(fields), &mut canonical);
@@ -505,7 +532,7 @@ fn valid_option(v: &str) -> bool {
     !v.is_empty() && v.chars().count() <= MAX_OPTION_LEN && !v.chars().any(char::is_control)
 }
 
-fn truncate(s: &str, max: usize) -> String {
+pub(crate) fn truncate(s: &str, max: usize) -> String {
     s.chars().take(max).collect()
 }
 

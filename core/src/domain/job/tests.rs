@@ -99,8 +99,8 @@ fn bad_inputs_are_invalid_with_a_useful_message() {
             "params.stream",
         ),
         (
-            br#"{"id":"a","prompt":"p","version":3}"#.to_vec(),
-            "version 3",
+            br#"{"id":"a","prompt":"p","version":4}"#.to_vec(),
+            "version 4",
         ),
         (br#"{"id":"a","prompt":"p","seed":-1}"#.to_vec(), "seed"),
         (br#"{"id":"a","prompt":"p","size":""}"#.to_vec(), "`size`"),
