@@ -116,12 +116,16 @@ pub struct WorkerSettings {
     pub max_prompt_chars: usize,
     /// Largest `metadata` object accepted, in bytes of JSON.
     pub max_metadata_bytes: usize,
+    /// Images decoded, resized and encoded at once (variants, transparency checks), on threads
+    /// apart from the async ones; 0: one per CPU the process may use.
+    pub image_workers: usize,
 }
 
 impl WorkerSettings {
     pub(super) fn validate(&self) -> Result<(), ConfigError> {
         in_range("worker.concurrency", self.concurrency as u64, 1, 1024)?;
         in_range("worker.threads", self.threads as u64, 0, 256)?;
+        in_range("worker.image_workers", self.image_workers as u64, 0, 256)?;
         if self.prefetch != 0 {
             in_range("worker.prefetch", self.prefetch as u64, 1, 2000)?;
         }

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use image::{DynamicImage, ImageFormat, ImageReader};
 use tokio::sync::Semaphore;
 
-pub use variant::{Variant, make_variant};
+pub use variant::{Variant, make_variant, size_of};
 
 use crate::provider::MAX_IMAGE_PIXELS;
 

@@ -22,8 +22,8 @@ pub struct Variant {
     pub extension: &'static str,
 }
 
-/// The size an image of `width` x `height` takes in `spec`.
-fn target(width: u32, height: u32, spec: &OutputSpec) -> (u32, u32) {
+/// The size of `spec`'s variant of an image of `width` x `height`.
+pub fn size_of(width: u32, height: u32, spec: &OutputSpec) -> (u32, u32) {
     match spec.fit {
         Fit::Cover => (spec.width, spec.height),
         Fit::Inside => {
@@ -46,7 +46,7 @@ pub fn make_variant(original: &Decoded, spec: &OutputSpec) -> Result<Variant, St
     } else {
         DynamicImage::ImageRgb8(source.to_rgb8())
     };
-    let (width, height) = target(source.width(), source.height(), spec);
+    let (width, height) = size_of(source.width(), source.height(), spec);
     let mut resized = DynamicImage::new(width, height, source.color());
     let mut options = ResizeOptions::new().resize_alg(ResizeAlg::Convolution(FilterType::Lanczos3));
     if spec.fit == Fit::Cover {
@@ -187,8 +187,10 @@ mod tests {
                 image::ImageFormat::WebP,
             ),
         ] {
-            let v = make_variant(&original, &spec(size, fit, encoding)).unwrap();
+            let spec = spec(size, fit, encoding);
+            let v = make_variant(&original, &spec).unwrap();
             assert_eq!((v.width, v.height), expect, "{encoding:?} {fit:?}");
+            assert_eq!(size_of(300, 200, &spec), expect, "known without making it");
             assert_eq!(image::guess_format(&v.data).unwrap(), format);
             let back = decode(&v.data).unwrap().image;
             assert_eq!((back.width(), back.height()), expect);

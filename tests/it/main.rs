@@ -20,6 +20,7 @@ mod gemini;
 mod helpers;
 mod hostile_frames;
 mod ops;
+mod outputs;
 mod pipeline;
 mod proxy;
 mod reliability;

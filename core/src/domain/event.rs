@@ -85,6 +85,10 @@ pub struct ResultData {
     /// What each provider the job was sent to cost (`None`: no price), summed in `cost_usd`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cost_by_provider: Option<std::collections::BTreeMap<String, Option<f64>>>,
+    /// The job asked for a transparent background and an image has no transparent pixel: the
+    /// provider ignored the request (its images' `alpha` says which).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub background_ignored: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -96,6 +100,32 @@ pub struct StoredImage {
     pub content_type: String,
     pub bytes: u64,
     pub sha256: String,
+    /// Its size in pixels, where the worker decoded it (jobs with `outputs`, or a transparent
+    /// background).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub width: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub height: Option<u32>,
+    /// Whether some pixel is transparent (jobs that asked for a transparent background).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub alpha: Option<bool>,
+    /// The variants the job asked for (`outputs`), stored beside it, in the job's order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub variants: Vec<StoredVariant>,
+}
+
+/// A variant of an image (one of the job's `outputs`), in the same bucket.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StoredVariant {
+    /// The output's name.
+    pub name: String,
+    pub key: String,
+    pub uri: String,
+    pub content_type: String,
+    pub bytes: u64,
+    pub sha256: String,
+    pub width: u32,
+    pub height: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -46,6 +46,11 @@ pub fn image(job_dir: &str, index: u32, extension: &str) -> String {
     format!("{job_dir}/{index}.{extension}")
 }
 
+/// Variant `name` (one of the job's `outputs`) of image `index`.
+pub fn variant(job_dir: &str, name: &str, index: u32, extension: &str) -> String {
+    format!("{job_dir}/variants/{name}/{index}.{extension}")
+}
+
 /// Reads an image key's name back: `(index, extension)` of `{job_dir}/{index}.{ext}`.
 pub fn parse_image(job_dir: &str, key: &str) -> Option<(u32, String)> {
     let name = key.strip_prefix(job_dir)?.strip_prefix('/')?;

@@ -264,6 +264,7 @@ impl Events {
             provider: None,
             providers_tried: Vec::new(),
             cost_by_provider: None,
+            background_ignored: false,
         }
     }
 
@@ -313,6 +314,7 @@ impl Events {
             ..self.data(&job.id, job.batch.clone(), status, started)
         };
         data.images.sort_by_key(|i| i.index);
+        data.background_ignored = data.images.iter().any(|i| i.alpha == Some(false));
         let mut by_provider: BTreeMap<String, Option<f64>> = BTreeMap::new();
         let mut total = Some(0.0);
         let mut estimated = false;

@@ -134,6 +134,10 @@ impl Images {
             content_type,
             bytes,
             sha256,
+            width: None,
+            height: None,
+            alpha: None,
+            variants: Vec::new(),
         }
     }
 
@@ -173,7 +177,7 @@ impl Images {
         Ok(())
     }
 
-    async fn put_image(
+    pub(super) async fn put_image(
         &self,
         job: &Job,
         key: &str,

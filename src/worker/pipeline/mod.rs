@@ -16,6 +16,7 @@
 //! [`events`] (the one builder of result and failure events).
 
 pub mod attempt;
+pub mod derive;
 mod endings;
 pub mod events;
 pub mod fallback;
@@ -130,6 +131,8 @@ pub struct Pipeline {
     /// How long a job queued at its provider is polled in-process, its message held
     /// (`worker.pending_hold_secs`); then it waits in a delay queue.
     pending_hold: Duration,
+    /// The threads that decode, resize and encode images (variants, transparency checks).
+    imaging: crate::imaging::ImageWork,
 }
 
 impl Pipeline {
@@ -151,6 +154,7 @@ impl Pipeline {
             budget: None,
             cancelled: Mutex::default(),
             pending_hold: Duration::from_secs(settings.worker.pending_hold_secs),
+            imaging: crate::imaging::ImageWork::new(settings.worker.image_workers),
         }
     }
 

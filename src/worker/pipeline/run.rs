@@ -75,6 +75,10 @@ impl JobRun<'_> {
         {
             return self.storage_down(failure);
         }
+        // Images stored by an earlier delivery get the variants they lack.
+        if let Err(failure) = self.derive(&mut progress.images, &[], Some(&listing)).await {
+            return self.derive_failed(progress, failure);
+        }
         let (lease, progress) = match self.lease(progress, &record_key).await {
             Ok(taken) => taken,
             Err(outcome) => return outcome,
@@ -361,6 +365,16 @@ impl JobRun<'_> {
                         _ => missing.clone(),
                     };
                     let indices = &targets[..returned.min(targets.len())];
+                    // Their bytes, for the variants the job asks for.
+                    let fresh: Vec<(u32, bytes::Bytes)> = if self.derives() {
+                        indices
+                            .iter()
+                            .zip(&generation.images)
+                            .map(|(i, g)| (*i, g.data.clone()))
+                            .collect()
+                    } else {
+                        Vec::new()
+                    };
                     if let Err(failure) = self
                         .p
                         .images
@@ -375,6 +389,10 @@ impl JobRun<'_> {
                     {
                         return Step::Done(self.storage_down(failure));
                     }
+                    if let Err(failure) = self.derive(&mut progress.images, &fresh, None).await {
+                        return Step::Done(self.derive_failed(progress, failure));
+                    }
+                    drop(fresh);
                     // Its journal entry stays: with its images stored, it is spent. A short answer
                     // leaves some of them missing: the entry goes, or a later delivery would poll
                     // the same request and store its images again in their place.
