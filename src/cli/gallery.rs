@@ -51,6 +51,8 @@ struct Card {
     error: Option<String>,
     /// (thumbnail, full image) per image.
     images: Vec<(String, String)>,
+    /// (label, link) of each variant of each image (the job's outputs).
+    variants: Vec<(String, String)>,
 }
 
 /// `imagegen gallery`.
@@ -135,6 +137,23 @@ pub async fn command(
                     .collect()
             })
             .unwrap_or_default();
+        let mut variants = Vec::new();
+        for image in data.map(|d| d.images.as_slice()).unwrap_or_default() {
+            for v in &image.variants {
+                let ext = v.key.rsplit('.').next().unwrap_or("bin");
+                let copy = format!("images/{id}-{}-{}.{ext}", image.index, v.name);
+                match link_to(&store, out, options, &v.key, &copy).await {
+                    Ok(link) => variants.push((
+                        format!("{} #{} {}x{}", v.name, image.index, v.width, v.height),
+                        link,
+                    )),
+                    Err(e) => {
+                        broken += 1;
+                        tracing::warn!(error = %format!("{e:#}"), "a variant could not be added to the gallery");
+                    }
+                }
+            }
+        }
         cards.push(Card {
             id: id.clone(),
             prompt: job.prompt.clone(),
@@ -148,6 +167,7 @@ pub async fn command(
                 .and_then(|d| d.error.as_ref())
                 .map(|e| format!("{}: {}", e.kind, e.message)),
             images,
+            variants,
         });
     }
     let html = page(batch, &cards, options.page_size)?;
@@ -204,14 +224,38 @@ async fn image_links(
     }
     let full = if options.download {
         full_copy
-    } else if let Some(url) = store.presigned_get(key, options.link_ttl).await? {
-        url
-    } else if let Some(path) = store.local_path(key) {
-        relative_link(out, &path)?
     } else {
-        anyhow::bail!("the store gives no link to {key}: use --download");
+        link_to(store, out, options, key, &full_copy).await?
     };
     Ok((thumb, full))
+}
+
+/// The link to a stored object: `copy` (a path under `out`, written when missing) with
+/// `--download`, else a presigned URL, else a path to a local store's file.
+async fn link_to(
+    store: &Arc<dyn ObjectStore>,
+    out: &Path,
+    options: &Options,
+    key: &str,
+    copy: &str,
+) -> anyhow::Result<String> {
+    if options.download {
+        if !out.join(copy).exists() {
+            let data = store
+                .get(key)
+                .await?
+                .with_context(|| format!("{key} is not in the store"))?;
+            tokio::fs::write(out.join(copy), &data).await?;
+        }
+        return Ok(copy.to_string());
+    }
+    if let Some(url) = store.presigned_get(key, options.link_ttl).await? {
+        return Ok(url);
+    }
+    if let Some(path) = store.local_path(key) {
+        return relative_link(out, &path);
+    }
+    anyhow::bail!("the store gives no link to {key}: use --download")
 }
 
 /// A JPEG of at most [`THUMB_SIDE`] pixels a side.
@@ -326,6 +370,13 @@ function card(job) {{
     thumbs.append(a);
   }}
   c.append(thumbs);
+  if (job.variants.length) {{
+    const vs = el("div", {{ class: "variants small" }});
+    for (const [label, link] of job.variants) {{
+      vs.append(el("a", {{ href: link, target: "_blank", rel: "noopener", class: "badge" }}, label));
+    }}
+    c.append(vs);
+  }}
   const meta = el("div", {{ class: "meta" }});
   meta.append(el("p", {{ class: "prompt" }}, job.prompt));
   const line = el("div", {{ class: "small" }});
@@ -403,6 +454,7 @@ mod tests {
             cost: None,
             error: Some("content_policy: no".into()),
             images: vec![],
+            variants: vec![],
         }];
         let html = page("<b>", &cards, 10).unwrap();
         assert!(!html.contains("</script><script>alert"));

@@ -30,6 +30,9 @@ pub struct ManifestRow {
     pub error_kind: Option<String>,
     pub error: Option<String>,
     pub cost_usd: Option<f64>,
+    /// The URIs of each output's variants (one per image, in the images' order), by name.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub variants: BTreeMap<String, Vec<String>>,
 }
 
 /// The outcomes known so far of a batch's jobs.
@@ -123,6 +126,16 @@ impl Progress {
                         .and_then(|d| d.error.as_ref())
                         .map(|e| e.message.clone()),
                     cost_usd: data.and_then(|d| d.cost_usd),
+                    variants: data.map_or_else(BTreeMap::new, |d| {
+                        let mut by_name: BTreeMap<String, Vec<String>> = BTreeMap::new();
+                        for v in d.images.iter().flat_map(|i| &i.variants) {
+                            by_name
+                                .entry(v.name.clone())
+                                .or_default()
+                                .push(v.uri.clone());
+                        }
+                        by_name
+                    }),
                 }
             })
             .collect()
@@ -161,6 +174,7 @@ pub fn write_manifest(
         "error_kind",
         "error",
         "cost_usd",
+        "variants",
     ])?;
     for row in rows {
         writer.write_record([
@@ -171,6 +185,11 @@ pub fn write_manifest(
             row.error_kind.as_deref().unwrap_or(""),
             row.error.as_deref().unwrap_or(""),
             &row.cost_usd.map(|c| format!("{c:.6}")).unwrap_or_default(),
+            &row.variants
+                .iter()
+                .flat_map(|(name, uris)| uris.iter().map(move |u| format!("{name}={u}")))
+                .collect::<Vec<_>>()
+                .join(" "),
         ])?;
     }
     writer.flush()?;

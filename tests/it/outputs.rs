@@ -210,3 +210,80 @@ fn tiny_png() -> Vec<u8> {
         .unwrap();
     out.into_inner()
 }
+
+#[tokio::test]
+async fn the_gallery_and_the_manifest_list_each_images_variants() {
+    let env = TestEnv::new(Store::Fs).await;
+    let dir = tempfile::tempdir().unwrap();
+    let jobs = dir.path().join("jobs.jsonl");
+    std::fs::write(
+        &jobs,
+        r#"{"id": "g1", "prompt": "a gallery wall", "outputs": [{"name": "thumb", "size": "16x16", "format": "webp"}]}
+"#,
+    )
+    .unwrap();
+    let enqueued = env
+        .command()
+        .args(["enqueue", jobs.to_str().unwrap(), "--batch", "vg", "--yes"])
+        .output()
+        .unwrap();
+    assert!(
+        enqueued.status.success(),
+        "{}",
+        String::from_utf8_lossy(&enqueued.stderr)
+    );
+    let mut listener = env.listen().await;
+    let worker = env.start_worker().await;
+    let event = env.events(&mut listener, 1, WAIT).await.remove(0);
+    assert_eq!(
+        event.data.status,
+        Status::Succeeded,
+        "{:?}",
+        event.data.error
+    );
+    worker.shutdown().await.unwrap();
+
+    let out = dir.path().join("gallery");
+    let made = env
+        .command()
+        .args(["gallery", "--batch", "vg", "--out"])
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(
+        made.status.success(),
+        "{}",
+        String::from_utf8_lossy(&made.stderr)
+    );
+    let html = std::fs::read_to_string(out.join("index.html")).unwrap();
+    assert!(
+        html.contains("thumb #0 16x16"),
+        "the variant is on its card"
+    );
+    assert!(html.contains("variants/thumb/0.webp"), "with a link to it");
+
+    let watched = env
+        .command()
+        .args(["watch", "--batch", "vg", "--timeout", "10", "--out"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(
+        watched.status.success(),
+        "{}",
+        String::from_utf8_lossy(&watched.stderr)
+    );
+    let row: serde_json::Value = serde_json::from_str(
+        std::fs::read_to_string(dir.path().join("manifest-vg.jsonl"))
+            .unwrap()
+            .lines()
+            .next()
+            .unwrap(),
+    )
+    .unwrap();
+    let uri = row["variants"]["thumb"][0].as_str().unwrap();
+    assert!(uri.ends_with("/vg/g1/variants/thumb/0.webp"), "{row}");
+    let csv = std::fs::read_to_string(dir.path().join("manifest-vg.csv")).unwrap();
+    assert!(csv.contains(&format!("thumb={uri}")), "{csv}");
+    env.cleanup().await;
+}
