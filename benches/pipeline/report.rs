@@ -252,6 +252,23 @@ pub(crate) fn report(results: &[Value]) -> String {
     for line in skipped {
         let _ = writeln!(out, "{line}");
     }
+    let v: Vec<&Value> = results
+        .iter()
+        .filter(|r| r["scenario"] == "variants")
+        .collect();
+    for pair in v.chunks(2) {
+        if let [without, with] = pair {
+            let cpu = |r: &Value| r["worker_cpu_ms_per_job"].as_f64().unwrap_or(0.0);
+            let _ = writeln!(
+                out,
+                "  variants: {:.2} ms of worker CPU per 1024x1024 image for two variants (512x512 \
+                 WebP, 256x256 JPEG): {:.2} ms per job with them, {:.2} without",
+                cpu(with) - cpu(without),
+                cpu(with),
+                cpu(without)
+            );
+        }
+    }
     let d: Vec<&Value> = results.iter().filter(|r| r["scenario"] == "d").collect();
     for pair in d.chunks(2) {
         if let [small, large] = pair {

@@ -106,6 +106,8 @@ pub(crate) async fn run_with_queues(
             spec.seed.to_string(),
             "--image-bytes".into(),
             spec.image_bytes.to_string(),
+            "--image-side".into(),
+            spec.image_side.to_string(),
         ],
     };
     if let Some(tick) = spec.tick_ms {
@@ -147,11 +149,18 @@ pub(crate) async fn run_with_queues(
     let jobs: Vec<(String, Vec<u8>)> = (0..spec.n)
         .map(|i| {
             let job_id = format!("job-{i:06}");
-            let body = json!({
+            let mut body = json!({
                 "id": job_id,
                 "batch": batch,
                 "prompt": format!("benchmark prompt {i}: a lighthouse on a cliff at dusk, oil painting"),
             });
+            if spec.variants {
+                body["version"] = json!(3);
+                body["outputs"] = json!([
+                    {"name": "web", "size": "512x512", "format": "webp", "quality": 80},
+                    {"name": "thumb", "size": "256x256", "format": "jpeg", "quality": 75}
+                ]);
+            }
             (job_id, body.to_string().into_bytes())
         })
         .collect();
@@ -332,6 +341,8 @@ pub(crate) async fn run_with_queues(
         "seed": spec.seed,
         "rpm": spec.rpm,
         "image_bytes": spec.image_bytes,
+        "image_side": spec.image_side,
+        "variants": spec.variants,
         "answer_memory_bytes": settings.worker.answer_memory_bytes,
         "enqueue_secs": round(enqueue_secs, 3),
         "wall_secs": round(window, 3),

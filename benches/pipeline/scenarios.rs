@@ -24,6 +24,12 @@ pub(crate) struct RunSpec {
     /// each task for `latency_ms`, at most `max_active` at once; the worker submits and polls).
     pub(crate) provider: &'static str,
     pub(crate) max_active: usize,
+    /// Width and height of the fake's images, in pixels (their bytes are padded to
+    /// `image_bytes`).
+    pub(crate) image_side: u32,
+    /// Each job asks for two variants of its image (`outputs`): a 512x512 lossy WebP and a
+    /// 256x256 JPEG thumbnail.
+    pub(crate) variants: bool,
 }
 
 impl RunSpec {
@@ -67,6 +73,8 @@ fn spec(scenario: &'static str, n: usize, concurrency: usize, latency_ms: u64) -
         rpm: None,
         provider: "openai",
         max_active: 0,
+        image_side: 64,
+        variants: false,
     }
 }
 
@@ -80,7 +88,9 @@ const FLEET_RPM_BELOW: u64 = 480;
 
 pub(crate) fn plan(args: &Args) -> anyhow::Result<Vec<RunSpec>> {
     let names: Vec<&str> = if args.scenario == "all" {
-        vec!["a", "b", "c", "d", "jitter", "burst", "fleet", "poll"]
+        vec![
+            "a", "b", "c", "d", "jitter", "burst", "fleet", "poll", "variants",
+        ]
     } else {
         args.scenario.split(',').map(str::trim).collect()
     };
@@ -139,8 +149,20 @@ pub(crate) fn plan(args: &Args) -> anyhow::Result<Vec<RunSpec>> {
                 max_active: 24,
                 ..spec("poll", 300, 32, 20_000)
             }),
+            // 1024x1024 images, without variants and with two of each: the difference is the
+            // worker CPU the variants cost per image.
+            "variants" => {
+                for variants in [false, true] {
+                    runs.push(RunSpec {
+                        label: format!("variants/{}", if variants { 2 } else { 0 }),
+                        image_side: 1024,
+                        variants,
+                        ..spec("variants", 300, 32, 500)
+                    });
+                }
+            }
             other => bail!(
-                "unknown scenario {other:?}: expected a, b, c, d, jitter, burst, fleet, poll or all"
+                "unknown scenario {other:?}: expected a, b, c, d, jitter, burst, fleet, poll, variants or all"
             ),
         }
     }

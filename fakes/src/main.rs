@@ -49,6 +49,10 @@ enum Provider {
         /// Approximate size of each generated image, in bytes.
         #[arg(long, default_value_t = 2048)]
         image_bytes: usize,
+        /// Width and height of each generated image, in pixels (a real picture, padded to
+        /// --image-bytes: a client that decodes or resizes it does real work).
+        #[arg(long, default_value_t = 64)]
+        image_side: u32,
         /// Enforce this many requests per minute (429 beyond it), like an account's RPM limit.
         #[arg(long)]
         rpm: Option<u64>,
@@ -197,6 +201,7 @@ async fn main() -> ExitCode {
             seed,
             tick_ms,
             image_bytes,
+            image_side,
             rpm,
             tpm,
         } => {
@@ -206,6 +211,7 @@ async fn main() -> ExitCode {
                 seed,
                 tick: tick_ms.map(Duration::from_millis),
                 image_bytes,
+                image_side,
                 requests_per_minute: rpm,
                 tokens_per_minute: tpm,
                 ..Default::default()

@@ -41,7 +41,13 @@ pub(crate) struct PngTemplate {
 
 impl PngTemplate {
     pub(crate) fn new(target_bytes: usize) -> Self {
-        let (width, height) = (64u32, 64u32);
+        Self::sized(target_bytes, 64)
+    }
+
+    /// Pictures of `side` x `side` pixels (a client that decodes and resizes them does the work
+    /// a real image costs), padded to about `target_bytes`.
+    pub(crate) fn sized(target_bytes: usize, side: u32) -> Self {
+        let (width, height) = (side.max(1), side.max(1));
         // Each scanline is filtered as encoders do, with Sub (type 1: each byte minus the one a
         // pixel to its left); on a gradient that leaves a repetition deflate all but removes.
         let mut scanlines = Vec::with_capacity((height * (1 + 3 * width)) as usize);

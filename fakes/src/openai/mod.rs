@@ -66,6 +66,8 @@ pub struct FakeOptions {
     pub tick: Option<Duration>,
     /// Approximate size in bytes of each generated PNG.
     pub image_bytes: usize,
+    /// Width and height of each generated PNG, in pixels.
+    pub image_side: u32,
     /// `None`: any non-empty Bearer token is accepted; `Some(k)`: only `k`, else 401.
     pub api_key: Option<String>,
     /// The account's requests per minute; `None`: unlimited.
@@ -82,6 +84,7 @@ impl Default for FakeOptions {
             seed: 0,
             tick: None,
             image_bytes: 2048,
+            image_side: 64,
             api_key: None,
             requests_per_minute: None,
             tokens_per_minute: None,
@@ -204,7 +207,7 @@ impl FakeApi {
             rules: crate::rules::Rules::default(),
             counters: Mutex::default(),
             seq: AtomicU64::new(0),
-            png: PngTemplate::new(opts.image_bytes),
+            png: PngTemplate::sized(opts.image_bytes, opts.image_side),
             files: Mutex::default(),
             failing_files: AtomicU64::new(0),
             limits: Mutex::new(AccountLimits::new(
