@@ -75,6 +75,7 @@ pub mod cli;
 pub mod config;
 pub mod imaging;
 pub mod provider;
+pub mod references;
 pub mod storage;
 pub mod worker;
 

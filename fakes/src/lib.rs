@@ -27,3 +27,17 @@ mod png;
 pub mod replicate;
 pub mod rules;
 pub mod stability;
+
+/// A digest of bytes (two FNV-1a variants, 128 bits: the fakes need no crypto), enough for a test
+/// to tell which image a client sent.
+pub fn digest(data: &[u8]) -> String {
+    let mut a: u64 = 0xcbf29ce484222325;
+    let mut b: u64 = 0x84222325cbf29ce4;
+    for &byte in data {
+        a = (a ^ u64::from(byte)).wrapping_mul(0x100000001b3);
+        b = (b ^ u64::from(byte))
+            .wrapping_mul(0x100000001b3)
+            .rotate_left(7);
+    }
+    format!("{a:016x}{b:016x}")
+}

@@ -77,6 +77,11 @@ Exit codes: 0 published; 1 error; 2 usage (or --max-jobs exceeded, or no confirm
         /// names another is refused.
         #[arg(long, value_name = "NAME")]
         provider: Option<String>,
+        /// A reference image for every job (a style plate, art to edit): uploaded once to the
+        /// store, under `{storage.prefix}references/` by its content, and named in each job's
+        /// `images`. Repeat it for several.
+        #[arg(long = "reference", value_name = "FILE")]
+        references: Vec<PathBuf>,
         /// Refuse to publish more jobs than this (a guard against an unintended cross product).
         #[arg(long, default_value_t = 10_000)]
         max_jobs: usize,
@@ -293,6 +298,7 @@ async fn run(cli: Cli, preloaded: Option<Settings>) -> anyhow::Result<ExitCode> 
             template,
             vary,
             provider,
+            references,
             max_jobs,
             dry_run,
             yes,
@@ -307,7 +313,9 @@ async fn run(cli: Cli, preloaded: Option<Settings>) -> anyhow::Result<ExitCode> 
                     template,
                     vary,
                     provider,
+                    references: Vec::new(),
                 },
+                reference_files: references,
                 max_jobs,
                 dry_run,
                 yes,

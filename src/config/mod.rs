@@ -9,6 +9,7 @@ pub mod azure;
 mod checks;
 pub mod kinds;
 pub mod providers;
+pub mod references;
 pub mod sections;
 pub mod selfhosted;
 pub mod storage;
@@ -24,6 +25,7 @@ pub use providers::{
     GeminiSettings, KindSettings, OpenAiSettings, PlaceholderSettings, ProviderDefaults,
     ProviderKind, ProviderSettings, ReplicateSettings, StabilitySettings,
 };
+pub use references::ReferenceSettings;
 pub use sections::{
     AmqpSettings, BudgetSettings, EventSettings, HttpSettings, LimitsSettings, LogFormat,
     LogSettings, RetrySettings, WorkerSettings,
@@ -82,6 +84,8 @@ pub struct Settings {
     pub storage: StorageSettings,
     /// `[spool]`.
     pub spool: SpoolSettings,
+    /// `[references]`: reading a job's reference images.
+    pub references: ReferenceSettings,
     /// `[pricing]`: the prices of every provider that has no `pricing` table of its own.
     pub pricing: PriceTable,
     /// `[events]`.
@@ -99,6 +103,32 @@ pub struct Settings {
     /// What start-up should warn about (deprecated keys); logged once logging is set up.
     #[serde(skip)]
     pub warnings: Vec<String>,
+}
+
+/// Lists that may be given as text (from the environment, or an override): items separated by
+/// commas.
+const TEXT_LISTS: &[(&str, &str)] = &[
+    ("references", "download_hosts"),
+    ("references", "allowed_prefixes"),
+];
+
+fn commas_to_lists(root: &mut config::Map<String, config::Value>) {
+    for (table, key) in TEXT_LISTS {
+        let Some(config::ValueKind::Table(t)) = root.get_mut(*table).map(|v| &mut v.kind) else {
+            continue;
+        };
+        if let Some(v) = t.get_mut(*key)
+            && let config::ValueKind::String(text) = &v.kind
+        {
+            let items = text
+                .split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(|s| config::Value::new(None, config::ValueKind::String(s.to_string())))
+                .collect();
+            *v = config::Value::new(None, config::ValueKind::Array(items));
+        }
+    }
 }
 
 /// The tables [`providers::resolve`] reads, not serde.
@@ -165,6 +195,7 @@ impl Settings {
         for table in PROVIDER_TABLES {
             root.remove(*table);
         }
+        commas_to_lists(&mut root);
         let mut settings: Settings =
             config::Value::new(None, config::ValueKind::Table(root)).try_deserialize()?;
         // The sections the providers are resolved against, first: their own keys are named.
@@ -281,6 +312,7 @@ impl Settings {
         self.budget.validate()?;
         self.storage.validate()?;
         self.spool.validate()?;
+        self.references.validate()?;
         self.events.validate()?;
         self.http.validate()?;
         self.pricing.validate().map_err(|e| invalid("pricing", e))

@@ -60,15 +60,27 @@ pub struct Decoded {
 
 /// Decodes PNG, JPEG or WebP bytes within the pixel and allocation bounds.
 pub fn decode(data: &[u8]) -> Result<Decoded, String> {
+    decode_within(data, MAX_IMAGE_PIXELS)
+}
+
+/// Decodes PNG, JPEG or WebP bytes of at most `max_pixels` (and as many RGBA pixels allocated).
+pub fn decode_within(data: &[u8], max_pixels: u64) -> Result<Decoded, String> {
     let format = image::guess_format(data)
         .ok()
         .filter(|f| matches!(f, ImageFormat::Png | ImageFormat::Jpeg | ImageFormat::WebP))
         .ok_or("not a PNG, JPEG or WebP image")?;
+    // The header alone first: its size decides before anything is allocated.
+    let (width, height) = header_size(data, format)?;
+    if u64::from(width) * u64::from(height) > max_pixels {
+        return Err(format!(
+            "an image of {width}x{height} pixels, more than the {max_pixels} allowed"
+        ));
+    }
     let mut reader = ImageReader::with_format(std::io::Cursor::new(data), format);
     let mut limits = image::Limits::default();
     limits.max_image_width = Some(16_384);
     limits.max_image_height = Some(16_384);
-    limits.max_alloc = Some(MAX_IMAGE_PIXELS * 4);
+    limits.max_alloc = Some(max_pixels.min(MAX_IMAGE_PIXELS) * 4);
     reader.limits(limits);
     let mut decoder = reader
         .into_decoder()
@@ -79,6 +91,39 @@ pub fn decode(data: &[u8]) -> Result<Decoded, String> {
     let image = DynamicImage::from_decoder(decoder)
         .map_err(|e| format!("the image does not decode: {e}"))?;
     Ok(Decoded { image, icc_profile })
+}
+
+/// A mask whose transparent pixels mark where to paint (OpenAI's convention), as the black and
+/// white PNG other servers take (AUTOMATIC1111: white is painted).
+pub fn paint_mask(png: &[u8]) -> Result<Vec<u8>, String> {
+    let decoded = decode(png)?;
+    let rgba = decoded.image.to_rgba8();
+    let gray = image::GrayImage::from_fn(rgba.width(), rgba.height(), |x, y| {
+        image::Luma([if rgba.get_pixel(x, y).0[3] < 128 {
+            255
+        } else {
+            0
+        }])
+    });
+    let mut out = std::io::Cursor::new(Vec::new());
+    gray.write_to(&mut out, ImageFormat::Png)
+        .map_err(|e| format!("the mask could not be encoded: {e}"))?;
+    Ok(out.into_inner())
+}
+
+/// The size an image's header announces: a PNG's from its IHDR chunk (read alone, whatever
+/// follows), others' by their decoder's header reading.
+fn header_size(data: &[u8], format: ImageFormat) -> Result<(u32, u32), String> {
+    if format == ImageFormat::Png {
+        if data.len() < 24 || &data[12..16] != b"IHDR" {
+            return Err("the image does not decode: a PNG without its IHDR header".into());
+        }
+        let be = |i: usize| u32::from_be_bytes([data[i], data[i + 1], data[i + 2], data[i + 3]]);
+        return Ok((be(16), be(20)));
+    }
+    ImageReader::with_format(std::io::Cursor::new(data), format)
+        .into_dimensions()
+        .map_err(|e| format!("the image does not decode: {e}"))
 }
 
 /// Whether the image has an alpha channel that some pixel uses (alpha below 255).
@@ -127,8 +172,16 @@ pub(crate) mod tests {
         encoder.set_color(png::ColorType::Rgba);
         drop(encoder.write_header().unwrap());
         let e = decode(&bomb).err().expect("refused");
-        assert!(e.contains("does not decode"), "{e}");
+        assert!(e.contains("60000x60000"), "{e}");
         assert!(decode(b"<html>").is_err());
+    }
+
+    #[test]
+    fn a_transparent_mask_becomes_white_where_to_paint() {
+        let mask = paint_mask(&png(8, 2, true)).unwrap();
+        let gray = decode(&mask).unwrap().image.to_luma8();
+        assert_eq!(gray.get_pixel(0, 0).0, [255], "transparent: paint");
+        assert_eq!(gray.get_pixel(7, 1).0, [0], "opaque: keep");
     }
 
     #[tokio::test]

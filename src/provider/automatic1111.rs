@@ -1,5 +1,7 @@
 //! A self-hosted AUTOMATIC1111 web UI, or Forge (its fork), started with `--api`: `POST
-//! {base_url}/sdapi/v1/txt2img` makes a batch of images and answers them, base64, when done.
+//! {base_url}/sdapi/v1/txt2img` makes a batch of images and answers them, base64, when done;
+//! `img2img` does the same from a job's reference image (its `init_images`), repainting where a
+//! job's mask is transparent (sent as the server's mask: white where to paint).
 //! The answers are read in the core crate ([`imagegen_core::automatic1111`]).
 //!
 //! It is synchronous, and nothing in an answer can be fetched again: a call lost after it was
@@ -43,6 +45,8 @@ const CAPABILITIES: Capabilities = Capabilities {
     negative_prompt: true,
     transparency: false,
     mode: Mode::Synchronous,
+    references: 1,
+    mask: true,
     params: &[
         "steps",
         "cfg_scale",
@@ -109,8 +113,10 @@ impl Automatic1111 {
         })
     }
 
-    /// The `txt2img` body (`Err`: a size it cannot take, before any call).
-    fn body(request: &ImageRequest, task_id: &str) -> Result<Value, Failure> {
+    /// The `txt2img` body, or `img2img`'s with the request's reference as its init image
+    /// (`mask`: the job's mask as the server takes it, white where to paint). `Err`: a size it
+    /// cannot take, before any call.
+    fn body(request: &ImageRequest, task_id: &str, mask: Option<&[u8]>) -> Result<Value, Failure> {
         let mut body: Map<String, Value> = request.params.clone();
         body.insert("prompt".into(), request.prompt.clone().into());
         if let Some(negative) = &request.negative_prompt {
@@ -141,12 +147,38 @@ impl Automatic1111 {
         body.insert("send_images".into(), true.into());
         body.insert("save_images".into(), false.into());
         body.insert("force_task_id".into(), task_id.into());
+        if let Some(init) = request.refs.images.first() {
+            body.insert("init_images".into(), json!([&*init.base64()]));
+            if let Some(mask) = mask {
+                body.insert(
+                    "mask".into(),
+                    base64_simd::STANDARD.encode_to_string(mask).into(),
+                );
+            }
+        }
         Ok(Value::Object(body))
     }
 
     async fn call(&self, request: &ImageRequest) -> Result<Generation, Failure> {
         let task_id = new_prompt_id();
-        let body = Self::body(request, &task_id)?;
+        let mask = match &request.refs.mask {
+            Some(mask) => {
+                let png = mask.data.clone();
+                Some(
+                    tokio::task::spawn_blocking(move || crate::imaging::paint_mask(&png))
+                        .await
+                        .map_err(|e| Failure::transient(e.to_string()))?
+                        .map_err(Failure::invalid_job)?,
+                )
+            }
+            None => None,
+        };
+        let body = Self::body(request, &task_id, mask.as_deref())?;
+        let endpoint = if request.refs.images.is_empty() {
+            "txt2img"
+        } else {
+            "img2img"
+        };
         let body = serde_json::to_vec(&body).map_err(|e| Failure::Permanent {
             kind: ErrorKind::InvalidRequest,
             message: format!("the request could not be written as JSON: {e}"),
@@ -158,7 +190,7 @@ impl Automatic1111 {
         let response = clock
             .send(
                 self.client
-                    .post(format!("{}/sdapi/v1/txt2img", self.base_url))
+                    .post(format!("{}/sdapi/v1/{endpoint}", self.base_url))
                     .header(reqwest::header::CONTENT_TYPE, "application/json")
                     .body(body),
             )
@@ -273,9 +305,12 @@ mod tests {
             quality: None,
             background: None,
             seed: None,
+            reference_count: 0,
+            masked: false,
+            refs: Default::default(),
             params: json!({"steps": 30}).as_object().unwrap().clone(),
         };
-        let body = Automatic1111::body(&request, "t-1").unwrap();
+        let body = Automatic1111::body(&request, "t-1", None).unwrap();
         assert_eq!(body["width"], 832);
         assert_eq!(body["height"], 1216);
         assert_eq!(body["batch_size"], 3);
@@ -290,6 +325,6 @@ mod tests {
             size: Size::parse("16:9"),
             ..request
         };
-        assert!(Automatic1111::body(&bad, "t").is_err());
+        assert!(Automatic1111::body(&bad, "t", None).is_err());
     }
 }

@@ -51,6 +51,8 @@ const CAPABILITIES: Capabilities = Capabilities {
     negative_prompt: false,
     transparency: false,
     mode: Mode::SubmitAndPoll,
+    references: 0,
+    mask: false,
     params: &[
         "num_inference_steps",
         "guidance_scale",
@@ -434,6 +436,9 @@ mod tests {
             quality: None,
             background: None,
             seed: Some(7),
+            reference_count: 0,
+            masked: false,
+            refs: Default::default(),
             params: Map::new(),
         }
     }

@@ -49,6 +49,8 @@ const CAPABILITIES: Capabilities = Capabilities {
     negative_prompt: false,
     transparency: false,
     mode: Mode::Synchronous,
+    references: 14,
+    mask: false,
     params: &["temperature", "topP", "topK", "safetySettings"],
 };
 
@@ -114,8 +116,16 @@ impl Gemini {
                 config.insert((*key).into(), v.clone());
             }
         }
+        let mut parts = vec![json!({"text": request.prompt})];
+        // Reference images go in as more parts, after the prompt.
+        for image in &request.refs.images {
+            parts.push(json!({"inline_data": {
+                "mime_type": image.content_type,
+                "data": &*image.base64(),
+            }}));
+        }
         let mut body = json!({
-            "contents": [{"role": "user", "parts": [{"text": request.prompt}]}],
+            "contents": [{"role": "user", "parts": parts}],
             "generationConfig": config,
         });
         if let Some(safety) = request.params.get("safetySettings") {
@@ -314,6 +324,9 @@ mod tests {
             quality: None,
             background: None,
             seed: Some(u64::MAX),
+            reference_count: 0,
+            masked: false,
+            refs: Default::default(),
             params: serde_json::from_value(json!({"temperature": 0.4})).unwrap(),
         }
     }

@@ -31,6 +31,7 @@ pub mod multipart;
 pub mod openai;
 pub mod placeholder;
 pub mod queued;
+pub mod reference;
 pub mod replicate;
 pub mod request;
 pub mod stability;
@@ -43,6 +44,7 @@ use futures_util::future::BoxFuture;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+pub use reference::{RefImage, Resolved};
 pub use request::{Capabilities, ImageRequest, JobDefaults, Mode, Size, Sizes};
 
 use crate::config::{KindSettings, ProviderSettings};

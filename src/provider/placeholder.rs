@@ -28,6 +28,8 @@ const CAPABILITIES: Capabilities = Capabilities {
     negative_prompt: true,
     transparency: true,
     mode: Mode::Synchronous,
+    references: 0,
+    mask: false,
     // It renders from the prompt alone: a job's params would change nothing.
     params: &[],
 };

@@ -47,6 +47,8 @@ const CAPABILITIES: Capabilities = Capabilities {
     negative_prompt: true,
     transparency: false,
     mode: Mode::SubmitAndPoll,
+    references: 0,
+    mask: false,
     // The inputs most image models on Replicate take; `params_allowed` adds a model's others.
     params: &[
         "guidance",

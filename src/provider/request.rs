@@ -85,6 +85,11 @@ pub struct ImageRequest {
     pub seed: Option<u64>,
     /// The job's provider-specific fields, passed through as they are.
     pub params: Map<String, Value>,
+    /// How many reference images the job gives, and whether a mask (known before they are read).
+    pub reference_count: u8,
+    pub masked: bool,
+    /// The reference images, once read (empty until then).
+    pub refs: super::reference::Resolved,
 }
 
 impl ImageRequest {
@@ -102,6 +107,9 @@ impl ImageRequest {
             background: or(&job.background, &defaults.background),
             seed: job.seed,
             params: job.params.clone(),
+            reference_count: job.images.len() as u8,
+            masked: job.mask.is_some(),
+            refs: super::reference::Resolved::default(),
         }
     }
 
@@ -206,6 +214,10 @@ pub struct Capabilities {
     /// Whether it can make a transparent background.
     pub transparency: bool,
     pub mode: Mode,
+    /// Most reference images one request takes (a job's `images`); 0: none.
+    pub references: u8,
+    /// Whether it takes a mask (an edit of the first reference where the mask is transparent).
+    pub mask: bool,
     /// The request fields of its own API that a job may set through `params` (an allow-list:
     /// anything else, `"N"` or `"n "` included, is refused before any call). A provider's
     /// config extends it with `params_allowed`.
@@ -215,6 +227,21 @@ pub struct Capabilities {
 impl Capabilities {
     /// Why the provider cannot do what the request asks, in words a producer can act on.
     pub fn refusal(&self, request: &ImageRequest) -> Option<String> {
+        if request.reference_count > self.references {
+            return Some(match self.references {
+                0 => format!(
+                    "takes no reference images; the job gives {}",
+                    request.reference_count
+                ),
+                n => format!(
+                    "takes at most {n} reference images; the job gives {}",
+                    request.reference_count
+                ),
+            });
+        }
+        if request.masked && !self.mask {
+            return Some("takes no mask (it cannot edit part of an image)".into());
+        }
         match (&self.sizes, &request.size) {
             (Sizes::Any, _) | (_, Size::Auto) => {}
             (
@@ -334,6 +361,9 @@ mod tests {
             quality: None,
             background: None,
             seed: None,
+            reference_count: 0,
+            masked: false,
+            refs: Default::default(),
             params: Map::new(),
         }
     }
@@ -348,6 +378,8 @@ mod tests {
             negative_prompt: false,
             transparency: false,
             mode: Mode::SubmitAndPoll,
+            references: 0,
+            mask: false,
             params: &["user"],
         };
         let with = |f: &dyn Fn(&mut ImageRequest)| {
@@ -418,6 +450,8 @@ mod tests {
             negative_prompt: false,
             transparency: false,
             mode: Mode::Synchronous,
+            references: 0,
+            mask: false,
             params: &["user", "moderation"],
         };
         let with = |params: Value, also: &[String]| {

@@ -63,6 +63,8 @@ const CAPABILITIES: Capabilities = Capabilities {
     negative_prompt: true,
     transparency: false,
     mode: Mode::Synchronous,
+    references: 0,
+    mask: false,
     params: &["style_preset", "cfg_scale"],
 };
 
@@ -282,6 +284,9 @@ mod tests {
             quality: None,
             background: None,
             seed: Some(u64::MAX),
+            reference_count: 0,
+            masked: false,
+            refs: Default::default(),
             params: serde_json::json!({"style_preset": "pixel-art", "cfg_scale": 4.5})
                 .as_object()
                 .unwrap()

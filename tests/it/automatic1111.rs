@@ -104,3 +104,70 @@ async fn a_lost_answer_is_counted_as_possibly_billed_and_an_out_of_memory_retrie
     worker.shutdown().await.unwrap();
     env.cleanup().await;
 }
+
+#[tokio::test]
+async fn a_reference_and_a_mask_go_to_img2img() {
+    let sd = fake().await;
+    let env = TestEnv::with(Store::Fs, &settings(&sd)).await;
+    let store = env.store().await;
+    let prefix = env.settings.storage.prefix.clone();
+    let png = |alpha: bool| {
+        let image = image::RgbaImage::from_fn(32, 32, |x, _| {
+            image::Rgba([200, 100, 50, if alpha && x < 16 { 0 } else { 255 }])
+        });
+        let mut out = std::io::Cursor::new(Vec::new());
+        image.write_to(&mut out, image::ImageFormat::Png).unwrap();
+        out.into_inner()
+    };
+    let (init, mask) = (png(false), png(true));
+    for (name, data) in [("init.png", &init), ("mask.png", &mask)] {
+        store
+            .put(imagegen::storage::PutObject {
+                key: &format!("{prefix}refs/{name}"),
+                data: bytes::Bytes::from(data.clone()),
+                content_type: "image/png",
+                metadata: &[],
+                sha256: None,
+            })
+            .await
+            .unwrap();
+    }
+    let mut listener = env.listen().await;
+    let worker = env.start_worker().await;
+    env.publish(
+        json!({"version": 3, "id": "i1", "prompt": "a repainted keep",
+        "images": [format!("{prefix}refs/init.png")], "mask": format!("{prefix}refs/mask.png")}),
+    )
+    .await;
+    // Two references: more than AUTOMATIC1111 takes.
+    env.publish(json!({"version": 3, "id": "i2", "prompt": "two keeps",
+        "images": [format!("{prefix}refs/init.png"), format!("{prefix}refs/init.png")]}))
+        .await;
+    let events = env.events(&mut listener, 2, WAIT).await;
+    let ok = events.iter().find(|e| e.data.job_id == "i1").unwrap();
+    assert_eq!(ok.data.status, Status::Succeeded, "{:?}", ok.data.error);
+    let inputs = sd.api.img2img_inputs();
+    assert_eq!(inputs.len(), 1);
+    assert_eq!(inputs[0].0, vec![imagegen_fakes::digest(&init)]);
+    let sent_mask = inputs[0].1.as_ref().expect("the mask was sent");
+    assert_ne!(
+        sent_mask,
+        &imagegen_fakes::digest(&mask),
+        "as the server's black and white mask"
+    );
+    let refused = events.iter().find(|e| e.data.job_id == "i2").unwrap();
+    assert_eq!(refused.data.status, Status::Failed);
+    assert!(
+        refused
+            .data
+            .error
+            .as_ref()
+            .unwrap()
+            .message
+            .contains("at most 1 reference"),
+        "{:?}",
+        refused.data.error
+    );
+    worker.shutdown().await.unwrap();
+    env.cleanup().await;
+}

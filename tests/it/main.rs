@@ -23,6 +23,7 @@ mod ops;
 mod outputs;
 mod pipeline;
 mod proxy;
+mod references;
 mod reliability;
 mod replicate;
 mod serial;

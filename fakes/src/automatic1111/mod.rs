@@ -87,6 +87,8 @@ struct Inner {
     png: PngTemplate,
     /// The web UI's queue lock: one run at a time.
     gpu: tokio::sync::Mutex<()>,
+    /// The [`crate::digest`] of each img2img call's init images, then its mask's when it had one.
+    img2img: Mutex<Vec<(Vec<String>, Option<String>)>>,
     tasks: Mutex<Tasks>,
 }
 
@@ -128,6 +130,7 @@ impl A1111Fake {
                 rules: Rules::default(),
                 ledger: Ledger::default(),
                 gpu: tokio::sync::Mutex::new(()),
+                img2img: Mutex::default(),
                 tasks: Mutex::default(),
             }),
         }
@@ -141,6 +144,7 @@ impl A1111Fake {
     pub fn router(&self) -> Router {
         Router::new()
             .route("/sdapi/v1/txt2img", post(txt2img))
+            .route("/sdapi/v1/img2img", post(img2img))
             .route("/sdapi/v1/sd-models", get(sd_models))
             .route("/internal/progress", post(progress))
             .route(
@@ -172,6 +176,11 @@ impl A1111Fake {
     /// `requests`: calls; `billed`: runs started; `images`: images made.
     pub fn stats(&self) -> Stats {
         self.inner.ledger.stats()
+    }
+
+    /// What each img2img call was given: its init images' digests, and its mask's.
+    pub fn img2img_inputs(&self) -> Vec<(Vec<String>, Option<String>)> {
+        lock(&self.inner.img2img).clone()
     }
 
     /// Runs started for prompts that contain `needle`.
@@ -222,6 +231,37 @@ async fn txt2img(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
+    generate(f, conn, headers, body, false).await
+}
+
+/// `init_images` (base64 strings or data URIs; 404 "Init image not found" without them, 500
+/// "Invalid encoded image" for bytes that are not base64) and an optional `mask` (white:
+/// where to paint), then as txt2img.
+async fn img2img(
+    State(f): State<A1111Fake>,
+    conn: Option<Extension<ConnectInfo<ResetHandle>>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    generate(f, conn, headers, body, true).await
+}
+
+fn decode_image(v: &Value) -> Option<Vec<u8>> {
+    let s = v.as_str()?;
+    let b64 = match s.split_once(";base64,") {
+        Some((_, data)) if s.starts_with("data:") => data,
+        _ => s,
+    };
+    BASE64.decode_to_vec(b64.as_bytes()).ok()
+}
+
+async fn generate(
+    f: A1111Fake,
+    conn: Option<Extension<ConnectInfo<ResetHandle>>>,
+    headers: HeaderMap,
+    body: Bytes,
+    img2img: bool,
+) -> Response {
     if let Err(detail) = f.authorize(&headers) {
         return http_exception(StatusCode::UNAUTHORIZED, detail);
     }
@@ -241,6 +281,31 @@ async fn txt2img(
             f.inner.ledger.error(422);
             return invalid(field, "integer");
         }
+    }
+    if img2img {
+        let Some(inits) = req
+            .get("init_images")
+            .and_then(Value::as_array)
+            .filter(|a| !a.is_empty())
+        else {
+            return http_exception(StatusCode::NOT_FOUND, "Init image not found");
+        };
+        let Some(images) = inits.iter().map(decode_image).collect::<Option<Vec<_>>>() else {
+            return http_exception(StatusCode::INTERNAL_SERVER_ERROR, "Invalid encoded image");
+        };
+        let mask = match req.get("mask").filter(|m| !m.is_null()) {
+            None => None,
+            Some(m) => match decode_image(m) {
+                Some(bytes) => Some(crate::digest(&bytes)),
+                None => {
+                    return http_exception(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        "Invalid encoded image",
+                    );
+                }
+            },
+        };
+        lock(&f.inner.img2img).push((images.iter().map(|i| crate::digest(i)).collect(), mask));
     }
     let int = |k: &str, d: i64| req.get(k).and_then(Value::as_i64).unwrap_or(d);
     let prompt = req

@@ -341,6 +341,7 @@ impl GeminiFake {
         let prompt = prompt_of(body).ok_or_else(|| {
             ApiError::invalid("* GenerateContentRequest.contents: contents is not specified")
         })?;
+        let inputs = input_images(body)?;
         let config = object
             .get("generationConfig")
             .or_else(|| object.get("generation_config"));
@@ -388,6 +389,7 @@ impl GeminiFake {
                 "* GenerateContentRequest.generation_config.image_config.image_size: unsupported image size {s}"
             )));
         }
+        lock(&self.inner.inputs).push(inputs);
         Ok(Request {
             model: model.to_string(),
             prompt,
@@ -408,6 +410,43 @@ fn bad_key() -> ApiError {
                 "domain": "googleapis.com",
                 "metadata": {"service": "generativelanguage.googleapis.com"}}]),
     )
+}
+
+/// The images of the request's parts (`inline_data` or `inlineData`: `mime_type`, base64
+/// `data`), as digests; a part the API could not read is its 400.
+fn input_images(body: &Value) -> Result<Vec<String>, ApiError> {
+    let mut out = Vec::new();
+    let contents = body.get("contents").and_then(Value::as_array);
+    for (c, content) in contents.into_iter().flatten().enumerate() {
+        let parts = content.get("parts").and_then(Value::as_array);
+        for (p, part) in parts.into_iter().flatten().enumerate() {
+            let Some(inline) = part.get("inline_data").or_else(|| part.get("inlineData")) else {
+                continue;
+            };
+            let mime = inline
+                .get("mime_type")
+                .or_else(|| inline.get("mimeType"))
+                .and_then(Value::as_str)
+                .unwrap_or("");
+            if !matches!(
+                mime,
+                "image/png" | "image/jpeg" | "image/webp" | "image/heic" | "image/heif"
+            ) {
+                return Err(ApiError::invalid(&format!(
+                    "Unsupported MIME type: {mime} at contents[{c}].parts[{p}].inline_data"
+                )));
+            }
+            let data = inline.get("data").and_then(Value::as_str).unwrap_or("");
+            let Ok(bytes) = base64_simd::STANDARD.decode_to_vec(data.as_bytes()) else {
+                return Err(ApiError::invalid(&format!(
+                    "Invalid value at 'contents[{c}].parts[{p}].inline_data.data' (TYPE_BYTES), \
+                     Base64 decoding failed"
+                )));
+            };
+            out.push(crate::digest(&bytes));
+        }
+    }
+    Ok(out)
 }
 
 /// The text of the request's last turn.

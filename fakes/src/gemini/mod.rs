@@ -105,6 +105,8 @@ struct Inner {
     per_day: Option<u64>,
     /// Requests counted against the per-day quota.
     today: AtomicU64,
+    /// The [`crate::digest`] of each request's input images (`inline_data` parts), in order.
+    inputs: Mutex<Vec<Vec<String>>>,
 }
 
 /// A running in-process fake; the server task is aborted on drop.
@@ -130,6 +132,7 @@ impl GeminiFake {
                 per_minute: Mutex::new(opts.requests_per_minute.map(TokenBucket::per_minute)),
                 per_day: opts.requests_per_day,
                 today: AtomicU64::new(0),
+                inputs: Mutex::default(),
             }),
         }
     }
@@ -176,6 +179,11 @@ impl GeminiFake {
 
     pub fn stats(&self) -> Stats {
         self.inner.ledger.stats()
+    }
+
+    /// The [`crate::digest`] of each request's input images, in order.
+    pub fn inputs(&self) -> Vec<Vec<String>> {
+        lock(&self.inner.inputs).clone()
     }
 
     /// Requests received whose prompt contains `needle`.

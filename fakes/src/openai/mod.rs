@@ -30,6 +30,7 @@
 //! gave up (timeout, disconnect) still runs to completion and is billed.
 
 mod admin;
+pub mod edits;
 mod errors;
 mod generate;
 mod limits;
@@ -168,6 +169,8 @@ struct Inner {
     files: Mutex<VecDeque<(String, Bytes)>>,
     /// The next this many downloads of such images answer 503.
     failing_files: AtomicU64,
+    /// What each edit request carried, in order.
+    edits: Mutex<Vec<edits::EditSeen>>,
 }
 
 #[derive(Default)]
@@ -210,6 +213,7 @@ impl FakeApi {
             png: PngTemplate::sized(opts.image_bytes, opts.image_side),
             files: Mutex::default(),
             failing_files: AtomicU64::new(0),
+            edits: Mutex::default(),
             limits: Mutex::new(AccountLimits::new(
                 opts.requests_per_minute,
                 opts.tokens_per_minute,
@@ -232,6 +236,7 @@ impl FakeApi {
     pub fn router(&self) -> Router {
         Router::new()
             .route("/v1/images/generations", post(generate::generations))
+            .route("/v1/images/edits", post(edits::edits))
             .route(
                 "/_fake/rules",
                 post(admin::push_rule).delete(admin::clear_rules),
@@ -296,6 +301,11 @@ impl FakeApi {
 
     pub fn stats(&self) -> Stats {
         lock(&self.inner.counters).stats.clone()
+    }
+
+    /// What each edit request (`/v1/images/edits`) carried, in order.
+    pub fn edits(&self) -> Vec<edits::EditSeen> {
+        lock(&self.inner.edits).clone()
     }
 
     /// Requests received whose prompt contains `prompt_substring`.

@@ -48,6 +48,9 @@ pub struct Shape {
     pub vary: Vec<(String, Vec<String>)>,
     /// `--provider NAME`: the configured provider of every job that names none.
     pub provider: Option<String>,
+    /// `--reference FILE`: the store keys of files uploaded once, referenced by every job (its
+    /// `images`).
+    pub references: Vec<String>,
 }
 
 impl Shape {
@@ -412,6 +415,13 @@ fn expand(
                 }
                 _ => {}
             }
+            if !shape.references.is_empty() {
+                if object.contains_key("images") {
+                    error("the job names its own images, and --reference gives some".into());
+                    continue;
+                }
+                object.insert("images".into(), serde_json::json!(shape.references));
+            }
             let job_batch = object
                 .get("batch")
                 .and_then(Value::as_str)
@@ -541,6 +551,7 @@ not json
             template: template.map(str::to_string),
             vary: vary.iter().map(|v| parse_vary(v).unwrap()).collect(),
             provider: None,
+            references: Vec::new(),
         }
     }
 

@@ -3,6 +3,7 @@
 //! confirms.
 
 pub mod input;
+mod references;
 
 use std::collections::BTreeMap;
 use std::io::IsTerminal;
@@ -38,6 +39,8 @@ pub struct EnqueueRequest {
     pub batch: Option<String>,
     pub format: InputFormat,
     pub shape: Shape,
+    /// `--reference FILE`: uploaded, then named in every job's `images`.
+    pub reference_files: Vec<PathBuf>,
     pub max_jobs: usize,
     pub dry_run: bool,
     pub yes: bool,
@@ -238,7 +241,17 @@ pub async fn record_batches(
 }
 
 /// `imagegen enqueue`.
-pub async fn command(settings: &Settings, request: EnqueueRequest) -> anyhow::Result<ExitCode> {
+pub async fn command(settings: &Settings, mut request: EnqueueRequest) -> anyhow::Result<ExitCode> {
+    if !request.reference_files.is_empty() {
+        match references::upload(settings, &request.reference_files, request.dry_run).await {
+            Ok(keys) => request.shape.references = keys,
+            Err(references::RefError::Usage(message)) => {
+                eprintln!("error: {message}");
+                return Ok(ExitCode::from(EXIT_USAGE));
+            }
+            Err(references::RefError::Other(e)) => return Err(e),
+        }
+    }
     let prepared = match read_input(
         settings,
         request.file.as_deref(),

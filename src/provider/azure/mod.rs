@@ -30,6 +30,8 @@ const CAPABILITIES: Capabilities = Capabilities {
     negative_prompt: false,
     transparency: true,
     mode: Mode::Synchronous,
+    references: 16,
+    mask: true,
     params: &["user", "moderation", "output_compression"],
 };
 
@@ -56,7 +58,7 @@ pub fn build(settings: &AzureOpenAiSettings, buffers: BufferPool) -> anyhow::Res
             ),
         ),
         AzureSurface::V1 => (
-            Target::Fixed(format!("{endpoint}/openai/v1/images/generations")),
+            Target::Fixed(format!("{endpoint}/openai/v1/images")),
             format!("{endpoint}/openai/v1/models"),
         ),
     };

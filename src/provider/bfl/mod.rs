@@ -49,6 +49,8 @@ const CAPABILITIES: Capabilities = Capabilities {
     negative_prompt: false,
     transparency: false,
     mode: Mode::SubmitAndPoll,
+    references: 0,
+    mask: false,
     params: &[
         "safety_tolerance",
         "prompt_upsampling",

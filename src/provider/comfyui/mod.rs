@@ -113,6 +113,8 @@ impl ComfyUi {
                 negative_prompt: workflow.takes_negative_prompt(),
                 transparency: false,
                 mode: Mode::SubmitAndPoll,
+                references: 0,
+                mask: false,
                 params: &[],
             },
             defaults: JobDefaults {

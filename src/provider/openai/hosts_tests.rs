@@ -115,6 +115,9 @@ pub(super) fn request() -> ImageRequest {
         quality: None,
         background: None,
         seed: None,
+        reference_count: 0,
+        masked: false,
+        refs: Default::default(),
         params: Map::new(),
     }
 }

@@ -39,6 +39,8 @@ const CAPABILITIES: Capabilities = Capabilities {
     negative_prompt: false,
     transparency: true,
     mode: Mode::Synchronous,
+    references: 16,
+    mask: true,
     // The request fields of the Images API that have no neutral field (image-apis.md), and
     // `style` of the DALL-E-style hosts that still take it.
     params: &["user", "moderation", "output_compression", "style"],
@@ -46,23 +48,25 @@ const CAPABILITIES: Capabilities = Capabilities {
 
 /// Where its requests go.
 pub(crate) enum Target {
-    /// `{base}/images/generations`, the model in the body.
+    /// `{images}/generations` and `{images}/edits` (`{images}` is `{base}/images`), the model
+    /// in the body.
     Fixed(String),
-    /// `{base}/{model}/images/generations?api-version=V`: Azure's classic deployment URLs, the
-    /// query after the path (never a path joined after a query).
+    /// `{base}/{model}/images/{generations|edits}?api-version=V`: Azure's classic deployment
+    /// URLs, the query after the path (never a path joined after a query).
     Deployments { base: String, api_version: String },
 }
 
 impl Target {
-    fn url(&self, model: &str) -> String {
+    /// The URL of `endpoint` (`generations` or `edits`) for `model`.
+    fn url(&self, model: &str, endpoint: &str) -> String {
         match self {
-            Target::Fixed(endpoint) => endpoint.clone(),
+            Target::Fixed(images) => format!("{images}/{endpoint}"),
             Target::Deployments { base, api_version } => {
                 let mut url = reqwest::Url::parse(base).expect("validated at start-up");
                 url.path_segments_mut()
                     .expect("an http(s) URL")
                     .pop_if_empty()
-                    .extend([model, "images", "generations"]);
+                    .extend([model, "images", endpoint]);
                 url.query_pairs_mut()
                     .append_pair("api-version", api_version);
                 url.into()
@@ -115,7 +119,7 @@ impl OpenAi {
             kind: "openai",
             capabilities: &CAPABILITIES,
             client,
-            target: Target::Fixed(format!("{base}/images/generations")),
+            target: Target::Fixed(format!("{base}/images")),
             check_url: format!("{base}/models/{}", settings.model),
             tokens: None,
             downloads: Downloads::new(
@@ -198,16 +202,67 @@ impl OpenAi {
         Value::Object(body)
     }
 
+    /// An edit's body (`/images/edits`): the fields of [`Self::body`] as text parts, each
+    /// reference as an `image[]` file, and the mask. `Err`: a mask the API would refuse.
+    fn edit_form(&self, request: &ImageRequest) -> Result<super::multipart::Form, Failure> {
+        let mut form = super::multipart::Form::new();
+        if let Value::Object(fields) = self.body(request) {
+            for (name, value) in fields {
+                let text = match value {
+                    Value::String(s) => s,
+                    other => other.to_string(),
+                };
+                form.text(&name, &text);
+            }
+        }
+        for (i, image) in request.refs.images.iter().enumerate() {
+            form.file(
+                "image[]",
+                &format!("reference-{i}.{}", image.extension),
+                image.content_type,
+                &image.data,
+            );
+        }
+        if let Some(mask) = &request.refs.mask {
+            let first = &request.refs.images[0];
+            if (mask.width, mask.height) != (first.width, first.height) {
+                return Err(Failure::invalid_job(format!(
+                    "the mask is {}x{}: it must be the size of the first image ({}x{})",
+                    mask.width, mask.height, first.width, first.height
+                )));
+            }
+            if mask.data.len() > 4 * 1024 * 1024 {
+                return Err(Failure::invalid_job(
+                    "the mask is larger than the 4 MB the API takes",
+                ));
+            }
+            form.file("mask", "mask.png", "image/png", &mask.data);
+        }
+        Ok(form)
+    }
+
     async fn call(&self, request: &ImageRequest) -> Result<Generation, Failure> {
-        let body = serde_json::to_vec(&self.body(request)).map_err(|e| Failure::Permanent {
-            kind: crate::domain::error::ErrorKind::InvalidRequest,
-            message: format!("the request could not be written as JSON: {e}"),
-            detail: Box::default(),
-        })?;
+        // With reference images, an edit (multipart); else a generation (JSON).
+        let (endpoint, content_type, body) = if request.refs.images.is_empty() {
+            let body = serde_json::to_vec(&self.body(request)).map_err(|e| Failure::Permanent {
+                kind: crate::domain::error::ErrorKind::InvalidRequest,
+                message: format!("the request could not be written as JSON: {e}"),
+                detail: Box::default(),
+            })?;
+            (
+                "generations",
+                "application/json".to_string(),
+                bytes::Bytes::from(body),
+            )
+        } else {
+            let form = self.edit_form(request)?;
+            let content_type = form.content_type();
+            ("edits", content_type, form.finish())
+        };
         let mut builder = self
             .client
-            .post(self.target.url(&request.model))
-            .header(reqwest::header::CONTENT_TYPE, "application/json");
+            .post(self.target.url(&request.model, endpoint))
+            .header(reqwest::header::CONTENT_TYPE, content_type);
         if let Some(tokens) = &self.tokens {
             builder = builder.header(reqwest::header::AUTHORIZATION, tokens.header().await?);
         }
@@ -473,6 +528,9 @@ mod tests {
             quality: Some("high".into()),
             background: None,
             seed: None,
+            reference_count: 0,
+            masked: false,
+            refs: Default::default(),
             params: Map::new(),
         };
         // Two high-quality 1024x1024 images: 2 x 4160 output tokens, plus the prompt.

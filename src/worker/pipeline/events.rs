@@ -139,6 +139,8 @@ pub struct Progress {
     /// The journal's record of earlier deliveries was read (once per delivery, whichever
     /// provider the job is at).
     pub journal_read: bool,
+    /// The job's reference images, read (empty when it has none).
+    pub refs: crate::provider::Resolved,
 }
 
 impl Progress {

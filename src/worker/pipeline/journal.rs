@@ -14,6 +14,9 @@ use crate::domain::keys;
 use crate::provider::{Handle, Journal};
 use crate::storage::{ObjectStore, PutObject};
 
+/// When the job began to wait for an earlier job its references name.
+const WAITING_NAME: &str = "reference-wait.json";
+
 /// A request queued at a provider, waiting for its images.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PendingEntry {
@@ -73,6 +76,19 @@ impl StoreJournal<'_> {
     pub async fn set_spent(&self, spent: &Spent) -> Result<(), Failure> {
         let body = serde_json::to_vec(spent).map_err(|e| Failure::transient(e.to_string()))?;
         self.put(keys::SPENT_JOURNAL_NAME, Bytes::from(body)).await
+    }
+
+    /// When the job began to wait for an earlier job its references name (Unix ms).
+    pub async fn waiting_since(&self) -> Result<Option<u64>, Failure> {
+        Ok(self
+            .get(WAITING_NAME)
+            .await?
+            .and_then(|b| std::str::from_utf8(&b).ok()?.trim().parse().ok()))
+    }
+
+    pub async fn set_waiting_since(&self, unix_ms: u64) -> Result<(), Failure> {
+        self.put(WAITING_NAME, Bytes::from(unix_ms.to_string()))
+            .await
     }
 
     /// The recorded request is lost at its provider: nothing to poll any more.

@@ -23,6 +23,7 @@ pub mod fallback;
 pub mod images;
 pub mod journal;
 pub mod lease;
+pub mod refs;
 pub mod run;
 
 use std::any::Any;
@@ -133,12 +134,27 @@ pub struct Pipeline {
     pending_hold: Duration,
     /// The threads that decode, resize and encode images (variants, transparency checks).
     imaging: crate::imaging::ImageWork,
+    /// Reads jobs' reference images.
+    references: crate::references::References,
+    /// `references.job_wait_secs`.
+    reference_wait_secs: u64,
 }
 
 impl Pipeline {
     pub fn new(settings: &Settings, routes: Routes, store: Arc<dyn ObjectStore>) -> Self {
         let mut rules = settings.job_rules();
         rules.providers = routes.iter().map(|r| r.name.clone()).collect();
+        let imaging = crate::imaging::ImageWork::new(settings.worker.image_workers);
+        let memory = routes.memory().cloned().unwrap_or_else(|| {
+            crate::provider::buffers::BufferPool::new(settings.worker.answer_memory_bytes)
+        });
+        let references = crate::references::References::new(
+            &settings.references,
+            store.clone(),
+            &settings.storage.prefix,
+            memory,
+            imaging.clone(),
+        );
         Self {
             routes,
             images: Images {
@@ -154,7 +170,9 @@ impl Pipeline {
             budget: None,
             cancelled: Mutex::default(),
             pending_hold: Duration::from_secs(settings.worker.pending_hold_secs),
-            imaging: crate::imaging::ImageWork::new(settings.worker.image_workers),
+            imaging,
+            references,
+            reference_wait_secs: settings.references.job_wait_secs,
         }
     }
 

@@ -79,10 +79,18 @@ impl JobRun<'_> {
         if let Err(failure) = self.derive(&mut progress.images, &[], Some(&listing)).await {
             return self.derive_failed(progress, failure);
         }
-        let (lease, progress) = match self.lease(progress, &record_key).await {
+        let (lease, mut progress) = match self.lease(progress, &record_key).await {
             Ok(taken) => taken,
             Err(outcome) => return outcome,
         };
+        if !progress.missing(self.job.n).is_empty()
+            && let Err(outcome) = self.read_references(&mut progress).await
+        {
+            if let Some(guard) = lease {
+                guard.release().await;
+            }
+            return outcome;
+        }
         let outcome = self.buy_across(&listing, progress).await;
         if let Some(guard) = lease {
             guard.release().await;
@@ -169,6 +177,7 @@ impl JobRun<'_> {
             };
             let request = ImageRequest {
                 count,
+                refs: progress.refs.clone(),
                 ..self.request.clone()
             };
             let polling = pending.is_some();

@@ -13,12 +13,14 @@ use super::error::Failure;
 use super::json::RawJson;
 
 pub mod outputs;
+pub mod references;
 
 pub use outputs::{Encoding, Fit, OutputSpec};
+pub use references::Reference;
 
 /// The job schema version this worker understands.
-/// Version 2 added `provider`, `negative_prompt` and `seed`; version 3 `outputs` and
-/// `fail_if_opaque`. A job of an earlier version is a later one that does not use them.
+/// Version 2 added `provider`, `negative_prompt` and `seed`; version 3 `images`, `mask`,
+/// `outputs` and `fail_if_opaque`. A job of an earlier version is a later one that does not use them.
 pub const JOB_SCHEMA_VERSION: u32 = 3;
 
 /// Request fields that the worker controls: `params` may not set them.
@@ -79,6 +81,10 @@ pub struct Job {
     pub metadata: RawJson,
     /// Past this instant the job ends as `expired`, without a provider call.
     pub deadline: Option<time::OffsetDateTime>,
+    /// Reference images the provider is given with the prompt (a style plate, art to edit).
+    pub images: Vec<Reference>,
+    /// Where to paint, for an edit: a PNG whose transparent pixels mark it.
+    pub mask: Option<Reference>,
     /// Variants made of each image, stored beside it.
     pub outputs: Vec<OutputSpec>,
     /// With `background: "transparent"`: fail rather than store an image with no transparent
@@ -108,6 +114,8 @@ struct WireJob {
     params: Option<Map<String, Value>>,
     metadata: Option<Map<String, Value>>,
     deadline: Option<String>,
+    images: Option<Vec<Value>>,
+    mask: Option<Value>,
     outputs: Option<Vec<Value>>,
     fail_if_opaque: Option<bool>,
 }
@@ -387,6 +395,16 @@ impl Job {
                 })?)
             }
         };
+        let images = references::parse(wire.images.unwrap_or_default()).map_err(&fail)?;
+        let mask = match wire.mask {
+            None => None,
+            Some(_) if images.is_empty() => {
+                return Err(fail(
+                    "`mask` needs `images`: it marks where to paint on the first of them".into(),
+                ));
+            }
+            Some(m) => Some(references::parse_one(m, "mask").map_err(&fail)?),
+        };
         let outputs = outputs::parse(wire.outputs.unwrap_or_default()).map_err(&fail)?;
         let fail_if_opaque = wire.fail_if_opaque.unwrap_or(false);
         if fail_if_opaque && background.as_deref() != Some("transparent") {
@@ -450,6 +468,8 @@ impl Job {
             params,
             metadata,
             deadline,
+            images,
+            mask,
             outputs,
             fail_if_opaque,
         })
@@ -481,6 +501,12 @@ impl Job {
             put("params", Some(Value::Object(self.params.clone())));
         }
         // Absent when empty, so that jobs without them keep the fingerprints they had.
+        if !self.images.is_empty() {
+            put("images", serde_json::to_value(&self.images).ok());
+        }
+        if let Some(mask) = &self.mask {
+            put("mask", serde_json::to_value(mask).ok());
+        }
         if !self.outputs.is_empty() {
             put("outputs", serde_json::to_value(&self.outputs).ok());
         }

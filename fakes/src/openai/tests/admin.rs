@@ -38,7 +38,7 @@ async fn admin_endpoints_drive_the_fake() {
     assert_eq!(calls, json!({"calls": 3, "billed": 1}));
 
     let missing = http
-        .post(format!("{}/images/edits", server.base_url()))
+        .post(format!("{}/images/variations", server.base_url()))
         .send()
         .await
         .unwrap();

@@ -37,6 +37,8 @@ impl Stub {
                 negative_prompt: false,
                 transparency: true,
                 mode,
+                references: 0,
+                mask: false,
                 params: &["user"],
             },
             defaults: JobDefaults {
