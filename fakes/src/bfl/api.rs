@@ -77,6 +77,8 @@ struct Valid {
     height: u32,
     seed: u64,
     output_format: String,
+    /// The reference images: their digests (or `url:` and the URL).
+    inputs: Vec<String>,
 }
 
 fn validate(body: &Value) -> Result<Valid, Box<Response>> {
@@ -141,12 +143,45 @@ fn validate(body: &Value) -> Result<Valid, Box<Response>> {
             ));
         }
     };
+    // Reference images: input_image, input_image_2 .. input_image_8, each a URL or base64.
+    let mut inputs = Vec::new();
+    for i in 1..=8 {
+        let name = if i == 1 {
+            "input_image".to_string()
+        } else {
+            format!("input_image_{i}")
+        };
+        match body.get(&name) {
+            None | Some(Value::Null) => {}
+            Some(Value::String(v)) if v.starts_with("https://") || v.starts_with("http://") => {
+                inputs.push(format!("url:{v}"));
+            }
+            Some(Value::String(v)) => {
+                let Ok(bytes) = base64_simd::STANDARD.decode_to_vec(v.as_bytes()) else {
+                    return Err(unprocessable(
+                        &name,
+                        "Input should be a valid URL or base64 encoded image",
+                        "value_error",
+                    ));
+                };
+                inputs.push(crate::digest(&bytes));
+            }
+            Some(_) => {
+                return Err(unprocessable(
+                    &name,
+                    "Input should be a valid string",
+                    "string_type",
+                ));
+            }
+        }
+    }
     Ok(Valid {
         prompt,
         width,
         height,
         seed,
         output_format,
+        inputs,
     })
 }
 
@@ -235,6 +270,7 @@ impl BflFake {
             },
         );
         self.inner.ledger.billed(&valid.prompt, 1);
+        lock(&self.inner.inputs).push(valid.inputs);
         if matches!(fault, Some(Fault::ResetAfterSubmit)) {
             return None;
         }

@@ -130,6 +130,8 @@ struct Inner {
     polls: AtomicU64,
     png: PngTemplate,
     tasks: Mutex<HashMap<String, Task>>,
+    /// The reference images of each accepted task, in order ([`crate::digest`]s).
+    inputs: Mutex<Vec<Vec<String>>>,
 }
 
 /// A running in-process fake; the server task is aborted on drop.
@@ -153,6 +155,7 @@ impl BflFake {
                 seq: AtomicU64::new(0),
                 polls: AtomicU64::new(0),
                 tasks: Mutex::default(),
+                inputs: Mutex::default(),
             }),
         }
     }
@@ -218,6 +221,11 @@ impl BflFake {
     /// Accepted (billed) tasks whose prompt contains `needle`.
     pub fn billed_for(&self, needle: &str) -> u64 {
         self.inner.ledger.per_prompt(needle).1
+    }
+
+    /// The reference images of each accepted task (`input_image`..`input_image_8`), in order.
+    pub fn inputs(&self) -> Vec<Vec<String>> {
+        lock(&self.inner.inputs).clone()
     }
 
     /// Tasks pending now (they count against the active-task cap).

@@ -49,7 +49,7 @@ const CAPABILITIES: Capabilities = Capabilities {
     negative_prompt: false,
     transparency: false,
     mode: Mode::SubmitAndPoll,
-    references: 0,
+    references: 8,
     mask: false,
     params: &[
         "safety_tolerance",
@@ -148,6 +148,14 @@ impl Bfl {
         }
         if let Some(format) = &request.output_format {
             body.insert("output_format".into(), format.clone().into());
+        }
+        // Reference images: input_image, then input_image_2 .. input_image_8, base64.
+        for (i, image) in request.refs.images.iter().enumerate() {
+            let name = match i {
+                0 => "input_image".to_string(),
+                i => format!("input_image_{}", i + 1),
+            };
+            body.insert(name, (*image.base64()).into());
         }
         Value::Object(body)
     }
