@@ -261,19 +261,30 @@ fn resolve_one(
     pricing
         .validate()
         .map_err(|e| invalid(format!("{section}.pricing"), e))?;
-    // Lists of hosts may come from the environment as URLs separated by commas.
-    for key in ["hosts", "download_hosts"] {
-        if let Some(v) = table.get(key)
-            && let ValueKind::String(text) = &v.kind
-        {
+    // Lists may come from the environment as items separated by commas.
+    let text_list = |v: &mut Value| {
+        if let ValueKind::String(text) = &v.kind {
             let items: Vec<Value> = text
                 .split(',')
                 .map(str::trim)
                 .filter(|h| !h.is_empty())
                 .map(|h| Value::new(None, ValueKind::String(h.to_string())))
                 .collect();
-            table.insert(key.to_string(), Value::new(None, ValueKind::Array(items)));
+            *v = Value::new(None, ValueKind::Array(items));
         }
+    };
+    for key in ["hosts", "download_hosts"] {
+        if let Some(v) = table.get_mut(key) {
+            text_list(v);
+        }
+    }
+    if let Some(Value {
+        kind: ValueKind::Table(inputs),
+        ..
+    }) = table.get_mut("inputs")
+        && let Some(v) = inputs.get_mut("images")
+    {
+        text_list(v);
     }
     let defaults = format!("provider_defaults.{}", kind.as_str());
     let keys = Some(table_value(table));
@@ -350,11 +361,33 @@ fn overlaid<T: DeserializeOwned>(
         let over = over
             .into_table()
             .map_err(|e| invalid(section.to_string(), e.to_string()))?;
-        table.extend(over);
+        merge(&mut table, over);
     }
     table_value(table)
         .try_deserialize()
         .map_err(|e| invalid(section.to_string(), e.to_string()))
+}
+
+/// `over`'s keys over `base`'s; a table in both is merged the same way (a provider that sets
+/// one of `inputs` keeps the defaults of the others).
+fn merge(base: &mut Map<String, Value>, over: Map<String, Value>) {
+    for (key, value) in over {
+        match (base.get_mut(&key), value) {
+            (
+                Some(Value {
+                    kind: ValueKind::Table(mine),
+                    ..
+                }),
+                Value {
+                    kind: ValueKind::Table(theirs),
+                    ..
+                },
+            ) => merge(mine, theirs),
+            (_, value) => {
+                base.insert(key, value);
+            }
+        }
+    }
 }
 
 /// `[provider]` of earlier releases as a provider named after its kind.

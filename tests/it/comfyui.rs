@@ -392,3 +392,72 @@ async fn with_every_server_down_the_job_falls_back_to_another_gpu_provider() {
     worker.shutdown().await.unwrap();
     env.cleanup().await;
 }
+
+#[tokio::test]
+async fn a_reference_is_uploaded_and_loaded_by_the_workflows_load_image_node() {
+    let gpu = fake(ComfyOptions::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let workflow = dir.path().join("img2img.json");
+    std::fs::write(
+        &workflow,
+        json!({
+            "4": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "sdxl.safetensors"}},
+            "10": {"class_type": "LoadImage", "inputs": {"image": "example.png"}},
+            "11": {"class_type": "VAEEncode", "inputs": {"pixels": ["10", 0], "vae": ["4", 2]}},
+            "6": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["4", 1]}},
+            "7": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["4", 1]}},
+            "3": {"class_type": "KSampler", "inputs": {"seed": 0, "steps": 20, "cfg": 7.0,
+                "sampler_name": "euler", "scheduler": "normal", "denoise": 0.6, "model": ["4", 0],
+                "positive": ["6", 0], "negative": ["7", 0], "latent_image": ["11", 0]}},
+            "8": {"class_type": "VAEDecode", "inputs": {"samples": ["3", 0], "vae": ["4", 2]}},
+            "9": {"class_type": "SaveImage", "inputs": {"filename_prefix": "edit", "images": ["8", 0]}}
+        })
+        .to_string(),
+    )
+    .unwrap();
+    let mut vars = settings(&[&gpu]);
+    vars.extend([
+        (
+            "providers.comfyui.workflow",
+            workflow.to_str().unwrap().to_string(),
+        ),
+        ("providers.comfyui.inputs.width", String::new()),
+        ("providers.comfyui.inputs.height", String::new()),
+        ("providers.comfyui.inputs.count", String::new()),
+        ("providers.comfyui.inputs.images", "10.image".into()),
+    ]);
+    let env = TestEnv::with(Store::Fs, &vars).await;
+    let store = env.store().await;
+    let prefix = env.settings.storage.prefix.clone();
+    let image = image::RgbImage::from_pixel(24, 24, image::Rgb([1, 2, 3]));
+    let mut png = std::io::Cursor::new(Vec::new());
+    image.write_to(&mut png, image::ImageFormat::Png).unwrap();
+    let png = png.into_inner();
+    store
+        .put(imagegen::storage::PutObject {
+            key: &format!("{prefix}refs/plate.png"),
+            data: bytes::Bytes::from(png.clone()),
+            content_type: "image/png",
+            metadata: &[],
+            sha256: None,
+        })
+        .await
+        .unwrap();
+    let mut listener = env.listen().await;
+    let worker = env.start_worker().await;
+    env.publish(
+        json!({"version": 3, "id": "ref1", "prompt": "the plate, at dusk",
+        "images": [format!("{prefix}refs/plate.png")]}),
+    )
+    .await;
+    let event = env.events(&mut listener, 1, WAIT).await.remove(0);
+    assert_eq!(
+        event.data.status,
+        Status::Succeeded,
+        "{:?}",
+        event.data.error
+    );
+    assert_eq!(gpu.api.loaded(), vec![vec![imagegen_fakes::digest(&png)]]);
+    worker.shutdown().await.unwrap();
+    env.cleanup().await;
+}

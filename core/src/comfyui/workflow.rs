@@ -32,6 +32,10 @@ pub struct Points {
     /// The model (a checkpoint's file name).
     #[serde(default)]
     pub model: String,
+    /// Where a job's reference images go, in order: each the image input of a load-image
+    /// node (`10.image`), set to the name of the file uploaded for it.
+    #[serde(default)]
+    pub images: Vec<String>,
 }
 
 /// One substitution point, resolved.
@@ -50,6 +54,8 @@ pub struct Values<'a> {
     pub size: Option<(u32, u32)>,
     pub count: u32,
     pub model: Option<&'a str>,
+    /// The names of the uploaded reference images, in the order of the image points.
+    pub images: &'a [String],
 }
 
 /// A checked workflow, ready to take a job's fields.
@@ -63,6 +69,7 @@ pub struct Workflow {
     height: Option<Point>,
     count: Option<Point>,
     model: Option<Point>,
+    images: Vec<Point>,
     /// The node whose saved images are the job's, when one is named.
     output_node: Option<String>,
 }
@@ -117,6 +124,15 @@ impl Workflow {
                 input: input.into(),
             }))
         };
+        let images = points
+            .images
+            .iter()
+            .enumerate()
+            .map(|(i, at)| {
+                point(&format!("images[{i}]"), at)?
+                    .ok_or_else(|| format!("inputs.images[{i}] is empty"))
+            })
+            .collect::<Result<Vec<_>, String>>()?;
         let prompt = point("prompt", &points.prompt)?
             .ok_or("inputs.prompt must name where the prompt goes (NODE.INPUT)")?;
         let output_node = match output_node.trim() {
@@ -132,6 +148,7 @@ impl Workflow {
             height: point("height", &points.height)?,
             count: point("count", &points.count)?,
             model: point("model", &points.model)?,
+            images,
             output_node,
             graph,
         })
@@ -163,6 +180,9 @@ impl Workflow {
         if let Some(model) = values.model {
             set(&self.model, model.into());
         }
+        for (point, name) in self.images.iter().zip(values.images) {
+            set(&Some(point.clone()), name.as_str().into());
+        }
         graph
     }
 
@@ -185,6 +205,11 @@ impl Workflow {
 
     pub fn takes_model(&self) -> bool {
         self.model.is_some()
+    }
+
+    /// How many reference images it takes (its image points).
+    pub fn image_points(&self) -> usize {
+        self.images.len()
     }
 
     /// The model the workflow names at its model point, as written in it.

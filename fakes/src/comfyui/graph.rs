@@ -28,6 +28,7 @@ const NODES: &[(&str, &[&str])] = &[
         ],
     ),
     ("VAEDecode", &["samples", "vae"]),
+    ("VAEEncode", &["pixels", "vae"]),
     ("LoadImage", &["image"]),
     ("SaveImage", &["images", "filename_prefix"]),
     ("PreviewImage", &["images"]),
@@ -39,8 +40,13 @@ fn error(kind: &str, message: &str, details: &str) -> Value {
     json!({"type": kind, "message": message, "details": details, "extra_info": {}})
 }
 
-/// Checks `prompt` as the server would. `Err`: the 400 body.
-pub(crate) fn validate(prompt: &Map<String, Value>, checkpoints: &[String]) -> Result<(), Value> {
+/// Checks `prompt` as the server would (`has_input`: whether the input folder has a file, for
+/// load-image nodes). `Err`: the 400 body.
+pub(crate) fn validate(
+    prompt: &Map<String, Value>,
+    checkpoints: &[String],
+    has_input: &dyn Fn(&str) -> bool,
+) -> Result<(), Value> {
     for (id, node) in prompt {
         let class = node.get("class_type").and_then(Value::as_str);
         let title = node
@@ -120,6 +126,12 @@ pub(crate) fn validate(prompt: &Map<String, Value>, checkpoints: &[String]) -> R
                         "extra_info": {"input_name": "ckpt_name", "received_value": value}}),
                     );
                 }
+                ("LoadImage", "image") if !value.as_str().is_some_and(has_input) => {
+                    errors.push(json!({"type": "custom_validation_failed",
+                        "message": "Custom validation failed for node",
+                        "details": format!("image - Invalid image file: {}", value.as_str().unwrap_or("")),
+                        "extra_info": {"input_name": "image", "received_value": value}}));
+                }
                 ("EmptyLatentImage", "width" | "height") => match value.as_i64() {
                     Some(v) if v < 16 => errors.push(bound(input, value, "smaller than min of 16")),
                     Some(v) if v > 16_384 => {
@@ -183,6 +195,8 @@ pub(crate) struct Plan {
     pub height: u32,
     /// (node id, filename prefix, type) of each output node.
     pub outputs: Vec<(String, String, &'static str)>,
+    /// The input files its load-image nodes read, in node order.
+    pub loads: Vec<String>,
 }
 
 pub(crate) fn plan(prompt: &Map<String, Value>) -> Plan {
@@ -190,6 +204,7 @@ pub(crate) fn plan(prompt: &Map<String, Value>) -> Plan {
     let mut batch = 1;
     let (mut width, mut height) = (512, 512);
     let mut outputs = Vec::new();
+    let mut loads = Vec::new();
     for (id, node) in prompt {
         let inputs = &node["inputs"];
         match node["class_type"].as_str().unwrap_or_default() {
@@ -212,6 +227,11 @@ pub(crate) fn plan(prompt: &Map<String, Value>) -> Plan {
                 "output",
             )),
             "PreviewImage" => outputs.push((id.clone(), "ComfyUI_temp".into(), "temp")),
+            "LoadImage" => {
+                if let Some(name) = inputs["image"].as_str() {
+                    loads.push(name.to_string());
+                }
+            }
             _ => {}
         }
     }
@@ -221,5 +241,6 @@ pub(crate) fn plan(prompt: &Map<String, Value>) -> Plan {
         width,
         height,
         outputs,
+        loads,
     }
 }

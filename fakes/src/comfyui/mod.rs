@@ -117,6 +117,10 @@ struct Server {
     next_number: u64,
     /// Runs started, by prompt id.
     runs: HashMap<String, u64>,
+    /// The input folder (uploads), by name (`subfolder/name`): on disk, kept in a restart.
+    uploads: HashMap<String, Bytes>,
+    /// The digests of the input files each run loaded, in order.
+    loaded: Vec<Vec<String>>,
 }
 
 /// A handle on the fake's state; clones share it.
@@ -194,6 +198,7 @@ impl ComfyFake {
             .route("/history/{id}", get(one_history))
             .route("/interrupt", post(interrupt))
             .route("/view", get(view))
+            .route("/upload/image", post(upload_image))
             .route("/system_stats", get(system_stats));
         let jobs = Router::new()
             .route("/api/jobs/{id}", get(job))
@@ -270,6 +275,11 @@ impl ComfyFake {
         lock(&self.inner.server).runs.clone()
     }
 
+    /// The [`crate::digest`] of the input files each run loaded (its load-image nodes'), in order.
+    pub fn loaded(&self) -> Vec<Vec<String>> {
+        lock(&self.inner.server).loaded.clone()
+    }
+
     /// Prompts waiting or running.
     pub fn queue_remaining(&self) -> usize {
         let s = lock(&self.inner.server);
@@ -322,6 +332,12 @@ async fn execute(f: ComfyFake) {
                 *s.runs.entry(item.id.clone()).or_default() += 1;
                 let plan = graph::plan(&item.prompt);
                 f.inner.ledger.billed(&plan.text, u64::from(plan.batch));
+                let loaded = plan
+                    .loads
+                    .iter()
+                    .filter_map(|name| s.uploads.get(name).map(|b| crate::digest(b)))
+                    .collect();
+                s.loaded.push(loaded);
                 let id = item.id.clone();
                 s.running = Some(Running {
                     item,
@@ -475,11 +491,14 @@ async fn submit(
                 "extra_info": {}}, "node_errors": {}}));
         }
     };
-    if let Err(body) = graph::validate(&prompt, &f.inner.opts.checkpoints) {
+    let mut s = lock(&f.inner.server);
+    let uploads = &s.uploads;
+    if let Err(body) = graph::validate(&prompt, &f.inner.opts.checkpoints, &|name| {
+        uploads.contains_key(name)
+    }) {
         f.inner.ledger.error(400);
         return bad(body);
     }
-    let mut s = lock(&f.inner.server);
     let held =
         s.pending.iter().any(|i| i.id == id) || s.running.as_ref().is_some_and(|r| r.item.id == id);
     if held {
@@ -531,6 +550,62 @@ fn random_id() -> String {
         &h[17..20],
         &h[20..]
     )
+}
+
+/// `POST /upload/image`: multipart `image` (the file, named by its filename), `subfolder`,
+/// `type` (`input`, `temp` or `output`), `overwrite`. Answers `{name, subfolder, type}`; a name
+/// taken by other bytes without `overwrite` becomes `name (1).ext`.
+async fn upload_image(
+    State(f): State<ComfyFake>,
+    multipart: Result<axum::extract::Multipart, axum::extract::multipart::MultipartRejection>,
+) -> Response {
+    let Ok(mut multipart) = multipart else {
+        return StatusCode::BAD_REQUEST.into_response();
+    };
+    let (mut file, mut subfolder, mut kind, mut overwrite) =
+        (None, String::new(), "input".to_string(), false);
+    while let Ok(Some(field)) = multipart.next_field().await {
+        let name = field.name().unwrap_or_default().to_string();
+        let filename = field.file_name().map(str::to_string);
+        let Ok(data) = field.bytes().await else {
+            return StatusCode::BAD_REQUEST.into_response();
+        };
+        let text = || String::from_utf8_lossy(&data).into_owned();
+        match name.as_str() {
+            "image" => file = filename.map(|f| (f, data.clone())),
+            "subfolder" => subfolder = text(),
+            "type" => kind = text(),
+            "overwrite" => overwrite = matches!(text().as_str(), "true" | "1"),
+            _ => {}
+        }
+    }
+    let Some((filename, data)) = file.filter(|(n, _)| !n.is_empty()) else {
+        return StatusCode::BAD_REQUEST.into_response();
+    };
+    if filename.contains("..") || filename.contains('/') || subfolder.contains("..") {
+        return StatusCode::BAD_REQUEST.into_response();
+    }
+    if kind != "input" {
+        // Only the input folder is kept by the fake.
+        return StatusCode::BAD_REQUEST.into_response();
+    }
+    let key = |n: &str| {
+        if subfolder.is_empty() {
+            n.to_string()
+        } else {
+            format!("{subfolder}/{n}")
+        }
+    };
+    let mut s = lock(&f.inner.server);
+    let mut name = filename.clone();
+    let mut i = 1;
+    while !overwrite && s.uploads.get(&key(&name)).is_some_and(|b| *b != data) {
+        let (stem, ext) = filename.rsplit_once('.').unwrap_or((&filename, ""));
+        name = format!("{stem} ({i}).{ext}");
+        i += 1;
+    }
+    s.uploads.insert(key(&name), data);
+    Json(json!({"name": name, "subfolder": subfolder, "type": kind})).into_response()
 }
 
 async fn queue_length(State(f): State<ComfyFake>) -> Json<Value> {

@@ -113,7 +113,7 @@ impl ComfyUi {
                 negative_prompt: workflow.takes_negative_prompt(),
                 transparency: false,
                 mode: Mode::SubmitAndPoll,
-                references: 0,
+                references: workflow.image_points().min(16) as u8,
                 mask: false,
                 params: &[],
             },
@@ -139,8 +139,14 @@ impl ComfyUi {
         })
     }
 
-    /// The workflow with the request's fields in it (`Err`: a field it has no point for).
-    fn graph(&self, request: &ImageRequest, seed: u64) -> Result<Value, Failure> {
+    /// The workflow with the request's fields in it, `images` (the uploaded references' file
+    /// names) at its image points (`Err`: a field it has no point for).
+    fn graph(
+        &self,
+        request: &ImageRequest,
+        seed: u64,
+        images: &[String],
+    ) -> Result<Value, Failure> {
         let size = match &request.size {
             Size::Auto => None,
             Size::Pixels { .. } if !self.workflow.takes_size() => {
@@ -172,17 +178,67 @@ impl ComfyUi {
             size,
             count: request.count.max(1).into(),
             model,
+            images,
         })))
     }
 
-    /// Queues the prompt on its server. A server that holds it already (409) is fine.
+    /// Uploads the request's reference images to server `i` (`POST /upload/image`, each named
+    /// by its content, so an upload again replaces a file with the same bytes): their names, for
+    /// the workflow's load-image nodes.
+    async fn upload(&self, i: usize, request: &ImageRequest) -> Result<Vec<String>, Failure> {
+        let host = &self.hosts.hosts[i].url;
+        let mut names = Vec::with_capacity(request.refs.images.len());
+        for image in &request.refs.images {
+            let mut form = super::multipart::Form::new();
+            form.file(
+                "image",
+                &format!("imagegen-{}.{}", &image.sha256[..32], image.extension),
+                image.content_type,
+                &image.data,
+            );
+            form.text("type", "input").text("overwrite", "true");
+            let content_type = form.content_type();
+            let (status, body) = self
+                .exchange(
+                    i,
+                    self.client
+                        .post(format!("{host}/upload/image"))
+                        .header(reqwest::header::CONTENT_TYPE, content_type)
+                        .body(form.finish()),
+                )
+                .await?;
+            if status != 200 {
+                return Err(http_failure(status, &body));
+            }
+            let answer: Value = serde_json::from_slice(&body).map_err(|e| {
+                Failure::transient(format!(
+                    "the server's answer to an upload could not be read: {e}"
+                ))
+            })?;
+            let name = answer["name"].as_str().unwrap_or_default();
+            if name.is_empty() {
+                return Err(Failure::transient(
+                    "the server's answer to an upload has no name",
+                ));
+            }
+            names.push(match answer["subfolder"].as_str().unwrap_or("") {
+                "" => name.to_string(),
+                sub => format!("{sub}/{name}"),
+            });
+        }
+        Ok(names)
+    }
+
+    /// Queues the prompt on its server (its references uploaded there first). A server that
+    /// holds it already (409) is fine.
     async fn queue(
         &self,
         i: usize,
         p: &PromptHandle,
         request: &ImageRequest,
     ) -> Result<(), Failure> {
-        let graph = self.graph(request, p.seed)?;
+        let images = self.upload(i, request).await?;
+        let graph = self.graph(request, p.seed, &images)?;
         let body = json!({
             "prompt": graph,
             "client_id": "imagegen",
@@ -254,7 +310,7 @@ impl ComfyUi {
     ) -> Result<Answer, Failure> {
         let seed = request.seed.unwrap_or_else(|| fastrand::u64(..1 << 53));
         // Refused before any server is asked: a field the workflow cannot take.
-        self.graph(request, seed)?;
+        self.graph(request, seed, &[])?;
         let i = self.hosts.place(&self.client).await?;
         let p = PromptHandle {
             host: self.hosts.hosts[i].url.clone(),
