@@ -63,9 +63,9 @@ const CAPABILITIES: Capabilities = Capabilities {
     negative_prompt: true,
     transparency: false,
     mode: Mode::Synchronous,
-    references: 0,
+    references: 1,
     mask: false,
-    params: &["style_preset", "cfg_scale"],
+    params: &["style_preset", "cfg_scale", "strength"],
 };
 
 pub struct Stability {
@@ -128,7 +128,9 @@ impl Stability {
         if let Some(negative) = &request.negative_prompt {
             form.text("negative_prompt", negative);
         }
-        if let Some(ratio) = ratio {
+        let reference = request.refs.images.first();
+        // Image-to-image keeps its image's aspect: no aspect_ratio then.
+        if let Some(ratio) = ratio.filter(|_| reference.is_none()) {
             form.text("aspect_ratio", ratio);
         }
         if let Some(seed) = request.seed {
@@ -140,6 +142,28 @@ impl Stability {
         }
         if let Some(model) = model {
             form.text("model", model);
+        }
+        if let Some(image) = reference {
+            if request.model == "core" {
+                return Err(
+                    "Stability's core model takes no reference image (ultra and the SD 3.5 \
+                     models do)"
+                        .into(),
+                );
+            }
+            if model.is_some() {
+                form.text("mode", "image-to-image");
+            }
+            if !request.params.contains_key("strength") {
+                // How much of the image is remade: the API requires it.
+                form.text("strength", "0.6");
+            }
+            form.file(
+                "image",
+                &format!("reference.{}", image.extension),
+                image.content_type,
+                &image.data,
+            );
         }
         for (key, value) in &request.params {
             let text = match value {

@@ -198,3 +198,52 @@ async fn a_stability_outage_moves_the_job_to_the_fallback_provider() {
     worker.shutdown().await.unwrap();
     env.cleanup().await;
 }
+
+#[tokio::test]
+async fn a_reference_makes_an_image_to_image_call_and_core_refuses_one() {
+    let (env, fake) = stability_env(StabilityOptions::default(), &[]).await;
+    let store = env.store().await;
+    let key = format!("{}refs/plate.png", env.settings.storage.prefix);
+    let image = image::RgbImage::from_pixel(20, 20, image::Rgb([9, 9, 9]));
+    let mut png = std::io::Cursor::new(Vec::new());
+    image.write_to(&mut png, image::ImageFormat::Png).unwrap();
+    let png = png.into_inner();
+    store
+        .put(imagegen::storage::PutObject {
+            key: &key,
+            data: bytes::Bytes::from(png.clone()),
+            content_type: "image/png",
+            metadata: &[],
+            sha256: None,
+        })
+        .await
+        .unwrap();
+    let mut listener = env.listen().await;
+    let worker = env.start_worker().await;
+    env.publish(
+        json!({"version": 3, "id": "i2i", "prompt": "the same, in winter",
+        "model": "sd3.5-large", "size": "16:9", "images": [key]}),
+    )
+    .await;
+    env.publish(json!({"version": 3, "id": "core", "prompt": "core cannot",
+        "model": "core", "images": [key]}))
+        .await;
+    let events = env.events(&mut listener, 2, WAIT).await;
+    let ok = events.iter().find(|e| e.data.job_id == "i2i").unwrap();
+    assert_eq!(ok.data.status, Status::Succeeded, "{:?}", ok.data.error);
+    assert_eq!(fake.api.inputs(), vec![imagegen_fakes::digest(&png)]);
+    let core = events.iter().find(|e| e.data.job_id == "core").unwrap();
+    assert_eq!(core.data.status, Status::Failed);
+    assert!(
+        core.data
+            .error
+            .as_ref()
+            .unwrap()
+            .message
+            .contains("core model takes no reference"),
+        "{:?}",
+        core.data.error
+    );
+    worker.shutdown().await.unwrap();
+    env.cleanup().await;
+}

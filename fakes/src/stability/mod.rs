@@ -108,6 +108,8 @@ struct Inner {
     credits: Mutex<Option<f64>>,
     /// Arrivals in the last 10 s, and the end of a time-out.
     window: Mutex<(VecDeque<Instant>, Option<Instant>)>,
+    /// The [`crate::digest`] of each accepted image-to-image call's image.
+    inputs: Mutex<Vec<String>>,
 }
 
 pub type StabilityServer = crate::Running<StabilityFake>;
@@ -143,6 +145,7 @@ impl StabilityFake {
                 rules: Rules::default(),
                 ledger: Ledger::default(),
                 window: Mutex::default(),
+                inputs: Mutex::default(),
             }),
         }
     }
@@ -167,6 +170,11 @@ impl StabilityFake {
 
     pub fn push_rule(&self, rule: Rule) {
         self.inner.rules.push(rule);
+    }
+
+    /// The [`crate::digest`] of each accepted image-to-image call's image, in order.
+    pub fn inputs(&self) -> Vec<String> {
+        lock(&self.inner.inputs).clone()
     }
 
     pub fn stats(&self) -> Stats {
@@ -232,11 +240,11 @@ impl StabilityFake {
     }
 }
 
-/// The fields of a multipart body, or the 400 of one that is not.
+/// The text fields and the files of a multipart body, or the 400 of one that is not.
 async fn fields(
     headers: &HeaderMap,
     multipart: Result<Multipart, axum::extract::multipart::MultipartRejection>,
-) -> Result<HashMap<String, String>, Response> {
+) -> Result<(HashMap<String, String>, HashMap<String, axum::body::Bytes>), Response> {
     let is_multipart = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -249,8 +257,24 @@ async fn fields(
         ));
     };
     let mut fields = HashMap::new();
+    let mut files = HashMap::new();
     loop {
         match multipart.next_field().await {
+            Ok(Some(field)) if field.file_name().is_some() => {
+                let name = field.name().unwrap_or("").to_owned();
+                match field.bytes().await {
+                    Ok(data) => {
+                        files.insert(name, data);
+                    }
+                    Err(e) => {
+                        return Err(error(
+                            StatusCode::BAD_REQUEST,
+                            "bad_request",
+                            &format!("body: {e}"),
+                        ));
+                    }
+                }
+            }
             Ok(Some(field)) => {
                 let name = field.name().unwrap_or("").to_owned();
                 match field.text().await {
@@ -266,7 +290,7 @@ async fn fields(
                     }
                 }
             }
-            Ok(None) => return Ok(fields),
+            Ok(None) => return Ok((fields, files)),
             Err(e) => {
                 return Err(error(
                     StatusCode::BAD_REQUEST,
@@ -280,6 +304,44 @@ async fn fields(
 
 /// The credits an image of `endpoint` (and `model`) costs, or the 400 of a request the API
 /// refuses.
+/// Image-to-image: an `image` file with a `strength` (0 to 1), on ultra, or on sd3 with `mode`
+/// `image-to-image`; no `aspect_ratio` then (the image's own is kept). Core takes no image.
+fn validate_image(
+    endpoint: &str,
+    f: &HashMap<String, String>,
+    files: &HashMap<String, axum::body::Bytes>,
+) -> Result<(), String> {
+    let image = files.get("image");
+    let i2i = f.get("mode").map(String::as_str) == Some("image-to-image");
+    match (endpoint, image) {
+        ("core", Some(_)) => return Err("image: not a parameter of this endpoint".into()),
+        ("sd3", Some(_)) if !i2i => {
+            return Err("mode: must be image-to-image when an image is given".into());
+        }
+        ("sd3", None) if i2i => return Err("image: required in image-to-image mode".into()),
+        (_, None) => return Ok(()),
+        _ => {}
+    }
+    if f.contains_key("aspect_ratio") {
+        return Err("aspect_ratio: not a parameter of image-to-image".into());
+    }
+    if !f
+        .get("strength")
+        .and_then(|s| s.parse::<f64>().ok())
+        .is_some_and(|s| (0.0..=1.0).contains(&s))
+    {
+        return Err("strength: required, a number between 0 and 1".into());
+    }
+    let data = image.map(|d| d.as_ref()).unwrap_or_default();
+    let is_image = data.starts_with(b"\x89PNG")
+        || data.starts_with(&[0xff, 0xd8, 0xff])
+        || data.get(8..12) == Some(b"WEBP".as_slice());
+    if !is_image {
+        return Err("image: must be a png, jpeg or webp image".into());
+    }
+    Ok(())
+}
+
 fn validate(endpoint: &str, f: &HashMap<String, String>) -> Result<f64, String> {
     let credits = match endpoint {
         "ultra" => 8.0,
@@ -344,7 +406,7 @@ async fn generate(
             "authorization: invalid or missing header value",
         );
     }
-    let f = match fields(&headers, multipart).await {
+    let (f, files) = match fields(&headers, multipart).await {
         Ok(f) => f,
         Err(refused) => return refused,
     };
@@ -363,7 +425,10 @@ async fn generate(
              have been timed out for 60 seconds.",
         ));
     }
-    let credits = match validate(&endpoint, &f) {
+    let credits = match validate(&endpoint, &f).and_then(|c| {
+        validate_image(&endpoint, &f, &files)?;
+        Ok(c)
+    }) {
         Ok(c) => c,
         Err(e) if e.starts_with("endpoint") => {
             return refuse(error(StatusCode::NOT_FOUND, "not_found", &e));
@@ -427,6 +492,9 @@ async fn generate(
         }
     }
     ledger.billed(&prompt, 1);
+    if let Some(image) = files.get("image") {
+        lock(&fake.inner.inputs).push(crate::digest(image));
+    }
     let seed = f
         .get("seed")
         .and_then(|s| s.parse::<u64>().ok())
