@@ -41,3 +41,22 @@ pub fn digest(data: &[u8]) -> String {
     }
     format!("{a:016x}{b:016x}")
 }
+
+/// The images an input object gives as data URIs (`data:image/png;base64,...`, as Replicate and
+/// fal take files inline), by field, in field order; `Err` names a field whose data URI does not
+/// decode.
+pub(crate) fn data_uri_images(input: &serde_json::Value) -> Result<Vec<(String, Vec<u8>)>, String> {
+    let mut out = Vec::new();
+    for (field, value) in input.as_object().into_iter().flatten() {
+        let Some(uri) = value.as_str().filter(|v| v.starts_with("data:")) else {
+            continue;
+        };
+        let bytes = uri
+            .split_once(";base64,")
+            .filter(|(meta, _)| meta.starts_with("data:image/"))
+            .and_then(|(_, data)| base64_simd::STANDARD.decode_to_vec(data.as_bytes()).ok())
+            .ok_or_else(|| field.clone())?;
+        out.push((field.clone(), bytes));
+    }
+    Ok(out)
+}

@@ -115,6 +115,9 @@ pub struct FalSettings {
     pub api_key: SecretString,
     /// Model of jobs that name none: the app's id (`fal-ai/flux/schnell`).
     pub model: String,
+    /// The app's input a job's reference image goes to, as a data URI (`image_url` for most
+    /// image-to-image apps).
+    pub image_input: String,
     /// Size of jobs that name none: `WIDTHxHEIGHT`, one of fal's aspect ratios, or `auto`.
     pub size: String,
     /// Output format of jobs that name none: `png` or `jpeg`.
@@ -147,6 +150,9 @@ pub struct ReplicateSettings {
     /// Images one prediction is asked for (`num_outputs`, when above 1): 1 for models that
     /// make one whatever they are asked, up to 4 for those that take `num_outputs`.
     pub images_per_call: u8,
+    /// The model's input a job's reference image goes to, as a data URI (`image`,
+    /// `input_image`, `image_prompt`: each model names its own).
+    pub image_input: String,
     /// Size of jobs that name none: `WIDTHxHEIGHT`, `W:H` or `auto`.
     pub size: String,
     /// Output format of jobs that name none: `png`, `jpeg` or `webp`.

@@ -51,7 +51,7 @@ const CAPABILITIES: Capabilities = Capabilities {
     negative_prompt: false,
     transparency: false,
     mode: Mode::SubmitAndPoll,
-    references: 0,
+    references: 1,
     mask: false,
     params: &[
         "num_inference_steps",
@@ -73,6 +73,8 @@ pub struct Fal {
     poll_min: Duration,
     poll_max: Duration,
     defaults: JobDefaults,
+    /// The input a reference image goes to.
+    image_input: String,
 }
 
 /// What a request's handle holds (in the job's journal).
@@ -117,6 +119,7 @@ impl Fal {
             request_timeout: Duration::from_secs(settings.request_timeout_secs),
             poll_min: Duration::from_millis(settings.poll_min_ms),
             poll_max: Duration::from_secs(settings.poll_max_secs),
+            image_input: settings.image_input.clone(),
             defaults: JobDefaults {
                 model: settings.model.clone(),
                 size: settings.size.clone(),
@@ -127,8 +130,9 @@ impl Fal {
         })
     }
 
-    /// The submit's body (`Err`: a size fal cannot take, before any call).
-    fn body(request: &ImageRequest) -> Result<Value, String> {
+    /// The submit's body, a reference image at `image_input` as a data URI (`Err`: a size fal
+    /// cannot take, before any call).
+    fn body(request: &ImageRequest, image_input: &str) -> Result<Value, String> {
         let mut body: Map<String, Value> = request.params.clone();
         body.insert("prompt".into(), request.prompt.clone().into());
         match &request.size {
@@ -166,6 +170,9 @@ impl Fal {
         if let Some(format) = &request.output_format {
             body.insert("output_format".into(), format.clone().into());
         }
+        if let Some(image) = request.refs.images.first() {
+            body.insert(image_input.into(), image.data_uri().into());
+        }
         Ok(Value::Object(body))
     }
 
@@ -197,7 +204,7 @@ impl Fal {
     }
 
     async fn submit_request(&self, request: &ImageRequest) -> Result<Answer, Failure> {
-        let body = Self::body(request).map_err(Failure::invalid_job)?;
+        let body = Self::body(request, &self.image_input).map_err(Failure::invalid_job)?;
         let body = serde_json::to_vec(&body).map_err(|e| Failure::Permanent {
             kind: ErrorKind::InvalidRequest,
             message: format!("the request could not be written as JSON: {e}"),
@@ -446,19 +453,23 @@ mod tests {
     #[test]
     fn sizes_map_to_fals_image_size() {
         assert_eq!(
-            Fal::body(&request("16:9")).unwrap()["image_size"],
+            Fal::body(&request("16:9"), "image_url").unwrap()["image_size"],
             "landscape_16_9"
         );
         assert_eq!(
-            Fal::body(&request("768x512")).unwrap()["image_size"],
+            Fal::body(&request("768x512"), "image_url").unwrap()["image_size"],
             json!({"width": 768, "height": 512})
         );
-        let body = Fal::body(&request("auto")).unwrap();
+        let body = Fal::body(&request("auto"), "image_url").unwrap();
         assert!(body.get("image_size").is_none());
         assert_eq!(
             (body["num_images"].as_u64(), body["seed"].as_u64()),
             (Some(2), Some(7))
         );
-        assert!(Fal::body(&request("21:9")).unwrap_err().contains("16:9"));
+        assert!(
+            Fal::body(&request("21:9"), "image_url")
+                .unwrap_err()
+                .contains("16:9")
+        );
     }
 }

@@ -47,7 +47,7 @@ const CAPABILITIES: Capabilities = Capabilities {
     negative_prompt: true,
     transparency: false,
     mode: Mode::SubmitAndPoll,
-    references: 0,
+    references: 1,
     mask: false,
     // The inputs most image models on Replicate take; `params_allowed` adds a model's others.
     params: &[
@@ -79,6 +79,8 @@ pub struct Replicate {
     poll_min: Duration,
     poll_max: Duration,
     defaults: JobDefaults,
+    /// The input a reference image goes to.
+    image_input: String,
 }
 
 /// What a prediction's handle holds (in the job's journal).
@@ -155,6 +157,7 @@ impl Replicate {
             max_answer: settings.max_response_bytes.max(MAX_SMALL_ANSWER),
             poll_min: Duration::from_millis(settings.poll_min_ms),
             poll_max: Duration::from_secs(settings.poll_max_secs),
+            image_input: settings.image_input.clone(),
             defaults: JobDefaults {
                 model: settings.model.clone(),
                 size: settings.size.clone(),
@@ -165,9 +168,9 @@ impl Replicate {
         })
     }
 
-    /// The create's path (after the base URL) and body (`Err`: what the model or size cannot
-    /// be, before any call).
-    fn body(request: &ImageRequest) -> Result<(String, Value), String> {
+    /// The create's path (after the base URL) and body, a reference image at `image_input` as a
+    /// data URI (`Err`: what the model or size cannot be, before any call).
+    fn body(request: &ImageRequest, image_input: &str) -> Result<(String, Value), String> {
         let (path, version) = route(&request.model)?;
         let mut input: Map<String, Value> = request.params.clone();
         input.insert("prompt".into(), request.prompt.clone().into());
@@ -200,6 +203,9 @@ impl Replicate {
             let format = if format == "jpeg" { "jpg" } else { format };
             input.insert("output_format".into(), format.into());
         }
+        if let Some(image) = request.refs.images.first() {
+            input.insert(image_input.into(), image.data_uri().into());
+        }
         let mut body = json!({ "input": input });
         if let Some(version) = version {
             body["version"] = version.into();
@@ -213,7 +219,7 @@ impl Replicate {
     }
 
     async fn create(&self, request: &ImageRequest) -> Result<Answer, Failure> {
-        let (path, body) = Self::body(request).map_err(Failure::invalid_job)?;
+        let (path, body) = Self::body(request, &self.image_input).map_err(Failure::invalid_job)?;
         let body = serde_json::to_vec(&body).map_err(|e| Failure::Permanent {
             kind: ErrorKind::InvalidRequest,
             message: format!("the request could not be written as JSON: {e}"),

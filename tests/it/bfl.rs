@@ -222,26 +222,10 @@ async fn a_submit_whose_answer_is_lost_is_counted_as_possibly_billed() {
 async fn reference_images_go_in_as_input_images() {
     let fake = fake(BflOptions::default()).await;
     let env = TestEnv::with(Store::Fs, &bfl_settings(&fake)).await;
-    let store = env.store().await;
-    let prefix = env.settings.storage.prefix.clone();
-    let mut refs = Vec::new();
-    for (i, tint) in [10u8, 200].into_iter().enumerate() {
-        let image = image::RgbImage::from_pixel(16, 16, image::Rgb([tint, 0, 0]));
-        let mut png = std::io::Cursor::new(Vec::new());
-        image.write_to(&mut png, image::ImageFormat::Png).unwrap();
-        let key = format!("{prefix}refs/{i}.png");
-        store
-            .put(imagegen::storage::PutObject {
-                key: &key,
-                data: bytes::Bytes::from(png.get_ref().clone()),
-                content_type: "image/png",
-                metadata: &[],
-                sha256: None,
-            })
-            .await
-            .unwrap();
-        refs.push((key, png.into_inner()));
-    }
+    let refs = [
+        crate::helpers::stored_png(&env, "0.png", 16, [10, 0, 0]).await,
+        crate::helpers::stored_png(&env, "1.png", 16, [200, 0, 0]).await,
+    ];
     let mut listener = env.listen().await;
     let worker = env.start_worker().await;
     env.publish(

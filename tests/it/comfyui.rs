@@ -427,27 +427,12 @@ async fn a_reference_is_uploaded_and_loaded_by_the_workflows_load_image_node() {
         ("providers.comfyui.inputs.images", "10.image".into()),
     ]);
     let env = TestEnv::with(Store::Fs, &vars).await;
-    let store = env.store().await;
-    let prefix = env.settings.storage.prefix.clone();
-    let image = image::RgbImage::from_pixel(24, 24, image::Rgb([1, 2, 3]));
-    let mut png = std::io::Cursor::new(Vec::new());
-    image.write_to(&mut png, image::ImageFormat::Png).unwrap();
-    let png = png.into_inner();
-    store
-        .put(imagegen::storage::PutObject {
-            key: &format!("{prefix}refs/plate.png"),
-            data: bytes::Bytes::from(png.clone()),
-            content_type: "image/png",
-            metadata: &[],
-            sha256: None,
-        })
-        .await
-        .unwrap();
+    let (key, png) = crate::helpers::stored_png(&env, "plate.png", 24, [1, 2, 3]).await;
     let mut listener = env.listen().await;
     let worker = env.start_worker().await;
     env.publish(
         json!({"version": 3, "id": "ref1", "prompt": "the plate, at dusk",
-        "images": [format!("{prefix}refs/plate.png")]}),
+        "images": [key]}),
     )
     .await;
     let event = env.events(&mut listener, 1, WAIT).await.remove(0);

@@ -244,3 +244,27 @@ async fn a_worker_killed_while_its_request_is_queued_costs_no_second_request() {
     assert_eq!(fake.api.calls_for("patient fal"), 1, "exactly one request");
     assert_eq!(fake.api.billed_for("patient fal"), 1);
 }
+
+#[tokio::test]
+async fn a_reference_goes_to_the_apps_image_url_as_a_data_uri() {
+    let fake = fake(FalOptions::default()).await;
+    let env = TestEnv::with(Store::Fs, &settings(&fake)).await;
+    let (key, png) = crate::helpers::stored_png(&env, "plate.png", 16, [4, 5, 6]).await;
+    let mut listener = env.listen().await;
+    let worker = env.start_worker().await;
+    env.publish(json!({"version": 3, "id": "f1", "prompt": "image to image", "images": [key]}))
+        .await;
+    let event = env.events(&mut listener, 1, WAIT).await.remove(0);
+    assert_eq!(
+        event.data.status,
+        Status::Succeeded,
+        "{:?}",
+        event.data.error
+    );
+    assert_eq!(
+        fake.api.inputs(),
+        vec![vec![format!("image_url={}", imagegen_fakes::digest(&png))]]
+    );
+    worker.shutdown().await.unwrap();
+    env.cleanup().await;
+}

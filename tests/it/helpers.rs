@@ -663,3 +663,27 @@ pub async fn killed_while_queued_with(
     env.cleanup().await;
     event
 }
+
+/// A `side` x `side` PNG of one color, stored under the test's prefix at `refs/{name}`: its
+/// key and its bytes (a reference image for jobs).
+pub async fn stored_png(env: &TestEnv, name: &str, side: u32, rgb: [u8; 3]) -> (String, Vec<u8>) {
+    let image = image::RgbImage::from_pixel(side, side, image::Rgb(rgb));
+    let mut png = std::io::Cursor::new(Vec::new());
+    image
+        .write_to(&mut png, image::ImageFormat::Png)
+        .expect("a PNG");
+    let png = png.into_inner();
+    let key = format!("{}refs/{name}", env.settings.storage.prefix);
+    env.store()
+        .await
+        .put(imagegen::storage::PutObject {
+            key: &key,
+            data: bytes::Bytes::from(png.clone()),
+            content_type: "image/png",
+            metadata: &[],
+            sha256: None,
+        })
+        .await
+        .expect("the reference is stored");
+    (key, png)
+}

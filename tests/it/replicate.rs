@@ -228,3 +228,32 @@ async fn a_worker_killed_while_its_prediction_runs_costs_no_second_prediction() 
     );
     assert_eq!(fake.api.billed_for("patient replica"), 1);
 }
+
+#[tokio::test]
+async fn a_reference_goes_to_the_models_image_input_as_a_data_uri() {
+    let fake = fake(ReplicateOptions::default()).await;
+    let mut vars = settings(&fake);
+    vars.push(("providers.replicate.image_input", "input_image".into()));
+    let env = TestEnv::with(Store::Fs, &vars).await;
+    let (key, png) = crate::helpers::stored_png(&env, "plate.png", 16, [1, 2, 3]).await;
+    let mut listener = env.listen().await;
+    let worker = env.start_worker().await;
+    env.publish(json!({"version": 3, "id": "r1", "prompt": "a kontext edit", "images": [key]}))
+        .await;
+    let event = env.events(&mut listener, 1, WAIT).await.remove(0);
+    assert_eq!(
+        event.data.status,
+        Status::Succeeded,
+        "{:?}",
+        event.data.error
+    );
+    assert_eq!(
+        fake.api.inputs(),
+        vec![vec![format!(
+            "input_image={}",
+            imagegen_fakes::digest(&png)
+        )]]
+    );
+    worker.shutdown().await.unwrap();
+    env.cleanup().await;
+}

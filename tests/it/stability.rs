@@ -202,22 +202,7 @@ async fn a_stability_outage_moves_the_job_to_the_fallback_provider() {
 #[tokio::test]
 async fn a_reference_makes_an_image_to_image_call_and_core_refuses_one() {
     let (env, fake) = stability_env(StabilityOptions::default(), &[]).await;
-    let store = env.store().await;
-    let key = format!("{}refs/plate.png", env.settings.storage.prefix);
-    let image = image::RgbImage::from_pixel(20, 20, image::Rgb([9, 9, 9]));
-    let mut png = std::io::Cursor::new(Vec::new());
-    image.write_to(&mut png, image::ImageFormat::Png).unwrap();
-    let png = png.into_inner();
-    store
-        .put(imagegen::storage::PutObject {
-            key: &key,
-            data: bytes::Bytes::from(png.clone()),
-            content_type: "image/png",
-            metadata: &[],
-            sha256: None,
-        })
-        .await
-        .unwrap();
+    let (key, png) = crate::helpers::stored_png(&env, "plate.png", 20, [9, 9, 9]).await;
     let mut listener = env.listen().await;
     let worker = env.start_worker().await;
     env.publish(

@@ -106,6 +106,8 @@ struct Inner {
     opts: FalOptions,
     rules: Rules<Fault>,
     ledger: Ledger,
+    /// Each accepted request's inline images, as `field=digest` ([`crate::digest`]).
+    inputs: Mutex<Vec<Vec<String>>>,
     polls: AtomicU64,
     cancels: AtomicU64,
     /// Submits that came without `x-fal-no-retry`.
@@ -152,6 +154,7 @@ impl FalFake {
                 opts,
                 rules: Rules::default(),
                 ledger: Ledger::default(),
+                inputs: Mutex::default(),
                 polls: AtomicU64::new(0),
                 cancels: AtomicU64::new(0),
                 retrying_submits: AtomicU64::new(0),
@@ -186,6 +189,11 @@ impl FalFake {
     }
 
     /// `requests` are submits, `billed` runs (a run fal retried on its own counts twice).
+    /// Each request's inline images (data URIs), as `field=digest` ([`crate::digest`]).
+    pub fn inputs(&self) -> Vec<Vec<String>> {
+        lock(&self.inner.inputs).clone()
+    }
+
     pub fn stats(&self) -> Stats {
         self.inner.ledger.stats()
     }
@@ -263,6 +271,21 @@ impl FalFake {
                 json!([{"loc": ["body", "prompt"], "msg": "field required", "type": "value_error.missing"}]),
             ));
         }
+        let inline = match crate::data_uri_images(&input) {
+            Ok(images) => images,
+            Err(field) => {
+                return refuse(detail(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    json!([{"loc": ["body", field], "msg": "Invalid data URI", "type": "value_error"}]),
+                ));
+            }
+        };
+        lock(&self.inner.inputs).push(
+            inline
+                .iter()
+                .map(|(field, bytes)| format!("{field}={}", crate::digest(bytes)))
+                .collect(),
+        );
         let images = match input.get("num_images") {
             None => 1,
             Some(n) => match n.as_u64() {

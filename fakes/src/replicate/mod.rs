@@ -113,6 +113,8 @@ struct Inner {
     opts: ReplicateOptions,
     rules: Rules<Fault>,
     ledger: Ledger,
+    /// Each accepted request's inline images, as `field=digest` ([`crate::digest`]).
+    inputs: Mutex<Vec<Vec<String>>>,
     seq: AtomicU64,
     polls: AtomicU64,
     cancels: AtomicU64,
@@ -150,6 +152,7 @@ impl ReplicateFake {
                 opts,
                 rules: Rules::default(),
                 ledger: Ledger::default(),
+                inputs: Mutex::default(),
                 seq: AtomicU64::new(0),
                 polls: AtomicU64::new(0),
                 cancels: AtomicU64::new(0),
@@ -194,6 +197,11 @@ impl ReplicateFake {
     }
 
     /// `requests` are creates, `billed` predictions that ran.
+    /// Each request's inline images (data URIs), as `field=digest` ([`crate::digest`]).
+    pub fn inputs(&self) -> Vec<Vec<String>> {
+        lock(&self.inner.inputs).clone()
+    }
+
     pub fn stats(&self) -> Stats {
         self.inner.ledger.stats()
     }
@@ -341,6 +349,22 @@ impl ReplicateFake {
                 "- input: prompt is required",
             ));
         }
+        let images = match crate::data_uri_images(&input) {
+            Ok(images) => images,
+            Err(field) => {
+                return refuse(problem(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    "Input validation failed",
+                    &format!("- input.{field}: Invalid data URI"),
+                ));
+            }
+        };
+        lock(&self.inner.inputs).push(
+            images
+                .iter()
+                .map(|(field, bytes)| format!("{field}={}", crate::digest(bytes)))
+                .collect(),
+        );
         let outputs = match input.get("num_outputs") {
             None => 1,
             Some(n) => match n.as_u64() {
