@@ -30,8 +30,8 @@ const CAPABILITIES: Capabilities = Capabilities {
     negative_prompt: false,
     transparency: true,
     mode: Mode::Synchronous,
-    references: 16,
-    mask: true,
+    references: 0,
+    mask: false,
     params: &["user", "moderation", "output_compression"],
 };
 
