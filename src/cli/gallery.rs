@@ -53,6 +53,9 @@ struct Card {
     images: Vec<(String, String)>,
     /// (label, link) of each variant of each image (the job's outputs).
     variants: Vec<(String, String)>,
+    /// (reference as the job named it, link when there is one) of each reference image, the
+    /// mask last.
+    references: Vec<(String, Option<String>)>,
 }
 
 /// `imagegen gallery`.
@@ -154,6 +157,28 @@ pub async fn command(
                 }
             }
         }
+        let mut references = Vec::new();
+        let named = data
+            .map(|d| {
+                d.references
+                    .iter()
+                    .map(|r| (r.clone(), r.clone()))
+                    .chain(d.mask.iter().map(|m| (format!("mask {m}"), m.clone())))
+                    .collect::<Vec<_>>()
+            })
+            .unwrap_or_default();
+        for (label, reference) in named {
+            let link = if reference.starts_with("https://") || reference.starts_with("http://") {
+                Some(reference)
+            } else if reference.starts_with("job:") {
+                None
+            } else {
+                let ext = reference.rsplit('.').next().unwrap_or("bin");
+                let copy = format!("images/{id}-reference-{}.{ext}", references.len());
+                link_to(&store, out, options, &reference, &copy).await.ok()
+            };
+            references.push((label, link));
+        }
         cards.push(Card {
             id: id.clone(),
             prompt: job.prompt.clone(),
@@ -168,6 +193,7 @@ pub async fn command(
                 .map(|e| format!("{}: {}", e.kind, e.message)),
             images,
             variants,
+            references,
         });
     }
     let html = page(batch, &cards, options.page_size)?;
@@ -370,6 +396,14 @@ function card(job) {{
     thumbs.append(a);
   }}
   c.append(thumbs);
+  if (job.references.length) {{
+    const rs = el("div", {{ class: "references small" }}, "references: ");
+    for (const [label, link] of job.references) {{
+      rs.append(link ? el("a", {{ href: link, target: "_blank", rel: "noopener", class: "badge" }}, label)
+                     : el("span", {{ class: "badge" }}, label));
+    }}
+    c.append(rs);
+  }}
   if (job.variants.length) {{
     const vs = el("div", {{ class: "variants small" }});
     for (const [label, link] of job.variants) {{
@@ -455,6 +489,7 @@ mod tests {
             error: Some("content_policy: no".into()),
             images: vec![],
             variants: vec![],
+            references: vec![],
         }];
         let html = page("<b>", &cards, 10).unwrap();
         assert!(!html.contains("</script><script>alert"));

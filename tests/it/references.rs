@@ -289,6 +289,25 @@ async fn enqueue_reference_uploads_a_file_once_and_names_it_in_every_job() {
     .await
     .unwrap();
     assert_eq!(stored.len(), 1, "{stored:?}");
+    assert!(
+        events.iter().all(|e| e.data.references == stored),
+        "listed in each event"
+    );
     worker.shutdown().await.unwrap();
+    // The gallery shows each card's references, linked.
+    let out = dir.path().join("gallery");
+    let made = env
+        .command()
+        .args(["gallery", "--batch", "refs", "--out"])
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(
+        made.status.success(),
+        "{}",
+        String::from_utf8_lossy(&made.stderr)
+    );
+    let html = std::fs::read_to_string(out.join("index.html")).unwrap();
+    assert!(html.contains(&stored[0]), "the reference is on the cards");
     env.cleanup().await;
 }

@@ -89,6 +89,13 @@ pub struct ResultData {
     /// provider ignored the request (its images' `alpha` says which).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub background_ignored: bool,
+    /// The job's reference images, as it named them (a key, a URL without its query, or
+    /// `job:ID#INDEX`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub references: Vec<String>,
+    /// The job's mask, as it named it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mask: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -267,6 +267,8 @@ impl Events {
             providers_tried: Vec::new(),
             cost_by_provider: None,
             background_ignored: false,
+            references: Vec::new(),
+            mask: None,
         }
     }
 
@@ -317,6 +319,8 @@ impl Events {
         };
         data.images.sort_by_key(|i| i.index);
         data.background_ignored = data.images.iter().any(|i| i.alpha == Some(false));
+        data.references = job.images.iter().map(ToString::to_string).collect();
+        data.mask = job.mask.as_ref().map(ToString::to_string);
         let mut by_provider: BTreeMap<String, Option<f64>> = BTreeMap::new();
         let mut total = Some(0.0);
         let mut estimated = false;

@@ -187,6 +187,8 @@ fn metadata_is_accepted_only_as_deep_as_its_record_can_be_read_back() {
         providers_tried: Vec::new(),
         cost_by_provider: None,
         background_ignored: false,
+        references: Vec::new(),
+        mask: None,
     };
     let event = crate::domain::event::CloudEvent::new("src", data);
     let record = serde_json::to_vec(&event).unwrap();
