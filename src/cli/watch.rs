@@ -33,6 +33,9 @@ pub struct ManifestRow {
     /// The URIs of each output's variants (one per image, in the images' order), by name.
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub variants: BTreeMap<String, Vec<String>>,
+    /// The job's reference images, as it named them.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub references: Vec<String>,
 }
 
 /// The outcomes known so far of a batch's jobs.
@@ -136,6 +139,7 @@ impl Progress {
                         }
                         by_name
                     }),
+                    references: data.map(|d| d.references.clone()).unwrap_or_default(),
                 }
             })
             .collect()
@@ -175,6 +179,7 @@ pub fn write_manifest(
         "error",
         "cost_usd",
         "variants",
+        "references",
     ])?;
     for row in rows {
         writer.write_record([
@@ -190,6 +195,7 @@ pub fn write_manifest(
                 .flat_map(|(name, uris)| uris.iter().map(move |u| format!("{name}={u}")))
                 .collect::<Vec<_>>()
                 .join(" "),
+            &row.references.join(" "),
         ])?;
     }
     writer.flush()?;
