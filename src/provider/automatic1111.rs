@@ -186,6 +186,8 @@ impl Automatic1111 {
         })?;
         let request_id = Some(task_id);
         let started = Instant::now();
+        // The body (with a reference, its base64) counts in the answer memory while it is sent.
+        let sending = self.buffers.reserve(body.len()).await;
         let mut clock = Clock::start(self.request_timeout);
         let response = clock
             .send(
@@ -194,8 +196,9 @@ impl Automatic1111 {
                     .header(reqwest::header::CONTENT_TYPE, "application/json")
                     .body(body),
             )
-            .await
-            .map_err(|f| with_request_id(f, &request_id))?;
+            .await;
+        drop(sending);
+        let response = response.map_err(|f| with_request_id(f, &request_id))?;
         let status = response.status().as_u16();
         if !(200..300).contains(&status) {
             let body = clock.read_error(response).await;
