@@ -263,12 +263,7 @@ impl ImageProvider for Automatic1111 {
     }
 
     fn estimate(&self, request: &ImageRequest) -> Usage {
-        Usage {
-            images: request.count.into(),
-            gpu_seconds: self.seconds_per_image * f64::from(request.count),
-            estimated: true,
-            ..Usage::default()
-        }
+        super::request::gpu_estimate(request, self.seconds_per_image)
     }
 
     fn submit<'a>(

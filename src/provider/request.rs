@@ -119,6 +119,17 @@ impl ImageRequest {
     }
 }
 
+/// The usage a self-hosted server's request is estimated at before it runs: its images, at
+/// `seconds_per_image` of GPU time each.
+pub fn gpu_estimate(request: &ImageRequest, seconds_per_image: f64) -> crate::domain::cost::Usage {
+    crate::domain::cost::Usage {
+        images: request.count.into(),
+        gpu_seconds: seconds_per_image * f64::from(request.count),
+        estimated: true,
+        ..Default::default()
+    }
+}
+
 /// How a provider answers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {

@@ -6,6 +6,8 @@
 /// Reading its answers, error bodies and rate-limit headers: in the core crate, fuzzed there.
 pub use imagegen_core::openai::{answer, errors, stream};
 
+mod edits;
+
 use std::time::Duration;
 
 use futures_util::future::BoxFuture;
@@ -200,45 +202,6 @@ impl OpenAi {
             }
         }
         Value::Object(body)
-    }
-
-    /// An edit's body (`/images/edits`): the fields of [`Self::body`] as text parts, each
-    /// reference as an `image[]` file, and the mask. `Err`: a mask the API would refuse.
-    fn edit_form(&self, request: &ImageRequest) -> Result<super::multipart::Form, Failure> {
-        let mut form = super::multipart::Form::new();
-        if let Value::Object(fields) = self.body(request) {
-            for (name, value) in fields {
-                let text = match value {
-                    Value::String(s) => s,
-                    other => other.to_string(),
-                };
-                form.text(&name, &text);
-            }
-        }
-        for (i, image) in request.refs.images.iter().enumerate() {
-            form.file(
-                "image[]",
-                &format!("reference-{i}.{}", image.extension),
-                image.content_type,
-                &image.data,
-            );
-        }
-        if let Some(mask) = &request.refs.mask {
-            let first = &request.refs.images[0];
-            if (mask.width, mask.height) != (first.width, first.height) {
-                return Err(Failure::invalid_job(format!(
-                    "the mask is {}x{}: it must be the size of the first image ({}x{})",
-                    mask.width, mask.height, first.width, first.height
-                )));
-            }
-            if mask.data.len() > 4 * 1024 * 1024 {
-                return Err(Failure::invalid_job(
-                    "the mask is larger than the 4 MB the API takes",
-                ));
-            }
-            form.file("mask", "mask.png", "image/png", &mask.data);
-        }
-        Ok(form)
     }
 
     async fn call(&self, request: &ImageRequest) -> Result<Generation, Failure> {
