@@ -47,6 +47,11 @@ impl Downloads {
         }
     }
 
+    /// The answer memory the downloads read into (request bodies count in it while sent).
+    pub fn memory(&self) -> &BufferPool {
+        &self.buffers
+    }
+
     /// Fetches the image at `url`. A failure is billed and retryable; when the host answered
     /// that the image is gone (403, 404 or 410: an expired URL), its detail carries that status.
     pub async fn get(&self, url: &str) -> Result<Bytes, Failure> {

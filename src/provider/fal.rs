@@ -211,6 +211,8 @@ impl Fal {
             detail: Box::default(),
         })?;
         let url = format!("{}/{}", self.base_url, request.model);
+        // The body (with a reference, its data URI) counts in the answer memory while sent.
+        let sending = self.downloads.memory().reserve(body.len()).await;
         let clock = Clock::start(self.request_timeout);
         let response = clock
             .send(
@@ -220,7 +222,9 @@ impl Fal {
                     .header("x-fal-no-retry", "1")
                     .body(body),
             )
-            .await?;
+            .await;
+        drop(sending);
+        let response = response?;
         let status = response.status().as_u16();
         let after = retry_after(response.headers());
         if !(200..300).contains(&status) {

@@ -226,6 +226,8 @@ impl Replicate {
             detail: Box::default(),
         })?;
         let url = format!("{}{path}", self.base_url);
+        // The body (with a reference, its data URI) counts in the answer memory while sent.
+        let sending = self.downloads.memory().reserve(body.len()).await;
         let clock = Clock::start(self.request_timeout);
         let response = clock
             .send(
@@ -234,7 +236,9 @@ impl Replicate {
                     .header(reqwest::header::CONTENT_TYPE, "application/json")
                     .body(body),
             )
-            .await?;
+            .await;
+        drop(sending);
+        let response = response?;
         let status = response.status().as_u16();
         let after = retry_after(response.headers());
         if !(200..300).contains(&status) {

@@ -203,6 +203,8 @@ impl Bfl {
         let waiting_since = Instant::now();
         let mut cap_wait = Duration::from_secs(1);
         loop {
+            // The body (with references, their base64) counts in the answer memory while sent.
+            let sending = self.downloads.memory().reserve(body.len()).await;
             let clock = Clock::start(self.request_timeout);
             let response = clock
                 .send(
@@ -211,7 +213,9 @@ impl Bfl {
                         .header(reqwest::header::CONTENT_TYPE, "application/json")
                         .body(body.clone()),
                 )
-                .await?;
+                .await;
+            drop(sending);
+            let response = response?;
             let status = response.status().as_u16();
             if (200..300).contains(&status) {
                 // Accepted: an answer that does not read whole may have been billed.

@@ -36,15 +36,20 @@ impl ComfyUi {
             );
             form.text("type", "input").text("overwrite", "true");
             let content_type = form.content_type();
-            let (status, body) = self
+            let upload = form.finish();
+            // The upload counts in the answer memory while it is sent.
+            let sending = self.buffers.reserve(upload.len()).await;
+            let exchanged = self
                 .exchange(
                     i,
                     self.client
                         .post(format!("{host}/upload/image"))
                         .header(reqwest::header::CONTENT_TYPE, content_type)
-                        .body(form.finish()),
+                        .body(upload),
                 )
-                .await?;
+                .await;
+            drop(sending);
+            let (status, body) = exchanged?;
             if status != 200 {
                 return Err(http_failure(status, &body));
             }
