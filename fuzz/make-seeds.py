@@ -59,6 +59,18 @@ JOBS = {
     "not-json": "not json",
     "array": "[1,2]",
     "bom": "\ufeff" + '{"prompt":"p"}',
+    "references-outputs": json.dumps({
+        "version": 3, "id": "r", "batch": "b", "prompt": "p", "background": "transparent",
+        "fail_if_opaque": True,
+        "images": ["refs/plate.png", "https://cdn.example.com/a.webp?sig=x", "job:j#1",
+                   {"job": "j", "index": 2, "batch": "other"}, {"key": "k.png"}],
+        "mask": "refs/mask.png",
+        "outputs": [{"name": "tile", "size": "512x512"},
+                    {"name": "web", "size": "1024x768", "fit": "inside", "format": "webp", "quality": 80},
+                    {"name": "ll", "size": "64x64", "format": "webp", "lossless": True}],
+    }),
+    "reference-traversal": '{"id":"a","prompt":"p","images":["../x.png","/abs","job:a#99"]}',
+    "outputs-bad": '{"id":"a","prompt":"p","outputs":[{"name":"A","size":"0x99999","format":"gif"}]}',
 }
 for name, text in JOBS.items():
     write("job", name, text)
