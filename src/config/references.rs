@@ -19,8 +19,8 @@ pub struct ReferenceSettings {
     pub job_wait_secs: u64,
     /// Bytes of reference images the worker keeps, shared by the jobs that use them.
     pub cache_bytes: usize,
-    /// Seconds an image read from a URL is used before it is read again (a store object is
-    /// kept until evicted).
+    /// Seconds an image read from a URL or a store key is used before it is read again (an
+    /// earlier job's image, which never changes, is kept until evicted).
     pub cache_ttl_secs: u64,
     /// Largest reference read, in bytes.
     pub max_bytes: usize,

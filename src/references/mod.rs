@@ -114,9 +114,10 @@ impl References {
                             .join(", ")
                     )));
                 }
+                // An object may be written again under its key: read again after the TTL.
                 let key = key.clone();
                 self.cache
-                    .get(&format!("key:{key}"), false, || self.read_stored(key))
+                    .get(&format!("key:{key}"), true, || self.read_stored(key))
                     .await
             }
             Reference::Url { url } => {
