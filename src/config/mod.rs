@@ -420,7 +420,13 @@ impl Settings {
 
     /// The AMQP URL with its password masked, for logs.
     pub fn amqp_url_redacted(&self) -> String {
-        redact_url(self.amqp.url.expose_secret())
+        self.amqp
+            .url
+            .expose_secret()
+            .split(',')
+            .map(|u| redact_url(u.trim()))
+            .collect::<Vec<_>>()
+            .join(",")
     }
 }
 

@@ -10,7 +10,8 @@ use super::{ConfigError, in_range, in_unit, invalid};
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AmqpSettings {
-    /// Broker URL (`amqp://` or `amqps://`). Contains a secret: never logged.
+    /// Broker URL (`amqp://` or `amqps://`), or several (a cluster's nodes) separated by commas.
+    /// Contains a secret: never logged.
     pub url: SecretString,
     /// Declare the topology at start (create what is missing, accept what exists).
     pub declare_topology: bool,
@@ -39,12 +40,35 @@ pub struct AmqpSettings {
 
 impl AmqpSettings {
     pub(super) fn validate(&self) -> Result<(), ConfigError> {
-        let url = self.url.expose_secret();
-        if !(url.starts_with("amqp://") || url.starts_with("amqps://")) {
-            return Err(invalid("amqp.url", "must start with amqp:// or amqps://"));
+        // One address, or several (a cluster's nodes) separated by commas.
+        let urls: Vec<&str> = self
+            .url
+            .expose_secret()
+            .split(',')
+            .map(str::trim)
+            .filter(|u| !u.is_empty())
+            .collect();
+        if urls.is_empty() {
+            return Err(invalid("amqp.url", "is empty"));
         }
-        if url.parse::<lapin::uri::AMQPUri>().is_err() {
-            return Err(invalid("amqp.url", "is not a valid AMQP URI"));
+        for (i, url) in urls.iter().enumerate() {
+            let which = if urls.len() == 1 {
+                String::new()
+            } else {
+                format!("address {} ", i + 1)
+            };
+            if !(url.starts_with("amqp://") || url.starts_with("amqps://")) {
+                return Err(invalid(
+                    "amqp.url",
+                    format!("{which}must start with amqp:// or amqps://"),
+                ));
+            }
+            if url.parse::<lapin::uri::AMQPUri>().is_err() {
+                return Err(invalid(
+                    "amqp.url",
+                    format!("{which}is not a valid AMQP URI (percent-encode a ',' in a password)"),
+                ));
+            }
         }
         for (key, name) in [
             ("amqp.jobs_queue", &self.jobs_queue),

@@ -113,7 +113,11 @@ impl Worker {
             let mut consuming = false;
             match self.session(&shutdown, &tracker, &mut consuming).await {
                 Ok(()) => return Ok(WorkerExit::Shutdown),
-                Err(e) if !consumed_once && !consuming => return Err(e),
+                // At start-up, only a refusal that retrying cannot fix (credentials, virtual
+                // host, on every address) is final; an unreachable broker is waited for.
+                Err(e) if !consumed_once && !consuming && !crate::amqp::worth_retrying(&e) => {
+                    return Err(e);
+                }
                 Err(e) => {
                     consumed_once = true;
                     self.health.set_broker_connected(false);

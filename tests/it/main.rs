@@ -8,6 +8,7 @@ mod automatic1111;
 mod azure;
 mod batch;
 mod bfl;
+mod brokers;
 mod budget;
 mod cli;
 mod comfyui;
