@@ -24,8 +24,9 @@ test: services lint deny deploy-check fuzz-smoke
 	@command -v cargo-nextest >/dev/null || $(CARGO) install cargo-nextest --version $(NEXTEST_VERSION) --locked
 	@# Benches are built and linted (clippy --all-targets) but not run here: `make bench`.
 	$(CARGO) nextest run --workspace --lib --bins --tests --no-fail-fast -E 'not test(/^serial::/)'
-	@# Faults that hit every test running at the time (a broker restart) run on their own.
-	$(CARGO) nextest run --test it --no-fail-fast -E 'test(/^serial::/)'
+	@# Faults that hit every test running at the time (a broker restart, a cluster that loses a
+	@# node: scripts/cluster.sh) run on their own, one at a time.
+	$(CARGO) nextest run --test it --no-fail-fast --test-threads 1 -E 'test(/^serial::/)'
 
 services:
 	bash scripts/services.sh

@@ -1,5 +1,6 @@
-//! Faults that hit every test running at the time (restarting the broker). `make test` runs
-//! these on their own, after the rest of the suite.
+//! Faults that hit every test running at the time (restarting the broker), and a three-node
+//! cluster that loses a node (scripts/cluster.sh, apart from the machine's broker). `make test`
+//! runs these on their own, one at a time, after the rest of the suite.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -90,4 +91,112 @@ async fn a_broker_restart_mid_run_loses_no_job() {
     let _ = connection.close(200, "ok".into()).await;
     env.reconnect().await;
     env.cleanup().await;
+}
+
+/// `scripts/cluster.sh` with `args`; its output.
+fn cluster(args: &[&str]) -> String {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/cluster.sh");
+    let out = std::process::Command::new("bash")
+        .arg(script)
+        .args(args)
+        .output()
+        .expect("scripts/cluster.sh runs");
+    assert!(
+        out.status.success(),
+        "cluster.sh {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_node_killed_mid_run_loses_no_job_and_buys_little_twice() {
+    cluster(&["start"]);
+    let urls = cluster(&["urls"]);
+    let mut env = TestEnv::with(Store::Fs, &[("amqp.url", urls.clone())]).await;
+    env.fake().set_latency(Duration::from_millis(100));
+    let data = tempfile::tempdir().unwrap();
+    let jobs = 600;
+    for i in 0..jobs {
+        env.publish(json!({"id": format!("c{i}"), "prompt": format!("cluster job {i}")}))
+            .await;
+    }
+    let vars = [
+        ("IMAGEGEN__AMQP__URL", urls.as_str()),
+        ("IMAGEGEN__WORKER__CONCURRENCY", "8"),
+    ];
+    let mut workers = [
+        env.spawn_worker(data.path(), &vars),
+        env.spawn_worker(data.path(), &vars),
+        env.spawn_worker(data.path(), &vars),
+    ];
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while env.fake().stats().billed < 100 {
+        assert!(Instant::now() < deadline, "the run never started");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The node that leads the jobs queue goes away at once.
+    let leader = cluster(&["leader", &env.settings.amqp.jobs_queue]);
+    cluster(&["kill-node", &leader]);
+
+    // Read the durable results queue (from a node still up) until every job has its event. Its
+    // leader may have gone with the node: a consume refused while another is elected, or a
+    // consumer cut off, is tried again.
+    let mut seen: HashMap<String, CloudEvent> = HashMap::new();
+    let deadline = Instant::now() + Duration::from_secs(240);
+    while seen.len() < jobs {
+        assert!(
+            Instant::now() < deadline,
+            "{} of {jobs} jobs have an event",
+            seen.len()
+        );
+        env.reconnect().await;
+        let Ok(channel) = env.connection.create_channel().await else {
+            continue;
+        };
+        let consumer = channel
+            .basic_consume(
+                env.settings.amqp.results_queue.as_str().into(),
+                "".into(),
+                BasicConsumeOptions::default(),
+                Default::default(),
+            )
+            .await;
+        let Ok(mut consumer) = consumer else {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            continue;
+        };
+        while let Ok(Some(Ok(delivery))) =
+            tokio::time::timeout(Duration::from_secs(10), consumer.next()).await
+        {
+            let _ = delivery.acker.ack(BasicAckOptions::default()).await;
+            let event: CloudEvent = serde_json::from_slice(&delivery.data).unwrap();
+            if let Some(earlier) = seen.get(&event.data.job_id) {
+                assert_eq!(earlier, &event, "a republished event is identical");
+            } else {
+                seen.insert(event.data.job_id.clone(), event);
+            }
+            if seen.len() == jobs {
+                break;
+            }
+        }
+        let _ = channel.close(200, "ok".into()).await;
+    }
+    assert!(seen.values().all(|e| e.data.status == Status::Succeeded));
+    for worker in &mut workers {
+        assert!(worker.try_wait().unwrap().is_none(), "no worker exited");
+    }
+    // Calls in flight on a lost connection may be bought again once their messages are
+    // redelivered: at most each worker's prefetch (8 + 8 / 4 + 1), once.
+    let billed = env.fake().stats().billed as usize;
+    assert!(billed <= jobs + 3 * 11, "{billed} billed for {jobs} jobs");
+    assert_eq!(
+        env.ready(&env.settings.amqp.jobs_queue).await,
+        0,
+        "nothing left"
+    );
+    stop_cleanly(workers).await;
+    cluster(&["start-node", &leader]);
+    env.cleanup().await;
+    cluster(&["stop"]);
 }
