@@ -40,6 +40,20 @@ pub(super) fn validate_http(
     if model.trim().is_empty() {
         return Err(invalid(key("model"), "must not be empty"));
     }
+    validate_limits(
+        section,
+        [request_timeout_secs, connect_timeout_secs],
+        max_response_bytes,
+    )
+}
+
+/// A provider's timeouts (`[request_timeout_secs, connect_timeout_secs]`) and answer size limit.
+pub(super) fn validate_limits(
+    section: &str,
+    [request_timeout_secs, connect_timeout_secs]: [u64; 2],
+    max_response_bytes: usize,
+) -> Result<(), ConfigError> {
+    let key = |name: &str| format!("{section}.{name}");
     in_range(key("request_timeout_secs"), request_timeout_secs, 1, 3600)?;
     in_range(key("connect_timeout_secs"), connect_timeout_secs, 1, 600)?;
     in_range(

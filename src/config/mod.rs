@@ -105,32 +105,6 @@ pub struct Settings {
     pub warnings: Vec<String>,
 }
 
-/// Lists that may be given as text (from the environment, or an override): items separated by
-/// commas.
-const TEXT_LISTS: &[(&str, &str)] = &[
-    ("references", "download_hosts"),
-    ("references", "allowed_prefixes"),
-];
-
-fn commas_to_lists(root: &mut config::Map<String, config::Value>) {
-    for (table, key) in TEXT_LISTS {
-        let Some(config::ValueKind::Table(t)) = root.get_mut(*table).map(|v| &mut v.kind) else {
-            continue;
-        };
-        if let Some(v) = t.get_mut(*key)
-            && let config::ValueKind::String(text) = &v.kind
-        {
-            let items = text
-                .split(',')
-                .map(str::trim)
-                .filter(|s| !s.is_empty())
-                .map(|s| config::Value::new(None, config::ValueKind::String(s.to_string())))
-                .collect();
-            *v = config::Value::new(None, config::ValueKind::Array(items));
-        }
-    }
-}
-
 /// The tables [`providers::resolve`] reads, not serde.
 const PROVIDER_TABLES: &[&str] = &["providers", "provider"];
 
@@ -195,7 +169,7 @@ impl Settings {
         for table in PROVIDER_TABLES {
             root.remove(*table);
         }
-        commas_to_lists(&mut root);
+        providers::commas_to_lists(&mut root);
         let mut settings: Settings =
             config::Value::new(None, config::ValueKind::Table(root)).try_deserialize()?;
         // The sections the providers are resolved against, first: their own keys are named.

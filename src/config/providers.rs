@@ -262,20 +262,9 @@ fn resolve_one(
         .validate()
         .map_err(|e| invalid(format!("{section}.pricing"), e))?;
     // Lists may come from the environment as items separated by commas.
-    let text_list = |v: &mut Value| {
-        if let ValueKind::String(text) = &v.kind {
-            let items: Vec<Value> = text
-                .split(',')
-                .map(str::trim)
-                .filter(|h| !h.is_empty())
-                .map(|h| Value::new(None, ValueKind::String(h.to_string())))
-                .collect();
-            *v = Value::new(None, ValueKind::Array(items));
-        }
-    };
     for key in ["hosts", "download_hosts"] {
         if let Some(v) = table.get_mut(key) {
-            text_list(v);
+            text_to_list(v);
         }
     }
     if let Some(Value {
@@ -284,7 +273,7 @@ fn resolve_one(
     }) = table.get_mut("inputs")
         && let Some(v) = inputs.get_mut("images")
     {
-        text_list(v);
+        text_to_list(v);
     }
     let defaults = format!("provider_defaults.{}", kind.as_str());
     let keys = Some(table_value(table));
@@ -447,4 +436,34 @@ fn from_legacy(
         }
     );
     Ok((name, legacy, warning))
+}
+
+/// Lists that may be given as text (from the environment, or an override): items separated by
+/// commas.
+const TEXT_LISTS: &[(&str, &str)] = &[
+    ("references", "download_hosts"),
+    ("references", "allowed_prefixes"),
+];
+
+pub(super) fn commas_to_lists(root: &mut config::Map<String, config::Value>) {
+    for (table, key) in TEXT_LISTS {
+        if let Some(config::ValueKind::Table(t)) = root.get_mut(*table).map(|v| &mut v.kind)
+            && let Some(v) = t.get_mut(*key)
+        {
+            text_to_list(v);
+        }
+    }
+}
+
+/// A list given as text (from the environment, or an override): its items, separated by commas.
+pub(super) fn text_to_list(v: &mut config::Value) {
+    if let config::ValueKind::String(text) = &v.kind {
+        let items = text
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(|s| config::Value::new(None, config::ValueKind::String(s.to_string())))
+            .collect();
+        *v = config::Value::new(None, config::ValueKind::Array(items));
+    }
 }

@@ -103,17 +103,16 @@ fn validate_times(
     max_response_bytes: usize,
     seconds_per_image: f64,
 ) -> Result<(), ConfigError> {
-    let key = |name: &str| format!("{section}.{name}");
-    in_range(key("request_timeout_secs"), request_timeout_secs, 1, 3600)?;
-    in_range(key("connect_timeout_secs"), connect_timeout_secs, 1, 600)?;
-    in_range(
-        key("max_response_bytes"),
-        max_response_bytes as u64,
-        1024,
-        1 << 32,
+    super::checks::validate_limits(
+        section,
+        [request_timeout_secs, connect_timeout_secs],
+        max_response_bytes,
     )?;
     if !(seconds_per_image.is_finite() && seconds_per_image > 0.0) {
-        return Err(invalid(key("seconds_per_image"), "must be above 0"));
+        return Err(invalid(
+            format!("{section}.seconds_per_image"),
+            "must be above 0",
+        ));
     }
     Ok(())
 }

@@ -4,7 +4,7 @@
 //! consumer, the uploads or the provider calls.
 //!
 //! Decoding is bounded too: an image's header must promise at most
-//! [`crate::provider::MAX_IMAGE_PIXELS`], and the decoder may allocate at most that many RGBA
+//! [`MAX_IMAGE_PIXELS`], and the decoder may allocate at most that many RGBA
 //! pixels, so a decompression bomb is an error, not an allocation.
 
 pub mod variant;
@@ -16,7 +16,10 @@ use tokio::sync::Semaphore;
 
 pub use variant::{Variant, make_variant, size_of};
 
-use crate::provider::MAX_IMAGE_PIXELS;
+/// The largest image decoded here, and that a provider's answer may hold, in pixels (a
+/// 16K-by-16K image is far beyond what any image API makes): a larger header is a broken or
+/// hostile answer, refused before anything allocates for it.
+pub const MAX_IMAGE_PIXELS: u64 = 16_384 * 16_384;
 
 /// The threads image work may use at once, apart from the async ones.
 #[derive(Clone)]
@@ -186,11 +189,22 @@ pub(crate) mod tests {
 
     #[tokio::test]
     async fn work_runs_off_the_async_threads_a_few_at_a_time() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
         let work = ImageWork::new(2);
+        let (now, most) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
         let runs: Vec<_> = (0..6)
             .map(|i| {
-                let work = work.clone();
-                tokio::spawn(async move { work.run(move || i * 2).await })
+                let (work, now, most) = (work.clone(), now.clone(), most.clone());
+                tokio::spawn(async move {
+                    work.run(move || {
+                        let at_once = now.fetch_add(1, Ordering::SeqCst) + 1;
+                        most.fetch_max(at_once, Ordering::SeqCst);
+                        std::thread::sleep(std::time::Duration::from_millis(30));
+                        now.fetch_sub(1, Ordering::SeqCst);
+                        i * 2
+                    })
+                    .await
+                })
             })
             .collect();
         let mut sum = 0;
@@ -198,5 +212,9 @@ pub(crate) mod tests {
             sum += r.await.unwrap();
         }
         assert_eq!(sum, 30);
+        assert!(
+            most.load(Ordering::SeqCst) <= 2,
+            "never more than its permits at once"
+        );
     }
 }

@@ -201,10 +201,8 @@ pub fn build(
     })
 }
 
-/// The largest image a provider's answer may hold, in pixels (a 16K-by-16K image is far beyond
-/// what any image API makes): a larger header is a broken or hostile answer, refused before
-/// anything allocates for it.
-pub const MAX_IMAGE_PIXELS: u64 = 16_384 * 16_384;
+/// The largest image a provider's answer may hold, in pixels (the imaging module's bound).
+pub use crate::imaging::MAX_IMAGE_PIXELS;
 
 /// The image formats a provider's answer may hold.
 const ANSWER_FORMATS: [(image::ImageFormat, &str, &str); 3] = [

@@ -3,39 +3,17 @@
 //! `fallback` providers in turn; a content refusal moves only where `fallback_on_refusal` says
 //! so. What the job bought at each provider is priced and kept, for the event.
 
-use std::time::Duration;
-
 use tracing::warn;
 
 use super::Outcome;
 use super::events::Progress;
 use super::images::Listing;
 use super::journal::StoreJournal;
-use super::run::JobRun;
+use super::run::{JobRun, Otherwise, Step};
 use crate::domain::error::Failure;
 use crate::domain::keys;
 use crate::provider::ImageRequest;
 use crate::worker::providers::Route;
-
-/// Where buying at one provider ended.
-pub(super) enum Step {
-    /// The job's outcome.
-    Done(Outcome),
-    /// The provider is out of service for the job: a fallback provider may take it.
-    OutOfService {
-        progress: Box<Progress>,
-        failure: Failure,
-        otherwise: Otherwise,
-    },
-}
-
-/// What becomes of a job that is out of service at its provider and has no fallback left.
-pub(super) enum Otherwise {
-    /// It waits for the paused provider in a delay queue.
-    Paused { wait: Duration, attempts: u32 },
-    /// It fails with the provider's failure.
-    Failed,
-}
 
 impl JobRun<'_> {
     /// Buys the job's images at its provider and, when that one is out of service for the job,

@@ -16,6 +16,7 @@
 //! [`events`] (the one builder of result and failure events).
 
 pub mod attempt;
+mod carry;
 pub mod derive;
 mod endings;
 pub mod events;

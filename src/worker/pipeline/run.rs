@@ -2,14 +2,13 @@
 //! turn (result already stored, reuse, lease, attempts, uploads, record, event) and turns what
 //! each step says into the job's [`Outcome`].
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::attempt::{Attempt, AttemptContext, Halt};
 use super::events::Progress;
-use super::fallback::{Otherwise, Step};
 use super::images::{Listing, conflict};
 use super::journal::{PendingEntry, Recorder, StoreJournal};
 use super::{Delivery, Outcome, Pipeline, ReturnReason};
@@ -19,6 +18,26 @@ use crate::domain::keys;
 use crate::provider::{HANDLE_LOST, Handle, ImageRequest};
 use crate::worker::providers::{Admission, Route};
 use crate::worker::retry::Decision;
+
+/// Where buying at one provider ended.
+pub(super) enum Step {
+    /// The job's outcome.
+    Done(Outcome),
+    /// The provider is out of service for the job: a fallback provider may take it.
+    OutOfService {
+        progress: Box<Progress>,
+        failure: Failure,
+        otherwise: Otherwise,
+    },
+}
+
+/// What becomes of a job that is out of service at its provider and has no fallback left.
+pub(super) enum Otherwise {
+    /// It waits for the paused provider in a delay queue.
+    Paused { wait: Duration, attempts: u32 },
+    /// It fails with the provider's failure.
+    Failed,
+}
 
 /// One job's trip through the pipeline.
 pub(super) struct JobRun<'a> {
@@ -465,67 +484,5 @@ impl JobRun<'_> {
         }
         self.count_possibly_billed(&mut progress, retries.possibly_billed());
         Step::Done(self.succeed(progress).await)
-    }
-
-    /// The request the job waits for at its provider, when its journal has one.
-    async fn pending(
-        &self,
-        listing: &Listing,
-        journal: &StoreJournal<'_>,
-        stored: &[u32],
-    ) -> Result<Option<PendingEntry>, Failure> {
-        if !listing.has(&keys::journal(self.dir, keys::PENDING_JOURNAL_NAME)) {
-            return Ok(None);
-        }
-        Ok(journal.pending().await?.filter(|entry| {
-            if entry.answered(stored) {
-                return false;
-            }
-            let same = entry.provider == self.route.name;
-            if !same {
-                warn!(recorded = %entry.provider, provider = %self.route.name,
-                    "the journal names another provider than the job's: submitting anew");
-            }
-            same
-        }))
-    }
-
-    /// The provider queued the job: its handle goes to the journal before anything waits, with
-    /// what the job bought so far. `Err`: the outcome when the store cannot keep it.
-    async fn record_pending(
-        &self,
-        journal: &StoreJournal<'_>,
-        progress: &Progress,
-        entry: &PendingEntry,
-    ) -> Result<(), Outcome> {
-        self.carry_on(journal, progress).await;
-        if let Err(failure) = journal.set_pending(entry).await {
-            warn!(error = %failure,
-                "could not record the provider's handle: a redelivery may submit the job again");
-            return Err(self.storage_down(failure));
-        }
-        Ok(())
-    }
-
-    /// The job leaves this delivery unfinished: what it bought so far goes to its journal, so
-    /// that the delivery that finishes it counts it (not written when nothing was bought).
-    pub(super) async fn carry_on(&self, journal: &StoreJournal<'_>, progress: &Progress) {
-        if progress.bought == 0 && progress.earlier.is_empty() {
-            return;
-        }
-        if let Err(e) = journal.set_spent(&progress.spent()).await {
-            warn!(error = %e, "could not record what the job bought so far: its event will count less");
-        }
-    }
-
-    fn count_possibly_billed(&self, progress: &mut Progress, n: u32) {
-        progress.possibly_billed = n;
-        crate::worker::metrics::possibly_billed(&self.route.name, n as u64);
-        if n > 0 {
-            warn!(
-                possibly_billed = n,
-                "requests that may have been billed without an image"
-            );
-        }
     }
 }
