@@ -23,6 +23,10 @@ pub const ERROR_MESSAGE_HEADER: &str = "x-imagegen-error";
 pub const SEAL_HEADER: &str = "x-imagegen-seal";
 /// Header saying how many of the producer's headers were left off a republished message.
 pub const HEADERS_DROPPED_HEADER: &str = "x-imagegen-headers-dropped";
+/// Header of a job the batch lane sent back to be called live (its provider batch expired or
+/// failed): `live` wins over the body's `lane` and the deadline routing, so the job does not go
+/// back to the lane.
+pub const LANE_HEADER: &str = "x-imagegen-lane";
 /// The broker's record of a message's deaths (dead-lettering), newest first.
 pub const DEATH_HEADER: &str = "x-death";
 

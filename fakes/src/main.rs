@@ -29,6 +29,7 @@ enum Provider {
   imagegen-fakes openai --rpm 60   # an account limited to 60 requests a minute (429 beyond)
   imagegen-fakes openai --latency-ms 10000 --jitter-ms 5000 --seed 7   # 5 to 15 s, seeded
   imagegen-fakes openai --tick-ms 10000   # every answer at the next 10 s tick
+  imagegen-fakes openai --batch-window-ms 20000 --batch-line-ms 50   # a \"24h\" batch window of 20 s
   curl -H 'content-type: application/json' localhost:8080/_fake/rules -d '{\"fault\":{\"kind\":\"moderation\"},\"prompt_contains\":\"fox\",\"times\":1}'")]
     Openai {
         #[arg(long, default_value = "127.0.0.1:8080")]
@@ -59,6 +60,12 @@ enum Provider {
         /// Enforce this many tokens per minute (a request costs its usage), like a TPM limit.
         #[arg(long)]
         tpm: Option<u64>,
+        /// What a batch's "24h" completion window lasts, in milliseconds (Batch API).
+        #[arg(long, default_value_t = 60_000)]
+        batch_window_ms: u64,
+        /// The simulated work of one batch line, in milliseconds (Batch API).
+        #[arg(long, default_value_t = 2)]
+        batch_line_ms: u64,
     },
     /// Serve the fake Black Forest Labs API (submit, poll, download).
     #[command(after_help = "Examples:
@@ -204,6 +211,8 @@ async fn main() -> ExitCode {
             image_side,
             rpm,
             tpm,
+            batch_window_ms,
+            batch_line_ms,
         } => {
             let api = openai::FakeApi::new(openai::FakeOptions {
                 latency: Duration::from_millis(latency_ms),
@@ -214,6 +223,11 @@ async fn main() -> ExitCode {
                 image_side,
                 requests_per_minute: rpm,
                 tokens_per_minute: tpm,
+                batch: openai::BatchOptions {
+                    window: Duration::from_millis(batch_window_ms),
+                    per_line: Duration::from_millis(batch_line_ms),
+                    ..Default::default()
+                },
                 ..Default::default()
             });
             (listen, Fake::Openai(api))

@@ -79,6 +79,29 @@ impl PngTemplate {
         HEADER_LEN + 4 * CHUNK_OVERHEAD + TEXT_ESTIMATE + self.padding.len() + self.idat.len()
     }
 
+    /// The exact length of [`Self::encode`]'s output for `text`, without making the image: what
+    /// a file of many images needs to announce its size before it is written.
+    pub(crate) fn encoded_len(&self, text: &str) -> usize {
+        let comment = KEYWORD.len() + 1 + text.chars().take(TEXT_MAX).count();
+        let padding = if self.padding.is_empty() {
+            0
+        } else {
+            CHUNK_OVERHEAD + self.padding.len()
+        };
+        HEADER_LEN
+            + CHUNK_OVERHEAD
+            + comment
+            + CHUNK_OVERHEAD
+            + self.idat.len()
+            + padding
+            + CHUNK_OVERHEAD
+    }
+
+    /// The exact length of [`Self::write_b64`]'s output for `text`.
+    pub(crate) fn b64_len(&self, text: &str) -> usize {
+        self.encoded_len(text).div_ceil(3) * 4
+    }
+
     /// About the length of [`Self::write_b64`]'s output.
     pub(crate) fn b64_len_estimate(&self) -> usize {
         self.len_estimate().div_ceil(3) * 4 + 4 * (TEXT_MAX - TEXT_ESTIMATE).div_ceil(3)
@@ -176,6 +199,25 @@ mod tests {
             texts[0]
         );
         assert_eq!(texts[0].len(), "Comment=".len() + TEXT_MAX);
+    }
+
+    #[test]
+    fn lengths_are_known_without_encoding() {
+        let long = format!("caf\u{e9} {}", "x".repeat(500));
+        for target in [0, 2048, 300_000] {
+            let template = PngTemplate::sized(target, 16);
+            for text in [
+                "",
+                "t",
+                "imagegen-fake seq=1 index=0 prompt=a fox",
+                long.as_str(),
+            ] {
+                assert_eq!(template.encoded_len(text), template.encode(text).len());
+                let mut b64 = String::new();
+                template.write_b64(text, &mut b64);
+                assert_eq!(template.b64_len(text), b64.len());
+            }
+        }
     }
 
     #[test]

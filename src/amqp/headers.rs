@@ -10,8 +10,8 @@ use tracing::warn;
 
 pub use imagegen_core::amqp::{
     ATTEMPTS_HEADER, DEATH_HEADER, Death, ERROR_KIND_HEADER, ERROR_MESSAGE_HEADER,
-    HEADERS_DROPPED_HEADER, SEAL_HEADER, attempts_value, claimed_attempts, latest_death,
-    table_size, text,
+    HEADERS_DROPPED_HEADER, LANE_HEADER, SEAL_HEADER, attempts_value, claimed_attempts,
+    latest_death, table_size, text,
 };
 
 /// Seals and checks the worker's own headers with a key shared by the fleet (see

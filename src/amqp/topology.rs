@@ -12,6 +12,9 @@
 //! - dead-letter queue: durable quorum queue;
 //! - delay queues `{jobs}.delay.{secs}s`, one per tier: quorum queues with a message TTL that
 //!   dead-letter (at-least-once) back to the jobs queue: delayed retries without plugins;
+//! - with a batch lane, the collector's ticks: a quorum queue with a single active consumer (one
+//!   collector at a time, the broker moving the role when its holder goes) and its delay queue
+//!   (`lane.tick_secs`, dead-lettering back to it);
 //! - results: durable topic exchange, and a durable quorum queue bound with `#` so that events are
 //!   kept even when nobody listens.
 
@@ -76,6 +79,32 @@ pub fn queues(settings: &Settings) -> Vec<(String, FieldTable)> {
         queues.push((
             settings.delay_queue_name(*secs),
             delay_queue_arguments(settings, *secs),
+        ));
+    }
+    if settings.lane.enabled() {
+        queues.push((
+            settings.lane_ticks_queue(),
+            table([
+                quorum(),
+                ("x-single-active-consumer", AMQPValue::Boolean(true)),
+            ]),
+        ));
+        queues.push((
+            settings.lane_ticks_delay_queue(),
+            table([
+                quorum(),
+                (
+                    "x-message-ttl",
+                    AMQPValue::LongLongInt((settings.lane.tick_secs * 1000) as i64),
+                ),
+                ("x-dead-letter-exchange", string("")),
+                (
+                    "x-dead-letter-routing-key",
+                    string(&settings.lane_ticks_queue()),
+                ),
+                ("x-dead-letter-strategy", string("at-least-once")),
+                ("x-overflow", string("reject-publish")),
+            ]),
         ));
     }
     if !a.results_queue.is_empty() {

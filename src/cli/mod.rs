@@ -53,8 +53,8 @@ pub enum Command {
       --vary biome=forest,desert,snow --vary time=day,night --dry-run
   imagegen enqueue jobs.jsonl --batch b7 --yes --json
 
-CSV columns id, prompt, batch, model, size, quality, output_format, background, n and deadline
-are job fields; other columns go to the job's metadata. Ids are derived from the batch and the
+CSV columns id, prompt, batch, model, size, quality, output_format, background, n, deadline,
+provider, negative_prompt, seed and lane are job fields; other columns go to the job's metadata. Ids are derived from the batch and the
 job, so enqueueing the same rows again never creates new paid work.
 
 Exit codes: 0 published; 1 error; 2 usage (or --max-jobs exceeded, or no confirmation);
@@ -82,6 +82,10 @@ Exit codes: 0 published; 1 error; 2 usage (or --max-jobs exceeded, or no confirm
         /// `images`. Repeat it for several.
         #[arg(long = "reference", value_name = "FILE")]
         references: Vec<PathBuf>,
+        /// The lane of every job that names none: `batch` buys them through the provider's batch
+        /// API (half the price, within 24 hours; `[lane]`), `live` at once.
+        #[arg(long, value_parser = ["live", "batch"])]
+        lane: Option<String>,
         /// Refuse to publish more jobs than this (a guard against an unintended cross product).
         #[arg(long, default_value_t = 10_000)]
         max_jobs: usize,
@@ -299,6 +303,7 @@ async fn run(cli: Cli, preloaded: Option<Settings>) -> anyhow::Result<ExitCode> 
             vary,
             provider,
             references,
+            lane,
             max_jobs,
             dry_run,
             yes,
@@ -314,6 +319,7 @@ async fn run(cli: Cli, preloaded: Option<Settings>) -> anyhow::Result<ExitCode> 
                     vary,
                     provider,
                     references: Vec::new(),
+                    lane,
                 },
                 reference_files: references,
                 max_jobs,

@@ -115,10 +115,15 @@ pub async fn status(
         batches.push(state);
     }
 
+    let lane = if settings.lane.enabled() {
+        crate::worker::lane::open_files(&*store, prefix, &settings.lane.provider).await?
+    } else {
+        Vec::new()
+    };
     if json {
         println!(
             "{}",
-            serde_json::json!({ "queues": queues, "batches": batches })
+            serde_json::json!({ "queues": queues, "batches": batches, "lane_files": lane })
         );
         return Ok(ExitCode::SUCCESS);
     }
@@ -143,6 +148,34 @@ pub async fn status(
                 opt(b.pending),
                 b.cost_usd.map_or("-".to_string(), |c| format!("${c:.2}")),
                 if b.cancelled { "  (cancelled)" } else { "" }
+            );
+        }
+    }
+    if !lane.is_empty() {
+        println!();
+        println!(
+            "{:<26} {:<20} {:>6}  {:<30} {:>8} {:>10} {:>7}",
+            "lane file", "batch", "jobs", "provider batch", "status", "completed", "failed"
+        );
+        for f in &lane {
+            let (id, status, completed, failed) = match &f.provider_batch {
+                Some(s) => (
+                    s.provider_batch.as_str(),
+                    s.status.as_str(),
+                    format!("{}/{}", s.completed, s.total),
+                    s.failed.to_string(),
+                ),
+                None => ("-", "sending", "-".to_string(), "-".to_string()),
+            };
+            println!(
+                "{:<26} {:<20} {:>6}  {:<30} {:>8} {:>10} {:>7}",
+                f.file,
+                f.batch.as_deref().unwrap_or("_"),
+                f.jobs,
+                id,
+                status,
+                completed,
+                failed
             );
         }
     }

@@ -8,6 +8,7 @@
 pub mod azure;
 mod checks;
 pub mod kinds;
+pub mod lane;
 pub mod providers;
 pub mod references;
 pub mod sections;
@@ -20,6 +21,7 @@ use std::time::Duration;
 use secrecy::ExposeSecret;
 use serde::Deserialize;
 
+pub use lane::{LaneSettings, Unfinished};
 pub use providers::{
     AuthScheme, AzureAuth, AzureOpenAiSettings, AzureSurface, BflSettings, FalSettings,
     GeminiSettings, KindSettings, OpenAiSettings, PlaceholderSettings, ProviderDefaults,
@@ -86,6 +88,8 @@ pub struct Settings {
     pub spool: SpoolSettings,
     /// `[references]`: reading a job's reference images.
     pub references: ReferenceSettings,
+    /// `[lane]`: the batch lane (a provider's batch API).
+    pub lane: LaneSettings,
     /// `[pricing]`: the prices of every provider that has no `pricing` table of its own.
     pub pricing: PriceTable,
     /// `[events]`.
@@ -287,6 +291,7 @@ impl Settings {
         self.storage.validate()?;
         self.spool.validate()?;
         self.references.validate()?;
+        self.lane.validate()?;
         self.events.validate()?;
         self.http.validate()?;
         self.pricing.validate().map_err(|e| invalid("pricing", e))
@@ -316,6 +321,7 @@ impl Settings {
                 ),
             ));
         }
+        self.validate_lane_provider()?;
         if !self
             .providers
             .iter()

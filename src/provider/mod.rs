@@ -160,6 +160,30 @@ pub trait ImageProvider: Send + Sync {
         Box::pin(async {})
     }
 
+    /// This request as a line of the provider's batch API: the line's `url` (the endpoint) and
+    /// `body`. `None`: the provider has no batch API, or none for this request.
+    fn batch_line(&self, _request: &ImageRequest) -> Option<(&'static str, serde_json::Value)> {
+        None
+    }
+
+    /// What an answered line of a batch bought: its `status` and `body` read as the live answer
+    /// to the same request would be (images checked, usage read, errors classified).
+    fn read_batch_line<'a>(
+        &'a self,
+        _status: u16,
+        _body: &'a [u8],
+        _request_id: Option<String>,
+        _request: &'a ImageRequest,
+    ) -> BoxFuture<'a, Result<Generation, Failure>> {
+        Box::pin(async move {
+            Err(Failure::Permanent {
+                kind: ErrorKind::InvalidRequest,
+                message: format!("the {} provider has no batch API", self.kind()),
+                detail: Box::default(),
+            })
+        })
+    }
+
     /// Looks at a queued request again. Only providers that answer `Pending` are asked.
     fn poll<'a>(
         &'a self,

@@ -57,6 +57,8 @@ pub struct Worker {
     health: Arc<Health>,
     /// Seals the worker's own headers and checks them on delivery.
     seal: Arc<HeaderSeal>,
+    /// The batch lane, when there is one: this worker takes part in its collector role.
+    lane: Option<Arc<super::lane::Lane>>,
 }
 
 impl Worker {
@@ -71,11 +73,19 @@ impl Worker {
         if let Some(memory) = pipeline.routes().memory() {
             health.watch_answer_memory(memory.clone());
         }
+        let seal = Arc::new(HeaderSeal::new(&settings.amqp.header_key));
+        let pipeline = Arc::new(pipeline);
+        let lane = super::lane::Lane::new(Arc::new(settings.clone()), pipeline.clone(), seal.clone())
+            .unwrap_or_else(|e| {
+                error!(error = %format!("{e:#}"), "the batch lane cannot start: its jobs wait in the store");
+                None
+            });
         Self {
-            seal: Arc::new(HeaderSeal::new(&settings.amqp.header_key)),
+            seal,
             settings,
-            pipeline: Arc::new(pipeline),
+            pipeline,
             health,
+            lane,
         }
     }
 
@@ -168,6 +178,15 @@ impl Worker {
         let mut broker_events = connection.events_listener();
         let publisher = Arc::new(Publisher::new(connection.clone()));
         publisher.open().await?;
+        // The lane's collector role, for as long as this connection lives.
+        let _lane = self.lane.clone().map(|lane| {
+            let (connection, publisher) = (connection.clone(), publisher.clone());
+            tokio_util::task::AbortOnDropHandle::new(tokio::spawn(async move {
+                if let Err(e) = lane.collect_ticks(connection, publisher).await {
+                    warn!(error = %format!("{e:#}"), "the lane's collector stopped with its connection");
+                }
+            }))
+        });
         let channel = connection.create_channel().await?;
         let prefetch = s.prefetch();
         channel

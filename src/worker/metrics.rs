@@ -32,6 +32,9 @@ pub const PROVIDER_PAUSED: &str = "imagegen_provider_paused";
 pub const ANSWER_MEMORY: &str = "imagegen_answer_memory_bytes";
 pub const ANSWER_MEMORY_LIMIT: &str = "imagegen_answer_memory_limit_bytes";
 pub const ANSWER_MEMORY_WAITS: &str = "imagegen_answer_memory_waits_total";
+pub const LANE_RECORDED: &str = "imagegen_lane_jobs_recorded_total";
+pub const LANE_SPLIT: &str = "imagegen_lane_lines_split_total";
+pub const LANE_BATCHES: &str = "imagegen_lane_provider_batches_total";
 
 /// Buckets of the provider's latency: image generation takes seconds to minutes.
 const PROVIDER_BUCKETS: &[f64] = &[
@@ -120,6 +123,18 @@ fn describe() {
         "Bought images that could be neither stored nor spooled: they will be bought again."
     );
     describe_counter!(RECONNECTS, "Broker connections re-opened after a loss.");
+    describe_counter!(
+        LANE_RECORDED,
+        "Jobs recorded for the batch lane (their messages settled)."
+    );
+    describe_counter!(
+        LANE_SPLIT,
+        "Lines of provider batch output and error files turned into outcomes."
+    );
+    describe_counter!(
+        LANE_BATCHES,
+        "Provider batches by what this worker did with them (created, cancelled as duplicates, ended)."
+    );
 
     describe_gauge!(PAUSED, "1 while the worker takes no jobs, by reason.");
     describe_gauge!(
@@ -147,6 +162,18 @@ pub fn provider_call(provider: &str, status: Option<u16>, latency: Duration) {
 
 pub fn retry() {
     counter!(RETRIES).increment(1);
+}
+
+pub fn lane_recorded() {
+    counter!(LANE_RECORDED).increment(1);
+}
+
+pub fn lane_split() {
+    counter!(LANE_SPLIT).increment(1);
+}
+
+pub fn lane_batches(what: &'static str) {
+    counter!(LANE_BATCHES, "what" => what).increment(1);
 }
 
 pub fn delayed() {

@@ -5,6 +5,7 @@
 //! - [`consumer`]: the consumer loop (reconnects, pauses, probes, jobs waiting at providers);
 //! - [`settle`]: what becomes of one message (ack, dead-letter, delay, hold, return);
 //! - [`pipeline`]: one job's trip, in parts;
+//! - [`lane`]: the batch lane (jobs bought through a provider's batch API), and its collector;
 //! - [`providers`]: each provider's throttle, retries, prices and pause state;
 //! - [`throttle`], [`retry`], [`budget`], [`spool`]: the machinery those use;
 //! - [`health`] and [`metrics`]: what the worker tells its operators.
@@ -13,6 +14,7 @@ pub mod budget;
 pub mod build;
 pub mod consumer;
 pub mod health;
+pub mod lane;
 pub mod metrics;
 pub mod pipeline;
 pub mod providers;

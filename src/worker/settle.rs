@@ -113,6 +113,12 @@ pub(super) async fn handle(
                 correlation_id: correlation_id.as_deref(),
                 attempts,
                 probe,
+                live_only: crate::amqp::headers::text(
+                    delivery.properties.headers().as_ref(),
+                    crate::amqp::headers::LANE_HEADER,
+                )
+                .as_deref()
+                    == Some("live"),
             },
             &halt,
         )
@@ -153,6 +159,40 @@ pub(super) async fn handle(
                     "the channel that delivered the job is gone: it will be redelivered (its outcome is known)"),
                 Err(e) => warn!(job_id = %event.data.job_id, error = %e,
                     "settling the job failed: it will be redelivered (its outcome is known)"),
+            }
+            Handled::Settled
+        }
+        Outcome::ToLane { entry, recorded } => {
+            if !recorded {
+                let written = match super::lane::record::LaneRecord::new(
+                    &entry,
+                    &delivery.data,
+                    &delivery.properties,
+                    attempts,
+                ) {
+                    Some(record) => {
+                        super::lane::record::write(
+                            &**cx.pipeline.store(),
+                            &cx.settings.storage.prefix,
+                            &record,
+                        )
+                        .await
+                    }
+                    None => Ok(()),
+                };
+                if let Err(e) = written {
+                    error!(job_id = %entry.job_id, error = %e,
+                        "the lane record could not be written: returning the job to the queue");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    nack(&delivery, "lane record not written").await;
+                    return Handled::Returned;
+                }
+                info!(job_id = %entry.job_id, "job recorded for the batch lane: its message is settled");
+            }
+            super::metrics::lane_recorded();
+            if let Err(e) = delivery.acker.ack(BasicAckOptions::default()).await {
+                warn!(job_id = %entry.job_id, error = %e,
+                    "acking a lane job failed: it will be redelivered (its record is kept)");
             }
             Handled::Settled
         }

@@ -687,3 +687,33 @@ pub async fn stored_png(env: &TestEnv, name: &str, side: u32, rgb: [u8; 3]) -> (
         .expect("the reference is stored");
     (key, png)
 }
+
+/// A collector of the test's batch lane, apart from any worker: its steps are taken by the
+/// test (two at once, say, as when the broker moves the role while the old holder still runs).
+pub struct LaneCollector {
+    lane: Arc<imagegen::worker::lane::Lane>,
+    publisher: Arc<imagegen::amqp::publisher::Publisher>,
+}
+
+impl LaneCollector {
+    pub async fn step(&self) {
+        self.lane.step(&self.publisher).await;
+    }
+}
+
+pub async fn lane_collector(env: &TestEnv) -> LaneCollector {
+    let settings = env.settings.clone();
+    let routes = imagegen::worker::providers::Routes::from_settings(&settings).expect("routes");
+    let pipeline = imagegen::worker::pipeline::Pipeline::new(&settings, routes, env.store().await);
+    let seal = Arc::new(imagegen::amqp::headers::HeaderSeal::new(
+        &settings.amqp.header_key,
+    ));
+    let lane =
+        imagegen::worker::lane::Lane::new(Arc::new(settings.clone()), Arc::new(pipeline), seal)
+            .expect("lane")
+            .expect("the test's settings have a lane");
+    let connection = Arc::new(connect(&settings, "lane-test").await.expect("broker"));
+    let publisher = Arc::new(imagegen::amqp::publisher::Publisher::new(connection));
+    publisher.open().await.expect("publisher");
+    LaneCollector { lane, publisher }
+}

@@ -20,6 +20,7 @@ mod gallery;
 mod gemini;
 mod helpers;
 mod hostile_frames;
+mod lane;
 mod ops;
 mod outputs;
 mod pipeline;

@@ -96,6 +96,13 @@ pub struct ResultData {
     /// The job's mask, as it named it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mask: Option<String>,
+    /// `batch` when the job went through the provider's batch API (its cost at the batch
+    /// price); absent for live jobs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lane: Option<String>,
+    /// With `lane`: the provider's batch the job was in.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub provider_batch: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

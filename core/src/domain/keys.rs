@@ -11,6 +11,9 @@
 //! {prefix}batches/{batch}.cancelled                    present once the batch is cancelled
 //! {prefix}spend/{batch}/{ms}-{micro USD}-{job}         one marker per paid call of a batch
 //! {prefix}.imagegen/probe-{random}                     the start-up probe of conditional writes
+//! {prefix}images/{batch, or _}/{job}/lane.json         a batch-lane job's record (write-once)
+//! {prefix}lane/{provider}/open/{batch, or _}/{job}     a lane job not yet in an input file
+//! {prefix}lane/{provider}/files/{file}/{step}          an input file's steps (write-once each)
 //! ```
 //!
 //! Keys are full keys, the prefix included. Batch names and job ids are validated
@@ -26,6 +29,9 @@ pub const FAILED_RECORD_NAME: &str = "failed.json";
 pub const LEASE_NAME: &str = "lease.json";
 /// The journal entry of a job waiting at a submit-and-poll provider.
 pub const PENDING_JOURNAL_NAME: &str = "pending.json";
+
+/// A batch-lane job's record: its message, kept in the store once the message is settled.
+pub const LANE_RECORD_NAME: &str = "lane.json";
 
 /// The journal entry of what a job's earlier deliveries bought and spent (a job of several
 /// calls at a provider that queues them spans deliveries).
@@ -115,6 +121,48 @@ pub fn spend_marker(unix_ms: u64, micro_usd: u64, job_id: &str) -> String {
 pub fn parse_spend_marker(name: &str) -> Option<(u64, u64)> {
     let mut parts = name.splitn(3, '-');
     Some((parts.next()?.parse().ok()?, parts.next()?.parse().ok()?))
+}
+
+/// A batch-lane job's record.
+pub fn lane_record(job_dir: &str) -> String {
+    format!("{job_dir}/{LANE_RECORD_NAME}")
+}
+
+/// Every lane object of a provider lies below this.
+pub fn lane(prefix: &str, provider: &str) -> String {
+    format!("{prefix}lane/{provider}/")
+}
+
+/// Where the lane jobs of a provider that are in no input file yet are marked.
+pub fn lane_open(prefix: &str, provider: &str) -> String {
+    format!("{prefix}lane/{provider}/open/")
+}
+
+/// The mark of a lane job in no input file yet.
+pub fn lane_open_job(prefix: &str, provider: &str, batch: Option<&str>, job_id: &str) -> String {
+    format!(
+        "{prefix}lane/{provider}/open/{}/{job_id}",
+        batch.unwrap_or(NO_BATCH)
+    )
+}
+
+/// `(batch, job)` of an open mark's key (`None` for the batch `_`).
+pub fn parse_lane_open<'a>(open: &str, key: &'a str) -> Option<(Option<&'a str>, &'a str)> {
+    let (batch, job) = key.strip_prefix(open)?.split_once('/')?;
+    if job.is_empty() || job.contains('/') {
+        return None;
+    }
+    Some(((batch != NO_BATCH).then_some(batch), job))
+}
+
+/// Where a provider's input files and their steps lie.
+pub fn lane_files(prefix: &str, provider: &str) -> String {
+    format!("{prefix}lane/{provider}/files/")
+}
+
+/// One step object of an input file (`intent.json`, `batch.json`, ...).
+pub fn lane_file(prefix: &str, provider: &str, file: &str, step: &str) -> String {
+    format!("{prefix}lane/{provider}/files/{file}/{step}")
 }
 
 /// The object written and deleted at start-up to learn whether the store honours conditional
@@ -226,7 +274,14 @@ mod properties {
                 failed_record(&dir),
                 lease(&dir),
                 journal(&dir, PENDING_JOURNAL_NAME),
+                lane_record(&dir),
+                lane_open_job(&prefix, "openai", job.batch.as_deref(), &job.id),
             ];
+            let open = lane_open(&prefix, "openai");
+            prop_assert_eq!(
+                parse_lane_open(&open, &keys[7]),
+                Some((job.batch.as_deref(), job.id.as_str()))
+            );
             let batch_keys = job.batch.as_deref().map(|b| {
                 [
                     batch_images(&prefix, b),

@@ -2,5 +2,6 @@
 //! a 200 answer ([`answer`]), and its error bodies and rate-limit headers ([`errors`]).
 
 pub mod answer;
+pub mod batch;
 pub mod errors;
 pub mod stream;

@@ -63,6 +63,58 @@ pub(super) async fn limits(State(api): State<FakeApi>, Json(body): Json<LimitsBo
     StatusCode::NO_CONTENT
 }
 
+/// `POST /_fake/batch`: any of the batch options (durations in milliseconds), the hold, and the
+/// number of batches to fail or expire next. Unknown fields are refused (422), so that a typo
+/// does not go unnoticed.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct BatchBody {
+    validating_ms: Option<u64>,
+    per_line_ms: Option<u64>,
+    parallel: Option<usize>,
+    finalizing_ms: Option<u64>,
+    cancelling_ms: Option<u64>,
+    window_ms: Option<u64>,
+    max_input_file_bytes: Option<u64>,
+    max_lines: Option<usize>,
+    hold: Option<bool>,
+    fail_next: Option<u64>,
+    expire_next: Option<u64>,
+}
+
+pub(super) async fn batch(State(api): State<FakeApi>, Json(body): Json<BatchBody>) -> StatusCode {
+    let mut opts = api.batch_options();
+    let ms = Duration::from_millis;
+    opts.validating = body.validating_ms.map_or(opts.validating, ms);
+    opts.per_line = body.per_line_ms.map_or(opts.per_line, ms);
+    opts.parallel = body.parallel.unwrap_or(opts.parallel);
+    opts.finalizing = body.finalizing_ms.map_or(opts.finalizing, ms);
+    opts.cancelling = body.cancelling_ms.map_or(opts.cancelling, ms);
+    opts.window = body.window_ms.map_or(opts.window, ms);
+    opts.max_input_file_bytes = body
+        .max_input_file_bytes
+        .unwrap_or(opts.max_input_file_bytes);
+    opts.max_lines = body.max_lines.unwrap_or(opts.max_lines);
+    api.set_batch_options(opts);
+    match body.hold {
+        Some(true) => api.hold_batches(),
+        Some(false) => api.release_batches(),
+        None => {}
+    }
+    if let Some(n) = body.fail_next {
+        api.fail_next_batches(n);
+    }
+    if let Some(n) = body.expire_next {
+        api.expire_next_batches(n);
+    }
+    StatusCode::NO_CONTENT
+}
+
+/// `GET /_fake/batches`: every batch object, oldest first.
+pub(super) async fn batches(State(api): State<FakeApi>) -> Json<Vec<Value>> {
+    Json(api.batches())
+}
+
 /// An image given out by URL (`"response_format": "url"`), while it is kept. No key is asked
 /// for: the provider's URLs are pre-signed.
 pub(super) async fn file(State(api): State<FakeApi>, Path(name): Path<String>) -> Response {

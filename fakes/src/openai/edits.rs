@@ -32,7 +32,7 @@ pub struct EditSeen {
 }
 
 /// PNG, WebP or JPEG, by magic numbers.
-fn image_kind(data: &[u8]) -> Option<&'static str> {
+pub(super) fn image_kind(data: &[u8]) -> Option<&'static str> {
     if data.starts_with(b"\x89PNG\r\n\x1a\n") {
         Some("png")
     } else if data.starts_with(&[0xff, 0xd8, 0xff]) {
@@ -132,7 +132,7 @@ pub(super) async fn edits(
     super::generate::generations(State(api), conn, headers, body).await
 }
 
-fn check_files(images: &[Bytes], mask: Option<&[u8]>) -> Result<(), ApiError> {
+pub(super) fn check_files(images: &[Bytes], mask: Option<&[u8]>) -> Result<(), ApiError> {
     if images.is_empty() {
         return Err(ApiError::invalid(
             Some("image"),

@@ -58,6 +58,19 @@ impl ApiError {
         e
     }
 
+    /// Any other error of type `invalid_request_error`, with its own status, param and code:
+    /// the Files and Batch endpoints' refusals.
+    pub(super) fn request_error(
+        status: StatusCode,
+        param: Option<&str>,
+        code: Option<&'static str>,
+        message: impl Into<String>,
+    ) -> Self {
+        let mut e = Self::new(status, "invalid_request_error", code, message);
+        e.param = param.map(str::to_owned);
+        e
+    }
+
     /// 429 for an account rate limit, with the provider's wording and delay headers.
     pub(super) fn rate_limited(model: &str, refusal: &Refusal) -> Self {
         let Refusal { what, limit, wait } = *refusal;

@@ -140,32 +140,14 @@ impl FakeApi {
 
     /// The 200 body. Base64 needs no JSON escaping, so the images are written directly rather
     /// than through serde_json (which is slow on large strings in unoptimised test builds).
-    fn success_body(
+    pub(super) fn success_body(
         &self,
         req: &GenRequest,
         seq: u64,
         host: Option<&str>,
         not_an_image: bool,
     ) -> String {
-        let (text_tokens, image_tokens) = req.usage_tokens();
-        let created = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
-        let meta = json!({
-            "created": created,
-            "background": req.background.as_deref().unwrap_or("opaque"),
-            "output_format": req.output_format.as_deref().unwrap_or("png"),
-            "quality": req.quality.as_deref().unwrap_or("auto"),
-            "size": req.size.as_deref().unwrap_or("1024x1024"),
-            "usage": {
-                "input_tokens": text_tokens,
-                "input_tokens_details": { "text_tokens": text_tokens, "image_tokens": 0 },
-                "output_tokens": image_tokens,
-                "output_tokens_details": { "image_tokens": image_tokens, "text_tokens": 0 },
-                "total_tokens": text_tokens + image_tokens,
-            },
-        })
-        .to_string();
+        let meta = answer_meta(req);
         let png = &self.inner.png;
         let by_url = req.response_format.as_deref() == Some("url");
         let per_image = if by_url { 128 } else { png.b64_len_estimate() };
@@ -175,7 +157,7 @@ impl FakeApi {
             if i > 0 {
                 out.push(',');
             }
-            let text = format!("imagegen-fake seq={seq} index={i} prompt={}", req.prompt);
+            let text = image_text(seq, i, &req.prompt);
             if by_url {
                 let name = format!("{seq}-{i}.png");
                 let url = format!("http://{}/_fake/files/{name}", host.unwrap_or("127.0.0.1"));
@@ -201,6 +183,36 @@ impl FakeApi {
         out.push_str(&meta[1..]);
         out
     }
+}
+
+/// Every field of a 200 body but `data`, as a JSON object: when it was made, the options it was
+/// made with, and the usage it is billed for.
+pub(super) fn answer_meta(req: &GenRequest) -> String {
+    let (text_tokens, image_tokens) = req.usage_tokens();
+    let created = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    json!({
+        "created": created,
+        "background": req.background.as_deref().unwrap_or("opaque"),
+        "output_format": req.output_format.as_deref().unwrap_or("png"),
+        "quality": req.quality.as_deref().unwrap_or("auto"),
+        "size": req.size.as_deref().unwrap_or("1024x1024"),
+        "usage": {
+            "input_tokens": text_tokens,
+            "input_tokens_details": { "text_tokens": text_tokens, "image_tokens": 0 },
+            "output_tokens": image_tokens,
+            "output_tokens_details": { "image_tokens": image_tokens, "text_tokens": 0 },
+            "total_tokens": text_tokens + image_tokens,
+        },
+    })
+    .to_string()
+}
+
+/// The text the `index`-th image of the `seq`-th call carries (in its PNG `tEXt` chunk): what
+/// makes every image different, and tells a test which call and prompt it came from.
+pub(super) fn image_text(seq: u64, index: u64, prompt: &str) -> String {
+    format!("imagegen-fake seq={seq} index={index} prompt={prompt}")
 }
 
 fn set(headers: &mut HeaderMap, name: &'static str, value: impl ToString) {

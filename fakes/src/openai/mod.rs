@@ -13,7 +13,16 @@
 //! - `POST /_fake/latency` with `{"ms": 500}` sets the latency added before every response (the
 //!   standalone server also takes a seeded jitter and a tick: [`crate::latency::Schedule`]);
 //! - `POST /_fake/limits` with `{"requests_per_minute": 300, "tokens_per_minute": null}` sets the
-//!   account's rate limits (`null`: unlimited).
+//!   account's rate limits (`null`: unlimited);
+//! - `POST /_fake/batch` with any of `{"validating_ms", "per_line_ms", "parallel",
+//!   "finalizing_ms", "cancelling_ms", "window_ms", "max_input_file_bytes", "max_lines", "hold",
+//!   "fail_next", "expire_next"}` sets the batch clock ([`BatchOptions`]) and misbehaviours;
+//!   `GET /_fake/batches` returns every batch object, oldest first (no key needed).
+//!
+//! The Files and Batch APIs (`/v1/files`, `/v1/batches`) run queued image requests as the
+//! provider's half-price lane does, on a clock a test sets ([`BatchOptions`]): see [`files`] and
+//! [`batch`]. Each batch line is answered as the live endpoint would answer it, and billed the
+//! same way (`billed_for`); [`BatchStats`] counts files, batches and lines.
 //!
 //! A request with `"response_format": "url"` (refused for GPT image models, as the provider does;
 //! DALL-E and compatible hosts answer this way) gets `{"url": ...}` entries instead of `b64_json`:
@@ -30,8 +39,10 @@
 //! gave up (timeout, disconnect) still runs to completion and is billed.
 
 mod admin;
+pub mod batch;
 pub mod edits;
 mod errors;
+pub mod files;
 mod generate;
 mod limits;
 #[cfg(test)]
@@ -45,12 +56,14 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::body::Bytes;
+use axum::extract::DefaultBodyLimit;
 use axum::routing::{get, post};
 use tokio::net::TcpListener;
 
 use crate::latency::Schedule;
 use crate::png::PngTemplate;
 pub(crate) use crate::rules::lock;
+pub use batch::{BatchOptions, BatchStats};
 use limits::AccountLimits;
 
 /// How the fake behaves when no [`Rule`] applies.
@@ -75,6 +88,8 @@ pub struct FakeOptions {
     pub requests_per_minute: Option<u64>,
     /// The account's tokens per minute (a request costs its reported usage); `None`: unlimited.
     pub tokens_per_minute: Option<u64>,
+    /// The Batch API's clock and limits (batches have their own rate-limit pool).
+    pub batch: BatchOptions,
 }
 
 impl Default for FakeOptions {
@@ -89,6 +104,7 @@ impl Default for FakeOptions {
             api_key: None,
             requests_per_minute: None,
             tokens_per_minute: None,
+            batch: BatchOptions::default(),
         }
     }
 }
@@ -130,7 +146,8 @@ pub enum Fault {
     NotAnImage,
 }
 
-/// Counters since the fake was created.
+/// Counters since the fake was created. All but `batch` count live calls only; a batch's lines
+/// are counted in `batch` (and, like live calls, in the per-prompt counts).
 #[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
 pub struct Stats {
     /// Every `POST /v1/images/generations` received.
@@ -144,6 +161,9 @@ pub struct Stats {
     /// Images fetched from `/_fake/files/` (answers to `"response_format": "url"`).
     #[serde(default)]
     pub files_served: u64,
+    /// The Files and Batch APIs.
+    #[serde(default)]
+    pub batch: BatchStats,
 }
 
 /// How many images given out by URL stay downloadable.
@@ -169,8 +189,12 @@ struct Inner {
     files: Mutex<VecDeque<(String, Bytes)>>,
     /// The next this many downloads of such images answer 503.
     failing_files: AtomicU64,
-    /// What each edit request carried, in order.
+    /// What each edit request carried, in order (batch lines of JSON edits too).
     edits: Mutex<Vec<edits::EditSeen>>,
+    /// Files uploaded through `/v1/files`, and the batches' output files.
+    uploads: Mutex<files::FileStore>,
+    batches: Mutex<batch::BatchStore>,
+    batch_control: batch::Control,
 }
 
 #[derive(Default)]
@@ -214,6 +238,9 @@ impl FakeApi {
             files: Mutex::default(),
             failing_files: AtomicU64::new(0),
             edits: Mutex::default(),
+            uploads: Mutex::default(),
+            batches: Mutex::default(),
+            batch_control: batch::Control::new(opts.batch),
             limits: Mutex::new(AccountLimits::new(
                 opts.requests_per_minute,
                 opts.tokens_per_minute,
@@ -238,6 +265,18 @@ impl FakeApi {
             .route("/v1/images/generations", post(generate::generations))
             .route("/v1/images/edits", post(edits::edits))
             .route(
+                "/v1/files",
+                post(files::upload)
+                    .get(files::list)
+                    // Batch input files reach 200 MB: the handler enforces its own limits.
+                    .layer(DefaultBodyLimit::disable()),
+            )
+            .route("/v1/files/{id}", get(files::retrieve).delete(files::delete))
+            .route("/v1/files/{id}/content", get(files::content))
+            .route("/v1/batches", post(batch::create).get(batch::list))
+            .route("/v1/batches/{id}", get(batch::retrieve))
+            .route("/v1/batches/{id}/cancel", post(batch::cancel))
+            .route(
                 "/_fake/rules",
                 post(admin::push_rule).delete(admin::clear_rules),
             )
@@ -245,6 +284,8 @@ impl FakeApi {
             .route("/_fake/calls", get(admin::calls))
             .route("/_fake/latency", post(admin::latency))
             .route("/_fake/limits", post(admin::limits))
+            .route("/_fake/batch", post(admin::batch))
+            .route("/_fake/batches", get(admin::batches))
             .route("/_fake/files/{name}", get(admin::file))
             .route("/v1/models/{model}", get(admin::model))
             .fallback(admin::unknown_url)

@@ -36,6 +36,7 @@ pub const JOB_COLUMNS: &[&str] = &[
     "provider",
     "negative_prompt",
     "seed",
+    "lane",
 ];
 
 /// How rows become jobs: an optional prompt template and variations.
@@ -51,6 +52,8 @@ pub struct Shape {
     /// `--reference FILE`: the store keys of files uploaded once, referenced by every job (its
     /// `images`).
     pub references: Vec<String>,
+    /// `--lane`: the lane of every job that names none (`live` or `batch`).
+    pub lane: Option<String>,
 }
 
 impl Shape {
@@ -415,6 +418,18 @@ fn expand(
                 }
                 _ => {}
             }
+            match (object.get("lane"), &shape.lane) {
+                (Some(Value::String(own)), Some(given)) if own != given => {
+                    error(format!(
+                        "the job's lane {own:?} differs from --lane {given:?}"
+                    ));
+                    continue;
+                }
+                (None, Some(given)) => {
+                    object.insert("lane".into(), Value::String(given.clone()));
+                }
+                _ => {}
+            }
             if !shape.references.is_empty() {
                 if object.contains_key("images") {
                     error("the job names its own images, and --reference gives some".into());
@@ -552,7 +567,30 @@ not json
             vary: vary.iter().map(|v| parse_vary(v).unwrap()).collect(),
             provider: None,
             references: Vec::new(),
+            lane: None,
         }
+    }
+
+    #[test]
+    fn lane_sets_the_lane_of_jobs_that_name_none() {
+        let settings =
+            crate::config::Settings::load_with_overrides(&crate::config::Sources::default(), &[])
+                .unwrap();
+        let text = "{\"prompt\":\"a\"}\n{\"prompt\":\"b\",\"lane\":\"live\"}\n";
+        let shape = Shape {
+            lane: Some("batch".into()),
+            ..Shape::default()
+        };
+        let p = prepare(
+            text,
+            InputFormat::Jsonl,
+            None,
+            &shape,
+            &settings.job_rules(),
+        );
+        assert_eq!(p.jobs.len(), 1, "{:?}", p.errors);
+        assert_eq!(p.jobs[0].body["lane"], "batch");
+        assert!(p.errors[0].message.contains("--lane"), "{:?}", p.errors);
     }
 
     #[test]

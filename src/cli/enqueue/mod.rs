@@ -125,6 +125,7 @@ pub enum InputError {
 /// What the jobs will cost by their providers' prices, if they know the models (no usage yet:
 /// each provider's estimate of its request).
 pub fn estimate(settings: &Settings, jobs: &[PreparedJob]) -> Option<f64> {
+    let settings_all = settings;
     let rules = settings.job_rules();
     let providers = Providers::new(settings).ok()?;
     let mut total = 0.0;
@@ -139,7 +140,16 @@ pub fn estimate(settings: &Settings, jobs: &[PreparedJob]) -> Option<f64> {
             quality: request.quality.as_deref().unwrap_or(""),
             usage: &provider.estimate(&request),
         })?;
-        total += cost.usd;
+        // Jobs bought through the batch lane cost its share of the live price.
+        let lane = &settings_all.lane;
+        let in_lane = parsed.lane == Some(crate::domain::job::Lane::Batch)
+            && lane.enabled()
+            && settings.name == lane.provider;
+        total += if in_lane {
+            cost.usd * lane.price_factor
+        } else {
+            cost.usd
+        };
     }
     Some(total)
 }

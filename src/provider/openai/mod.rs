@@ -6,6 +6,7 @@
 /// Reading its answers, error bodies and rate-limit headers: in the core crate, fuzzed there.
 pub use imagegen_core::openai::{answer, errors, stream};
 
+pub mod batch;
 mod edits;
 
 use std::time::Duration;
@@ -267,6 +268,18 @@ impl OpenAi {
         let answer = reader
             .finish()
             .map_err(|f| with_request_id(f, &request_id))?;
+        self.generation(answer, request, request_id, rate_limits)
+            .await
+    }
+
+    /// What an answer bought: its images (downloaded when given by URL) checked, its usage.
+    async fn generation(
+        &self,
+        answer: answer::Answer,
+        request: &ImageRequest,
+        request_id: Option<String>,
+        rate_limits: Option<crate::domain::limits::RateLimits>,
+    ) -> Result<Generation, Failure> {
         let mut images = Vec::with_capacity(answer.images.len());
         if answer.images.len() > request.count as usize {
             tracing::warn!(
@@ -339,6 +352,38 @@ impl ImageProvider for OpenAi {
         _journal: &'a dyn Journal,
     ) -> BoxFuture<'a, Result<Answer, Failure>> {
         Box::pin(async move { self.generate(request).await.map(Answer::Done) })
+    }
+
+    /// A generation without reference images, at OpenAI itself (a host that speaks the same
+    /// protocol has no batch API of this shape).
+    fn batch_line(&self, request: &ImageRequest) -> Option<(&'static str, Value)> {
+        (self.kind == "openai" && request.refs.images.is_empty() && request.reference_count == 0)
+            .then(|| ("/v1/images/generations", self.body(request)))
+    }
+
+    fn read_batch_line<'a>(
+        &'a self,
+        status: u16,
+        body: &'a [u8],
+        request_id: Option<String>,
+        request: &'a ImageRequest,
+    ) -> BoxFuture<'a, Result<Generation, Failure>> {
+        Box::pin(async move {
+            if !(200..300).contains(&status) {
+                return Err(classify(
+                    status,
+                    &ApiErrorBody::parse(body),
+                    None,
+                    None,
+                    request_id,
+                ));
+            }
+            // The body is decoded in place, in a buffer of the answer memory, as a live one.
+            let mut buf = self.buffers.take(body.len()).await;
+            buf.extend_from_slice(body);
+            let answer = answer::decode_answer(buf).map_err(|f| with_request_id(f, &request_id))?;
+            self.generation(answer, request, request_id, None).await
+        })
     }
 
     /// `GET {base_url}/models/{model}` (Azure: its list of models): free, and refused with a

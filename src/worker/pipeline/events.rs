@@ -70,6 +70,14 @@ pub fn priced(route: &Route, request: &ImageRequest, progress: &Progress) -> Opt
             usage,
         })
     };
+    // The batch lane's price is a share of the live one.
+    let factor = progress.lane.as_ref().map_or(1.0, |l| l.price_factor);
+    let price = |model: &str, usage: &Usage| {
+        price(model, usage).map(|c| Cost {
+            usd: c.usd * factor,
+            ..c
+        })
+    };
     let bought = if progress.bought == 0 {
         // Nothing was bought here (stored images reused, or no provider call).
         Some(Cost {
@@ -141,6 +149,8 @@ pub struct Progress {
     pub journal_read: bool,
     /// The job's reference images, read (empty when it has none).
     pub refs: crate::provider::Resolved,
+    /// The provider batch that bought the job's images (the batch lane), when one did.
+    pub lane: Option<super::lane::InBatch>,
 }
 
 impl Progress {
@@ -269,6 +279,8 @@ impl Events {
             background_ignored: false,
             references: Vec::new(),
             mask: None,
+            lane: None,
+            provider_batch: None,
         }
     }
 
@@ -303,6 +315,7 @@ impl Events {
         } = run;
         let current = priced(route, request, &progress);
         let earlier = std::mem::take(&mut progress.earlier);
+        let lane = progress.lane.take();
         let mut data = ResultData {
             message_id: origin.message_id(),
             correlation_id: origin.correlation_id(),
@@ -321,6 +334,10 @@ impl Events {
         data.background_ignored = data.images.iter().any(|i| i.alpha == Some(false));
         data.references = job.images.iter().map(ToString::to_string).collect();
         data.mask = job.mask.as_ref().map(ToString::to_string);
+        if let Some(lane) = lane {
+            data.lane = Some(crate::domain::job::Lane::Batch.as_str().to_string());
+            data.provider_batch = Some(lane.provider_batch);
+        }
         let mut by_provider: BTreeMap<String, Option<f64>> = BTreeMap::new();
         let mut total = Some(0.0);
         let mut estimated = false;

@@ -23,6 +23,7 @@ pub mod events;
 pub mod fallback;
 pub mod images;
 pub mod journal;
+pub mod lane;
 pub mod lease;
 pub mod refs;
 pub mod run;
@@ -66,6 +67,9 @@ pub struct Delivery<'a> {
     /// The worker's probe while every provider is paused: the job's provider is tried even
     /// though it is paused.
     pub probe: bool,
+    /// The batch lane sent the job back to be called live (its `x-imagegen-lane` header): it
+    /// does not go to the lane again.
+    pub live_only: bool,
 }
 
 impl<'a> Delivery<'a> {
@@ -94,6 +98,12 @@ pub enum Outcome {
     },
     /// Give the message back untouched: not a failed attempt.
     Return { reason: ReturnReason },
+    /// The job goes to the batch lane: its record is written to the store, then the message is
+    /// acked (its event comes from the lane). `recorded`: the record is already there.
+    ToLane {
+        entry: Box<lane::LaneEntry>,
+        recorded: bool,
+    },
     /// Retry later, after `after`: too long to hold the message. `attempts` is the new count of
     /// failed attempts to carry with the job.
     Defer { after: Duration, attempts: u32 },
@@ -139,6 +149,8 @@ pub struct Pipeline {
     references: crate::references::References,
     /// `references.job_wait_secs`.
     reference_wait_secs: u64,
+    /// Which jobs go to the batch lane, when there is one.
+    lane: Option<lane::LaneRouting>,
 }
 
 impl Pipeline {
@@ -174,6 +186,7 @@ impl Pipeline {
             imaging,
             references,
             reference_wait_secs: settings.references.job_wait_secs,
+            lane: lane::LaneRouting::from_settings(settings),
         }
     }
 
@@ -203,6 +216,11 @@ impl Pipeline {
     /// The providers, with their throttles and pause states.
     pub fn routes(&self) -> &Routes {
         &self.routes
+    }
+
+    /// The spend caps, when set.
+    pub fn budget(&self) -> Option<&Budget> {
+        self.budget.as_ref()
     }
 
     pub fn store(&self) -> &Arc<dyn ObjectStore> {
@@ -261,16 +279,7 @@ impl Pipeline {
                     panicked(route, delivery.attempts, panic.as_ref())
                 }
             };
-            // A conflict's directory holds another job's results: nothing of this one goes there.
-            if let Outcome::Finished { event, .. } = &outcome
-                && event.data.status == Status::Failed
-                && event.data.error.as_ref().map(|e| e.kind) != Some(ErrorKind::Conflict)
-            {
-                self.images
-                    .store_failure(&dir, event)
-                    .instrument(span)
-                    .await;
-            }
+            self.store_failure(&dir, &outcome).instrument(span).await;
             outcome
         };
         let mut active = self.active.lock().unwrap_or_else(|e| e.into_inner());
@@ -279,6 +288,17 @@ impl Pipeline {
             active.remove(&dir);
         }
         outcome
+    }
+
+    /// Keeps a failed job's event beside where its images would be. A conflict's directory holds
+    /// another job's results: nothing of this one goes there.
+    async fn store_failure(&self, dir: &str, outcome: &Outcome) {
+        if let Outcome::Finished { event, .. } = outcome
+            && event.data.status == Status::Failed
+            && event.data.error.as_ref().map(|e| e.kind) != Some(ErrorKind::Conflict)
+        {
+            self.images.store_failure(dir, event).await;
+        }
     }
 
     /// Why a job must not be started any more: its deadline passed, or its batch was cancelled.

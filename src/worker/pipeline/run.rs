@@ -78,6 +78,9 @@ impl JobRun<'_> {
                 Err(failure) => return self.storage_down(failure),
             }
         }
+        if let Some(outcome) = self.to_lane(&listing).await {
+            return outcome;
+        }
         let mut progress = progress;
         match self.p.images.reuse(self.job, self.dir, &listing).await {
             Ok(images) => progress.images = images,

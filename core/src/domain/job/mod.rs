@@ -16,11 +16,40 @@ pub mod outputs;
 pub mod references;
 
 pub use outputs::{Encoding, Fit, OutputSpec};
+
+/// How a job is bought: answered at once, or through the provider's batch API (half the price,
+/// within a day).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Lane {
+    /// Called at once (the default).
+    #[default]
+    Live,
+    /// Sent in the provider's next batch file: the job may take up to a day.
+    Batch,
+}
+
+impl Lane {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Lane::Live => "live",
+            Lane::Batch => "batch",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "live" => Some(Lane::Live),
+            "batch" => Some(Lane::Batch),
+            _ => None,
+        }
+    }
+}
 pub use references::Reference;
 
 /// The job schema version this worker understands.
 /// Version 2 added `provider`, `negative_prompt` and `seed`; version 3 `images`, `mask`,
-/// `outputs` and `fail_if_opaque`. A job of an earlier version is a later one that does not use them.
+/// `outputs`, `fail_if_opaque` and `lane`. A job of an earlier version is a later one that does
+/// not use them.
 pub const JOB_SCHEMA_VERSION: u32 = 3;
 
 /// Request fields that the worker controls: `params` may not set them.
@@ -90,6 +119,9 @@ pub struct Job {
     /// With `background: "transparent"`: fail rather than store an image with no transparent
     /// pixel (the provider ignored the request); without it, the event says so.
     pub fail_if_opaque: bool,
+    /// `None`: the job did not say (the provider's deadline routing may send it to the batch
+    /// lane).
+    pub lane: Option<Lane>,
 }
 
 /// The wire form. Every field optional here so that the checks below give precise messages.
@@ -118,6 +150,7 @@ struct WireJob {
     mask: Option<Value>,
     outputs: Option<Vec<Value>>,
     fail_if_opaque: Option<bool>,
+    lane: Option<String>,
 }
 
 /// A whole number from 0 to `u64::MAX`, written as JSON writes it: `2`, or `2.0` as some
@@ -412,6 +445,15 @@ impl Job {
                 "`fail_if_opaque` is only for jobs with `background: \"transparent\"`".into(),
             ));
         }
+        let lane = match wire.lane.as_deref() {
+            None => None,
+            Some(l) => Some(Lane::parse(l).ok_or_else(|| {
+                fail(format!(
+                    "`lane` {:?} must be \"live\" or \"batch\"",
+                    truncate(l, 40)
+                ))
+            })?),
+        };
         let params = wire.params.unwrap_or_default();
         if let Some(key) = params
             .keys()
@@ -472,6 +514,7 @@ impl Job {
             mask,
             outputs,
             fail_if_opaque,
+            lane,
         })
     }
 

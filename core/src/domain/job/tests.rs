@@ -189,6 +189,8 @@ fn metadata_is_accepted_only_as_deep_as_its_record_can_be_read_back() {
         background_ignored: false,
         references: Vec::new(),
         mask: None,
+        lane: Some("batch".into()),
+        provider_batch: Some("batch_1".into()),
     };
     let event = crate::domain::event::CloudEvent::new("src", data);
     let record = serde_json::to_vec(&event).unwrap();
@@ -262,4 +264,17 @@ fn derived_ids_are_stable_and_distinct() {
     assert_ne!(a, derive_id(Some("b"), &job, 1));
     assert_ne!(a, derive_id(Some("c"), &job, 0));
     assert_ne!(a, derive_id(None, &job, 0));
+}
+
+#[test]
+fn lane_is_live_or_batch_and_left_out_says_nothing() {
+    assert_eq!(parse(json!({"id": "a", "prompt": "p"})).unwrap().lane, None);
+    let batch = parse(json!({"id": "a", "prompt": "p", "lane": "batch"})).unwrap();
+    assert_eq!(batch.lane, Some(Lane::Batch));
+    let live = parse(json!({"id": "a", "prompt": "p", "lane": "live"})).unwrap();
+    assert_eq!(live.lane, Some(Lane::Live));
+    // The lane does not change what the job asks for.
+    assert_eq!(batch.fingerprint(), live.fingerprint());
+    let err = parse(json!({"id": "a", "prompt": "p", "lane": "slow"})).unwrap_err();
+    assert!(err.message.contains("`lane`"), "{}", err.message);
 }

@@ -11,6 +11,7 @@ use tokio::net::TcpListener;
 use super::*;
 
 mod admin;
+mod batch;
 mod faults;
 
 fn client() -> reqwest::Client {

@@ -217,6 +217,7 @@ impl Setup {
                     correlation_id: None,
                     attempts: 0,
                     probe: false,
+                    live_only: false,
                 },
                 halt,
             )

@@ -1,0 +1,329 @@
+//! The batch lane end to end, on the real broker and store, against the fake's Files and Batch
+//! APIs: jobs recorded and their messages settled, gathered into input files by one collector,
+//! bought in provider batches at the batch price, and split into one event per job; expiry and
+//! cancellation; the collector role moving to another worker; two collectors at once.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use imagegen::domain::error::ErrorKind;
+use imagegen::domain::event::{CloudEvent, Status};
+use serde_json::{Value, json};
+
+use crate::helpers::{Store, TestEnv, assert_valid, event_json};
+
+const WAIT: Duration = Duration::from_secs(60);
+
+/// Lane settings for tests: a fast collector, files closed at once.
+fn lane(extra: &[(&'static str, &str)]) -> Vec<(&'static str, String)> {
+    let mut settings = vec![
+        ("lane.provider", "openai".to_string()),
+        ("lane.tick_secs", "1".into()),
+        ("lane.poll_secs", "1".into()),
+        ("lane.file_max_age_secs", "0".into()),
+    ];
+    settings.extend(extra.iter().map(|(k, v)| (*k, v.to_string())));
+    settings
+}
+
+fn jobs(batch: &str, n: usize, prompt: &str) -> Vec<Value> {
+    (0..n)
+        .map(|i| {
+            json!({"id": format!("j{i:05}"), "batch": batch, "prompt": format!("{prompt} {i}"),
+                "lane": "batch", "size": "1024x1024", "quality": "low"})
+        })
+        .collect()
+}
+
+/// Every event by job, checking that a job's events (at least once) are all the same event.
+fn by_job(events: Vec<CloudEvent>) -> BTreeMap<String, CloudEvent> {
+    let mut out: BTreeMap<String, CloudEvent> = BTreeMap::new();
+    for e in events {
+        if let Some(first) = out.get(&e.data.job_id) {
+            assert_eq!(first.id, e.id, "a job's events are one event");
+        } else {
+            out.insert(e.data.job_id.clone(), e);
+        }
+    }
+    out
+}
+
+/// Waits until `n` distinct jobs have an event.
+async fn outcomes(
+    env: &TestEnv,
+    listener: &mut imagegen::amqp::results::ResultListener,
+    n: usize,
+) -> BTreeMap<String, CloudEvent> {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let mut all = Vec::new();
+    loop {
+        let jobs: BTreeSet<&str> = all
+            .iter()
+            .map(|e: &CloudEvent| e.data.job_id.as_str())
+            .collect();
+        if jobs.len() >= n {
+            break;
+        }
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        match listener.next(left).await.expect("listener") {
+            Some(e) => all.push(e),
+            None => panic!("only {} of {n} jobs ended within {WAIT:?}", jobs.len()),
+        }
+    }
+    let _ = env;
+    by_job(all)
+}
+
+#[tokio::test]
+async fn a_lane_run_of_2000_jobs_buys_each_once_in_batches_at_the_batch_price() {
+    let env = TestEnv::with(
+        Store::S3,
+        &lane(&[
+            ("lane.file_max_requests", "700"),
+            ("worker.concurrency", "8"),
+        ]),
+    )
+    .await;
+    let mut listener = env.listen().await;
+    let worker = env.start_worker().await;
+    env.publish_many(jobs("night", 2000, "a lane lantern"))
+        .await;
+    let events = outcomes(&env, &mut listener, 2000).await;
+    assert_eq!(events.len(), 2000);
+    let stats = env.fake().batch_stats();
+    // 2000 jobs, files of at most 700: at least three provider batches, none twice.
+    assert!(stats.batches_created >= 3, "{stats:?}");
+    assert_eq!(stats.batches_cancelled, 0, "{stats:?}");
+    assert_eq!(stats.lines_billed, 2000, "each job bought once: {stats:?}");
+    assert_eq!(env.fake().stats().requests, 0, "no live call");
+    let mut provider_batches = BTreeSet::new();
+    let store = env.store().await;
+    for (i, event) in events.values().enumerate() {
+        assert_eq!(
+            event.data.status,
+            Status::Succeeded,
+            "{:?}",
+            event.data.error
+        );
+        assert_eq!(event.data.lane.as_deref(), Some("batch"));
+        let pb = event
+            .data
+            .provider_batch
+            .clone()
+            .expect("its provider batch");
+        provider_batches.insert(pb);
+        assert_eq!(event.data.images.len(), 1);
+        if i % 250 == 0 {
+            assert_valid("result-event.schema.json", &event_json(event));
+            let bytes = store.get(&event.data.images[0].key).await.unwrap();
+            assert!(bytes.expect("stored").starts_with(b"\x89PNG"));
+        }
+    }
+    assert_eq!(provider_batches.len() as u64, stats.batches_created);
+    // The messages were settled once recorded: nothing waits in the jobs queue.
+    assert_eq!(env.ready(&env.settings.amqp.jobs_queue).await, 0);
+    worker.shutdown().await.unwrap();
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_lane_job_costs_the_batch_share_of_the_live_price() {
+    let env = TestEnv::with(Store::S3, &lane(&[])).await;
+    let mut listener = env.listen().await;
+    let worker = env.start_worker().await;
+    // The same request, live and through the lane.
+    env.publish(
+        json!({"id": "live", "prompt": "a priced fox", "size": "1024x1024", "quality": "low"}),
+    )
+    .await;
+    env.publish(json!({"id": "lane", "prompt": "a priced fox", "size": "1024x1024", "quality": "low", "lane": "batch"}))
+        .await;
+    let events = outcomes(&env, &mut listener, 2).await;
+    let (live, lane) = (&events["live"], &events["lane"]);
+    assert_eq!(live.data.lane, None);
+    assert_eq!(lane.data.lane.as_deref(), Some("batch"));
+    let (l, b) = (live.data.cost_usd.unwrap(), lane.data.cost_usd.unwrap());
+    assert!(l > 0.0);
+    assert!((b - l * 0.5).abs() < 1e-9, "live {l}, lane {b}");
+    assert_eq!(env.fake().billed_for("a priced fox"), 2);
+    worker.shutdown().await.unwrap();
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn an_expired_provider_batch_sends_its_unrun_jobs_back_live_and_buys_each_once() {
+    let env = TestEnv::with(Store::S3, &lane(&[])).await;
+    env.fake().expire_next_batches(1);
+    let mut listener = env.listen().await;
+    let worker = env.start_worker().await;
+    env.publish_many(jobs("exp", 40, "an expiring owl")).await;
+    let events = outcomes(&env, &mut listener, 40).await;
+    let stats = env.fake().batch_stats();
+    assert_eq!(stats.batches_expired, 1, "{stats:?}");
+    assert!(stats.lines_not_run > 0, "{stats:?}");
+    let (lane, live): (Vec<_>, Vec<_>) = events.values().partition(|e| e.data.lane.is_some());
+    assert!(events.values().all(|e| e.data.status == Status::Succeeded));
+    assert_eq!(lane.len() as u64, stats.lines_billed);
+    assert_eq!(live.len() as u64, stats.lines_not_run);
+    // Each job bought once, in the batch or live; the jobs sent back did not return to the lane.
+    assert_eq!(env.fake().billed_for("an expiring owl"), 40);
+    assert_eq!(env.fake().stats().billed, stats.lines_not_run);
+    assert_eq!(env.fake().batch_stats().batches_created, 1);
+    worker.shutdown().await.unwrap();
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn with_unfinished_fail_an_expired_batch_fails_its_unrun_jobs_to_the_dead_letters() {
+    let env = TestEnv::with(Store::S3, &lane(&[("lane.unfinished", "fail")])).await;
+    env.fake().expire_next_batches(1);
+    let mut listener = env.listen().await;
+    let worker = env.start_worker().await;
+    env.publish_many(jobs("expf", 20, "a failing owl")).await;
+    let events = outcomes(&env, &mut listener, 20).await;
+    let stats = env.fake().batch_stats();
+    let failed: Vec<_> = events
+        .values()
+        .filter(|e| e.data.status == Status::Failed)
+        .collect();
+    assert_eq!(failed.len() as u64, stats.lines_not_run, "{stats:?}");
+    assert!(!failed.is_empty());
+    for f in &failed {
+        assert_eq!(
+            f.data.error.as_ref().unwrap().kind,
+            ErrorKind::RetriesExhausted
+        );
+        assert_eq!(f.data.lane.as_deref(), Some("batch"));
+    }
+    env.wait_dead_letters(failed.len() as u32, WAIT).await;
+    assert_eq!(env.fake().stats().requests, 0, "nothing was called live");
+    worker.shutdown().await.unwrap();
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_cancelled_batch_cancels_its_provider_batch_before_it_runs() {
+    let env = TestEnv::with(Store::S3, &lane(&[])).await;
+    env.fake().hold_batches();
+    let mut listener = env.listen().await;
+    let worker = env.start_worker().await;
+    env.publish_many(jobs("cxl", 30, "a cancelled crow")).await;
+    // Wait for the provider batch, then cancel the imagegen batch.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while env.fake().batch_stats().batches_created == 0 {
+        assert!(tokio::time::Instant::now() < deadline, "no provider batch");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let store = env.store().await;
+    imagegen::storage::batches::cancel(&*store, &env.settings.storage.prefix, "cxl")
+        .await
+        .unwrap();
+    let events = outcomes(&env, &mut listener, 30).await;
+    env.fake().release_batches();
+    for e in events.values() {
+        assert_eq!(e.data.status, Status::Failed);
+        assert_eq!(e.data.error.as_ref().unwrap().kind, ErrorKind::Cancelled);
+    }
+    let stats = env.fake().batch_stats();
+    assert_eq!(stats.batches_cancelled, 1, "{stats:?}");
+    assert_eq!(stats.lines_billed, 0);
+    assert_eq!(env.fake().billed_for("a cancelled crow"), 0);
+    worker.shutdown().await.unwrap();
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn the_collector_role_moves_to_another_worker_when_its_holder_stops() {
+    let env = TestEnv::with(Store::S3, &lane(&[])).await;
+    env.fake().hold_batches();
+    let mut listener = env.listen().await;
+    let first = env.start_worker().await;
+    env.publish_many(jobs("move", 50, "a moving heron")).await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while env.fake().batch_stats().batches_created == 0 {
+        assert!(tokio::time::Instant::now() < deadline, "no provider batch");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The first worker goes; the second takes the role and ends the run.
+    let second = env.start_worker().await;
+    first.shutdown().await.unwrap();
+    env.fake().release_batches();
+    let events = outcomes(&env, &mut listener, 50).await;
+    assert!(events.values().all(|e| e.data.status == Status::Succeeded));
+    let stats = env.fake().batch_stats();
+    assert_eq!(stats.batches_created, 1, "{stats:?}");
+    assert_eq!(stats.lines_billed, 50);
+    second.shutdown().await.unwrap();
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn two_collectors_at_once_leave_one_provider_batch_running_per_job() {
+    let env = TestEnv::with(Store::S3, &lane(&[])).await;
+    env.fake().hold_batches();
+    let mut listener = env.listen().await;
+    // A worker records the jobs (its own collector too), then two more collectors act at the
+    // same moments as it, as when the broker moves the role while the old holder still runs.
+    let worker = env.start_worker().await;
+    env.publish_many(jobs("twice", 60, "a doubled wren")).await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let store = env.store().await;
+    let open = imagegen::domain::keys::lane_open(&env.settings.storage.prefix, "openai");
+    while imagegen::storage::list_all(&*store, &open, None)
+        .await
+        .unwrap()
+        .len()
+        < 60
+        && env.fake().batch_stats().batches_created == 0
+    {
+        assert!(tokio::time::Instant::now() < deadline, "jobs not recorded");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let collector = crate::helpers::lane_collector(&env).await;
+    let other = crate::helpers::lane_collector(&env).await;
+    for _ in 0..4 {
+        tokio::join!(collector.step(), other.step());
+    }
+    env.fake().release_batches();
+    let events = outcomes(&env, &mut listener, 60).await;
+    assert!(events.values().all(|e| e.data.status == Status::Succeeded));
+    let stats = env.fake().batch_stats();
+    // Whatever was created twice was cancelled before it ran: each job bought once.
+    assert_eq!(stats.lines_billed, 60, "{stats:?}");
+    assert_eq!(env.fake().billed_for("a doubled wren"), 60);
+    worker.shutdown().await.unwrap();
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_job_with_a_far_deadline_goes_to_the_lane_by_itself_and_a_near_one_runs_live() {
+    let env = TestEnv::with(
+        Store::S3,
+        &lane(&[("lane.route_deadline_after_secs", "172800")]),
+    )
+    .await;
+    let mut listener = env.listen().await;
+    let worker = env.start_worker().await;
+    let in_days = |d: i64| {
+        (time::OffsetDateTime::now_utc() + time::Duration::days(d))
+            .format(&time::format_description::well_known::Rfc3339)
+            .unwrap()
+    };
+    env.publish(json!({"id": "far", "prompt": "a far deadline", "deadline": in_days(3)}))
+        .await;
+    env.publish(json!({"id": "near", "prompt": "a near deadline", "deadline": in_days(1)}))
+        .await;
+    // Asks for the lane, but its deadline leaves less than the window: live.
+    env.publish(
+        json!({"id": "hurry", "prompt": "a hurried one", "lane": "batch", "deadline": in_days(1)}),
+    )
+    .await;
+    let events = outcomes(&env, &mut listener, 3).await;
+    assert_eq!(events["far"].data.lane.as_deref(), Some("batch"));
+    assert_eq!(events["near"].data.lane, None);
+    assert_eq!(events["hurry"].data.lane, None);
+    assert_eq!(env.fake().batch_stats().lines_billed, 1);
+    assert_eq!(env.fake().stats().billed, 2);
+    worker.shutdown().await.unwrap();
+    env.cleanup().await;
+}
