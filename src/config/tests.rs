@@ -236,6 +236,9 @@ fn default_toml_documents_every_field_and_nothing_else() {
         .unwrap();
     tracer.trace_simple_type::<LogFormat>().unwrap();
     tracer.trace_simple_type::<StorageKind>().unwrap();
+    tracer
+        .trace_simple_type::<crate::config::Unfinished>()
+        .unwrap();
     let (format, _) = tracer
         .trace_type::<Settings>(&Samples::new())
         .expect("the settings can be traced");

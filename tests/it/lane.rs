@@ -152,7 +152,7 @@ async fn a_lane_job_costs_the_batch_share_of_the_live_price() {
 
 #[tokio::test]
 async fn an_expired_provider_batch_sends_its_unrun_jobs_back_live_and_buys_each_once() {
-    let env = TestEnv::with(Store::S3, &lane(&[])).await;
+    let env = TestEnv::with(Store::S3, &lane(&[("lane.file_max_age_secs", "2")])).await;
     env.fake().expire_next_batches(1);
     let mut listener = env.listen().await;
     let worker = env.start_worker().await;
@@ -168,7 +168,6 @@ async fn an_expired_provider_batch_sends_its_unrun_jobs_back_live_and_buys_each_
     // Each job bought once, in the batch or live; the jobs sent back did not return to the lane.
     assert_eq!(env.fake().billed_for("an expiring owl"), 40);
     assert_eq!(env.fake().stats().billed, stats.lines_not_run);
-    assert_eq!(env.fake().batch_stats().batches_created, 1);
     worker.shutdown().await.unwrap();
     env.cleanup().await;
 }
@@ -225,7 +224,8 @@ async fn a_cancelled_batch_cancels_its_provider_batch_before_it_runs() {
         assert_eq!(e.data.error.as_ref().unwrap().kind, ErrorKind::Cancelled);
     }
     let stats = env.fake().batch_stats();
-    assert_eq!(stats.batches_cancelled, 1, "{stats:?}");
+    assert!(stats.batches_created >= 1, "{stats:?}");
+    assert_eq!(stats.batches_cancelled, stats.batches_created, "{stats:?}");
     assert_eq!(stats.lines_billed, 0);
     assert_eq!(env.fake().billed_for("a cancelled crow"), 0);
     worker.shutdown().await.unwrap();
@@ -234,7 +234,7 @@ async fn a_cancelled_batch_cancels_its_provider_batch_before_it_runs() {
 
 #[tokio::test]
 async fn the_collector_role_moves_to_another_worker_when_its_holder_stops() {
-    let env = TestEnv::with(Store::S3, &lane(&[])).await;
+    let env = TestEnv::with(Store::S3, &lane(&[("lane.file_max_age_secs", "2")])).await;
     env.fake().hold_batches();
     let mut listener = env.listen().await;
     let first = env.start_worker().await;
@@ -251,7 +251,16 @@ async fn the_collector_role_moves_to_another_worker_when_its_holder_stops() {
     let events = outcomes(&env, &mut listener, 50).await;
     assert!(events.values().all(|e| e.data.status == Status::Succeeded));
     let stats = env.fake().batch_stats();
-    assert_eq!(stats.batches_created, 1, "{stats:?}");
+    let provider_batches: BTreeSet<_> = events
+        .values()
+        .filter_map(|e| e.data.provider_batch.clone())
+        .collect();
+    assert_eq!(
+        stats.batches_created,
+        provider_batches.len() as u64,
+        "{stats:?}"
+    );
+    assert_eq!(stats.batches_cancelled, 0, "{stats:?}");
     assert_eq!(stats.lines_billed, 50);
     second.shutdown().await.unwrap();
     env.cleanup().await;

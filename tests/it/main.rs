@@ -21,6 +21,7 @@ mod gemini;
 mod helpers;
 mod hostile_frames;
 mod lane;
+mod lane_crash;
 mod ops;
 mod outputs;
 mod pipeline;

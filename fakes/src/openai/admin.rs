@@ -63,9 +63,11 @@ pub(super) async fn limits(State(api): State<FakeApi>, Json(body): Json<LimitsBo
     StatusCode::NO_CONTENT
 }
 
-/// `POST /_fake/batch`: any of the batch options (durations in milliseconds), the hold, and the
-/// number of batches to fail or expire next. Unknown fields are refused (422), so that a typo
-/// does not go unnoticed.
+/// `POST /_fake/batch`: any of the batch options (durations in milliseconds), the hold, the
+/// number of batches to fail or expire next, the uploads and creates to answer late
+/// (`{"n": 1, "ms": 2000}`) and the wait before each line of a batch output's download
+/// (`slow_content_ms`, 0: none). Unknown fields are refused (422), so that a typo does not go
+/// unnoticed.
 #[derive(serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct BatchBody {
@@ -80,6 +82,17 @@ pub(super) struct BatchBody {
     hold: Option<bool>,
     fail_next: Option<u64>,
     expire_next: Option<u64>,
+    hang_next_uploads: Option<HangBody>,
+    hang_next_creates: Option<HangBody>,
+    slow_content_ms: Option<u64>,
+}
+
+/// The next `n` answers of a kind, sent `ms` milliseconds late.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct HangBody {
+    n: u64,
+    ms: u64,
 }
 
 pub(super) async fn batch(State(api): State<FakeApi>, Json(body): Json<BatchBody>) -> StatusCode {
@@ -106,6 +119,15 @@ pub(super) async fn batch(State(api): State<FakeApi>, Json(body): Json<BatchBody
     }
     if let Some(n) = body.expire_next {
         api.expire_next_batches(n);
+    }
+    if let Some(HangBody { n, ms }) = body.hang_next_uploads {
+        api.hang_next_uploads(n, Duration::from_millis(ms));
+    }
+    if let Some(HangBody { n, ms }) = body.hang_next_creates {
+        api.hang_next_creates(n, Duration::from_millis(ms));
+    }
+    if let Some(ms) = body.slow_content_ms {
+        api.slow_content(Duration::from_millis(ms));
     }
     StatusCode::NO_CONTENT
 }

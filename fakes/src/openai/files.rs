@@ -20,6 +20,9 @@
 //!
 //! Where the fake differs: uploads are not rate-limited; the wording of the size refusals and of
 //! an unknown purpose is the fake's own; the content of a file of any purpose can be downloaded.
+//!
+//! On demand, uploads are answered late once stored ([`FakeApi::hang_next_uploads`]) and batch
+//! outputs are sent slowly ([`FakeApi::slow_content`]).
 
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -143,7 +146,8 @@ fn invalid(
     ApiError::request_error(StatusCode::BAD_REQUEST, param, code, message).into_response()
 }
 
-/// `POST /v1/files`.
+/// `POST /v1/files`. The file is stored at once; its answer may be sent late
+/// ([`FakeApi::hang_next_uploads`]).
 pub(super) async fn upload(
     State(api): State<FakeApi>,
     headers: HeaderMap,
@@ -314,6 +318,10 @@ pub(super) async fn upload(
     let object = stored.object();
     lock(&api.inner.uploads).insert(stored);
     lock(&api.inner.counters).stats.batch.files_uploaded += 1;
+    // Stored and counted: a client that gives up while the answer is held never learns the id.
+    if let Some(delay) = api.inner.batch_control.upload_hang() {
+        tokio::time::sleep(delay).await;
+    }
     Json(object).into_response()
 }
 

@@ -16,8 +16,11 @@
 //!   account's rate limits (`null`: unlimited);
 //! - `POST /_fake/batch` with any of `{"validating_ms", "per_line_ms", "parallel",
 //!   "finalizing_ms", "cancelling_ms", "window_ms", "max_input_file_bytes", "max_lines", "hold",
-//!   "fail_next", "expire_next"}` sets the batch clock ([`BatchOptions`]) and misbehaviours;
-//!   `GET /_fake/batches` returns every batch object, oldest first (no key needed).
+//!   "fail_next", "expire_next", "hang_next_uploads", "hang_next_creates", "slow_content_ms"}`
+//!   sets the batch clock ([`BatchOptions`]) and misbehaviours (the two hangs take
+//!   `{"n": 1, "ms": 2000}`: [`FakeApi::hang_next_uploads`], [`FakeApi::hang_next_creates`];
+//!   [`FakeApi::slow_content`]); `GET /_fake/batches` returns every batch object, oldest first
+//!   (no key needed).
 //!
 //! The Files and Batch APIs (`/v1/files`, `/v1/batches`) run queued image requests as the
 //! provider's half-price lane does, on a clock a test sets ([`BatchOptions`]): see [`files`] and

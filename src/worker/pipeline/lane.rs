@@ -293,7 +293,10 @@ impl Pipeline {
             halt: &halt,
             started,
         };
-        let outcome = run.end_by_line(line, in_batch).instrument(span.clone()).await;
+        let outcome = run
+            .end_by_line(line, in_batch)
+            .instrument(span.clone())
+            .await;
         self.store_failure(&dir, &outcome).instrument(span).await;
         outcome
     }

@@ -3,10 +3,10 @@
 
 use super::*;
 
-const GEN: &str = "/v1/images/generations";
+pub(super) const GEN: &str = "/v1/images/generations";
 
 /// Options with small images and a fast batch clock.
-fn fast() -> FakeOptions {
+pub(super) fn fast() -> FakeOptions {
     FakeOptions {
         image_bytes: 3000,
         ..FakeOptions::default()
@@ -14,7 +14,7 @@ fn fast() -> FakeOptions {
 }
 
 /// A multipart/form-data body: text fields, then the file.
-fn multipart(fields: &[(&str, &str)], file: Option<(&str, &[u8])>) -> (String, Vec<u8>) {
+pub(super) fn multipart(fields: &[(&str, &str)], file: Option<(&str, &[u8])>) -> (String, Vec<u8>) {
     let boundary = "fake-b0undary-7x";
     let mut body = Vec::new();
     for (k, v) in fields {
@@ -38,7 +38,12 @@ fn multipart(fields: &[(&str, &str)], file: Option<(&str, &[u8])>) -> (String, V
     (format!("multipart/form-data; boundary={boundary}"), body)
 }
 
-async fn upload(server: &FakeServer, purpose: &str, name: &str, data: &[u8]) -> reqwest::Response {
+pub(super) async fn upload(
+    server: &FakeServer,
+    purpose: &str,
+    name: &str,
+    data: &[u8],
+) -> reqwest::Response {
     let (content_type, body) = multipart(&[("purpose", purpose)], Some((name, data)));
     client()
         .post(format!("{}/files", server.base_url()))
@@ -51,14 +56,14 @@ async fn upload(server: &FakeServer, purpose: &str, name: &str, data: &[u8]) -> 
 }
 
 /// Uploads a batch input file; its id.
-async fn upload_jsonl(server: &FakeServer, lines: &[Value]) -> String {
+pub(super) async fn upload_jsonl(server: &FakeServer, lines: &[Value]) -> String {
     let resp = upload(server, "batch", "input.jsonl", &jsonl(lines)).await;
     assert_eq!(resp.status(), 200);
     let file: Value = resp.json().await.unwrap();
     file["id"].as_str().unwrap().to_owned()
 }
 
-fn jsonl(lines: &[Value]) -> Vec<u8> {
+pub(super) fn jsonl(lines: &[Value]) -> Vec<u8> {
     let mut out = Vec::new();
     for line in lines {
         out.extend_from_slice(line.to_string().as_bytes());
@@ -67,7 +72,7 @@ fn jsonl(lines: &[Value]) -> Vec<u8> {
     out
 }
 
-fn line(custom_id: &str, url: &str, body: Value) -> Value {
+pub(super) fn line(custom_id: &str, url: &str, body: Value) -> Value {
     json!({"custom_id": custom_id, "method": "POST", "url": url, "body": body})
 }
 
@@ -81,7 +86,7 @@ async fn post(server: &FakeServer, path: &str, body: Value) -> reqwest::Response
         .unwrap()
 }
 
-async fn get(server: &FakeServer, path: &str) -> reqwest::Response {
+pub(super) async fn get(server: &FakeServer, path: &str) -> reqwest::Response {
     client()
         .get(format!("{}{path}", server.base_url()))
         .bearer_auth("sk-test")
@@ -90,14 +95,14 @@ async fn get(server: &FakeServer, path: &str) -> reqwest::Response {
         .unwrap()
 }
 
-async fn get_json(server: &FakeServer, path: &str) -> Value {
+pub(super) async fn get_json(server: &FakeServer, path: &str) -> Value {
     let resp = get(server, path).await;
     assert_eq!(resp.status(), 200, "GET {path}");
     resp.json().await.unwrap()
 }
 
 /// Creates a batch over an uploaded file; the Batch object.
-async fn create(server: &FakeServer, file_id: &str, endpoint: &str) -> Value {
+pub(super) async fn create(server: &FakeServer, file_id: &str, endpoint: &str) -> Value {
     let body = json!({"input_file_id": file_id, "endpoint": endpoint, "completion_window": "24h"});
     let resp = post(server, "/batches", body).await;
     assert_eq!(resp.status(), 200);
@@ -105,7 +110,7 @@ async fn create(server: &FakeServer, file_id: &str, endpoint: &str) -> Value {
 }
 
 /// Polls a batch until its status is one of `statuses`.
-async fn wait_for(server: &FakeServer, id: &str, statuses: &[&str]) -> Value {
+pub(super) async fn wait_for(server: &FakeServer, id: &str, statuses: &[&str]) -> Value {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let batch = get_json(server, &format!("/batches/{id}")).await;
@@ -118,7 +123,7 @@ async fn wait_for(server: &FakeServer, id: &str, statuses: &[&str]) -> Value {
 }
 
 /// Uploads `lines`, runs them as a batch to its end; the final Batch object.
-async fn run(server: &FakeServer, lines: &[Value], endpoint: &str) -> Value {
+pub(super) async fn run(server: &FakeServer, lines: &[Value], endpoint: &str) -> Value {
     let file_id = upload_jsonl(server, lines).await;
     let batch = create(server, &file_id, endpoint).await;
     let id = batch["id"].as_str().unwrap();
@@ -126,7 +131,7 @@ async fn run(server: &FakeServer, lines: &[Value], endpoint: &str) -> Value {
 }
 
 /// A file's content as JSON lines, checking that its length was announced right.
-async fn download(server: &FakeServer, file_id: &Value) -> Vec<Value> {
+pub(super) async fn download(server: &FakeServer, file_id: &Value) -> Vec<Value> {
     let id = file_id.as_str().expect("a file id");
     let resp = get(server, &format!("/files/{id}/content")).await;
     assert_eq!(resp.status(), 200);

@@ -12,6 +12,7 @@ use super::*;
 
 mod admin;
 mod batch;
+mod batch_faults;
 mod faults;
 
 fn client() -> reqwest::Client {
