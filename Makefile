@@ -78,7 +78,7 @@ deploy-check:
 	bash scripts/validate-deploy.sh
 
 ## bench: start RabbitMQ and Garage, build the release binary, run the end-to-end benchmark
-##   (BENCHMARKS.md). SCENARIO=a|b|c|d|jitter|burst|fleet|poll|variants|all (default all); optional N=, CONCURRENCY=, LATENCY_MS=,
+##   (BENCHMARKS.md). SCENARIO=a|b|c|d|jitter|burst|fleet|poll|variants|lane|all (default all); optional N=, CONCURRENCY=, LATENCY_MS=,
 ##   IMAGE_KB=, BENCH_ARGS= (other harness options, e.g. "--repeat 2 --wait-idle-secs 600").
 ##   Prints a table; writes .bench/latest.json and .bench/<time>-<scenario>.json.
 bench: services

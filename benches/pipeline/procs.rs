@@ -107,6 +107,15 @@ pub(crate) fn overrides(
             ("providers.openai.api_key", "sk-bench".into()),
         ]),
     }
+    if spec.lane {
+        // One input file: every job is recorded before the file is ten seconds old.
+        v.extend([
+            ("lane.provider", "openai".into()),
+            ("lane.tick_secs", "1".into()),
+            ("lane.poll_secs", "1".into()),
+            ("lane.file_max_age_secs", "10".into()),
+        ]);
+    }
     v.extend(
         args.set
             .iter()

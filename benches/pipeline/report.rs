@@ -269,6 +269,36 @@ pub(crate) fn report(results: &[Value]) -> String {
             );
         }
     }
+    let lane: Vec<&Value> = results.iter().filter(|r| r["scenario"] == "lane").collect();
+    for pair in lane.chunks(2) {
+        if let [small, large] = pair {
+            let rss = |r: &Value| r["worker_peak_rss_kib"].as_f64().unwrap_or(0.0) / 1024.0;
+            let cpu = |r: &Value| r["worker_cpu_ms_per_job"].as_f64().unwrap_or(0.0);
+            let out_mb = |r: &Value| {
+                r["fake_api"]["batch"]["output_bytes_served"]
+                    .as_f64()
+                    .unwrap_or(0.0)
+                    / 1e6
+            };
+            let growth = rss(large) / rss(small).max(f64::MIN_POSITIVE);
+            let _ = writeln!(
+                out,
+                "  lane: output file {:.0} MB: peak RSS {:.1} MiB, {:.2} ms CPU per job; {:.0} MB: \
+                 {:.1} MiB, {:.2} ms: x{growth:.2} {}",
+                out_mb(small),
+                rss(small),
+                cpu(small),
+                out_mb(large),
+                rss(large),
+                cpu(large),
+                if growth <= 1.10 {
+                    "flat (within 10%)"
+                } else {
+                    "NOT flat (grew more than 10%)"
+                }
+            );
+        }
+    }
     let d: Vec<&Value> = results.iter().filter(|r| r["scenario"] == "d").collect();
     for pair in d.chunks(2) {
         if let [small, large] = pair {

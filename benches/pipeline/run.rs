@@ -35,6 +35,12 @@ pub(crate) async fn run_one(args: &Args, spec: &RunSpec, id: &str) -> anyhow::Re
             .iter()
             .map(|t| settings.delay_queue_name(*t)),
     );
+    if settings.lane.enabled() {
+        queues.extend([
+            settings.lane_ticks_queue(),
+            settings.lane_ticks_delay_queue(),
+        ]);
+    }
     for q in queues {
         // A channel per delete: deleting a queue that is not there closes the channel.
         if let Ok(channel) = connection.create_channel().await {
@@ -154,6 +160,10 @@ pub(crate) async fn run_with_queues(
                 "batch": batch,
                 "prompt": format!("benchmark prompt {i}: a lighthouse on a cliff at dusk, oil painting"),
             });
+            if spec.lane {
+                body["version"] = json!(3);
+                body["lane"] = json!("batch");
+            }
             if spec.variants {
                 body["version"] = json!(3);
                 body["outputs"] = json!([
@@ -343,6 +353,7 @@ pub(crate) async fn run_with_queues(
         "image_bytes": spec.image_bytes,
         "image_side": spec.image_side,
         "variants": spec.variants,
+        "lane": spec.lane,
         "answer_memory_bytes": settings.worker.answer_memory_bytes,
         "enqueue_secs": round(enqueue_secs, 3),
         "wall_secs": round(window, 3),

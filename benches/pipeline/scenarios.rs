@@ -30,6 +30,9 @@ pub(crate) struct RunSpec {
     /// Each job asks for two variants of its image (`outputs`): a 512x512 lossy WebP and a
     /// 256x256 JPEG thumbnail.
     pub(crate) variants: bool,
+    /// Every job goes through the batch lane (`lane: "batch"`): recorded, sent in one input
+    /// file, bought in one provider batch, and split from its output file.
+    pub(crate) lane: bool,
 }
 
 impl RunSpec {
@@ -75,6 +78,7 @@ fn spec(scenario: &'static str, n: usize, concurrency: usize, latency_ms: u64) -
         max_active: 0,
         image_side: 64,
         variants: false,
+        lane: false,
     }
 }
 
@@ -89,7 +93,7 @@ const FLEET_RPM_BELOW: u64 = 480;
 pub(crate) fn plan(args: &Args) -> anyhow::Result<Vec<RunSpec>> {
     let names: Vec<&str> = if args.scenario == "all" {
         vec![
-            "a", "b", "c", "d", "jitter", "burst", "fleet", "poll", "variants",
+            "a", "b", "c", "d", "jitter", "burst", "fleet", "poll", "variants", "lane",
         ]
     } else {
         args.scenario.split(',').map(str::trim).collect()
@@ -161,8 +165,21 @@ pub(crate) fn plan(args: &Args) -> anyhow::Result<Vec<RunSpec>> {
                     });
                 }
             }
+            // The batch lane: one provider batch whose output file is about 250 MB, then one of
+            // about 1 GB (images of 500 KB, 667 KB of base64 a line). The worker's peak RSS must
+            // not grow with the file.
+            "lane" => {
+                for (label, n) in [("lane/250MB", 375), ("lane/1GB", 1500)] {
+                    runs.push(RunSpec {
+                        label: label.into(),
+                        image_bytes: 500_000,
+                        lane: true,
+                        ..spec("lane", n, 32, 0)
+                    });
+                }
+            }
             other => bail!(
-                "unknown scenario {other:?}: expected a, b, c, d, jitter, burst, fleet, poll, variants or all"
+                "unknown scenario {other:?}: expected a, b, c, d, jitter, burst, fleet, poll, variants, lane or all"
             ),
         }
     }
