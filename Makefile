@@ -7,7 +7,7 @@ NEXTEST_VERSION := 0.9.114
 DENY_VERSION := 0.20.2
 CARGO_FUZZ_VERSION := 0.13.1
 # The fuzz targets (fuzz/fuzz_targets/), each a reader of outside input in the core crate.
-FUZZ_TARGETS := job openai_answer gemini_answer bfl_answer stability_answer replicate_answer fal_answer selfhosted_answer entra_grant http_headers amqp_headers
+FUZZ_TARGETS := job openai_answer batch_answer gemini_answer bfl_answer stability_answer replicate_answer fal_answer selfhosted_answer entra_grant http_headers amqp_headers
 # cargo fuzz builds with the sanitizer flags of a nightly compiler; the one toolchain here is
 # stable, and RUSTC_BOOTSTRAP lets it take them (for the fuzz build only).
 FUZZ := RUSTC_BOOTSTRAP=1 $(CARGO) fuzz

@@ -181,6 +181,19 @@ FAL = {
 for name, (selector, text) in FAL.items():
     write("fal_answer", name, bytes([selector]) + text.encode())
 
+# The Batch API (fuzz_targets/batch_answer.rs): the first byte picks the reader (mod 3: 0 a line of
+# an output or error file, 1 a batch object, 2 a list of batches).
+BATCH = {
+    "line-ok": (0, '{"id":"batch_req_1","custom_id":"night/j00001","response":{"status_code":200,"request_id":"req_1","body":{"created":1,"data":[{"b64_json":"iVBORw0KGgo="}],"usage":{"input_tokens":9,"output_tokens":272}}},"error":null}'),
+    "line-refused": (0, '{"id":"batch_req_2","custom_id":"_/j2","response":{"status_code":400,"request_id":"req_2","body":{"error":{"message":"Your request was rejected by the safety system.","type":"image_generation_user_error","param":null,"code":"moderation_blocked"}}},"error":null}'),
+    "line-expired": (0, '{"id":"batch_req_3","custom_id":"b/j3","response":null,"error":{"code":"batch_expired","message":"This request could not be executed before the completion window expired."}}'),
+    "batch": (1, '{"id":"batch_1","object":"batch","endpoint":"/v1/images/generations","status":"in_progress","input_file_id":"file-1","output_file_id":null,"error_file_id":null,"created_at":1796637546,"request_counts":{"total":3,"completed":1,"failed":0},"metadata":{"imagegen_file":"1796637546634-6cc14a04"}}'),
+    "batch-failed": (1, '{"id":"batch_2","status":"failed","errors":{"object":"list","data":[{"code":"duplicate_custom_id","message":"twice","param":null,"line":2}]}}'),
+    "list": (2, '{"object":"list","data":[{"id":"batch_2","status":"completed","created_at":2}],"first_id":"batch_2","last_id":"batch_2","has_more":false}'),
+}
+for name, (selector, text) in BATCH.items():
+    write("batch_answer", name, bytes([selector]) + text.encode())
+
 # Self-hosted servers (fuzz_targets/selfhosted_answer.rs): the first byte picks the reader (mod 8:
 # 0 a ComfyUI history, 1 a job, 2 the queue, 3 the queue length, 4 a refused graph, 5 an
 # AUTOMATIC1111 answer, 6 its error body of status 400 + byte / 8, 7 a workflow).

@@ -119,6 +119,25 @@ pub trait Journal: Send + Sync {
     ) -> BoxFuture<'a, Result<(), Failure>>;
 }
 
+/// A request's reference images as files uploaded to the provider, by id, for its batch lines.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct BatchFiles {
+    pub images: Vec<String>,
+    pub mask: Option<String>,
+}
+
+impl BatchFiles {
+    /// Stand-ins for a request's references, to ask whether it could be a batch line.
+    pub fn stand_ins(request: &ImageRequest) -> Self {
+        Self {
+            images: (0..request.reference_count)
+                .map(|i| format!("file-{i}"))
+                .collect(),
+            mask: request.masked.then(|| "file-mask".to_string()),
+        }
+    }
+}
+
 pub trait ImageProvider: Send + Sync {
     /// The provider's kind, for logs (`openai`, `placeholder`).
     fn kind(&self) -> &'static str;
@@ -161,8 +180,14 @@ pub trait ImageProvider: Send + Sync {
     }
 
     /// This request as a line of the provider's batch API: the line's `url` (the endpoint) and
-    /// `body`. `None`: the provider has no batch API, or none for this request.
-    fn batch_line(&self, _request: &ImageRequest) -> Option<(&'static str, serde_json::Value)> {
+    /// `body`; `files` names the request's reference images as uploaded to the provider (a
+    /// batch line refers to them by id). `None`: the provider has no batch API, or none for
+    /// this request.
+    fn batch_line(
+        &self,
+        _request: &ImageRequest,
+        _files: &BatchFiles,
+    ) -> Option<(&'static str, serde_json::Value)> {
         None
     }
 

@@ -336,3 +336,107 @@ async fn a_job_with_a_far_deadline_goes_to_the_lane_by_itself_and_a_near_one_run
     worker.shutdown().await.unwrap();
     env.cleanup().await;
 }
+
+#[tokio::test]
+async fn the_spend_cap_counts_a_file_at_the_batch_price_when_it_is_sent() {
+    // Files of 10 jobs; one costs about $0.04 at the batch price: the second passes the cap.
+    let env = TestEnv::with(
+        Store::S3,
+        &lane(&[
+            ("lane.file_max_requests", "10"),
+            ("lane.file_max_age_secs", "2"),
+            ("budget.max_batch_usd", "0.03"),
+        ]),
+    )
+    .await;
+    let mut listener = env.listen().await;
+    let worker = env.start_worker().await;
+    env.publish_many(jobs("capped", 20, "a capped crane")).await;
+    let events = outcomes(&env, &mut listener, 20).await;
+    let (ok, refused): (Vec<_>, Vec<_>) = events
+        .values()
+        .partition(|e| e.data.status == Status::Succeeded);
+    assert_eq!(ok.len(), 10, "one file sent");
+    assert_eq!(refused.len(), 10, "one file refused");
+    for e in &refused {
+        assert_eq!(
+            e.data.error.as_ref().unwrap().kind,
+            ErrorKind::BudgetExceeded
+        );
+    }
+    assert_eq!(env.fake().batch_stats().lines_billed, 10);
+    assert_eq!(env.fake().batch_stats().batches_created, 1);
+    // Refused jobs are dead-lettered, to be replayed once the cap is raised.
+    env.wait_dead_letters(10, WAIT).await;
+    // The spend marker of the sent file, at the batch price.
+    let store = env.store().await;
+    let markers = imagegen::storage::list_all(
+        &*store,
+        &imagegen::domain::keys::spend_dir(&env.settings.storage.prefix, "capped"),
+        None,
+    )
+    .await
+    .unwrap();
+    assert_eq!(markers.len(), 1, "{markers:?}");
+    let spent: f64 = ok.iter().map(|e| e.data.cost_usd.unwrap()).sum();
+    let (_, micros) =
+        imagegen::domain::keys::parse_spend_marker(markers[0].rsplit('/').next().unwrap()).unwrap();
+    let reserved = micros as f64 / 1e6;
+    assert!(
+        (reserved - spent).abs() < 0.005,
+        "reserved {reserved}, spent {spent}"
+    );
+    worker.shutdown().await.unwrap();
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn lane_edits_name_their_references_by_file_ids_uploaded_once() {
+    let env = TestEnv::with(Store::S3, &lane(&[("lane.file_max_age_secs", "2")])).await;
+    let (plate_key, plate) = crate::helpers::stored_png(&env, "plate.png", 64, [200, 40, 40]).await;
+    let mut listener = env.listen().await;
+    let worker = env.start_worker().await;
+    let edits = (0..3).map(|i| {
+        json!({"version": 3, "id": format!("e{i}"), "batch": "art", "prompt": format!("repaint the plate {i}"),
+            "images": [plate_key], "lane": "batch"})
+    });
+    env.publish_many(edits.chain(jobs("art", 2, "a plain sketch")))
+        .await;
+    let events = outcomes(&env, &mut listener, 5).await;
+    for e in events.values() {
+        assert_eq!(e.data.status, Status::Succeeded, "{:?}", e.data.error);
+        assert_eq!(e.data.lane.as_deref(), Some("batch"));
+    }
+    assert_eq!(events["e0"].data.references, vec![plate_key.clone()]);
+    // Each edit line named the plate by file id: the fake read the same bytes for each.
+    let seen = env.fake().edits();
+    assert_eq!(seen.len(), 3, "{seen:?}");
+    for edit in &seen {
+        assert_eq!(edit.images, vec![imagegen_fakes::digest(&plate)]);
+    }
+    // One upload of the plate, whatever the number of jobs using it.
+    let vision: Vec<_> = env
+        .fake()
+        .stored_files()
+        .into_iter()
+        .filter(|f| f["purpose"] == "vision")
+        .collect();
+    assert_eq!(vision.len(), 1, "{vision:?}");
+    // Edits and generations go in files of their own.
+    let endpoints: BTreeSet<String> = env
+        .fake()
+        .batches()
+        .iter()
+        .filter_map(|b| b["endpoint"].as_str().map(str::to_string))
+        .collect();
+    assert_eq!(
+        endpoints,
+        BTreeSet::from([
+            "/v1/images/edits".to_string(),
+            "/v1/images/generations".to_string()
+        ])
+    );
+    assert_eq!(env.fake().stats().requests, 0, "no live call");
+    worker.shutdown().await.unwrap();
+    env.cleanup().await;
+}

@@ -49,9 +49,21 @@ impl BatchClient {
 
     /// Uploads an input file (JSONL) as purpose `batch`.
     pub async fn upload(&self, filename: &str, content: Bytes) -> Result<FileObject, Failure> {
+        self.upload_as("batch", filename, "application/jsonl", content)
+            .await
+    }
+
+    /// Uploads a file for `purpose` (`vision` for the images a batch's edits name).
+    pub async fn upload_as(
+        &self,
+        purpose: &str,
+        filename: &str,
+        content_type: &str,
+        content: Bytes,
+    ) -> Result<FileObject, Failure> {
         let mut form = crate::provider::multipart::Form::new();
-        form.text("purpose", "batch");
-        form.file("file", filename, "application/jsonl", &content);
+        form.text("purpose", purpose);
+        form.file("file", filename, content_type, &content);
         let content_type = form.content_type();
         // An upload of up to 200 MB: the time a slow link needs, not a small call's.
         let timeout = self.timeout + Duration::from_secs(content.len() as u64 / (256 * 1024));

@@ -27,8 +27,8 @@ use super::http::{
     Clock, api_client, billed_failure, header_str, retry_after, secret_header, with_request_id,
 };
 use super::{
-    Answer, Capabilities, GeneratedImage, Generation, ImageProvider, ImageRequest, JobDefaults,
-    Journal, Mode, Size, Sizes, check_image,
+    Answer, BatchFiles, Capabilities, GeneratedImage, Generation, ImageProvider, ImageRequest,
+    JobDefaults, Journal, Mode, Size, Sizes, check_image,
 };
 use crate::config::{AuthScheme, OpenAiSettings};
 use crate::domain::cost::Usage;
@@ -354,11 +354,32 @@ impl ImageProvider for OpenAi {
         Box::pin(async move { self.generate(request).await.map(Answer::Done) })
     }
 
-    /// A generation without reference images, at OpenAI itself (a host that speaks the same
-    /// protocol has no batch API of this shape).
-    fn batch_line(&self, request: &ImageRequest) -> Option<(&'static str, Value)> {
-        (self.kind == "openai" && request.refs.images.is_empty() && request.reference_count == 0)
-            .then(|| ("/v1/images/generations", self.body(request)))
+    /// At OpenAI itself (a host that speaks the same protocol has no batch API of this shape): a
+    /// generation, or with reference images an edit in its JSON form, the images named by the
+    /// ids of their uploaded files (inline data would fill an input file with a few jobs).
+    fn batch_line(
+        &self,
+        request: &ImageRequest,
+        files: &BatchFiles,
+    ) -> Option<(&'static str, Value)> {
+        if self.kind != "openai" {
+            return None;
+        }
+        let mut body = self.body(request);
+        if request.reference_count == 0 {
+            return Some(("/v1/images/generations", body));
+        }
+        if files.images.len() != request.reference_count as usize
+            || files.mask.is_some() != request.masked
+        {
+            return None;
+        }
+        let file = |id: &String| serde_json::json!({ "file_id": id });
+        body["images"] = Value::Array(files.images.iter().map(file).collect());
+        if let Some(mask) = &files.mask {
+            body["mask"] = file(mask);
+        }
+        Some(("/v1/images/edits", body))
     }
 
     fn read_batch_line<'a>(

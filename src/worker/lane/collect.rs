@@ -28,6 +28,7 @@ struct Line {
     record: LaneRecord,
     key: String,
     text: Vec<u8>,
+    endpoint: &'static str,
     estimated_usd: Option<f64>,
 }
 
@@ -112,7 +113,13 @@ impl Lane {
                 let _ = self.store().delete(&key).await;
                 continue;
             }
-            match self.pipeline.lane_line(delivery.body, delivery.message_id) {
+            let Some(files) = self.files_of(publisher, &record, &key).await? else {
+                continue;
+            };
+            match self
+                .pipeline
+                .lane_line(delivery.body, delivery.message_id, &files)
+            {
                 Ok(line) => {
                     let mut text = serde_json::to_vec(&serde_json::json!({
                         "custom_id": record.custom_id(),
@@ -127,6 +134,7 @@ impl Lane {
                         record,
                         key,
                         text,
+                        endpoint: line.endpoint,
                         estimated_usd: line.estimated_usd.map(|u| u * factor),
                     });
                 }
@@ -144,7 +152,24 @@ impl Lane {
                 }
             }
         }
-        lines.sort_by_key(|l| l.record.recorded_ms);
+        // One endpoint per file (generations, edits), oldest jobs first.
+        lines.sort_by_key(|l| (l.endpoint, l.record.recorded_ms));
+        let mut by_endpoint: Vec<Vec<Line>> = Vec::new();
+        for line in lines {
+            match by_endpoint.last_mut() {
+                Some(group) if group[0].endpoint == line.endpoint => group.push(line),
+                _ => by_endpoint.push(vec![line]),
+            }
+        }
+        for group in by_endpoint {
+            self.make_files(batch.as_deref(), group).await?;
+        }
+        Ok(())
+    }
+
+    /// Files of `lines` (one endpoint): as many full ones as they fill, and the rest once its
+    /// oldest job has waited `lane.file_max_age_secs`.
+    async fn make_files(&self, batch: Option<&str>, lines: Vec<Line>) -> Result<(), String> {
         let lane = &self.settings.lane;
         let mut chunk: Vec<Line> = Vec::new();
         let mut bytes = 0u64;
@@ -163,7 +188,7 @@ impl Lane {
             let oldest = chunk.first().map_or(0, |l| l.record.recorded_ms);
             let aged = unix_ms().saturating_sub(oldest) >= lane.file_max_age_secs * 1000;
             if full || aged {
-                self.make_file(batch.as_deref(), std::mem::take(&mut chunk))
+                self.make_file(batch, std::mem::take(&mut chunk))
                     .await
                     .map_err(|e| e.to_string())?;
                 bytes = 0;
@@ -192,7 +217,10 @@ impl Lane {
             created_ms: now,
             sha256: sha256.clone(),
             bytes: input.len() as u64,
-            endpoint: "/v1/images/generations".into(),
+            endpoint: lines
+                .first()
+                .map_or("/v1/images/generations", |l| l.endpoint)
+                .into(),
             jobs: lines.iter().map(|l| l.record.custom_id()).collect(),
             estimated_usd,
         };

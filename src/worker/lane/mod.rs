@@ -23,6 +23,8 @@ mod deliver;
 mod files;
 pub use files::{FileStatus, OpenFile, open_files};
 pub mod record;
+mod refs;
+mod send;
 mod split;
 pub mod ticks;
 
@@ -92,6 +94,8 @@ pub struct Lane {
     intents: Mutex<HashMap<String, Arc<Intent>>>,
     /// When each file's provider batch was last looked at.
     polled: Mutex<HashMap<String, std::time::Instant>>,
+    /// Reference images uploaded for edits in batches: file id by SHA-256.
+    reference_files: Mutex<HashMap<String, String>>,
 }
 
 impl Lane {
@@ -119,6 +123,7 @@ impl Lane {
             settings,
             intents: Mutex::default(),
             polled: Mutex::default(),
+            reference_files: Mutex::default(),
         })))
     }
 

@@ -110,7 +110,13 @@ impl JobRun<'_> {
         if self.delivery.live_only || !routing.wants(self.job, &self.route.name) {
             return None;
         }
-        if self.route.provider.batch_line(&self.request).is_none() {
+        let stand_ins = crate::provider::BatchFiles::stand_ins(&self.request);
+        if self
+            .route
+            .provider
+            .batch_line(&self.request, &stand_ins)
+            .is_none()
+        {
             info!("the lane's provider has no batch request for this job: it runs live");
             return None;
         }
@@ -230,9 +236,29 @@ impl JobRun<'_> {
 }
 
 impl Pipeline {
+    /// The reference images of a lane job, read (none when it has none).
+    pub async fn lane_references(
+        &self,
+        body: &[u8],
+        message_id: Option<&str>,
+    ) -> Result<crate::provider::Resolved, crate::references::Unresolved> {
+        let job = Job::parse(body, message_id, &self.rules)
+            .map_err(|e| crate::references::Unresolved::Invalid(e.message))?;
+        if job.images.is_empty() && job.mask.is_none() {
+            return Ok(crate::provider::Resolved::default());
+        }
+        self.references.resolve(&job).await
+    }
+
     /// The batch request of a lane job (its `custom_id` aside): the endpoint and body of its
-    /// line. `Err` says why the job cannot be sent (it is invalid, its provider is gone).
-    pub fn lane_line(&self, body: &[u8], message_id: Option<&str>) -> Result<LaneLine, String> {
+    /// line, its references named by `files`. `Err` says why the job cannot be sent (it is
+    /// invalid, its provider is gone).
+    pub fn lane_line(
+        &self,
+        body: &[u8],
+        message_id: Option<&str>,
+        files: &crate::provider::BatchFiles,
+    ) -> Result<LaneLine, String> {
         let job = Job::parse(body, message_id, &self.rules).map_err(|e| e.message)?;
         let route = self
             .routes
@@ -241,7 +267,7 @@ impl Pipeline {
         let request = ImageRequest::for_job(&job, route.provider.defaults(), job.n);
         let (endpoint, body) = route
             .provider
-            .batch_line(&request)
+            .batch_line(&request, files)
             .ok_or("its provider has no batch request for it")?;
         let estimate = route.provider.estimate(&request);
         let usd = route
