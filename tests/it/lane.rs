@@ -213,6 +213,34 @@ async fn a_cancelled_batch_cancels_its_provider_batch_before_it_runs() {
         assert!(tokio::time::Instant::now() < deadline, "no provider batch");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    // `status` lists the open file and its provider batch's counts, as the collector saw them.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let lane_files = loop {
+        let out = env
+            .command()
+            .args(["status", "--json"])
+            .env("IMAGEGEN__LANE__PROVIDER", "openai")
+            .output()
+            .expect("status runs");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let status: Value = serde_json::from_slice(&out.stdout).expect("JSON");
+        let files = status["lane_files"].as_array().cloned().unwrap_or_default();
+        if files
+            .iter()
+            .any(|f| f["provider_batch"]["status"] == "validating")
+        {
+            break files;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "status: {status}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let jobs_listed: u64 = lane_files.iter().map(|f| f["jobs"].as_u64().unwrap()).sum();
+    assert!(jobs_listed >= 1 && jobs_listed <= 30, "{lane_files:?}");
+    assert!(lane_files.iter().all(|f| f["batch"] == "cxl"));
     let store = env.store().await;
     imagegen::storage::batches::cancel(&*store, &env.settings.storage.prefix, "cxl")
         .await
