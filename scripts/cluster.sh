@@ -11,6 +11,7 @@
 #        scripts/cluster.sh start-node N start node N again (it rejoins the cluster)
 #        scripts/cluster.sh leader Q     the node (1-3) that leads quorum queue Q
 #        scripts/cluster.sh urls         the AMQP URLs of the three nodes, comma-separated
+#        scripts/cluster.sh connections  the names of the cluster's client connections, one a line
 set -euo pipefail
 
 BASE=${IMAGEGEN_CLUSTER_DIR:-/tmp/imagegen-cluster}
@@ -104,6 +105,13 @@ leader() {
     die "no node knows queue $q"
 }
 
+connections() {
+    for i in 1 2 3; do
+        ctl "$i" list_connections name --quiet --no-table-headers 2>/dev/null && return 0
+    done
+    die "no node answers"
+}
+
 case ${1:-} in
     start) start ;;
     stop) stop ;;
@@ -112,5 +120,6 @@ case ${1:-} in
     start-node) start_node "$2" ;;
     leader) leader "$2" ;;
     urls) urls ;;
-    *) sed -n '2,15p' "$0"; exit 2 ;;
+    connections) connections ;;
+    *) sed -n '2,16p' "$0"; exit 2 ;;
 esac

@@ -109,12 +109,43 @@ fn cluster(args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_cluster_node_killed_mid_run_loses_no_job_and_buys_little_twice() {
+/// What happens to the cluster mid-run.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum ClusterFault {
+    /// `kill -9` of the node that leads the jobs queue.
+    KillLeader,
+    /// Each node stopped cleanly and started again, in turn.
+    RollingRestart,
+    /// The node one worker is connected to stopped cleanly (and started again at the end).
+    StopWorkersNode,
+}
+
+/// The node (1-3) a connection of this test's workers is on, from its name
+/// (`... worker pid=P node=127.0.0.1:568N`).
+fn a_workers_node(env: &TestEnv) -> u32 {
+    let names = cluster(&["connections"]);
+    let prefix = format!("{} worker pid=", env.settings.amqp.connection_name);
+    names
+        .lines()
+        .filter(|n| n.starts_with(&prefix))
+        .find_map(|n| n.rsplit(":568").next()?.trim().parse::<u32>().ok())
+        .unwrap_or_else(|| panic!("no worker connection among {names}"))
+}
+
+/// Three workers and 600 jobs on the cluster, `fault` mid-run: every job has exactly one
+/// outcome (a republished event is the same event), nothing is left in the jobs queue, no
+/// worker exits, and calls bought twice stay within the prefetch of the connections lost.
+async fn cluster_run(fault: ClusterFault) {
     cluster(&["start"]);
     let urls = cluster(&["urls"]);
     let mut env = TestEnv::with(Store::Fs, &[("amqp.url", urls.clone())]).await;
-    env.fake().set_latency(Duration::from_millis(100));
+    // Long enough a run for the fault to land in its middle.
+    let latency = match fault {
+        ClusterFault::KillLeader => 100,
+        ClusterFault::RollingRestart => 2000,
+        ClusterFault::StopWorkersNode => 500,
+    };
+    env.fake().set_latency(Duration::from_millis(latency));
     let data = tempfile::tempdir().unwrap();
     let jobs = 600;
     for i in 0..jobs {
@@ -135,19 +166,44 @@ async fn a_cluster_node_killed_mid_run_loses_no_job_and_buys_little_twice() {
         assert!(Instant::now() < deadline, "the run never started");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    // The node that leads the jobs queue goes away at once.
-    let leader = cluster(&["leader", &env.settings.amqp.jobs_queue]);
-    cluster(&["kill-node", &leader]);
+    // How many connections the fault may cost each worker.
+    let (losses, back) = match fault {
+        ClusterFault::KillLeader => {
+            // The node that leads the jobs queue goes away at once.
+            let leader = cluster(&["leader", &env.settings.amqp.jobs_queue]);
+            cluster(&["kill-node", &leader]);
+            (1, vec![leader])
+        }
+        ClusterFault::RollingRestart => {
+            for node in ["1", "2", "3"] {
+                cluster(&["stop-node", node]);
+                let billed = env.fake().stats().billed;
+                let deadline = Instant::now() + Duration::from_secs(60);
+                // The run goes on without the node.
+                while env.fake().stats().billed < billed + 20 {
+                    assert!(Instant::now() < deadline, "no progress without node {node}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                cluster(&["start-node", node]);
+            }
+            (3, Vec::new())
+        }
+        ClusterFault::StopWorkersNode => {
+            let node = a_workers_node(&env).to_string();
+            cluster(&["stop-node", &node]);
+            (1, vec![node])
+        }
+    };
 
     // Read the durable results queue (from a node still up) until every job has its event. Its
     // leader may have gone with the node: a consume refused while another is elected, or a
     // consumer cut off, is tried again.
     let mut seen: HashMap<String, CloudEvent> = HashMap::new();
-    let deadline = Instant::now() + Duration::from_secs(240);
+    let deadline = Instant::now() + Duration::from_secs(300);
     while seen.len() < jobs {
         assert!(
             Instant::now() < deadline,
-            "{} of {jobs} jobs have an event",
+            "{fault:?}: {} of {jobs} jobs have an event",
             seen.len()
         );
         env.reconnect().await;
@@ -184,19 +240,42 @@ async fn a_cluster_node_killed_mid_run_loses_no_job_and_buys_little_twice() {
     }
     assert!(seen.values().all(|e| e.data.status == Status::Succeeded));
     for worker in &mut workers {
-        assert!(worker.try_wait().unwrap().is_none(), "no worker exited");
+        assert!(
+            worker.try_wait().unwrap().is_none(),
+            "{fault:?}: no worker exited"
+        );
     }
     // Calls in flight on a lost connection may be bought again once their messages are
-    // redelivered: at most each worker's prefetch (8 + 8 / 4 + 1), once.
+    // redelivered: at most each worker's prefetch (8 + 8 / 4 + 1) per connection it lost.
     let billed = env.fake().stats().billed as usize;
-    assert!(billed <= jobs + 3 * 11, "{billed} billed for {jobs} jobs");
+    assert!(
+        billed <= jobs + 3 * losses * 11,
+        "{fault:?}: {billed} billed for {jobs} jobs"
+    );
     assert_eq!(
         env.ready(&env.settings.amqp.jobs_queue).await,
         0,
-        "nothing left"
+        "{fault:?}: nothing left"
     );
     stop_cleanly(workers).await;
-    cluster(&["start-node", &leader]);
+    for node in back {
+        cluster(&["start-node", &node]);
+    }
     env.cleanup().await;
     cluster(&["stop"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_node_killed_mid_run_loses_no_job_and_buys_little_twice() {
+    cluster_run(ClusterFault::KillLeader).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rolling_restart_of_the_cluster_mid_run_loses_no_job() {
+    cluster_run(ClusterFault::RollingRestart).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_node_a_worker_is_on_stopped_mid_run_loses_no_job() {
+    cluster_run(ClusterFault::StopWorkersNode).await;
 }
