@@ -468,3 +468,24 @@ async fn lane_edits_name_their_references_by_file_ids_uploaded_once() {
     worker.shutdown().await.unwrap();
     env.cleanup().await;
 }
+
+#[tokio::test]
+async fn a_provider_batch_that_fails_validation_sends_every_job_back_live() {
+    let env = TestEnv::with(Store::S3, &lane(&[("lane.file_max_age_secs", "2")])).await;
+    env.fake().fail_next_batches(1);
+    let mut listener = env.listen().await;
+    let worker = env.start_worker().await;
+    env.publish_many(jobs("bad", 12, "an invalid file")).await;
+    let events = outcomes(&env, &mut listener, 12).await;
+    let stats = env.fake().batch_stats();
+    assert_eq!(stats.batches_failed, 1, "{stats:?}");
+    // The failed batch ran nothing: the jobs it held were bought live, once each.
+    let live = events.values().filter(|e| e.data.lane.is_none()).count() as u64;
+    assert!(live >= 1);
+    assert!(events.values().all(|e| e.data.status == Status::Succeeded));
+    assert_eq!(live + stats.lines_billed, 12);
+    assert_eq!(env.fake().stats().billed, live);
+    assert_eq!(env.fake().billed_for("an invalid file"), 12);
+    worker.shutdown().await.unwrap();
+    env.cleanup().await;
+}
