@@ -178,7 +178,13 @@ pub(super) async fn handle(
                         )
                         .await
                     }
-                    None => Ok(()),
+                    // A job's body was parsed as UTF-8 JSON: never here.
+                    None => Err(crate::storage::StorageError {
+                        op: "write",
+                        key: entry.dir.clone(),
+                        kind: crate::storage::StorageErrorKind::Invalid,
+                        message: "the job's body is not UTF-8".into(),
+                    }),
                 };
                 if let Err(e) = written {
                     error!(job_id = %entry.job_id, error = %e,
