@@ -53,6 +53,28 @@ impl HeaderSeal {
     }
 }
 
+/// The headers that say why a failed job was dead-lettered: its error's kind and message (the
+/// message printable and cut to 1000 characters).
+pub fn failure_headers(
+    error: Option<&crate::domain::event::EventError>,
+) -> [(&'static str, AMQPValue); 2] {
+    let (kind, message) = error
+        .map(|e| {
+            (
+                e.kind.as_str(),
+                crate::domain::printable(&e.message)
+                    .chars()
+                    .take(1000)
+                    .collect::<String>(),
+            )
+        })
+        .unwrap_or(("unknown", String::new()));
+    [
+        (ERROR_KIND_HEADER, AMQPValue::LongString(kind.into())),
+        (ERROR_MESSAGE_HEADER, AMQPValue::LongString(message.into())),
+    ]
+}
+
 /// Room kept in a frame for the content header's other properties (`message_id`,
 /// `content_type`, `correlation_id`, ...: short strings of at most 255 bytes each).
 const OTHER_PROPERTIES: usize = 2048;

@@ -18,16 +18,14 @@ use std::time::Duration;
 
 use lapin::message::Delivery as AmqpDelivery;
 use lapin::options::{BasicAckOptions, BasicNackOptions, BasicRejectOptions};
-use lapin::types::{AMQPValue, LongString};
+
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use super::pipeline::{Delivery, Outcome, Pipeline, ReturnReason, Settle};
-use crate::amqp::headers::{
-    ERROR_KIND_HEADER, ERROR_MESSAGE_HEADER, HeaderSeal, republish_properties,
-};
+use crate::amqp::headers::{HeaderSeal, failure_headers, republish_properties};
 use crate::amqp::publisher::Publisher;
 use crate::config::Settings;
 use crate::domain::error::StopReason;
@@ -274,32 +272,11 @@ async fn dead_letter(
     error: Option<&EventError>,
     attempts: u32,
 ) -> lapin::Result<bool> {
-    let (kind, message) = error
-        .map(|e| {
-            (
-                e.kind.as_str(),
-                crate::domain::printable(&e.message)
-                    .chars()
-                    .take(1000)
-                    .collect::<String>(),
-            )
-        })
-        .unwrap_or(("unknown", String::new()));
     let [count, seal] = cx.seal.attempts_headers(attempts, &delivery.data);
+    let [kind, message] = failure_headers(error);
     let properties = republish_properties(
         &delivery.properties,
-        &[
-            (
-                ERROR_KIND_HEADER,
-                AMQPValue::LongString(LongString::from(kind)),
-            ),
-            (
-                ERROR_MESSAGE_HEADER,
-                AMQPValue::LongString(LongString::from(message)),
-            ),
-            count,
-            seal,
-        ],
+        &[kind, message, count, seal],
         cx.settings.amqp.frame_max,
     );
     let queue = &cx.settings.amqp.dead_letter_queue;

@@ -6,16 +6,14 @@
 use std::time::Duration;
 
 use bytes::Bytes;
-use reqwest::header::HeaderMap;
-use secrecy::ExposeSecret;
 use serde_json::{Map, Value, json};
 
 pub use imagegen_core::openai::batch::{BatchList, BatchObject, FileObject};
 
 use super::errors::{ApiErrorBody, classify};
-use crate::config::{AuthScheme, OpenAiSettings};
+use crate::config::OpenAiSettings;
 use crate::domain::error::Failure;
-use crate::provider::http::{api_client, header_str, secret_header};
+use crate::provider::http::{api_client, header_str};
 
 /// Largest answer of a call that returns a batch, a list or a file object.
 const MAX_SMALL_ANSWER: usize = 4 << 20;
@@ -31,17 +29,11 @@ pub struct BatchClient {
 impl BatchClient {
     pub fn new(settings: &OpenAiSettings) -> anyhow::Result<Self> {
         crate::install_crypto_provider();
-        let mut headers = HeaderMap::new();
-        let key = settings.api_key.expose_secret();
-        let (name, value) = match settings.auth {
-            AuthScheme::Bearer => ("authorization", format!("Bearer {key}")),
-            AuthScheme::ApiKey => ("api-key", key.to_string()),
-        };
-        if !key.is_empty() {
-            headers.insert(name, secret_header(&value)?);
-        }
         Ok(Self {
-            client: api_client(headers, Duration::from_secs(settings.connect_timeout_secs))?,
+            client: api_client(
+                super::auth_headers(settings)?,
+                Duration::from_secs(settings.connect_timeout_secs),
+            )?,
             base: settings.base_url.trim_end_matches('/').to_string(),
             timeout: Duration::from_secs(settings.request_timeout_secs.max(30)),
         })

@@ -99,6 +99,20 @@ pub struct OpenAi {
     defaults: JobDefaults,
 }
 
+/// The key, as the account's API takes it (`Authorization: Bearer`, or `api-key`).
+pub(crate) fn auth_headers(settings: &OpenAiSettings) -> anyhow::Result<HeaderMap> {
+    let mut headers = HeaderMap::new();
+    let key = settings.api_key.expose_secret();
+    let (name, value) = match settings.auth {
+        AuthScheme::Bearer => ("authorization", format!("Bearer {key}")),
+        AuthScheme::ApiKey => ("api-key", key.to_string()),
+    };
+    if !key.is_empty() {
+        headers.insert(name, secret_header(&value)?);
+    }
+    Ok(headers)
+}
+
 fn optional(s: &str) -> Option<String> {
     Some(s.to_string()).filter(|s| !s.is_empty())
 }
@@ -107,16 +121,10 @@ impl OpenAi {
     /// `buffers`: the worker's answer memory, shared by its providers.
     pub fn new(settings: &OpenAiSettings, buffers: BufferPool) -> anyhow::Result<Self> {
         crate::install_crypto_provider();
-        let mut headers = HeaderMap::new();
-        let key = settings.api_key.expose_secret();
-        let (name, value) = match settings.auth {
-            AuthScheme::Bearer => ("authorization", format!("Bearer {key}")),
-            AuthScheme::ApiKey => ("api-key", key.to_string()),
-        };
-        if !key.is_empty() {
-            headers.insert(name, secret_header(&value)?);
-        }
-        let client = api_client(headers, Duration::from_secs(settings.connect_timeout_secs))?;
+        let client = api_client(
+            auth_headers(settings)?,
+            Duration::from_secs(settings.connect_timeout_secs),
+        )?;
         let base = settings.base_url.trim_end_matches('/');
         Ok(Self {
             kind: "openai",

@@ -8,9 +8,7 @@ use tracing::{info, warn};
 
 use super::Lane;
 use super::record::LaneRecord;
-use crate::amqp::headers::{
-    ERROR_KIND_HEADER, ERROR_MESSAGE_HEADER, LANE_HEADER, republish_properties,
-};
+use crate::amqp::headers::{LANE_HEADER, failure_headers, republish_properties};
 use crate::amqp::publisher::Publisher;
 use crate::config::Unfinished;
 use crate::domain::error::Failure;
@@ -149,33 +147,12 @@ impl Lane {
         error: Option<&EventError>,
         attempts: u32,
     ) -> Result<(), String> {
-        let (kind, message) = error
-            .map(|e| {
-                (
-                    e.kind.as_str(),
-                    crate::domain::printable(&e.message)
-                        .chars()
-                        .take(1000)
-                        .collect::<String>(),
-                )
-            })
-            .unwrap_or(("unknown", String::new()));
         let body = record.body.as_bytes();
         let [count, seal] = self.seal.attempts_headers(attempts, body);
+        let [kind, message] = failure_headers(error);
         let properties = republish_properties(
             &record.properties(),
-            &[
-                (
-                    ERROR_KIND_HEADER,
-                    AMQPValue::LongString(LongString::from(kind)),
-                ),
-                (
-                    ERROR_MESSAGE_HEADER,
-                    AMQPValue::LongString(LongString::from(message)),
-                ),
-                count,
-                seal,
-            ],
+            &[kind, message, count, seal],
             self.settings.amqp.frame_max,
         );
         publisher

@@ -99,18 +99,10 @@ impl Lane {
                 }
                 running.push(async move { (n, self.split_line(publisher, &line, in_batch).await) });
                 while running.len() >= concurrency {
-                    let Some((n, result)) = running.next().await else {
+                    let Some(ended) = running.next().await else {
                         break;
                     };
-                    match result {
-                        Ok(id) => {
-                            seen.extend(id);
-                            done.insert(n);
-                        }
-                        Err(e) => {
-                            failed.get_or_insert(e);
-                        }
-                    }
+                    tally(ended, &mut done, &mut seen, &mut failed);
                 }
             }
             while done.remove(&watermark) {
@@ -121,16 +113,8 @@ impl Lane {
                 checkpointed = watermark;
             }
         }
-        while let Some((n, result)) = running.next().await {
-            match result {
-                Ok(id) => {
-                    seen.extend(id);
-                    done.insert(n);
-                }
-                Err(e) => {
-                    failed.get_or_insert(e);
-                }
-            }
+        while let Some(ended) = running.next().await {
+            tally(ended, &mut done, &mut seen, &mut failed);
         }
         while done.remove(&watermark) {
             watermark += 1;
@@ -221,5 +205,23 @@ impl Lane {
         };
         crate::worker::metrics::lane_split();
         result.map(|()| Some(parsed.custom_id.to_string()))
+    }
+}
+
+/// Counts a line that ended: done (its job's `custom_id` seen), or the split's first failure.
+fn tally(
+    (n, result): (u64, Result<Option<String>, String>),
+    done: &mut BTreeSet<u64>,
+    seen: &mut HashSet<String>,
+    failed: &mut Option<String>,
+) {
+    match result {
+        Ok(id) => {
+            seen.extend(id);
+            done.insert(n);
+        }
+        Err(e) => {
+            failed.get_or_insert(e);
+        }
     }
 }

@@ -79,6 +79,37 @@ impl JobRun<'_> {
 
     /// The outcome of a job whose images could not be derived: a store that keeps failing
     /// stops the worker (the job goes back); anything else fails the job.
+    /// Stores the images one answer bought as the job's images `indices` (in order), then
+    /// their variants, made from the bytes in hand. `Err`: how the delivery ends instead.
+    pub(super) async fn store_bought(
+        &self,
+        indices: &[u32],
+        images: Vec<crate::provider::GeneratedImage>,
+        progress: &mut super::events::Progress,
+    ) -> Result<(), super::Outcome> {
+        let fresh: Vec<(u32, Bytes)> = if self.derives() {
+            indices
+                .iter()
+                .zip(&images)
+                .map(|(i, g)| (*i, g.data.clone()))
+                .collect()
+        } else {
+            Vec::new()
+        };
+        if let Err(failure) = self
+            .p
+            .images
+            .upload(self.job, self.dir, indices, images, &mut progress.images)
+            .await
+        {
+            return Err(self.storage_down(failure));
+        }
+        if let Err(failure) = self.derive(&mut progress.images, &fresh, None).await {
+            return Err(self.derive_failed(std::mem::take(progress), failure));
+        }
+        Ok(())
+    }
+
     pub(super) fn derive_failed(
         &self,
         progress: super::events::Progress,

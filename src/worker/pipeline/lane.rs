@@ -194,31 +194,11 @@ impl JobRun<'_> {
         let missing = progress.missing(self.job.n);
         let take = generation.images.len().min(missing.len());
         let indices = &missing[..take];
-        let fresh: Vec<(u32, bytes::Bytes)> = if self.derives() {
-            indices
-                .iter()
-                .zip(&generation.images)
-                .map(|(i, g)| (*i, g.data.clone()))
-                .collect()
-        } else {
-            Vec::new()
-        };
-        if let Err(failure) = self
-            .p
-            .images
-            .upload(
-                self.job,
-                self.dir,
-                indices,
-                generation.images,
-                &mut progress.images,
-            )
+        if let Err(outcome) = self
+            .store_bought(indices, generation.images, &mut progress)
             .await
         {
-            return self.storage_down(failure);
-        }
-        if let Err(failure) = self.derive(&mut progress.images, &fresh, None).await {
-            return self.derive_failed(progress, failure);
+            return outcome;
         }
         if !progress.missing(self.job.n).is_empty() {
             info!(
@@ -294,37 +274,8 @@ impl Pipeline {
         line: LineResult<'_>,
         in_batch: InBatch,
     ) -> Outcome {
-        let started = Instant::now();
-        let job = match Job::parse(delivery.body, delivery.message_id, &self.rules) {
-            Ok(job) => job,
-            Err(invalid) => return self.events.invalid(&invalid, delivery.origin(), started),
-        };
-        let span = info_span!("job", job_id = %job.id, batch = job.batch.as_deref().unwrap_or("_"),
-            provider_batch = %in_batch.provider_batch);
-        let Some(route) = self.routes.get(job.provider.as_deref()) else {
-            return Outcome::Defer {
-                after: Duration::ZERO,
-                attempts: delivery.attempts,
-            };
-        };
-        let dir = job.dir(&self.prefix);
-        let halt = CancellationToken::new();
-        let run = JobRun {
-            p: self,
-            request: ImageRequest::for_job(&job, route.provider.defaults(), job.n),
-            job: &job,
-            route,
-            dir: &dir,
-            delivery,
-            halt: &halt,
-            started,
-        };
-        let outcome = run
-            .end_by_line(line, in_batch)
-            .instrument(span.clone())
-            .await;
-        self.store_failure(&dir, &outcome).instrument(span).await;
-        outcome
+        self.end_lane_job(delivery, LaneEnd::Line(line, in_batch))
+            .await
     }
 
     /// A job that did not run in its provider batch (expired, cancelled, the batch failed) and
@@ -335,11 +286,17 @@ impl Pipeline {
         failure: Failure,
         in_batch: Option<InBatch>,
     ) -> Outcome {
+        self.end_lane_job(delivery, LaneEnd::Failed(failure, in_batch))
+            .await
+    }
+
+    async fn end_lane_job(&self, delivery: Delivery<'_>, end: LaneEnd<'_>) -> Outcome {
         let started = Instant::now();
         let job = match Job::parse(delivery.body, delivery.message_id, &self.rules) {
             Ok(job) => job,
             Err(invalid) => return self.events.invalid(&invalid, delivery.origin(), started),
         };
+        let span = info_span!("job", job_id = %job.id, batch = job.batch.as_deref().unwrap_or("_"));
         let Some(route) = self.routes.get(job.provider.as_deref()) else {
             return Outcome::Defer {
                 after: Duration::ZERO,
@@ -358,10 +315,20 @@ impl Pipeline {
             halt: &halt,
             started,
         };
-        let mut progress = Progress::new(delivery.attempts);
-        progress.lane = in_batch;
-        let outcome = run.failed(progress, failure);
-        self.store_failure(&dir, &outcome).await;
+        let outcome = match end {
+            LaneEnd::Line(line, in_batch) => {
+                run.end_by_line(line, in_batch)
+                    .instrument(span.clone())
+                    .await
+            }
+            LaneEnd::Failed(failure, in_batch) => {
+                let mut progress = Progress::new(delivery.attempts);
+                progress.lane = in_batch;
+                let _entered = span.enter();
+                run.failed(progress, failure)
+            }
+        };
+        self.store_failure(&dir, &outcome).instrument(span).await;
         outcome
     }
 
@@ -370,6 +337,12 @@ impl Pipeline {
         let job = Job::parse(body, message_id, &self.rules).ok()?;
         self.unwanted(&job).await
     }
+}
+
+/// How a lane job ends: by its line, or failed without one.
+enum LaneEnd<'a> {
+    Line(LineResult<'a>, InBatch),
+    Failed(Failure, Option<InBatch>),
 }
 
 /// A lane job's request line, but for its `custom_id`.

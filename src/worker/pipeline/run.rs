@@ -396,34 +396,12 @@ impl JobRun<'_> {
                         _ => missing.clone(),
                     };
                     let indices = &targets[..returned.min(targets.len())];
-                    // Their bytes, for the variants the job asks for.
-                    let fresh: Vec<(u32, bytes::Bytes)> = if self.derives() {
-                        indices
-                            .iter()
-                            .zip(&generation.images)
-                            .map(|(i, g)| (*i, g.data.clone()))
-                            .collect()
-                    } else {
-                        Vec::new()
-                    };
-                    if let Err(failure) = self
-                        .p
-                        .images
-                        .upload(
-                            self.job,
-                            self.dir,
-                            indices,
-                            generation.images,
-                            &mut progress.images,
-                        )
+                    if let Err(outcome) = self
+                        .store_bought(indices, generation.images, &mut progress)
                         .await
                     {
-                        return Step::Done(self.storage_down(failure));
+                        return Step::Done(outcome);
                     }
-                    if let Err(failure) = self.derive(&mut progress.images, &fresh, None).await {
-                        return Step::Done(self.derive_failed(progress, failure));
-                    }
-                    drop(fresh);
                     // Its journal entry stays: with its images stored, it is spent. A short answer
                     // leaves some of them missing: the entry goes, or a later delivery would poll
                     // the same request and store its images again in their place.
