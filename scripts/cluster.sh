@@ -11,7 +11,8 @@
 #        scripts/cluster.sh start-node N start node N again (it rejoins the cluster)
 #        scripts/cluster.sh leader Q     the node (1-3) that leads quorum queue Q
 #        scripts/cluster.sh urls         the AMQP URLs of the three nodes, comma-separated
-#        scripts/cluster.sh connections  the names of the cluster's client connections, one a line
+#        scripts/cluster.sh connections  the cluster's client connections, one a line: the node's AMQP
+#                                        port, then the client's properties (its name among them)
 set -euo pipefail
 
 BASE=${IMAGEGEN_CLUSTER_DIR:-/tmp/imagegen-cluster}
@@ -107,7 +108,7 @@ leader() {
 
 connections() {
     for i in 1 2 3; do
-        ctl "$i" list_connections name --quiet --no-table-headers 2>/dev/null && return 0
+        ctl "$i" list_connections port client_properties --quiet --no-table-headers 2>/dev/null && return 0
     done
     die "no node answers"
 }
@@ -121,5 +122,5 @@ case ${1:-} in
     leader) leader "$2" ;;
     urls) urls ;;
     connections) connections ;;
-    *) sed -n '2,16p' "$0"; exit 2 ;;
+    *) sed -n '2,17p' "$0"; exit 2 ;;
 esac

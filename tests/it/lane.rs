@@ -489,3 +489,56 @@ async fn a_provider_batch_that_fails_validation_sends_every_job_back_live() {
     worker.shutdown().await.unwrap();
     env.cleanup().await;
 }
+
+#[tokio::test]
+async fn refused_and_invalid_lines_fail_with_the_kinds_of_live_jobs() {
+    use imagegen_fakes::openai::Fault;
+    let env = TestEnv::with(Store::S3, &lane(&[("lane.file_max_age_secs", "2")])).await;
+    env.fake()
+        .push_rule(crate::helpers::rule("refuse me", Fault::Moderation, None));
+    env.fake().push_rule(crate::helpers::rule(
+        "break me",
+        Fault::InvalidRequest {
+            param: Some("size".into()),
+        },
+        None,
+    ));
+    env.fake().push_rule(crate::helpers::rule(
+        "overload me",
+        Fault::ServerError { status: 500 },
+        Some(1),
+    ));
+    let mut listener = env.listen().await;
+    let worker = env.start_worker().await;
+    let job = |id: &str, prompt: &str| json!({"id": id, "batch": "kinds", "prompt": prompt, "lane": "batch"});
+    env.publish_many([
+        job("ok", "a fine heron"),
+        job("refused", "refuse me please"),
+        job("invalid", "break me please"),
+        job("flaky", "overload me once"),
+    ])
+    .await;
+    let events = outcomes(&env, &mut listener, 4).await;
+    assert_eq!(events["ok"].data.status, Status::Succeeded);
+    let kind = |id: &str| events[id].data.error.as_ref().map(|e| e.kind);
+    assert_eq!(kind("refused"), Some(ErrorKind::ContentPolicy));
+    assert_eq!(kind("invalid"), Some(ErrorKind::InvalidRequest));
+    for id in ["refused", "invalid"] {
+        let e = &events[id];
+        assert_eq!(e.data.lane.as_deref(), Some("batch"));
+        assert!(e.data.provider_request_id.is_some(), "{e:?}");
+        assert_eq!(e.data.error.as_ref().unwrap().provider_status, Some(400));
+    }
+    // A server error in a line is worth a retry: the job is called live, and succeeds.
+    assert_eq!(events["flaky"].data.status, Status::Succeeded);
+    assert_eq!(events["flaky"].data.lane, None);
+    assert_eq!(
+        env.fake().stats().billed,
+        1,
+        "only the flaky job was called live"
+    );
+    // Refused and invalid jobs are dead-lettered, as live ones are.
+    env.wait_dead_letters(2, WAIT).await;
+    worker.shutdown().await.unwrap();
+    env.cleanup().await;
+}

@@ -120,16 +120,17 @@ enum ClusterFault {
     StopWorkersNode,
 }
 
-/// The node (1-3) a connection of this test's workers is on, from its name
-/// (`... worker pid=P node=127.0.0.1:568N`).
+/// The node (1-3) a connection of this test's workers is on: the broker's port of a connection
+/// whose name (`{connection_name} worker pid=P node=...`) says it is a worker's.
 fn a_workers_node(env: &TestEnv) -> u32 {
-    let names = cluster(&["connections"]);
-    let prefix = format!("{} worker pid=", env.settings.amqp.connection_name);
-    names
+    let connections = cluster(&["connections"]);
+    let worker = format!("{} worker pid=", env.settings.amqp.connection_name);
+    connections
         .lines()
-        .filter(|n| n.starts_with(&prefix))
-        .find_map(|n| n.rsplit(":568").next()?.trim().parse::<u32>().ok())
-        .unwrap_or_else(|| panic!("no worker connection among {names}"))
+        .filter(|c| c.contains(&worker))
+        .find_map(|c| c.split_whitespace().next()?.parse::<u32>().ok())
+        .map(|port| port - 5680)
+        .unwrap_or_else(|| panic!("no worker connection among {connections}"))
 }
 
 /// Three workers and 600 jobs on the cluster, `fault` mid-run: every job has exactly one
