@@ -1,6 +1,7 @@
 //! Several broker addresses (`amqp.url` with the nodes of a cluster, separated by commas): an
 //! address that refuses connections is passed over for the next; a start-up where every address
-//! refuses the worker for a reason retrying cannot fix fails, saying why for each.
+//! refuses the worker for a reason retrying cannot fix fails, saying why for each; an event the
+//! broker does not confirm is published again, from the stored result, without buying again.
 
 use std::time::Duration;
 
@@ -64,6 +65,58 @@ async fn every_address_refusing_the_worker_fails_the_start_and_says_why() {
     assert!(
         !stderr.contains("wrong-password"),
         "the password is never shown: {stderr}"
+    );
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn an_event_the_broker_does_not_confirm_is_published_again_without_buying_again() {
+    let env = TestEnv::new(Store::S3).await;
+    // The results exchange is gone: the broker refuses every event (a channel error, where a
+    // node's loss would leave the publish unconfirmed), so no job's message is acked.
+    let channel = env.connection.create_channel().await.unwrap();
+    channel
+        .exchange_delete(
+            env.settings.amqp.results_exchange.as_str().into(),
+            lapin::options::ExchangeDeleteOptions::default(),
+        )
+        .await
+        .unwrap();
+    let mut settings = env.settings.clone();
+    settings.amqp.declare_topology = false;
+    let worker = env.start_worker_with(settings).await;
+    let jobs = 5;
+    env.publish_many(
+        (0..jobs).map(|i| json!({"id": format!("u{i}"), "prompt": format!("an unconfirmed {i}")})),
+    )
+    .await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while env.fake().billed_for("an unconfirmed") < jobs {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the jobs were not bought"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Refused again and again: their messages come back to the queue each time.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(env.ready(&env.settings.amqp.results_queue).await, 0);
+    imagegen::amqp::topology::declare(&env.connection, &env.settings)
+        .await
+        .unwrap();
+    let events = env.take_results_queue(jobs as usize).await;
+    let mut ids: Vec<_> = events.iter().map(|e| e.data.job_id.clone()).collect();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), jobs as usize, "each job's event, once confirmed");
+    assert!(events.iter().all(|e| e.data.status == Status::Succeeded));
+    // Published again from the stored result: nothing was bought twice.
+    assert_eq!(env.fake().billed_for("an unconfirmed"), jobs);
+    worker.shutdown().await.unwrap();
+    assert_eq!(
+        env.ready(&env.settings.amqp.jobs_queue).await,
+        0,
+        "every job settled"
     );
     env.cleanup().await;
 }
