@@ -120,6 +120,15 @@ pub struct Spent {
     pub earlier: Vec<Tried>,
 }
 
+/// The provider batch a job was bought in.
+#[derive(Debug, Clone, Default)]
+pub struct InBatch {
+    /// The provider's batch id.
+    pub provider_batch: String,
+    /// The lane's price as a share of the live price.
+    pub price_factor: f64,
+}
+
 /// Progress of one job in this delivery: what is stored, what was bought, what it cost.
 #[derive(Debug, Default)]
 pub struct Progress {
@@ -150,7 +159,7 @@ pub struct Progress {
     /// The job's reference images, read (empty when it has none).
     pub refs: crate::provider::Resolved,
     /// The provider batch that bought the job's images (the batch lane), when one did.
-    pub lane: Option<super::lane::InBatch>,
+    pub lane: Option<InBatch>,
 }
 
 impl Progress {

@@ -13,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 use tracing::{info, info_span};
 
+pub use super::events::InBatch;
 use super::events::Progress;
 use super::run::JobRun;
 use super::{Delivery, Outcome, Pipeline};
@@ -91,15 +92,6 @@ pub enum LineResult<'a> {
     },
     /// It got no answer, for this reason.
     Failed(Failure),
-}
-
-/// The provider batch a job was bought in.
-#[derive(Debug, Clone, Default)]
-pub struct InBatch {
-    /// The provider's batch id.
-    pub provider_batch: String,
-    /// The lane's price as a share of the live price.
-    pub price_factor: f64,
 }
 
 impl JobRun<'_> {
