@@ -120,6 +120,24 @@ async fn a_lane_run_of_2000_jobs_buys_each_once_in_batches_at_the_batch_price() 
         }
     }
     assert_eq!(provider_batches.len() as u64, stats.batches_created);
+    // Once split, the batches' files are deleted at the provider.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let left: Vec<Value> = env
+            .fake()
+            .stored_files()
+            .into_iter()
+            .filter(|f| matches!(f["purpose"].as_str(), Some("batch" | "batch_output")))
+            .collect();
+        if left.is_empty() {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "left at the provider: {left:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     // The messages were settled once recorded: nothing waits in the jobs queue.
     assert_eq!(env.ready(&env.settings.amqp.jobs_queue).await, 0);
     worker.shutdown().await.unwrap();

@@ -102,6 +102,13 @@ impl BatchClient {
         .await
     }
 
+    /// Deletes a file the account keeps.
+    pub async fn delete_file(&self, id: &str) -> Result<(), Failure> {
+        self.json::<serde_json::Value>(self.client.delete(format!("{}/files/{id}", self.base)))
+            .await
+            .map(drop)
+    }
+
     /// One page of the account's batches, newest first, after the batch `after`.
     pub async fn list(&self, after: Option<&str>, limit: u32) -> Result<BatchList, Failure> {
         let mut url = format!("{}/batches?limit={limit}", self.base);

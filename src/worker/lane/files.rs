@@ -160,9 +160,10 @@ impl Lane {
                 .first_error()
                 .unwrap_or_else(|| "no reason given".into());
             warn!(file = %intent.file, provider_batch = %object.id, why, "the provider batch failed");
-            return self
-                .end_unrun(publisher, intent, Some(&in_batch), &why, &HashSet::new())
-                .await;
+            self.end_unrun(publisher, intent, Some(&in_batch), &why, &HashSet::new())
+                .await?;
+            self.delete_provider_files(object).await;
+            return Ok(());
         }
         let mut seen = HashSet::new();
         if let Some(output) = &object.output_file_id {
@@ -185,7 +186,24 @@ impl Lane {
             object.status
         );
         self.end_unrun(publisher, intent, Some(&in_batch), &why, &seen)
-            .await
+            .await?;
+        self.delete_provider_files(object).await;
+        Ok(())
+    }
+
+    /// Once every job of a provider batch has its outcome, its input, output and error files
+    /// are deleted at the provider (best effort: a file left there costs its storage only).
+    async fn delete_provider_files(&self, object: &BatchObject) {
+        let files = [
+            Some(&object.input_file_id).filter(|id| !id.is_empty()),
+            object.output_file_id.as_ref(),
+            object.error_file_id.as_ref(),
+        ];
+        for id in files.into_iter().flatten() {
+            if let Err(e) = self.client.delete_file(id).await {
+                warn!(file_id = %id, error = %e, "a provider file could not be deleted");
+            }
+        }
     }
 
     /// Every job of a file that never ran (but those of `seen`, and those that ended or were
