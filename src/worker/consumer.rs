@@ -178,12 +178,24 @@ impl Worker {
         let mut broker_events = connection.events_listener();
         let publisher = Arc::new(Publisher::new(connection.clone()));
         publisher.open().await?;
-        // The lane's collector role, for as long as this connection lives.
+        // The lane's collector role, for as long as this connection lives (a consumer of the
+        // ticks that fails, its queue missing say, is registered again after a while).
         let _lane = self.lane.clone().map(|lane| {
             let (connection, publisher) = (connection.clone(), publisher.clone());
             tokio_util::task::AbortOnDropHandle::new(tokio::spawn(async move {
-                if let Err(e) = lane.collect_ticks(connection, publisher).await {
-                    warn!(error = %format!("{e:#}"), "the lane's collector stopped with its connection");
+                loop {
+                    if let Err(e) = lane
+                        .clone()
+                        .collect_ticks(connection.clone(), publisher.clone())
+                        .await
+                    {
+                        if !connection.status().connected() {
+                            return;
+                        }
+                        error!(error = %format!("{e:#}"),
+                            "the lane's collector cannot take its ticks: lane jobs wait in the store; trying again in 30 s");
+                    }
+                    tokio::time::sleep(Duration::from_secs(30)).await;
                 }
             }))
         });
