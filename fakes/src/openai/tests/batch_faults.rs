@@ -4,7 +4,7 @@
 
 use tokio::task::JoinHandle;
 
-use super::batch::{
+use super::batch_client::{
     GEN, create, download, fast, get, get_json, jsonl, line, multipart, run, upload, upload_jsonl,
     wait_for,
 };

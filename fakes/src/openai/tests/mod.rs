@@ -12,7 +12,9 @@ use super::*;
 
 mod admin;
 mod batch;
+mod batch_client;
 mod batch_faults;
+mod batch_more;
 mod faults;
 
 fn client() -> reqwest::Client {
