@@ -42,7 +42,8 @@ pub struct BatchJob {
     pub model: String,
 }
 
-fn now_rfc3339() -> String {
+/// Now, as RFC 3339 (the times written in the store's records).
+pub fn now_rfc3339() -> String {
     time::OffsetDateTime::now_utc()
         .format(&time::format_description::well_known::Rfc3339)
         .unwrap_or_default()

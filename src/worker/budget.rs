@@ -31,6 +31,7 @@ use tracing::{info, warn};
 use crate::config::Settings;
 use crate::domain::error::{ErrorKind, Failure, StopReason};
 use crate::domain::keys;
+use crate::provider::queued::unix_ms;
 use crate::storage::{ObjectStore, PutObject};
 
 /// Markers older than this (by their writer's clock) than the newest one seen are assumed seen:
@@ -52,12 +53,6 @@ fn micros(usd: f64) -> u64 {
 
 fn usd(micros: u64) -> f64 {
     micros as f64 / MICROS
-}
-
-fn unix_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }
 
 pub struct Budget {

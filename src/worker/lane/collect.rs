@@ -9,6 +9,7 @@
 //! collector made it at the same moment), this one is given up, its jobs left open.
 
 use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
 
 use futures_util::{StreamExt, TryStreamExt};
 use sha2::{Digest, Sha256};
@@ -23,8 +24,9 @@ use crate::storage::{PutObject, StorageError};
 /// Records read at once.
 const READS: usize = 16;
 
-/// A job's line, ready for a file.
-struct Line {
+/// A job's line, ready for a file. Kept while its job waits for a file (records never change),
+/// so that a job is read and its line made once, not at every step.
+pub(super) struct Line {
     record: LaneRecord,
     key: String,
     text: Vec<u8>,
@@ -39,6 +41,11 @@ impl Lane {
         let marks = self.list(&open).await.map_err(|e| e.to_string())?;
         if marks.is_empty() {
             return Ok(());
+        }
+        // Lines of jobs that are open no more (made into a file, by this collector or another).
+        {
+            let listed: HashSet<&String> = marks.iter().collect();
+            super::lock(&self.lines).retain(|key, _| listed.contains(key));
         }
         let mut by_batch: BTreeMap<Option<String>, Vec<String>> = BTreeMap::new();
         for key in marks {
@@ -85,7 +92,19 @@ impl Lane {
         marks: Vec<String>,
         known: &HashSet<String>,
     ) -> Result<(), String> {
-        let records: Vec<(String, Option<LaneRecord>)> = futures_util::stream::iter(marks)
+        let mut lines = Vec::with_capacity(marks.len());
+        let mut unread = Vec::new();
+        for key in marks {
+            let made = super::lock(&self.lines).get(&key).cloned();
+            match made {
+                Some(line) if known.contains(&line.record.custom_id()) => {
+                    let _ = self.store().delete(&key).await;
+                }
+                Some(line) => lines.push(line),
+                None => unread.push(key),
+            }
+        }
+        let records: Vec<(String, Option<LaneRecord>)> = futures_util::stream::iter(unread)
             .map(|key| async move {
                 let r = record::read(self.store(), &key).await?;
                 Ok::<_, StorageError>((key, r))
@@ -94,7 +113,6 @@ impl Lane {
             .try_collect()
             .await
             .map_err(|e| e.to_string())?;
-        let mut lines = Vec::with_capacity(records.len());
         for (key, record) in records {
             let Some(record) = record else { continue };
             if known.contains(&record.custom_id()) {
@@ -130,13 +148,15 @@ impl Lane {
                     .map_err(|e| e.to_string())?;
                     text.push(b'\n');
                     let factor = self.settings.lane.price_factor;
-                    lines.push(Line {
+                    let line = Arc::new(Line {
                         record,
-                        key,
+                        key: key.clone(),
                         text,
                         endpoint: line.endpoint,
                         estimated_usd: line.estimated_usd.map(|u| u * factor),
                     });
+                    super::lock(&self.lines).insert(key, line.clone());
+                    lines.push(line);
                 }
                 Err(why) => {
                     warn!(job_id = %record.job_id, why, "a lane job cannot be sent: it runs live");
@@ -154,7 +174,7 @@ impl Lane {
         }
         // One endpoint per file (generations, edits), oldest jobs first.
         lines.sort_by_key(|l| (l.endpoint, l.record.recorded_ms));
-        let mut by_endpoint: Vec<Vec<Line>> = Vec::new();
+        let mut by_endpoint: Vec<Vec<Arc<Line>>> = Vec::new();
         for line in lines {
             match by_endpoint.last_mut() {
                 Some(group) if group[0].endpoint == line.endpoint => group.push(line),
@@ -169,9 +189,9 @@ impl Lane {
 
     /// Files of `lines` (one endpoint): as many full ones as they fill, and the rest once its
     /// oldest job has waited `lane.file_max_age_secs`.
-    async fn make_files(&self, batch: Option<&str>, lines: Vec<Line>) -> Result<(), String> {
+    async fn make_files(&self, batch: Option<&str>, lines: Vec<Arc<Line>>) -> Result<(), String> {
         let lane = &self.settings.lane;
-        let mut chunk: Vec<Line> = Vec::new();
+        let mut chunk: Vec<Arc<Line>> = Vec::new();
         let mut bytes = 0u64;
         let mut lines = lines.into_iter().peekable();
         while let Some(line) = lines.next() {
@@ -198,7 +218,11 @@ impl Lane {
     }
 
     /// Writes an input file of `lines` and its intent, then deletes their open marks.
-    async fn make_file(&self, batch: Option<&str>, lines: Vec<Line>) -> Result<(), StorageError> {
+    async fn make_file(
+        &self,
+        batch: Option<&str>,
+        lines: Vec<Arc<Line>>,
+    ) -> Result<(), StorageError> {
         let now = unix_ms();
         let file = format!("{now:013}-{:08x}", fastrand::u32(..));
         let mut input = Vec::with_capacity(lines.iter().map(|l| l.text.len()).sum());
@@ -246,7 +270,7 @@ impl Lane {
             self.store().delete(&self.active_key(&file)).await?;
             return Ok(());
         }
-        super::lock(&self.intents).insert(file.clone(), std::sync::Arc::new(intent));
+        super::lock(&self.intents).insert(file.clone(), Arc::new(intent));
         info!(
             file,
             batch = batch.unwrap_or("_"),
@@ -254,6 +278,12 @@ impl Lane {
             estimated_usd,
             "input file made"
         );
+        {
+            let mut made = super::lock(&self.lines);
+            for line in &lines {
+                made.remove(&line.key);
+            }
+        }
         futures_util::stream::iter(lines)
             .map(|l| async move { self.store().delete(&l.key).await })
             .buffer_unordered(READS)

@@ -96,6 +96,8 @@ pub struct Lane {
     polled: Mutex<HashMap<String, std::time::Instant>>,
     /// Reference images uploaded for edits in batches: file id by SHA-256.
     reference_files: Mutex<HashMap<String, String>>,
+    /// The lines of the jobs waiting for a file, by their open marks.
+    lines: Mutex<HashMap<String, Arc<collect::Line>>>,
 }
 
 impl Lane {
@@ -124,6 +126,7 @@ impl Lane {
             intents: Mutex::default(),
             polled: Mutex::default(),
             reference_files: Mutex::default(),
+            lines: Mutex::default(),
         })))
     }
 
@@ -164,17 +167,7 @@ impl Lane {
         &self,
         key: &str,
     ) -> Result<Option<T>, StorageError> {
-        let Some(bytes) = self.store().get(key).await? else {
-            return Ok(None);
-        };
-        serde_json::from_slice(&bytes)
-            .map(Some)
-            .map_err(|e| StorageError {
-                op: "read",
-                key: key.to_string(),
-                kind: crate::storage::StorageErrorKind::Invalid,
-                message: format!("not a lane object: {e}"),
-            })
+        read_json(self.store(), key).await
     }
 
     async fn write_json<T: Serialize>(&self, key: &str, value: &T) -> Result<(), StorageError> {
@@ -188,6 +181,24 @@ impl Lane {
     async fn list(&self, prefix: &str) -> Result<Vec<String>, StorageError> {
         crate::storage::list_all(self.store(), prefix, None).await
     }
+}
+
+/// A lane object (a record, a step of a file); `None` when there is none.
+async fn read_json<T: serde::de::DeserializeOwned>(
+    store: &dyn ObjectStore,
+    key: &str,
+) -> Result<Option<T>, StorageError> {
+    let Some(bytes) = store.get(key).await? else {
+        return Ok(None);
+    };
+    serde_json::from_slice(&bytes)
+        .map(Some)
+        .map_err(|e| StorageError {
+            op: "read",
+            key: key.to_string(),
+            kind: crate::storage::StorageErrorKind::Invalid,
+            message: format!("not a lane object: {e}"),
+        })
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

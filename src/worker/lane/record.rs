@@ -14,9 +14,12 @@ use lapin::types::{FieldTable, ShortString};
 use serde::{Deserialize, Serialize};
 
 use crate::domain::keys;
-use crate::storage::{ObjectStore, PutObject, StorageError, StorageErrorKind};
+use crate::storage::{ObjectStore, PutObject, StorageError};
 use crate::worker::pipeline::Delivery;
 use crate::worker::pipeline::lane::LaneEntry;
+
+pub(super) use crate::provider::queued::unix_ms;
+pub(super) use crate::storage::batches::now_rfc3339;
 
 /// A lane job's message, as it came.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -44,18 +47,6 @@ pub struct LaneRecord {
     pub recorded_at: String,
     /// Unix milliseconds of the same instant (a file is closed by its oldest job's age).
     pub recorded_ms: u64,
-}
-
-pub(super) fn unix_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
-
-pub(super) fn now_rfc3339() -> String {
-    time::OffsetDateTime::now_utc()
-        .format(&time::format_description::well_known::Rfc3339)
-        .unwrap_or_default()
 }
 
 impl LaneRecord {
@@ -162,15 +153,5 @@ pub async fn reopen(
 
 /// Reads a record (an open mark, or a job's `lane.json`); `None` when there is none.
 pub async fn read(store: &dyn ObjectStore, key: &str) -> Result<Option<LaneRecord>, StorageError> {
-    let Some(bytes) = store.get(key).await? else {
-        return Ok(None);
-    };
-    serde_json::from_slice(&bytes)
-        .map(Some)
-        .map_err(|e| StorageError {
-            op: "read",
-            key: key.to_string(),
-            kind: StorageErrorKind::Invalid,
-            message: format!("the lane record is not valid: {e}"),
-        })
+    super::read_json(store, key).await
 }

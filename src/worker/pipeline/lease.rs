@@ -18,6 +18,7 @@ use super::run::JobRun;
 
 use crate::domain::error::{ErrorKind, Failure};
 use crate::domain::keys;
+use crate::provider::queued::unix_ms;
 use crate::storage::{ObjectStore, PutObject};
 
 impl JobRun<'_> {
@@ -102,13 +103,6 @@ pub enum LeaseState {
     HeldElsewhere(Duration),
     /// Workers died on this job this many times: a poison job.
     Abandoned(u32),
-}
-
-fn unix_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 /// Writes (`only_if_absent`) or renews a lease; false when another lease exists.
