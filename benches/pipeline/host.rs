@@ -24,6 +24,14 @@ pub(crate) fn proc_ticks(pid: u32) -> Option<(String, u64)> {
     Some((comm, utime + stime))
 }
 
+/// The minor page faults of a process so far (field 10 of /proc/PID/stat): pages it touched
+/// for the first time, each mapped and cleared by the kernel.
+pub(crate) fn proc_minor_faults(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let close = stat.rfind(')')?;
+    stat[close + 1..].split_whitespace().nth(7)?.parse().ok()
+}
+
 /// A `kB` (or plain number) field of /proc/PID/status.
 pub(crate) fn status_kib(pid: u32, field: &str) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;

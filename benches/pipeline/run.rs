@@ -190,6 +190,9 @@ pub(crate) async fn run_with_queues(
     // The workers, their own processes: defaults, plus the overrides.
     let before = CpuSnapshot::take();
     let started = Instant::now();
+    let started_unix_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_millis() as f64;
     let mut workers = Vec::with_capacity(spec.workers);
     for index in 0..spec.workers {
         let log = if index == 0 {
@@ -279,6 +282,7 @@ pub(crate) async fn run_with_queues(
             .context("reading a worker's /proc/PID/stat")?
             .1;
     }
+    let minor_faults: u64 = pids.iter().filter_map(|p| proc_minor_faults(*p)).sum();
     let peaks: Vec<Option<u64>> = pids.iter().map(|p| status_kib(*p, "VmHWM:")).collect();
     let peak_rss_kib = peaks.iter().flatten().max().copied();
     let rss_kib = status_kib(pids[0], "VmRSS:");
@@ -338,6 +342,12 @@ pub(crate) async fn run_with_queues(
     let too_many = stats["errors_by_status"]["429"].as_f64().unwrap_or(0.0);
     let cpu = after.delta(&before, &pids, fake.pid(), tck);
     let provider_latency = provider_latencies(&run_dir.join("worker.log"));
+    // The worker's start-up (from its start to the fake's first call), and how far the last
+    // event came after the ideal makespan counted from that first call.
+    let first_call_secs = stats["first_call_unix_ms"]
+        .as_f64()
+        .map(|ms| (ms - started_unix_ms) / 1000.0);
+    let past_ideal_secs = first_call_secs.map(|first| window - first - ideal);
     Ok(json!({
         "scenario": spec.scenario,
         "label": spec.label,
@@ -363,12 +373,15 @@ pub(crate) async fn run_with_queues(
         "ratio_to_bound": bound.map(|b| round(throughput / b, 4)),
         "ideal_secs": round(ideal, 3),
         "ratio_to_ideal": (ideal > 0.0).then(|| round(ideal / window, 4)),
+        "first_call_secs": first_call_secs.map(|s| round(s, 3)),
+        "past_ideal_secs": past_ideal_secs.map(|s| round(s, 3)),
         "rate_25_75_jobs_per_sec": mid_rate.map(|r| round(r, 2)),
         "limit_jobs_per_sec": spec.limit_per_sec().map(|l| round(l, 2)),
         "rate_after_first_minute": after_first_minute.map(|r| round(r, 2)),
         "share_429": (requests > 0.0).then(|| round(too_many / requests, 4)),
         "worker_cpu_ms": round(worker_cpu_ms, 1),
         "worker_cpu_ms_per_job": round(worker_cpu_ms / spec.n as f64, 3),
+        "worker_minor_faults_per_job": round(minor_faults as f64 / spec.n as f64, 1),
         "worker_idle_rss_kib": idle_rss,
         "worker_peak_rss_kib": peak_rss_kib,
         "worker_peak_rss_kib_each": peaks,

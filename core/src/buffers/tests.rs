@@ -137,6 +137,30 @@ async fn a_buffer_given_back_while_answers_wait_goes_to_the_next_one() {
 }
 
 #[tokio::test]
+async fn a_buffer_no_waiter_could_use_is_not_kept_once_no_one_waits() {
+    let pool = BufferPool::new(800 * KIB);
+    let others = pool.take(700 * KIB).await;
+    let small = pool.take(50 * KIB).await;
+    // Needs more than the small buffer's memory: waits, then gets a buffer of its own.
+    let big = tokio::spawn({
+        let pool = pool.clone();
+        async move { pool.take(90 * KIB).await }
+    });
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    drop(small);
+    let big = big.await.unwrap();
+    assert!(big.capacity() >= 90 * KIB);
+    assert!(
+        pool.inner.lock_handoff().is_empty(),
+        "the small buffer no one took is not held once no one waits"
+    );
+    assert_eq!(pool.idle(), 0, "no room in the budget for it: freed");
+    assert_eq!(pool.held(), 790 * KIB);
+    drop((others, big));
+    assert!(pool.held() <= pool.budget());
+}
+
+#[tokio::test]
 async fn answers_of_one_image_size_reuse_each_others_buffers() {
     let pool = BufferPool::new(32 << 20);
     let first = pool.take(2_000_100).await;

@@ -167,6 +167,9 @@ pub struct Stats {
     /// The Files and Batch APIs.
     #[serde(default)]
     pub batch: BatchStats,
+    /// When the first call arrived (the origin of the ticks), in Unix milliseconds.
+    #[serde(default)]
+    pub first_call_unix_ms: Option<u64>,
 }
 
 /// How many images given out by URL stay downloadable.
@@ -344,7 +347,14 @@ impl FakeApi {
     }
 
     pub fn stats(&self) -> Stats {
-        lock(&self.inner.counters).stats.clone()
+        let mut stats = lock(&self.inner.counters).stats.clone();
+        stats.first_call_unix_ms = self.inner.first_call.get().map(|first| {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default();
+            now.saturating_sub(first.elapsed()).as_millis() as u64
+        });
+        stats
     }
 
     /// What each edit request (`/v1/images/edits`) carried, in order.

@@ -63,3 +63,25 @@ fn rules_are_serde_tagged() {
     let hang = serde_json::to_value(Fault::Hang { secs: 1.0 }).unwrap();
     assert_eq!(hang, json!({"kind": "hang", "secs": 1.0}));
 }
+
+#[tokio::test]
+async fn stats_say_when_the_first_call_arrived() {
+    let server = serve(FakeOptions::default()).await;
+    assert_eq!(server.api.stats().first_call_unix_ms, None);
+    let unix_ms = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64
+    };
+    let before = unix_ms();
+    assert_eq!(status_of(&server, json!({"prompt": "first"})).await, 200);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(status_of(&server, json!({"prompt": "second"})).await, 200);
+    let after = unix_ms();
+    let first = server.api.stats().first_call_unix_ms.unwrap();
+    assert!(
+        (before.saturating_sub(1)..after.saturating_sub(40)).contains(&first),
+        "{before} <= {first}, well before the second call (by {after})"
+    );
+}
