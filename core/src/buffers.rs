@@ -271,10 +271,15 @@ impl Inner {
         }
         // A reservation that started waiting meanwhile must not wait for these.
         if self.waiting.load(Ordering::SeqCst) > 0 {
-            let idle: Vec<Idle> = std::mem::take(&mut *self.lock_idle());
-            for idle in idle {
-                self.hand_over(idle.buf, idle.units);
-            }
+            self.hand_idle_over();
+        }
+    }
+
+    /// Hands every idle buffer over to the reservations that wait.
+    fn hand_idle_over(&self) {
+        let idle: Vec<Idle> = std::mem::take(&mut *self.lock_idle());
+        for idle in idle {
+            self.hand_over(idle.buf, idle.units);
         }
     }
 
@@ -391,10 +396,7 @@ impl Drop for PooledBuf {
             });
             // A reservation that started waiting meanwhile must not wait for this one.
             if pool.waiting.load(Ordering::SeqCst) > 0 {
-                let freed: Vec<Idle> = std::mem::take(&mut *pool.lock_idle());
-                for idle in freed {
-                    pool.hand_over(idle.buf, idle.units);
-                }
+                pool.hand_idle_over();
             } else {
                 pool.settle_handoff();
             }

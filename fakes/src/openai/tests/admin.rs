@@ -27,14 +27,10 @@ async fn admin_endpoints_drive_the_fake() {
     assert_eq!(status_of(&server, json!({"prompt": "x"})).await, 200);
     assert!(started.elapsed() >= Duration::from_millis(150));
 
-    let get = |path: &str| {
-        let request = http.get(admin(path));
-        async move { request.send().await.unwrap().json::<Value>().await.unwrap() }
-    };
-    let stats: Stats = serde_json::from_value(get("stats").await).unwrap();
+    let stats: Stats = admin_json(&server, "stats").await;
     assert_eq!((stats.requests, stats.billed, stats.images), (3, 1, 1));
     assert_eq!(stats.errors_by_status, BTreeMap::from([(500, 2)]));
-    let calls = get("calls?prompt_contains=x").await;
+    let calls: Value = admin_json(&server, "calls?prompt_contains=x").await;
     assert_eq!(calls, json!({"calls": 3, "billed": 1}));
 
     let missing = http

@@ -245,23 +245,9 @@ async fn admin_endpoints_drive_batches() {
     let done = run(&server, &lines, GEN).await;
     assert_eq!(done["status"], "expired");
     assert_eq!(done["expires_at"], done["created_at"].as_u64().unwrap() + 5);
-    let listed: Vec<Value> = client()
-        .get(format!("http://{}/_fake/batches", server.addr))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let listed: Vec<Value> = admin_json(&server, "batches").await;
     assert_eq!(listed, vec![done]);
-    let stats: Stats = client()
-        .get(format!("http://{}/_fake/stats", server.addr))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let stats: Stats = admin_json(&server, "stats").await;
     assert_eq!(stats.batch.batches_expired, 1);
     assert_eq!(stats.batch.lines_billed, 1);
 }

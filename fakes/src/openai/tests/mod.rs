@@ -30,6 +30,18 @@ async fn serve(opts: FakeOptions) -> FakeServer {
 }
 
 /// Options with images of about this many bytes.
+/// What `GET /_fake/{path}` answers, as another process reads it.
+async fn admin_json<T: serde::de::DeserializeOwned>(server: &FakeServer, path: &str) -> T {
+    client()
+        .get(format!("http://{}/_fake/{path}", server.addr))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
 fn sized(image_bytes: usize) -> FakeOptions {
     FakeOptions {
         image_bytes,

@@ -7,6 +7,11 @@ fn rules() -> JobRules {
     settings.job_rules()
 }
 
+/// `text` read as JSON lines, shaped by `shape`.
+fn jsonl(text: &str, shape: &Shape, rules: &JobRules) -> Prepared {
+    prepare(text, InputFormat::Jsonl, None, shape, rules)
+}
+
 #[test]
 fn text_lines_become_jobs_with_stable_distinct_ids() {
     let text = "a red fox\n\n  a blue whale  \na red fox\n";
@@ -105,21 +110,12 @@ fn shape(template: Option<&str>, vary: &[&str]) -> Shape {
 
 #[test]
 fn lane_sets_the_lane_of_jobs_that_name_none() {
-    let settings =
-        crate::config::Settings::load_with_overrides(&crate::config::Sources::default(), &[])
-            .unwrap();
     let text = "{\"prompt\":\"a\"}\n{\"prompt\":\"b\",\"lane\":\"live\"}\n";
     let shape = Shape {
         lane: Some("batch".into()),
         ..Shape::default()
     };
-    let p = prepare(
-        text,
-        InputFormat::Jsonl,
-        None,
-        &shape,
-        &settings.job_rules(),
-    );
+    let p = jsonl(text, &shape, &rules());
     assert_eq!(p.jobs.len(), 1, "{:?}", p.errors);
     assert_eq!(p.jobs[0].body["lane"], "batch");
     assert!(p.errors[0].message.contains("--lane"), "{:?}", p.errors);
@@ -141,25 +137,13 @@ fn provider_sets_the_provider_of_jobs_that_name_none() {
         provider: Some("other".into()),
         ..Shape::default()
     };
-    let p = prepare(
-        text,
-        InputFormat::Jsonl,
-        None,
-        &shape,
-        &settings.job_rules(),
-    );
+    let p = jsonl(text, &shape, &settings.job_rules());
     assert_eq!(p.jobs.len(), 2, "{:?}", p.errors);
     assert!(p.jobs.iter().all(|j| j.body["provider"] == "other"));
     assert_eq!(p.errors.len(), 1);
     assert!(p.errors[0].message.contains("--provider"), "{:?}", p.errors);
     // Another provider, another job: the id changes with it.
-    let plain = prepare(
-        text,
-        InputFormat::Jsonl,
-        None,
-        &Shape::default(),
-        &settings.job_rules(),
-    );
+    let plain = jsonl(text, &Shape::default(), &settings.job_rules());
     assert_ne!(plain.jobs[0].id, p.jobs[0].id);
 }
 
